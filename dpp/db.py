@@ -1,0 +1,79 @@
+"""Postgres adapter: the asyncpg pool and the named SQL queries.
+
+One of the few modules that import asyncpg (asyncio-only). Queries live in
+``sql/queries/*.sql`` as named blocks (``-- name: reserve_batch``) with native
+``$1`` parameters, loaded once at start (procrastinate's layout).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import asyncpg
+import orjson
+
+SQL_DIRECTORY = Path(__file__).resolve().parent.parent / "sql"
+QUERY_NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+POOL_SIZE_MAX = 20
+STATEMENT_TIMEOUT_MS = 30_000
+
+
+class Queries(Mapping[str, str]):
+    """The named queries of ``sql/queries``; ``queries["reserve_batch"]``."""
+
+    def __init__(self, texts: dict[str, str]) -> None:
+        self._texts = texts
+
+    @classmethod
+    def load(cls, directory: Path = SQL_DIRECTORY / "queries") -> Queries:
+        texts: dict[str, str] = {}
+        for path in sorted(directory.glob("*.sql")):
+            source = path.read_text(encoding="utf-8")
+            matches = list(QUERY_NAME.finditer(source))
+            for index, match in enumerate(matches):
+                end = matches[index + 1].start() if index + 1 < len(matches) else len(source)
+                name = match.group(1)
+                body = source[match.end() : end].strip()
+                assert name not in texts, f"query {name} defined twice"
+                assert body, f"query {name} in {path.name} is empty"
+                texts[name] = body
+        return cls(texts)
+
+    def __getitem__(self, name: str) -> str:
+        return self._texts[name]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._texts)
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    # JSONB both ways through orjson: fast, and no float surprises for ints.
+    await connection.set_type_codec(
+        "jsonb",
+        encoder=lambda value: orjson.dumps(value).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
+    )
+    await connection.set_type_codec(
+        "json", encoder=json.dumps, decoder=orjson.loads, schema="pg_catalog"
+    )
+
+
+async def create_pool(dsn: str, *, max_size: int = POOL_SIZE_MAX) -> asyncpg.Pool:
+    """A pool whose connections speak JSONB as Python values."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        init=_init_connection,
+        server_settings={"statement_timeout": str(STATEMENT_TIMEOUT_MS)},
+        command_timeout=STATEMENT_TIMEOUT_MS / 1000,
+    )
+    assert pool is not None
+    return pool

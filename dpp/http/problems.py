@@ -1,0 +1,92 @@
+"""RFC 9457 problem details: the only shape an error leaves DPP in.
+
+Handlers raise ``Problem``; the app's exception handlers render it (and every
+framework error) as ``application/problem+json``. ``type`` URIs live under
+``PROBLEM_BASE`` and are stable: clients branch on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+PROBLEM_BASE = "https://dpp.dev/problems/"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    402: "Payment Required",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    410: "Gone",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class Problem(Exception):
+    """An expected failure that becomes an RFC 9457 response.
+
+    ``slug`` names the type (``https://dpp.dev/problems/<slug>``); ``extensions``
+    are extra members (e.g. ``available_usd_micros``); ``headers`` are added to
+    the response (e.g. ``Retry-After``, ``WWW-Authenticate``).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        detail: str,
+        *,
+        title: str | None = None,
+        extensions: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        assert 400 <= status <= 599, status
+        super().__init__(detail)
+        self.status = status
+        self.slug = slug
+        self.title = title or TITLES.get(status, "Error")
+        self.detail = detail
+        self.extensions = dict(extensions or {})
+        self.headers = dict(headers or {})
+
+    def body(self, instance: str) -> dict[str, Any]:
+        document: dict[str, Any] = {
+            "type": PROBLEM_BASE + self.slug,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "instance": instance,
+        }
+        for name, value in self.extensions.items():
+            assert name not in document, f"extension {name} shadows a standard member"
+            document[name] = value
+        return document
+
+
+def field_problem(field: str, detail: str, *, errors: list[dict[str, str]] | None = None) -> Problem:
+    """A 422 that names the offending field (and optionally lists all of them)."""
+    extensions: dict[str, Any] = {"field": field}
+    if errors:
+        extensions["errors"] = errors
+    return Problem(422, "invalid-request", detail, extensions=extensions)
+
+
+def problem_response(problem: Problem, instance: str) -> Response:
+    return Response(
+        orjson.dumps(problem.body(instance)),
+        status_code=problem.status,
+        media_type=PROBLEM_CONTENT_TYPE,
+        headers=problem.headers,
+    )

@@ -1,0 +1,118 @@
+"""Where the tests find Postgres, Redis and S3/SQS.
+
+`DPP_TEST_DATABASE_URL` / `DPP_TEST_REDIS_URL` name real servers (CI on this
+machine sets them to the local ones); otherwise the embedded servers start
+once per test session. S3 and SQS are always moto's server mode on loopback.
+Each test gets its own database (cloned from a migrated template) and its own
+Redis key prefix, and both are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import redis as redis_sync
+
+from dpp import embedded
+from dpp.migrate import apply_migrations
+
+
+@dataclass(frozen=True, slots=True)
+class TestServices:
+    admin_database_url: str
+    redis_url: str
+    object_store_url: str
+    template_database: str
+
+    def database_url(self, name: str) -> str:
+        return with_database(self.admin_database_url, name)
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+async def _admin_execute(url: str, *statements: str) -> None:
+    connection = await asyncpg.connect(url)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+def create_database(services: TestServices, name: str) -> str:
+    asyncio.run(
+        _admin_execute(
+            services.admin_database_url,
+            f'CREATE DATABASE "{name}" TEMPLATE "{services.template_database}"',
+        )
+    )
+    return services.database_url(name)
+
+
+def drop_database(services: TestServices, name: str) -> None:
+    asyncio.run(
+        _admin_execute(services.admin_database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    )
+
+
+def delete_redis_prefix(redis_url: str, prefix: str) -> None:
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        batch = []
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                client.delete(*batch)
+                batch.clear()
+        if batch:
+            client.delete(*batch)
+    finally:
+        client.close()
+
+
+class ServiceStack:
+    """Starts (or finds) the services once per test session."""
+
+    def __init__(self) -> None:
+        self._stops: list = []
+        self.directory = Path(tempfile.mkdtemp(prefix="dpp-test-"))
+
+    def start(self) -> TestServices:
+        database_url = os.environ.get("DPP_TEST_DATABASE_URL")
+        redis_url = os.environ.get("DPP_TEST_REDIS_URL")
+        if not database_url:
+            pg = embedded.start_postgres(self.directory / "postgres")
+            self._stops.append(pg.handle.cleanup)
+            database_url = pg.url
+        if not redis_url:
+            rd = embedded.start_redis(self.directory / "redis")
+            self._stops.append(rd.handle.shutdown)
+            redis_url = rd.url
+        store = embedded.start_object_store()
+        self._stops.append(store.handle.stop)
+        template = f"dpp_template_{secrets.token_hex(4)}"
+        asyncio.run(_admin_execute(database_url, f'CREATE DATABASE "{template}"'))
+        self._stops.append(
+            lambda: asyncio.run(
+                _admin_execute(database_url, f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
+            )
+        )
+        asyncio.run(apply_migrations(with_database(database_url, template)))
+        return TestServices(database_url, redis_url, store.url, template)
+
+    def stop(self) -> None:
+        for stop in reversed(self._stops):
+            try:
+                stop()
+            except Exception as error:  # keep stopping the rest
+                print(f"test service did not stop cleanly: {error!r}")
