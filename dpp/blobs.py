@@ -1,0 +1,99 @@
+"""Object storage adapter (S3 protocol, aiobotocore): results and their receipts.
+
+The settlement receipt travels in the object's metadata
+(``actual-cost-usd-micros``, ``run-id``, ``sha256``) so that reconciliation
+can roll a CLAIMED run forward from the object alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import ClientError
+
+RECEIPT_COST = "actual-cost-usd-micros"
+RECEIPT_RUN = "run-id"
+RECEIPT_SHA256 = "sha256"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    key: str
+    bytes: int
+    content_type: str
+    metadata: dict[str, str]
+
+
+class Blobs:
+    """The result bucket. One S3 client for the life of the process."""
+
+    def __init__(self, client: Any, bucket: str, presign_expiry_sec: int) -> None:
+        self._client = client
+        self.bucket = bucket
+        self.presign_expiry_sec = presign_expiry_sec
+
+    async def ensure_bucket(self) -> None:
+        try:
+            await self._client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            with contextlib.suppress(ClientError):
+                await self._client.create_bucket(Bucket=self.bucket)
+
+    async def ping(self) -> None:
+        await self._client.head_bucket(Bucket=self.bucket)
+
+    async def put(self, key: str, body: bytes, content_type: str, metadata: dict[str, str]) -> None:
+        await self._client.put_object(
+            Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, Metadata=metadata
+        )
+
+    async def head(self, key: str) -> StoredObject | None:
+        try:
+            answer = await self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return StoredObject(
+            key=key,
+            bytes=int(answer["ContentLength"]),
+            content_type=answer.get("ContentType", "application/octet-stream"),
+            metadata={k.lower(): v for k, v in answer.get("Metadata", {}).items()},
+        )
+
+    async def get(self, key: str) -> bytes:
+        answer = await self._client.get_object(Bucket=self.bucket, Key=key)
+        async with answer["Body"] as stream:
+            return await stream.read()
+
+    async def delete(self, key: str) -> None:
+        await self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    async def presigned_get(self, key: str) -> str:
+        return await self._client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": key},
+            ExpiresIn=self.presign_expiry_sec,
+        )
+
+
+@contextlib.asynccontextmanager
+async def open_blobs(
+    endpoint_url: str | None, bucket: str, region: str, presign_expiry_sec: int
+) -> AsyncIterator[Blobs]:
+    session = get_session()
+    config = AioConfig(
+        s3={"addressing_style": "path"},
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=30,
+    )
+    async with session.create_client(
+        "s3", endpoint_url=endpoint_url, region_name=region, config=config
+    ) as client:
+        yield Blobs(client, bucket, presign_expiry_sec)

@@ -1,0 +1,36 @@
+"""Redis adapter: the client, key names, and the Lua scripts loaded once.
+
+One of the few modules that import redis (redis-py asyncio). Per-tenant keys
+carry the tenant id in braces — the Redis Cluster hash tag — so a script
+that touches several of a tenant's keys stays in one slot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+SCRIPTS_DIRECTORY = Path(__file__).resolve().parent / "lua"
+SOCKET_TIMEOUT_S = 5.0
+
+
+def create_redis(url: str) -> Redis:
+    return Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=SOCKET_TIMEOUT_S,
+        health_check_interval=30,
+        decode_responses=False,
+    )
+
+
+def tenant_key(prefix: str, area: str, tenant_id: str, *rest: str) -> str:
+    """``<prefix>:<area>:{<tenant_id>}[:rest...]`` — hash-tagged per tenant."""
+    assert prefix and area and tenant_id
+    key = f"{prefix}:{area}:{{{tenant_id}}}"
+    return ":".join([key, *rest]) if rest else key
+
+
+def load_script(name: str) -> str:
+    return (SCRIPTS_DIRECTORY / f"{name}.lua").read_text(encoding="utf-8")
