@@ -90,3 +90,20 @@ def problem_response(problem: Problem, instance: str) -> Response:
         media_type=PROBLEM_CONTENT_TYPE,
         headers=problem.headers,
     )
+
+
+def not_found_problem() -> Problem:
+    """The one 404: an unknown path, another tenant's run and a disabled admin API
+    all answer these same bytes (apart from ``instance``), so nothing leaks."""
+    return Problem(404, "not-found", "There is no resource at this path.")
+
+
+def internal_error_problem(request_id: str | None) -> Problem:
+    """The 500: a fixed, generic detail; the traceback goes to the log, never here."""
+    extensions = {"request_id": request_id} if request_id else None
+    return Problem(
+        500,
+        "internal-error",
+        "An unexpected error occurred. Quote the request id when reporting it.",
+        extensions=extensions,
+    )

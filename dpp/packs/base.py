@@ -46,7 +46,7 @@ __all__ = [
 # The problem type a run's `error` carries when its pack failed (SPEC §3).
 PACK_ERROR_TYPE = "https://dpp.dev/problems/pack-error"
 
-# SPEC §6 "Timebox": 1–3600 s.
+# SPEC §6 "Timebox": 1..3600 s.
 TIMEBOX_SEC_MIN = 1
 TIMEBOX_SEC_MAX = 3600
 

@@ -1,0 +1,288 @@
+"""Budget actors: one per active tenant per replica, serializing its money.
+
+A budget actor drains its mailbox and commits consecutive reservations as one
+batch: one Redis round trip (hold what fits in the mirror) and one Postgres
+transaction (the truth), answering each caller individually. Settlements and
+credits go through the same actor so this replica applies a tenant's money
+movements in one order.
+
+Write order for a reservation (docs/money.md has the crash table):
+  1. Redis hold (script, keyed by ``reserve:<run_id>``)       crash → mirror over-holds
+  2. Postgres: run rows + reserve entries + tenant counter    crash → rolled back
+  3. reply 202                                                crash → idempotent retry
+Holds that Postgres refuses are released at once; holds leaked by a crash
+between 1 and 2 are repaired by drift repair (the reconciler).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import assert_never
+
+from dpp import ledger
+from dpp.actors.kernel import Actor, Reply
+from dpp.budget_cache import BudgetMirror, MirrorMissing
+from dpp.db import Queries
+from dpp.faults import crash_point
+from dpp.money import Admission
+
+log = logging.getLogger("dpp.budget")
+
+MAILBOX_SIZE = 1024
+BATCH_MAX = 64  # measured: ~40x the throughput of one transaction per reservation
+
+
+# ----------------------------------------------------------------- replies
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    run_id: str
+    budget: ledger.TenantBudget
+
+
+@dataclass(frozen=True, slots=True)
+class InsufficientBudget:
+    available_usd_micros: int
+    required_usd_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencyLimited:
+    max_concurrent_runs: int
+
+
+ReserveOutcome = Reserved | InsufficientBudget | ConcurrencyLimited
+
+
+# ---------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    draft: ledger.RunDraft
+    reply: Reply[ReserveOutcome]
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    request: ledger.SettleRequest
+    reply: Reply[ledger.SettleResult]
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    amount_usd_micros: int
+    operation_id: str
+    reply: Reply[ledger.CreditResult]
+
+
+BudgetMessage = Reserve | Settle | Credit
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetBackend:
+    """What a budget actor touches: Postgres (truth) and the Redis mirror."""
+
+    pool: object  # asyncpg.Pool; kept opaque so this module needs no asyncpg import
+    queries: Queries
+    mirror: BudgetMirror
+    # told after a commit which runs were admitted (wakes the dispatcher)
+    on_admitted: Callable[[Sequence[str]], None] = lambda run_ids: None
+
+
+class BudgetActor(Actor[BudgetMessage]):
+    kind = "budget"
+
+    def __init__(self, tenant_id: str, backend: BudgetBackend) -> None:
+        super().__init__(name=f"budget:{tenant_id}", mailbox_size=MAILBOX_SIZE, batch_max=BATCH_MAX)
+        self.tenant_id = tenant_id
+        self.backend = backend
+
+    async def on_start(self) -> None:
+        await self.ensure_mirror()
+
+    async def ensure_mirror(self) -> None:
+        """Rebuild the Redis counters from Postgres if Redis lost them."""
+        row = await ledger.read_budget(self.backend.pool, self.backend.queries, self.tenant_id)  # type: ignore[arg-type]
+        loaded = await self.backend.mirror.load(
+            self.tenant_id,
+            row["balance_usd_micros"],
+            row["reserved_usd_micros"],
+            row["ledger_version"],
+        )
+        if loaded:
+            log.info("budget mirror rebuilt from postgres", extra={"tenant_id": self.tenant_id})
+
+    async def handle(self, message: BudgetMessage) -> None:
+        await self.handle_batch([message])
+
+    async def handle_batch(self, messages: list[BudgetMessage]) -> None:
+        reserves: list[Reserve] = []
+        for message in messages:
+            if isinstance(message, Reserve):
+                reserves.append(message)
+                continue
+            if reserves:
+                await self._reserve(reserves)
+                reserves = []
+            await self._handle_one(message)
+        if reserves:
+            await self._reserve(reserves)
+
+    async def _handle_one(self, message: Settle | Credit) -> None:
+        match message:
+            case Settle(request=request, reply=reply):
+                await self._settle(request, reply)
+            case Credit(amount_usd_micros=amount, operation_id=operation_id, reply=reply):
+                await self._credit(amount, operation_id, reply)
+            case _:
+                assert_never(message)
+
+    # ------------------------------------------------------------ reserve
+
+    async def _mirror_reserve(self, items: list[tuple[str, int]]) -> list[bool]:
+        try:
+            return (await self.backend.mirror.reserve(self.tenant_id, items)).accepted
+        except MirrorMissing:
+            await self.ensure_mirror()
+            return (await self.backend.mirror.reserve(self.tenant_id, items)).accepted
+
+    async def _reserve(self, messages: list[Reserve]) -> None:
+        items = [(f"reserve:{m.draft.run_id}", m.draft.reserved_usd_micros) for m in messages]
+        try:
+            held = await self._mirror_reserve(items)
+        except Exception as error:
+            for message in messages:
+                message.reply.fail(error)
+            return
+        pending: list[Reserve] = []
+        for message, accepted in zip(messages, held, strict=True):
+            if accepted:
+                pending.append(message)
+            else:
+                # The mirror never under-states what is reserved except briefly
+                # after a rebuild; Postgres would refuse an overspend anyway.
+                message.reply.set(await self._insufficient(message.draft.reserved_usd_micros))
+        if not pending:
+            return
+        await crash_point("reserve.after_redis_hold")
+        try:
+            result = await ledger.reserve_batch(
+                self.backend.pool,  # type: ignore[arg-type]
+                self.backend.queries,
+                self.tenant_id,
+                [m.draft for m in pending],
+            )
+        except BaseException as error:
+            # Nothing was committed: give the holds back, then tell the callers.
+            await self._release_quietly(pending)
+            if isinstance(error, Exception):
+                for message in pending:
+                    message.reply.fail(error)
+            raise
+        refused = [
+            m
+            for m, d in zip(pending, result.decisions, strict=True)
+            if d.admission is not Admission.ACCEPTED
+        ]
+        if refused:
+            await self._release_quietly(refused)
+        await crash_point("reserve.after_commit")
+        admitted = []
+        for message, decision in zip(pending, result.decisions, strict=True):
+            match decision.admission:
+                case Admission.ACCEPTED:
+                    admitted.append(message.draft.run_id)
+                    message.reply.set(Reserved(message.draft.run_id, result.budget))
+                case Admission.INSUFFICIENT_BUDGET:
+                    message.reply.set(
+                        InsufficientBudget(
+                            decision.available_usd_micros, message.draft.reserved_usd_micros
+                        )
+                    )
+                case Admission.CONCURRENCY_LIMITED:
+                    plan = await ledger.read_budget(
+                        self.backend.pool,  # type: ignore[arg-type]
+                        self.backend.queries,
+                        self.tenant_id,
+                    )
+                    message.reply.set(ConcurrencyLimited(plan["max_concurrent_runs"]))
+                case _:
+                    assert_never(decision.admission)
+        if admitted:
+            self.backend.on_admitted(admitted)
+
+    async def _insufficient(self, required: int) -> InsufficientBudget:
+        mirror = await self.backend.mirror.read(self.tenant_id)
+        available = mirror.available_usd_micros if mirror is not None else 0
+        return InsufficientBudget(max(available, 0), required)
+
+    async def _release_quietly(self, messages: list[Reserve]) -> None:
+        items = [(f"release:{m.draft.run_id}", m.draft.reserved_usd_micros) for m in messages]
+        try:
+            await self.backend.mirror.release(self.tenant_id, items)
+        except Exception:
+            # The mirror over-holds (conservative); drift repair gives it back.
+            log.warning(
+                "could not release redis holds", extra={"tenant_id": self.tenant_id}, exc_info=True
+            )
+
+    # ------------------------------------------------------------- settle
+
+    async def _settle(
+        self, request: ledger.SettleRequest, reply: Reply[ledger.SettleResult]
+    ) -> None:
+        try:
+            result = await ledger.settle(self.backend.pool, self.backend.queries, request)  # type: ignore[arg-type]
+        except Exception as error:
+            reply.fail(error)
+            return
+        assert result.tenant_id == self.tenant_id, "settlement routed to another tenant's actor"
+        await crash_point("settle.after_commit")
+        await self._mirror_settle(result)
+        reply.set(result)
+
+    async def _mirror_settle(self, result: ledger.SettleResult) -> None:
+        settlement = result.settlement
+        try:
+            await self.backend.mirror.settle(
+                self.tenant_id,
+                f"settle:{result.run_id}",
+                settlement.reserved_usd_micros,
+                settlement.charged_usd_micros,
+            )
+        except Exception:
+            log.warning(
+                "could not mirror a settlement; drift repair will",
+                extra={"tenant_id": self.tenant_id, "run_id": result.run_id},
+                exc_info=True,
+            )
+
+    # ------------------------------------------------------------- credit
+
+    async def _credit(
+        self, amount: int, operation_id: str, reply: Reply[ledger.CreditResult]
+    ) -> None:
+        try:
+            result = await ledger.credit(
+                self.backend.pool,  # type: ignore[arg-type]
+                self.backend.queries,
+                self.tenant_id,
+                amount,
+                operation_id,
+            )
+        except Exception as error:
+            reply.fail(error)
+            return
+        try:
+            await self.backend.mirror.credit(self.tenant_id, operation_id, amount)
+        except Exception:
+            log.warning(
+                "could not mirror a credit; drift repair will",
+                extra={"tenant_id": self.tenant_id},
+                exc_info=True,
+            )
+        reply.set(result)

@@ -1,0 +1,136 @@
+"""The audit: SPEC §1's five invariants, proven from storage.
+
+1. balance == sum(credits) - sum(charges), per tenant;
+2. reserved == sum(R) over the tenant's open runs (AUDIT_REQUIRED runs count
+   with what their ledger entries hold), and == the ledger's reserves minus
+   its charges and refunds;
+3. available >= 0;
+4. every terminal run has exactly one settlement (one charge and one refund
+   entry) with charged + refunded == R, and every run exactly one reserve;
+5. the Redis mirror equals Postgres (callers run it once in-flight work is done).
+
+Reads only; `dpp audit` and `GET /admin/audit` print what it returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from dpp.budget_cache import BudgetMirror
+from dpp.db import Queries
+
+VIOLATIONS_MAX = 1000
+TENANT_PAGE = 500
+
+
+@dataclass(slots=True)
+class AuditReport:
+    violations: list[dict[str, Any]] = field(default_factory=list)
+    audit_required_runs: list[dict[str, Any]] = field(default_factory=list)
+    tenants_checked: int = 0
+    runs_flagged: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and not self.audit_required_runs
+
+    def add(self, invariant: int, **details: Any) -> None:
+        if len(self.violations) < VIOLATIONS_MAX:
+            self.violations.append({"invariant": invariant, **details})
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "violations": self.violations,
+            "audit_required_runs": self.audit_required_runs,
+            "tenants_checked": self.tenants_checked,
+        }
+
+
+async def run_audit(
+    pool: asyncpg.Pool,
+    queries: Queries,
+    mirror: BudgetMirror | None,
+    *,
+    tenant_id: str | None = None,
+) -> AuditReport:
+    report = AuditReport()
+    async with pool.acquire() as connection, connection.transaction(
+        isolation="repeatable_read", readonly=True
+    ):
+        # one snapshot: the sums and the runs agree with each other
+        for row in await connection.fetch(queries["audit_tenant_sums"], tenant_id):
+            report.tenants_checked += 1
+            tenant = row["tenant_id"]
+            balance, reserved = row["balance_usd_micros"], row["reserved_usd_micros"]
+            if balance != row["credits"] - row["charges"]:
+                report.add(
+                    1,
+                    tenant_id=tenant,
+                    balance_usd_micros=balance,
+                    ledger_usd_micros=row["credits"] - row["charges"],
+                )
+            if reserved != row["open_reserved"] or reserved != row["reserves"] - row["released"]:
+                report.add(
+                    2,
+                    tenant_id=tenant,
+                    reserved_usd_micros=reserved,
+                    open_runs_usd_micros=row["open_reserved"],
+                    ledger_usd_micros=row["reserves"] - row["released"],
+                )
+            if balance - reserved < 0:
+                report.add(3, tenant_id=tenant, available_usd_micros=balance - reserved)
+        for row in await connection.fetch(queries["audit_runs"], tenant_id):
+            report.runs_flagged += 1
+            report.add(
+                4,
+                run_id=row["run_id"],
+                tenant_id=row["tenant_id"],
+                status=row["status"],
+                reserved_usd_micros=row["reserved_usd_micros"],
+                charged_usd_micros=row["charged_usd_micros"],
+                refunded_usd_micros=row["refunded_usd_micros"],
+                reserve_entries=row["reserve_count"] or 0,
+                charge_entries=row["charge_count"] or 0,
+                refund_entries=row["refund_count"] or 0,
+            )
+        for row in await connection.fetch(queries["audit_required_runs"], tenant_id):
+            report.audit_required_runs.append(
+                {
+                    "run_id": row["id"],
+                    "tenant_id": row["tenant_id"],
+                    "reserved_usd_micros": row["reserved_usd_micros"],
+                    "reason": (row["error"] or {}).get("detail"),
+                    "created_at": row["created_at"].isoformat(),
+                }
+            )
+        budgets = await connection.fetch(
+            "SELECT id, balance_usd_micros, reserved_usd_micros FROM tenants"
+            " WHERE $1::text IS NULL OR id = $1",
+            tenant_id,
+        )
+    if mirror is not None:
+        for row in budgets:
+            mirrored = await mirror.read(row["id"])
+            if mirrored is None:
+                continue  # not mirrored (yet): rebuilt from Postgres before first use
+            if (
+                mirrored.balance_usd_micros != row["balance_usd_micros"]
+                or mirrored.reserved_usd_micros != row["reserved_usd_micros"]
+            ):
+                report.add(
+                    5,
+                    tenant_id=row["id"],
+                    postgres={
+                        "balance_usd_micros": row["balance_usd_micros"],
+                        "reserved_usd_micros": row["reserved_usd_micros"],
+                    },
+                    redis={
+                        "balance_usd_micros": mirrored.balance_usd_micros,
+                        "reserved_usd_micros": mirrored.reserved_usd_micros,
+                    },
+                )
+    return report

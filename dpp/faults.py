@@ -1,0 +1,58 @@
+"""Named crash points for failure-injection tests.
+
+Production code calls ``await crash_point("settle.after_commit")`` at each
+place where a process could die between two writes; docs/crash-points.md
+lists them. Nothing is armed in production, so each call is one dict lookup.
+Tests arm a point with ``armed("name")`` and the next pass through it raises
+``InjectedCrash`` — to the code around it, indistinguishable from a crash of
+the task (transactions roll back, actors crash and are restarted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+CRASH_POINTS = (
+    "reserve.after_redis_hold",
+    "reserve.before_commit",
+    "reserve.after_commit",
+    "settle.before_commit",
+    "settle.after_commit",
+    "run.after_claim",
+    "run.after_finalize_claim",
+    "run.after_result_put",
+)
+
+_armed: dict[str, int] = {}
+
+
+class InjectedCrash(Exception):
+    """Raised at an armed crash point (tests only)."""
+
+
+async def crash_point(name: str) -> None:
+    assert name in CRASH_POINTS, f"unknown crash point {name}"
+    remaining = _armed.get(name)
+    if remaining:
+        if remaining == 1:
+            del _armed[name]
+        else:
+            _armed[name] = remaining - 1
+        raise InjectedCrash(name)
+
+
+@contextlib.contextmanager
+def armed(name: str, times: int = 1) -> Iterator[None]:
+    """Arm ``name`` for the next ``times`` passes; disarm on exit."""
+    assert name in CRASH_POINTS, f"unknown crash point {name}"
+    assert times >= 1
+    _armed[name] = times
+    try:
+        yield
+    finally:
+        _armed.pop(name, None)
+
+
+def disarm_all() -> None:
+    _armed.clear()

@@ -1,0 +1,369 @@
+"""The durable money ledger in Postgres: credits, reservations, settlements.
+
+Postgres is the truth. Every function here runs one transaction whose writes
+are conditional statements with checked row counts; the schema's CHECK
+constraints refuse whatever slips past (a tenant's available can never go
+negative, a terminal run's charged + refunded always equals its reservation).
+Redis mirrors what these functions commit (`dpp/budget_cache.py`), never the
+other way round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from dpp import money
+from dpp.db import Queries
+from dpp.faults import crash_point
+from dpp.money import Admission, AdmissionDecision, Budget, Outcome, Settlement
+
+BATCH_SIZE_MAX = 256
+
+
+class TenantNotFound(Exception):
+    pass
+
+
+class RunNotFound(Exception):
+    pass
+
+
+class CreditConflict(Exception):
+    """The credit's idempotency id was used before for another tenant or amount."""
+
+
+class SettleRefused(Exception):
+    """The run is not in a state this settlement may move it from (or the lease is stale)."""
+
+    def __init__(self, run_id: str, status: str, reason: str) -> None:
+        super().__init__(f"run {run_id} is {status}: {reason}")
+        self.run_id = run_id
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class TenantBudget:
+    balance_usd_micros: int
+    reserved_usd_micros: int
+    ledger_version: int
+
+    @property
+    def available_usd_micros(self) -> int:
+        return self.balance_usd_micros - self.reserved_usd_micros
+
+    def as_budget(self) -> Budget:
+        return Budget(self.balance_usd_micros, self.reserved_usd_micros)
+
+
+def _tenant_budget(row: asyncpg.Record) -> TenantBudget:
+    budget = TenantBudget(
+        row["balance_usd_micros"], row["reserved_usd_micros"], row["ledger_version"]
+    )
+    budget.as_budget().check()  # read-side twin of the schema's CHECK
+    return budget
+
+
+# ---------------------------------------------------------------- credits
+
+
+@dataclass(frozen=True, slots=True)
+class CreditResult:
+    budget: TenantBudget
+    replayed: bool
+
+
+async def credit(
+    pool: asyncpg.Pool, queries: Queries, tenant_id: str, amount_usd_micros: int, operation_id: str
+) -> CreditResult:
+    """Add credit once per ``operation_id``; a replay adds nothing."""
+    assert money.is_amount(amount_usd_micros) and amount_usd_micros > 0
+    async with pool.acquire() as connection, connection.transaction():
+        locked = await connection.fetchrow(queries["lock_tenant_budget"], tenant_id)
+        if locked is None:
+            raise TenantNotFound(tenant_id)
+        inserted = await connection.fetchval(
+            queries["insert_credit_entry"], tenant_id, amount_usd_micros, operation_id
+        )
+        if inserted is None:
+            previous = await connection.fetchrow(queries["credit_entry_by_operation"], operation_id)
+            if (
+                previous is None
+                or previous["tenant_id"] != tenant_id
+                or previous["amount_usd_micros"] != amount_usd_micros
+            ):
+                raise CreditConflict(operation_id)
+            row = await connection.fetchrow(queries["tenant_budget"], tenant_id)
+            return CreditResult(_tenant_budget(row), replayed=True)
+        row = await connection.fetchrow(queries["credit_tenant"], tenant_id, amount_usd_micros)
+        assert row is not None, "tenant row vanished under its lock"
+        return CreditResult(_tenant_budget(row), replayed=False)
+
+
+async def read_budget(pool: asyncpg.Pool, queries: Queries, tenant_id: str) -> asyncpg.Record:
+    row = await pool.fetchrow(queries["tenant_budget"], tenant_id)
+    if row is None:
+        raise TenantNotFound(tenant_id)
+    _tenant_budget(row)
+    return row
+
+
+# ----------------------------------------------------------- reservations
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyCompletion:
+    """The stored response of an idempotent submit, written with the reservation."""
+
+    method: str
+    path: str
+    key: str
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RunDraft:
+    """Everything a QUEUED run row holds, decided before admission."""
+
+    run_id: str
+    pack_type: str
+    inputs: Any
+    metadata: dict[str, Any]
+    reserved_usd_micros: int
+    minimum_fee_usd_micros: int
+    timebox_sec: int
+    trace_id: str | None
+    created_at: datetime
+    idempotency: IdempotencyCompletion | None = None
+
+    def __post_init__(self) -> None:
+        assert money.is_amount(self.reserved_usd_micros) and self.reserved_usd_micros > 0
+        assert 0 <= self.minimum_fee_usd_micros <= self.reserved_usd_micros
+        assert 1 <= self.timebox_sec <= 3600
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveBatchResult:
+    decisions: list[AdmissionDecision]
+    budget: TenantBudget
+
+
+async def reserve_batch(
+    pool: asyncpg.Pool, queries: Queries, tenant_id: str, drafts: Sequence[RunDraft]
+) -> ReserveBatchResult:
+    """Admit a batch in one transaction (group commit): run rows, reserve entries,
+    the tenant's reserved counter and any idempotency records, all or nothing.
+
+    The tenant row lock serializes admission across replicas; the conditional
+    UPDATE and the schema's CHECK make overspend impossible even if the
+    decision above them were wrong.
+    """
+    assert 1 <= len(drafts) <= BATCH_SIZE_MAX
+    async with pool.acquire() as connection, connection.transaction():
+        locked = await connection.fetchrow(queries["lock_tenant_budget"], tenant_id)
+        if locked is None:
+            raise TenantNotFound(tenant_id)
+        open_runs = await connection.fetchval(queries["count_open_runs"], tenant_id)
+        decisions, after = money.decide_batch(
+            Budget(locked["balance_usd_micros"], locked["reserved_usd_micros"]),
+            [draft.reserved_usd_micros for draft in drafts],
+            open_runs=open_runs,
+            max_concurrent_runs=locked["max_concurrent_runs"],
+        )
+        accepted = [
+            draft
+            for draft, decision in zip(drafts, decisions, strict=True)
+            if decision.admission is Admission.ACCEPTED
+        ]
+        if not accepted:
+            return ReserveBatchResult(decisions, _tenant_budget(locked))
+        total = sum(draft.reserved_usd_micros for draft in accepted)
+        row = await connection.fetchrow(queries["reserve_on_tenant"], tenant_id, total)
+        assert row is not None, "admission decided a reservation the guard refuses"
+        assert row["reserved_usd_micros"] == after.reserved_usd_micros
+        await connection.execute(
+            queries["insert_runs"],
+            tenant_id,
+            [d.run_id for d in accepted],
+            [d.pack_type for d in accepted],
+            [d.inputs for d in accepted],
+            [d.metadata for d in accepted],
+            [d.reserved_usd_micros for d in accepted],
+            [d.minimum_fee_usd_micros for d in accepted],
+            [d.timebox_sec for d in accepted],
+            [d.trace_id for d in accepted],
+            [d.created_at for d in accepted],
+        )
+        await connection.execute(
+            queries["insert_reserve_entries"],
+            tenant_id,
+            [d.run_id for d in accepted],
+            [d.reserved_usd_micros for d in accepted],
+        )
+        completions = [d.idempotency for d in accepted if d.idempotency is not None]
+        if completions:
+            await connection.execute(
+                queries["complete_idempotency_batch"],
+                tenant_id,
+                [c.method for c in completions],
+                [c.path for c in completions],
+                [c.key for c in completions],
+                [c.status for c in completions],
+                [c.headers for c in completions],
+                [c.body for c in completions],
+            )
+        await crash_point("reserve.before_commit")
+        return ReserveBatchResult(decisions, _tenant_budget(row))
+
+
+# ------------------------------------------------------------ settlement
+
+
+@dataclass(frozen=True, slots=True)
+class ResultReceipt:
+    key: str
+    sha256: str
+    bytes: int
+    content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class SettleRequest:
+    run_id: str
+    outcome: Outcome
+    actual_cost_usd_micros: int | None = None
+    # statuses this settlement may move the run from
+    from_statuses: frozenset[str] = frozenset({"CLAIMED"})
+    # the worker's lease token: a stale worker's settlement is refused
+    lease_token: str | None = None
+    error: dict[str, Any] | None = None
+    result: ResultReceipt | None = None
+    # operator resolution of AUDIT_REQUIRED: charge exactly this
+    charged_override_usd_micros: int | None = None
+    # the run version the caller observed (the reaper's guard against a
+    # heartbeat that renewed the lease after it looked)
+    expected_version: int | None = None
+
+    def __post_init__(self) -> None:
+        assert self.from_statuses <= (money.OPEN_STATUSES | {"AUDIT_REQUIRED"})
+        if self.outcome is Outcome.COMPLETED and self.charged_override_usd_micros is None:
+            assert self.actual_cost_usd_micros is not None
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    run_id: str
+    tenant_id: str
+    settlement: Settlement
+    # False when the run was already settled identically (a replay): nothing moved
+    applied: bool
+    budget: TenantBudget | None
+    finished_at: datetime | None = None
+
+
+async def settle(pool: asyncpg.Pool, queries: Queries, request: SettleRequest) -> SettleResult:
+    """Apply SPEC §1's table to one run exactly once.
+
+    Guarded three ways: the run's row lock and version (concurrent settlers
+    serialize; the second sees a terminal run), its status (only from
+    ``from_statuses``) and, when given, its lease token (a stale worker is
+    refused). The ledger's unique operation ids make a replayed settlement
+    impossible to double-apply even if those guards were bypassed.
+    """
+    async with pool.acquire() as connection, connection.transaction():
+        run = await connection.fetchrow(queries["lock_run"], request.run_id)
+        if run is None:
+            raise RunNotFound(request.run_id)
+        status = run["status"]
+        if status in money.TERMINAL_STATUSES:
+            previous = Settlement(
+                Outcome(status),
+                run["reserved_usd_micros"],
+                run["charged_usd_micros"],
+                run["refunded_usd_micros"],
+            )
+            if status == request.outcome.value:
+                return SettleResult(run["id"], run["tenant_id"], previous, False, None)
+            raise SettleRefused(run["id"], status, "already settled")
+        if status not in request.from_statuses:
+            raise SettleRefused(run["id"], status, "not settleable from this state")
+        if request.lease_token is not None and str(run["lease_token"]) != request.lease_token:
+            raise SettleRefused(run["id"], status, "lease token is stale")
+        if request.expected_version is not None and run["version"] != request.expected_version:
+            raise SettleRefused(run["id"], status, "run changed since it was observed")
+        if request.charged_override_usd_micros is not None:
+            charged = request.charged_override_usd_micros
+            assert 0 <= charged <= run["reserved_usd_micros"]
+            settlement = Settlement(
+                request.outcome,
+                run["reserved_usd_micros"],
+                charged,
+                run["reserved_usd_micros"] - charged,
+            )
+        else:
+            settlement = money.settle(
+                request.outcome,
+                reserved_usd_micros=run["reserved_usd_micros"],
+                minimum_fee_usd_micros=run["minimum_fee_usd_micros"],
+                actual_cost_usd_micros=request.actual_cost_usd_micros,
+            )
+        result = request.result
+        updated = await connection.fetchrow(
+            queries["settle_run_row"],
+            run["id"],
+            request.outcome.value,
+            settlement.charged_usd_micros,
+            settlement.refunded_usd_micros,
+            run["retention_days"],
+            request.error,
+            result.key if result else None,
+            result.sha256 if result else None,
+            result.bytes if result else None,
+            result.content_type if result else None,
+            run["version"],
+        )
+        assert updated is not None, "run changed under its row lock"
+        await connection.execute(
+            queries["insert_settlement_entries"],
+            run["tenant_id"],
+            run["id"],
+            settlement.charged_usd_micros,
+            settlement.refunded_usd_micros,
+        )
+        row = await connection.fetchrow(
+            queries["settle_on_tenant"],
+            run["tenant_id"],
+            settlement.charged_usd_micros,
+            settlement.reserved_usd_micros,
+        )
+        assert row is not None, "tenant counters disagree with the run's reservation"
+        await crash_point("settle.before_commit")
+        return SettleResult(
+            run["id"],
+            run["tenant_id"],
+            settlement,
+            True,
+            _tenant_budget(row),
+            updated["finished_at"],
+        )
+
+
+async def mark_audit_required(
+    pool: asyncpg.Pool, queries: Queries, run_id: str, version: int, reason: str
+) -> bool:
+    """Set a run aside for an operator; its reservation stays held. True if it moved."""
+    error = {
+        "type": "https://dpp.dev/problems/audit-required",
+        "title": "Audit required",
+        "status": 500,
+        "detail": reason,
+    }
+    moved = await pool.fetchval(queries["mark_audit_required"], run_id, error, version)
+    return moved is not None

@@ -1,0 +1,283 @@
+"""Logging: one JSON object per line, context bound per request, secrets scrubbed.
+
+``configure_logging(settings)`` installs a single root handler. Every record
+passes ``RedactingFilter`` (on the handler, so records from every logger are
+covered) and the formatter scrubs the finished line once more: an API key,
+a ``Bearer`` credential, a registered secret (the admin token) or a URL
+password never reaches the output, whatever a caller put in a message, an
+``extra`` field or an exception.
+
+Context (``request_id``, ``trace_id``, ``tenant_id``, ``run_id``) lives in a
+``ContextVar``; ``with bind(run_id=...)`` adds fields for the code inside it.
+Both asyncio and trio copy the context into new tasks, so a task spawned
+inside a request logs with that request's fields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime
+import logging
+import re
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any, TextIO
+
+import orjson
+
+from dpp.config import Settings
+
+__all__ = [
+    "CONTEXT_FIELDS",
+    "REDACTED",
+    "JsonFormatter",
+    "RedactingFilter",
+    "TextFormatter",
+    "bind",
+    "bound_fields",
+    "configure_logging",
+    "redact",
+    "redact_text",
+    "register_secret",
+]
+
+REDACTED = "[REDACTED]"
+CONTEXT_FIELDS = ("request_id", "trace_id", "tenant_id", "run_id")
+
+# The key shape is `dpp_live_<32 base62>_<8 hex>`; anything that starts like a key is
+# scrubbed whole, so a truncated or mistyped key leaks no prefix either.
+API_KEY_PATTERN = re.compile(r"dpp_live_[0-9A-Za-z]+(?:_[0-9A-Za-z]*)?")
+# The credential after "Bearer"; quotes and backslashes end it so that scrubbing a
+# finished JSON line never eats the closing quote of a string.
+BEARER_PATTERN = re.compile(r"(?i)\b(bearer)(\s+)[^\s\"\\]+")
+# scheme://user:password@host -> scheme://user:[REDACTED]@host
+URL_PASSWORD_PATTERN = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@\"\\]*):[^\s@/\"\\]+@")
+# an `extra` field whose name contains one of these is never printed
+SENSITIVE_NAME_PARTS = (
+    "authorization",
+    "token",
+    "api_key",
+    "apikey",
+    "secret",
+    "password",
+    "cookie",
+)
+
+SECRET_LENGTH_MIN = 8  # shorter literals would scrub ordinary words
+SECRETS_MAX = 64
+REDACT_DEPTH_MAX = 8
+TEXT_CHARS_MAX = 16_384  # one message or field; a log line is not a data dump
+
+_secrets: tuple[str, ...] = ()
+_secrets_lock = threading.Lock()
+
+_fields: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "dpp_log_fields", default=MappingProxyType({})
+)
+
+# Attributes every LogRecord has; anything else on a record came from `extra`.
+_RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "dpp_fields",
+    "dpp_redacted",
+}
+
+
+# --- context binding -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def bind(**fields: Any) -> Iterator[Mapping[str, Any]]:
+    """Add fields to every log line emitted inside the block (and tasks it spawns)."""
+    merged = MappingProxyType({**_fields.get(), **fields})
+    token = _fields.set(merged)
+    try:
+        yield merged
+    finally:
+        _fields.reset(token)
+
+
+def bound_fields() -> Mapping[str, Any]:
+    """The fields bound in the current context (read-only)."""
+    return _fields.get()
+
+
+# --- redaction -------------------------------------------------------------------------
+
+
+def register_secret(value: str | None) -> None:
+    """Scrub this literal from every log line from now on (e.g. the admin token)."""
+    global _secrets
+    if not value or len(value) < SECRET_LENGTH_MIN:
+        return
+    with _secrets_lock:
+        if value in _secrets:
+            return
+        # longest first so that a secret containing another is scrubbed whole
+        _secrets = tuple(sorted((*_secrets, value), key=len, reverse=True)[:SECRETS_MAX])
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every secret-shaped substring replaced by ``[REDACTED]``."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    if "dpp_live_" in text:
+        text = API_KEY_PATTERN.sub(REDACTED, text)
+    text = BEARER_PATTERN.sub(rf"\1\2{REDACTED}", text)
+    if "://" in text:
+        text = URL_PASSWORD_PATTERN.sub(rf"\1:{REDACTED}@", text)
+    return text
+
+
+def is_sensitive_name(name: str) -> bool:
+    lowered = name.lower().replace("-", "_")
+    return any(part in lowered for part in SENSITIVE_NAME_PARTS)
+
+
+def redact(value: Any, depth: int = 0) -> Any:
+    """A copy of ``value`` safe to log: sensitive keys and secret-shaped text scrubbed."""
+    if isinstance(value, str):
+        return redact_text(value)[:TEXT_CHARS_MAX]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if depth >= REDACT_DEPTH_MAX:
+        return "[TRUNCATED]"
+    if isinstance(value, Mapping):
+        return {
+            str(key): REDACTED if is_sensitive_name(str(key)) else redact(item, depth + 1)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [redact(item, depth + 1) for item in value]
+    if isinstance(value, bytes | bytearray):
+        return redact_text(bytes(value).decode("utf-8", "replace"))[:TEXT_CHARS_MAX]
+    return redact_text(str(value))[:TEXT_CHARS_MAX]
+
+
+class RedactingFilter(logging.Filter):
+    """Scrubs a record in place before any formatter sees it; never drops a record.
+
+    Captures the bound context fields too, at emit time in the caller's context.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "dpp_redacted", False):
+            return True
+        try:
+            message = record.getMessage()
+        except Exception as error:  # a bad %-format must not lose the line
+            message = f"{record.msg!r} (unformattable: {type(error).__name__})"
+        record.msg = redact_text(message)[:TEXT_CHARS_MAX]
+        record.args = None
+        for name in _extra_names(record):
+            value = record.__dict__[name]
+            record.__dict__[name] = REDACTED if is_sensitive_name(name) else redact(value)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info)
+        record.dpp_fields = redact(dict(bound_fields()))
+        record.dpp_redacted = True
+        return True
+
+
+_redactor = RedactingFilter()
+
+
+def _extra_names(record: logging.LogRecord) -> list[str]:
+    return [name for name in record.__dict__ if name not in _RECORD_ATTRIBUTES]
+
+
+# --- formatting ------------------------------------------------------------------------
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    moment = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _document(record: logging.LogRecord) -> dict[str, Any]:
+    _redactor.filter(record)  # a no-op when the handler's filter already ran
+    document: dict[str, Any] = {
+        "ts": _timestamp(record),
+        "level": record.levelname,
+        "logger": record.name,
+        "msg": record.getMessage(),
+    }
+    document.update(record.__dict__["dpp_fields"])
+    for name in _extra_names(record):
+        if name not in ("ts", "level", "logger", "msg"):
+            document[name] = record.__dict__[name]
+    if record.exc_text:
+        document["exc"] = record.exc_text
+    if record.stack_info:
+        document["stack"] = record.stack_info
+    return document
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; the finished line is scrubbed once more."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document = _document(record)
+        try:
+            line = orjson.dumps(document, default=str, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError:  # e.g. an integer beyond 64 bits, or nesting too deep
+            line = orjson.dumps({key: repr(value) for key, value in document.items()})
+        return redact_text(line.decode("utf-8"))
+
+
+class TextFormatter(logging.Formatter):
+    """For people at a terminal (``DPP_JSON_LOGS=false``): same content, one line each."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document = _document(record)
+        head = f"{document.pop('ts')} {document.pop('level'):<8} {document.pop('logger')}"
+        message = document.pop("msg")
+        exception = document.pop("exc", None)
+        stack = document.pop("stack", None)
+        pairs = " ".join(f"{key}={_text_value(value)}" for key, value in document.items())
+        line = f"{head}: {message}" + (f" [{pairs}]" if pairs else "")
+        for block in (exception, stack):
+            if block:
+                line += "\n" + block
+        return redact_text(line)
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, str) and value and " " not in value:
+        return value
+    try:
+        return orjson.dumps(value, default=str).decode("utf-8")
+    except TypeError:
+        return repr(value)
+
+
+# --- setup -----------------------------------------------------------------------------
+
+
+def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> logging.Handler:
+    """Install the DPP handler on the root logger (replacing a previous one).
+
+    Returns the handler so a caller (a test) can remove it again.
+    """
+    register_secret(settings.admin_token)
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.set_name("dpp")
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(JsonFormatter() if settings.json_logs else TextFormatter())
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        if existing.get_name() == "dpp":
+            root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level)
+    return handler

@@ -1,0 +1,130 @@
+"""Pure money rules: the settlement table of SPEC §1 and admission decisions.
+
+No I/O and no floats: every amount is an ``int`` of USD micros. The ledger
+(`dpp/ledger.py`) writes what these functions decide; both sides assert the
+same invariants.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+USD_MICROS = 1_000_000
+AMOUNT_USD_MICROS_MAX = 1_000_000_000 * USD_MICROS  # one billion dollars: a sanity bound
+CREDIT_USD_MICROS_MAX = 10_000_000 * USD_MICROS
+
+
+class Outcome(enum.StrEnum):
+    """How a run ended, for settlement. Values are the terminal run statuses."""
+
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    EXPIRED = "EXPIRED"
+    CANCELED = "CANCELED"
+
+
+TERMINAL_STATUSES = frozenset(outcome.value for outcome in Outcome)
+OPEN_STATUSES = frozenset({"QUEUED", "PROCESSING", "CLAIMED"})
+ALL_STATUSES = TERMINAL_STATUSES | OPEN_STATUSES | {"AUDIT_REQUIRED"}
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    outcome: Outcome
+    reserved_usd_micros: int
+    charged_usd_micros: int
+    refunded_usd_micros: int
+
+    def __post_init__(self) -> None:
+        assert self.charged_usd_micros >= 0
+        assert self.refunded_usd_micros >= 0
+        assert self.charged_usd_micros + self.refunded_usd_micros == self.reserved_usd_micros
+
+
+def is_amount(value: object) -> bool:
+    """A JSON integer amount (bools are not integers here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def settle(
+    outcome: Outcome,
+    *,
+    reserved_usd_micros: int,
+    minimum_fee_usd_micros: int,
+    actual_cost_usd_micros: int | None = None,
+) -> Settlement:
+    """SPEC §1's table: what is charged and refunded for one run's outcome."""
+    reserved, minimum = reserved_usd_micros, minimum_fee_usd_micros
+    assert is_amount(reserved) and is_amount(minimum)
+    assert 0 <= minimum <= reserved, (minimum, reserved)
+    match outcome:
+        case Outcome.COMPLETED:
+            assert actual_cost_usd_micros is not None and is_amount(actual_cost_usd_micros)
+            assert actual_cost_usd_micros >= 0
+            charged = min(max(actual_cost_usd_micros, minimum), reserved)
+        case Outcome.FAILED | Outcome.EXPIRED:
+            charged = minimum
+        case Outcome.CANCELED:
+            charged = 0
+    return Settlement(outcome, reserved, charged, reserved - charged)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    balance_usd_micros: int
+    reserved_usd_micros: int
+
+    @property
+    def available_usd_micros(self) -> int:
+        return self.balance_usd_micros - self.reserved_usd_micros
+
+    def check(self) -> None:
+        assert self.reserved_usd_micros >= 0, self
+        assert self.available_usd_micros >= 0, self
+
+
+class Admission(enum.Enum):
+    ACCEPTED = "accepted"
+    INSUFFICIENT_BUDGET = "insufficient_budget"
+    CONCURRENCY_LIMITED = "concurrency_limited"
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionDecision:
+    admission: Admission
+    available_usd_micros: int  # what was available when this item was decided
+
+
+def decide_batch(
+    budget: Budget,
+    amounts_usd_micros: Sequence[int],
+    *,
+    open_runs: int,
+    max_concurrent_runs: int,
+) -> tuple[list[AdmissionDecision], Budget]:
+    """Admit a batch of reservations in order, as if one at a time.
+
+    Each item is accepted when it fits in what is still available and the
+    tenant's open runs stay within the plan; a refused item does not block a
+    later, smaller one. Returns the decisions and the budget after them.
+    """
+    budget.check()
+    assert open_runs >= 0 and max_concurrent_runs >= 1
+    decisions = []
+    reserved = budget.reserved_usd_micros
+    for amount in amounts_usd_micros:
+        assert is_amount(amount) and amount > 0
+        available = budget.balance_usd_micros - reserved
+        if open_runs >= max_concurrent_runs:
+            decisions.append(AdmissionDecision(Admission.CONCURRENCY_LIMITED, available))
+        elif amount > available:
+            decisions.append(AdmissionDecision(Admission.INSUFFICIENT_BUDGET, available))
+        else:
+            reserved += amount
+            open_runs += 1
+            decisions.append(AdmissionDecision(Admission.ACCEPTED, available))
+    after = Budget(budget.balance_usd_micros, reserved)
+    after.check()
+    return decisions, after

@@ -1,0 +1,84 @@
+"""MoneyService: the one door through which money moves.
+
+Routes and actors call these methods; each forwards to the tenant's budget
+actor (started on demand by the registry), so one replica applies a tenant's
+movements in one order and batches its reservations. Postgres decides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from dpp import ledger
+from dpp.actors.budget import (
+    BudgetActor,
+    BudgetBackend,
+    BudgetMessage,
+    Credit,
+    Reserve,
+    ReserveOutcome,
+    Settle,
+)
+from dpp.actors.registry import ActorRegistry
+from dpp.audit import AuditReport, run_audit
+from dpp.budget_cache import BudgetMirror
+from dpp.db import Queries
+
+ASK_TIMEOUT_S = 15.0
+BUDGET_ACTOR_IDLE_S = 60.0
+BUDGET_ACTORS_MAX = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class MoneyService:
+    pool: asyncpg.Pool
+    queries: Queries
+    mirror: BudgetMirror
+    budgets: ActorRegistry[str, BudgetMessage]
+
+    @classmethod
+    def build(
+        cls,
+        pool: asyncpg.Pool,
+        queries: Queries,
+        mirror: BudgetMirror,
+        *,
+        on_admitted=None,  # type: ignore[no-untyped-def]
+        idle_timeout_s: float = BUDGET_ACTOR_IDLE_S,
+    ) -> MoneyService:
+        backend = BudgetBackend(pool=pool, queries=queries, mirror=mirror)
+        if on_admitted is not None:
+            backend = BudgetBackend(pool, queries, mirror, on_admitted)
+        registry: ActorRegistry[str, BudgetMessage] = ActorRegistry(
+            "budget",
+            lambda tenant_id: BudgetActor(tenant_id, backend),
+            idle_timeout_s=idle_timeout_s,
+            max_actors=BUDGET_ACTORS_MAX,
+        )
+        return cls(pool, queries, mirror, registry)
+
+    async def reserve(self, tenant_id: str, draft: ledger.RunDraft) -> ReserveOutcome:
+        ref = await self.budgets.get(tenant_id)
+        return await ref.ask(lambda reply: Reserve(draft, reply), timeout_s=ASK_TIMEOUT_S)
+
+    async def settle(self, tenant_id: str, request: ledger.SettleRequest) -> ledger.SettleResult:
+        ref = await self.budgets.get(tenant_id)
+        return await ref.ask(lambda reply: Settle(request, reply), timeout_s=ASK_TIMEOUT_S)
+
+    async def credit(
+        self, tenant_id: str, amount_usd_micros: int, operation_id: str
+    ) -> ledger.CreditResult:
+        # fail fast on an unknown tenant before starting an actor for it
+        await ledger.read_budget(self.pool, self.queries, tenant_id)
+        ref = await self.budgets.get(tenant_id)
+        return await ref.ask(
+            lambda reply: Credit(amount_usd_micros, operation_id, reply), timeout_s=ASK_TIMEOUT_S
+        )
+
+    async def budget(self, tenant_id: str) -> asyncpg.Record:
+        return await ledger.read_budget(self.pool, self.queries, tenant_id)
+
+    async def audit(self, tenant_id: str | None = None) -> AuditReport:
+        return await run_audit(self.pool, self.queries, self.mirror, tenant_id=tenant_id)

@@ -1,0 +1,187 @@
+-- Money: credits, reservations, settlements, budgets. Every write is a
+-- conditional statement whose row count the caller checks (dpp/ledger.py).
+
+-- name: lock_tenant_budget
+SELECT t.balance_usd_micros, t.reserved_usd_micros, t.ledger_version,
+       p.max_concurrent_runs, p.retention_days
+FROM tenants t JOIN plans p ON p.id = t.plan_id
+WHERE t.id = $1
+FOR UPDATE OF t;
+
+-- name: count_open_runs
+SELECT count(*) FROM runs
+WHERE tenant_id = $1 AND status IN ('QUEUED', 'PROCESSING', 'CLAIMED');
+
+-- name: reserve_on_tenant
+-- The guard that no Redis answer can bypass: only when available stays >= 0.
+UPDATE tenants
+SET reserved_usd_micros = reserved_usd_micros + $2,
+    ledger_version = ledger_version + 1
+WHERE id = $1 AND balance_usd_micros - reserved_usd_micros >= $2
+RETURNING balance_usd_micros, reserved_usd_micros, ledger_version;
+
+-- name: insert_runs
+INSERT INTO runs (id, tenant_id, pack_type, status, inputs, metadata,
+                  reserved_usd_micros, minimum_fee_usd_micros, timebox_sec,
+                  trace_id, created_at)
+SELECT id, $1, pack_type, 'QUEUED', inputs, metadata, reserved, minimum, timebox,
+       trace_id, created_at
+FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::bigint[],
+            $7::bigint[], $8::int[], $9::text[], $10::timestamptz[])
+     AS item(id, pack_type, inputs, metadata, reserved, minimum, timebox, trace_id, created_at);
+
+-- name: insert_reserve_entries
+INSERT INTO ledger_entries (tenant_id, run_id, kind, amount_usd_micros, operation_id)
+SELECT $1, run_id, 'reserve', amount, 'reserve:' || run_id
+FROM unnest($2::text[], $3::bigint[]) AS item(run_id, amount);
+
+-- name: complete_idempotency_batch
+UPDATE idempotency_keys AS k
+SET state = 'done', response_status = item.status, response_headers = item.headers,
+    response_body = item.body
+FROM unnest($2::text[], $3::text[], $4::text[], $5::int[], $6::jsonb[], $7::bytea[])
+     AS item(method, path, key, status, headers, body)
+WHERE k.tenant_id = $1 AND k.method = item.method AND k.path = item.path
+  AND k.key = item.key AND k.state = 'in_flight';
+
+-- name: credit_tenant
+UPDATE tenants
+SET balance_usd_micros = balance_usd_micros + $2,
+    ledger_version = ledger_version + 1
+WHERE id = $1
+RETURNING balance_usd_micros, reserved_usd_micros, ledger_version;
+
+-- name: insert_credit_entry
+INSERT INTO ledger_entries (tenant_id, run_id, kind, amount_usd_micros, operation_id)
+VALUES ($1, NULL, 'credit', $2, $3)
+ON CONFLICT (operation_id) DO NOTHING
+RETURNING id;
+
+-- name: credit_entry_by_operation
+SELECT tenant_id, amount_usd_micros FROM ledger_entries
+WHERE operation_id = $1 AND kind = 'credit';
+
+-- name: lock_run
+SELECT r.id, r.tenant_id, r.status, r.version, r.lease_token, r.reserved_usd_micros,
+       r.minimum_fee_usd_micros, r.charged_usd_micros, r.refunded_usd_micros,
+       p.retention_days
+FROM runs r JOIN tenants t ON t.id = r.tenant_id JOIN plans p ON p.id = t.plan_id
+WHERE r.id = $1
+FOR UPDATE OF r;
+
+-- name: settle_run_row
+-- Guarded by the version read under the row lock: a concurrent writer wins or we do.
+UPDATE runs
+SET status = $2,
+    charged_usd_micros = $3,
+    refunded_usd_micros = $4,
+    finished_at = now(),
+    retention_until = now() + make_interval(days => $5),
+    lease_token = NULL,
+    lease_expires_at = NULL,
+    error = $6,
+    result_key = COALESCE($7, result_key),
+    result_sha256 = COALESCE($8, result_sha256),
+    result_bytes = COALESCE($9, result_bytes),
+    result_content_type = COALESCE($10, result_content_type),
+    version = version + 1
+WHERE id = $1 AND version = $11
+RETURNING id, status, version, finished_at, retention_until;
+
+-- name: insert_settlement_entries
+INSERT INTO ledger_entries (tenant_id, run_id, kind, amount_usd_micros, operation_id)
+VALUES ($1, $2, 'charge', $3, 'charge:' || $2),
+       ($1, $2, 'refund', $4, 'refund:' || $2);
+
+-- name: settle_on_tenant
+UPDATE tenants
+SET balance_usd_micros = balance_usd_micros - $2,
+    reserved_usd_micros = reserved_usd_micros - $3,
+    ledger_version = ledger_version + 1
+WHERE id = $1 AND reserved_usd_micros >= $3 AND balance_usd_micros >= $2
+RETURNING balance_usd_micros, reserved_usd_micros, ledger_version;
+
+-- name: mark_audit_required
+UPDATE runs
+SET status = 'AUDIT_REQUIRED', lease_token = NULL, lease_expires_at = NULL,
+    error = $2, version = version + 1
+WHERE id = $1 AND version = $3 AND status IN ('QUEUED', 'PROCESSING', 'CLAIMED')
+RETURNING id;
+
+-- name: tenant_budget
+SELECT t.balance_usd_micros, t.reserved_usd_micros, t.ledger_version,
+       p.id AS plan_id, p.requests_per_minute, p.max_concurrent_runs, p.retention_days
+FROM tenants t JOIN plans p ON p.id = t.plan_id
+WHERE t.id = $1;
+
+-- name: audit_tenant_sums
+-- Invariants 1-3 per tenant, from the ledger and the runs.
+SELECT t.id AS tenant_id,
+       t.balance_usd_micros, t.reserved_usd_micros,
+       COALESCE(l.credits, 0) AS credits, COALESCE(l.charges, 0) AS charges,
+       COALESCE(l.reserves, 0) AS reserves, COALESCE(l.released, 0) AS released,
+       COALESCE(r.open_reserved, 0) AS open_reserved
+FROM tenants t
+LEFT JOIN (
+    SELECT tenant_id,
+           sum(amount_usd_micros) FILTER (WHERE kind = 'credit') AS credits,
+           sum(amount_usd_micros) FILTER (WHERE kind = 'charge') AS charges,
+           sum(amount_usd_micros) FILTER (WHERE kind = 'reserve') AS reserves,
+           sum(amount_usd_micros) FILTER (WHERE kind IN ('charge', 'refund')) AS released
+    FROM ledger_entries GROUP BY tenant_id
+) l ON l.tenant_id = t.id
+LEFT JOIN (
+    -- open runs hold R; an AUDIT_REQUIRED run holds what its ledger entries show
+    SELECT r.tenant_id,
+           sum(CASE WHEN r.status = 'AUDIT_REQUIRED' THEN COALESCE(h.held, 0)
+                    ELSE r.reserved_usd_micros END) AS open_reserved
+    FROM runs r
+    LEFT JOIN (
+        SELECT run_id, sum(CASE WHEN kind = 'reserve' THEN amount_usd_micros
+                                ELSE -amount_usd_micros END) AS held
+        FROM ledger_entries WHERE run_id IS NOT NULL GROUP BY run_id
+    ) h ON h.run_id = r.id
+    WHERE r.status IN ('QUEUED', 'PROCESSING', 'CLAIMED', 'AUDIT_REQUIRED')
+    GROUP BY r.tenant_id
+) r ON r.tenant_id = t.id
+WHERE $1::text IS NULL OR t.id = $1;
+
+-- name: audit_runs
+-- Invariant 4, and the ledger evidence of every run: one row per run with a problem.
+SELECT r.id AS run_id, r.tenant_id, r.status, r.reserved_usd_micros,
+       r.charged_usd_micros, r.refunded_usd_micros,
+       l.reserve_count, l.reserve_amount, l.charge_count, l.charge_amount,
+       l.refund_count, l.refund_amount
+FROM runs r
+LEFT JOIN (
+    SELECT run_id,
+           count(*) FILTER (WHERE kind = 'reserve') AS reserve_count,
+           sum(amount_usd_micros) FILTER (WHERE kind = 'reserve') AS reserve_amount,
+           count(*) FILTER (WHERE kind = 'charge') AS charge_count,
+           sum(amount_usd_micros) FILTER (WHERE kind = 'charge') AS charge_amount,
+           count(*) FILTER (WHERE kind = 'refund') AS refund_count,
+           sum(amount_usd_micros) FILTER (WHERE kind = 'refund') AS refund_amount
+    FROM ledger_entries WHERE run_id IS NOT NULL GROUP BY run_id
+) l ON l.run_id = r.id
+WHERE ($1::text IS NULL OR r.tenant_id = $1)
+  AND r.status <> 'AUDIT_REQUIRED'
+  AND (
+    COALESCE(l.reserve_count, 0) <> 1
+    OR COALESCE(l.reserve_amount, 0) <> r.reserved_usd_micros
+    OR (r.status IN ('COMPLETED', 'FAILED', 'EXPIRED', 'CANCELED') AND (
+        COALESCE(l.charge_count, 0) <> 1 OR COALESCE(l.refund_count, 0) <> 1
+        OR l.charge_amount IS DISTINCT FROM r.charged_usd_micros
+        OR l.refund_amount IS DISTINCT FROM r.refunded_usd_micros
+        OR r.charged_usd_micros + r.refunded_usd_micros <> r.reserved_usd_micros))
+    OR (r.status NOT IN ('COMPLETED', 'FAILED', 'EXPIRED', 'CANCELED') AND (
+        COALESCE(l.charge_count, 0) <> 0 OR COALESCE(l.refund_count, 0) <> 0))
+  )
+LIMIT 1000;
+
+-- name: audit_required_runs
+SELECT id, tenant_id, reserved_usd_micros, error, created_at
+FROM runs WHERE status = 'AUDIT_REQUIRED' AND ($1::text IS NULL OR tenant_id = $1)
+ORDER BY created_at LIMIT 1000;
+
+-- name: tenant_ids_page
+SELECT id FROM tenants WHERE id > $1 ORDER BY id LIMIT $2;
