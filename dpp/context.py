@@ -48,3 +48,4 @@ class AppContext:
     money: Any = None  # dpp.money_service.MoneyService: credit, reserve, settle, audit
     runs: Any = None  # dpp.runs.RunsService: submit, get, list, cancel, usage
     reconciler: Any = None  # dpp.actors.reconciler handle: reconcile_once()
+    queue: Any = None  # dpp.queue backend: enqueue() after a reservation commits

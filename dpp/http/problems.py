@@ -75,7 +75,9 @@ class Problem(Exception):
         return document
 
 
-def field_problem(field: str, detail: str, *, errors: list[dict[str, str]] | None = None) -> Problem:
+def field_problem(
+    field: str, detail: str, *, errors: list[dict[str, str]] | None = None
+) -> Problem:
     """A 422 that names the offending field (and optionally lists all of them)."""
     extensions: dict[str, Any] = {"field": field}
     if errors:

@@ -169,9 +169,7 @@ class DecisionPack:
             for key, value in scores.items():
                 path = field_path("options", index, "scores", key)
                 if key not in criterion_index:
-                    errors.append(
-                        FieldError(path, f"unknown criterion {json.dumps(key)}; not in criteria")
-                    )
+                    errors.append(FieldError(path, f"unknown criterion {json.dumps(key)}"))
                 elif not _is_finite(value):
                     errors.append(FieldError(path, "must be a finite number"))
         return errors

@@ -113,7 +113,11 @@ def test_valid_inputs() -> None:
         ({"payload": 1, "fail": "yes"}, [FieldError("inputs.fail", "must be of type boolean")]),
         (
             {"payload": 1, "extra": 2},
-            [FieldError("inputs", "Additional properties are not allowed ('extra' was unexpected)")],
+            [
+                FieldError(
+                    "inputs", "Additional properties are not allowed ('extra' was unexpected)"
+                )
+            ],
         ),
     ],
 )

@@ -261,9 +261,7 @@ def mutated(**attributes: Any) -> ThirdPartyPack:
         ({"execute": lambda inputs, ctx: None}, "execute must be an `async def`"),
     ],
 )
-def test_check_pack_rejects_contract_violations(
-    attributes: dict[str, Any], complaint: str
-) -> None:
+def test_check_pack_rejects_contract_violations(attributes: dict[str, Any], complaint: str) -> None:
     with pytest.raises(PackDefinitionError) as caught:
         check_pack(mutated(**attributes))
     assert complaint in str(caught.value)
@@ -446,15 +444,19 @@ json_values = st.recursive(
     | st.floats()
     | st.text(max_size=8)
     | st.sampled_from(["maximize", "minimize", "c", "o", ""]),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(
-        st.sampled_from(
-            ["payload", "delay_ms", "fail", "criteria", "options", "id", "weight"]
-            + ["direction", "scores", "label", "question", "c", "o"]
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    *("payload", "delay_ms", "fail", "criteria", "options", "id", "weight"),
+                    *("direction", "scores", "label", "question", "c", "o"),
+                ]
+            )
+            | st.text(max_size=4),
+            children,
+            max_size=5,
         )
-        | st.text(max_size=4),
-        children,
-        max_size=5,
     ),
     max_leaves=40,
 )

@@ -1,0 +1,211 @@
+"""Admin money routes: credits, a tenant's budget in both stores, audit, resolve."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from dpp import idempotency, ids, ledger
+from dpp.context import AppContext
+from dpp.http.admin import require_admin
+from dpp.http.app import json_response, read_json_body
+from dpp.http.problems import Problem
+from dpp.money import CREDIT_USD_MICROS_MAX, Outcome, is_amount
+
+
+def _tenant_not_found() -> Problem:
+    return Problem(404, "not-found", "No tenant with this id.")
+
+
+def _budget_view(balance: int, reserved: int) -> dict[str, int]:
+    return {
+        "balance_usd_micros": balance,
+        "reserved_usd_micros": reserved,
+        "available_usd_micros": balance - reserved,
+    }
+
+
+def _body_object(body: Any, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise Problem(
+            422, "invalid-request", "The body must be a JSON object.", extensions={"field": "body"}
+        )
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise Problem(
+            422,
+            "invalid-request",
+            f"{unknown[0]}: is not an accepted member.",
+            extensions={"field": unknown[0]},
+        )
+    return body
+
+
+async def add_credits(request: Request) -> Response:
+    require_admin(request)
+    context: AppContext = request.app.state.context
+    tenant_id = request.path_params["tenant_id"]
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        raise Problem(
+            400,
+            "idempotency-key-required",
+            "Credits require an Idempotency-Key header, so a retry adds nothing.",
+        )
+    if not idempotency.valid_key(key):
+        raise Problem(
+            400,
+            "invalid-idempotency-key",
+            "Idempotency-Key must be 1-255 printable ASCII characters.",
+        )
+    body = _body_object(await read_json_body(request), {"amount_usd_micros"})
+    amount = body.get("amount_usd_micros")
+    if not is_amount(amount) or not 0 < amount <= CREDIT_USD_MICROS_MAX:
+        raise Problem(
+            422,
+            "invalid-request",
+            f"amount_usd_micros must be an integer from 1 to {CREDIT_USD_MICROS_MAX}.",
+            extensions={"field": "amount_usd_micros"},
+        )
+    if not ids.is_id(tenant_id, "ten"):
+        raise _tenant_not_found()
+    try:
+        result = await context.money.credit(tenant_id, amount, f"credit:{tenant_id}:{key}")
+    except ledger.TenantNotFound:
+        raise _tenant_not_found() from None
+    except ledger.CreditConflict:
+        raise Problem(
+            422,
+            "idempotency-key-reused",
+            "This Idempotency-Key was used with a different amount.",
+            extensions={"field": "Idempotency-Key"},
+        ) from None
+    view = _budget_view(result.budget.balance_usd_micros, result.budget.reserved_usd_micros)
+    if result.replayed:
+        return json_response(view, status=200, headers={idempotency.REPLAYED_HEADER: "true"})
+    return json_response(view, status=201)
+
+
+async def tenant_budget(request: Request) -> Response:
+    require_admin(request)
+    context: AppContext = request.app.state.context
+    tenant_id = request.path_params["tenant_id"]
+    if not ids.is_id(tenant_id, "ten"):
+        raise _tenant_not_found()
+    try:
+        row = await context.money.budget(tenant_id)
+    except ledger.TenantNotFound:
+        raise _tenant_not_found() from None
+    postgres = _budget_view(row["balance_usd_micros"], row["reserved_usd_micros"])
+    mirrored = await context.money.mirror.read(tenant_id)
+    redis = (
+        None
+        if mirrored is None
+        else _budget_view(mirrored.balance_usd_micros, mirrored.reserved_usd_micros)
+    )
+    return json_response(
+        {
+            "postgres": postgres,
+            "redis": redis,
+            # a tenant not mirrored yet is rebuilt from Postgres before first use
+            "consistent": redis is None or redis == postgres,
+        }
+    )
+
+
+async def audit(request: Request) -> Response:
+    require_admin(request)
+    context: AppContext = request.app.state.context
+    report = await context.money.audit()
+    return json_response(report.as_json())
+
+
+async def resolve_run(request: Request) -> Response:
+    require_admin(request)
+    context: AppContext = request.app.state.context
+    run_id = request.path_params["run_id"]
+    body = _body_object(await read_json_body(request), {"outcome", "charged_usd_micros"})
+    outcome = body.get("outcome")
+    if outcome not in ("COMPLETED", "FAILED"):
+        raise Problem(
+            422,
+            "invalid-request",
+            "outcome must be COMPLETED or FAILED.",
+            extensions={"field": "outcome"},
+        )
+    charged = body.get("charged_usd_micros")
+    if not is_amount(charged) or charged < 0:
+        raise Problem(
+            422,
+            "invalid-request",
+            "charged_usd_micros must be a non-negative integer.",
+            extensions={"field": "charged_usd_micros"},
+        )
+    row = None
+    if ids.is_id(run_id, "run"):
+        row = await context.pool.fetchrow(
+            "SELECT tenant_id, status, reserved_usd_micros FROM runs WHERE id = $1", run_id
+        )
+    if row is None:
+        raise Problem(404, "not-found", "No run with this id.")
+    if row["status"] != "AUDIT_REQUIRED":
+        raise Problem(
+            409,
+            "run-not-audit-required",
+            f"Only an AUDIT_REQUIRED run can be resolved; this one is {row['status']}.",
+            extensions={"status": row["status"]},
+        )
+    if charged > row["reserved_usd_micros"]:
+        raise Problem(
+            422,
+            "invalid-request",
+            f"charged_usd_micros must be at most the reservation ({row['reserved_usd_micros']}).",
+            extensions={"field": "charged_usd_micros"},
+        )
+    try:
+        result = await context.money.settle(
+            row["tenant_id"],
+            ledger.SettleRequest(
+                run_id,
+                Outcome(outcome),
+                actual_cost_usd_micros=charged,
+                from_statuses=frozenset({"AUDIT_REQUIRED"}),
+                charged_override_usd_micros=charged,
+                error=None
+                if outcome == "COMPLETED"
+                else {
+                    "type": "https://dpp.dev/problems/resolved-by-operator",
+                    "title": "Resolved by an operator",
+                    "status": 500,
+                    "detail": "An operator settled this run after an audit.",
+                },
+            ),
+        )
+    except ledger.SettleRefused as refused:
+        raise Problem(
+            409,
+            "run-not-audit-required",
+            f"Only an AUDIT_REQUIRED run can be resolved; this one is {refused.status}.",
+            extensions={"status": refused.status},
+        ) from None
+    settlement = result.settlement
+    return json_response(
+        {
+            "id": run_id,
+            "status": outcome,
+            "charged_usd_micros": settlement.charged_usd_micros,
+            "refunded_usd_micros": settlement.refunded_usd_micros,
+        }
+    )
+
+
+def routes(context: AppContext) -> list[BaseRoute]:
+    return [
+        Route("/admin/tenants/{tenant_id}/credits", add_credits, methods=["POST"]),
+        Route("/admin/tenants/{tenant_id}/budget", tenant_budget, methods=["GET"]),
+        Route("/admin/audit", audit, methods=["GET"]),
+        Route("/admin/runs/{run_id}/resolve", resolve_run, methods=["POST"]),
+    ]

@@ -1,0 +1,149 @@
+"""The ``/v1`` gate: API key authentication, then the rate limit, before routing.
+
+Pure ASGI middleware (``create_app(..., inner_middleware=[Middleware(
+ApiAuthMiddleware, tenancy=..., rate_limiter=...)])``). For every path under
+``/v1`` (SPEC §6 "Routing"):
+
+* a CORS preflight passes (the CORS layer answers it; none reaches here);
+* no key, a malformed or revoked key → ``401`` + ``WWW-Authenticate: Bearer``
+  and no rate-limit fields, whether or not the path exists — so an unknown
+  path says nothing to a stranger;
+* over the limit → ``429`` with ``Retry-After`` and the RateLimit fields;
+* Postgres or Redis unable to answer → ``503`` (fail closed: never an
+  unauthenticated or unlimited request);
+* otherwise the request goes on with ``scope["state"]["principal"]`` set,
+  ``tenant_id`` bound into the log context, and ``RateLimit-Policy`` /
+  ``RateLimit`` added to whatever response it gets (404 and 405 included).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dpp.http.problems import Problem, problem_response
+from dpp.logs import bind
+from dpp.ratelimit import RateLimiter, RateLimitUnavailable
+from dpp.tenancy import Principal, Tenancy, TenancyUnavailable
+
+__all__ = ["API_PREFIX", "ApiAuthMiddleware", "is_api_path", "principal_of"]
+
+log = logging.getLogger("dpp.http.auth")
+
+API_PREFIX = "/v1"
+RETRY_AFTER_UNAVAILABLE_S = 1
+
+
+def is_api_path(path: str) -> bool:
+    return path == API_PREFIX or path.startswith(API_PREFIX + "/")
+
+
+def principal_of(request: Request) -> Principal:
+    """The authenticated principal of a ``/v1`` request.
+
+    Only ``ApiAuthMiddleware`` sets it; a route under ``/v1`` without one means
+    the middleware is not installed — a programming error, not a client's.
+    """
+    principal = request.scope.get("state", {}).get("principal")
+    assert isinstance(principal, Principal), "ApiAuthMiddleware must guard /v1 routes"
+    return principal
+
+
+def unauthorized_problem() -> Problem:
+    # One answer for missing, malformed, unknown and revoked keys: nothing to probe.
+    return Problem(
+        401,
+        "unauthorized",
+        "A valid API key is required (Authorization: Bearer <api key>).",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def unavailable_problem() -> Problem:
+    return Problem(
+        503,
+        "unavailable",
+        "Authentication or rate limiting is temporarily unavailable; retry shortly.",
+        headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)},
+    )
+
+
+def _is_preflight(scope: Scope) -> bool:
+    if scope["method"] != "OPTIONS":
+        return False
+    names = {name.lower() for name, _ in scope["headers"]}
+    return b"origin" in names and b"access-control-request-method" in names
+
+
+def _authorization(scope: Scope) -> str | None:
+    """The single Authorization value; two of them are ambiguous, so none."""
+    values = [value for name, value in scope["headers"] if name.lower() == b"authorization"]
+    if len(values) != 1:
+        return None
+    return values[0].decode("latin-1")
+
+
+class ApiAuthMiddleware:
+    """Authenticates and rate-limits ``/v1``; stateless across requests."""
+
+    def __init__(self, app: ASGIApp, tenancy: Tenancy, rate_limiter: RateLimiter) -> None:
+        self.app = app
+        self.tenancy = tenancy
+        self.rate_limiter = rate_limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_api_path(scope["path"]) or _is_preflight(scope):
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        try:
+            principal = await self.tenancy.authenticate(_authorization(scope))
+        except TenancyUnavailable as error:
+            log.warning("api key lookup failed; answering 503", extra={"error": str(error)})
+            await problem_response(unavailable_problem(), path)(scope, receive, send)
+            return
+        if principal is None:
+            await problem_response(unauthorized_problem(), path)(scope, receive, send)
+            return
+        try:
+            decision = await self.rate_limiter.check(principal)
+        except RateLimitUnavailable as error:
+            log.warning(
+                "rate limiter failed; answering 503",
+                extra={"error": str(error), "tenant_id": principal.tenant_id},
+            )
+            await problem_response(unavailable_problem(), path)(scope, receive, send)
+            return
+        rate_limit_headers = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in decision.headers()
+        ]
+        if not decision.allowed:
+            assert decision.retry_after_s is not None
+            problem = Problem(
+                429,
+                "rate-limited",
+                f"Over the {decision.policy} rate limit of {decision.quota} requests per "
+                f"{decision.window_s} s; retry after {decision.retry_after_s} s.",
+                extensions={"policy": decision.policy, "retry_after_s": decision.retry_after_s},
+                headers=dict(decision.headers()),
+            )
+            with bind(tenant_id=principal.tenant_id):
+                await problem_response(problem, path)(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        state["principal"] = principal
+        state["tenant_id"] = principal.tenant_id
+
+        async def send_with_rate_limit(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers.extend(item for item in rate_limit_headers if item[0] not in present)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        with bind(tenant_id=principal.tenant_id):
+            await self.app(scope, receive, send_with_rate_limit)

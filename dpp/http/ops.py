@@ -1,0 +1,101 @@
+"""Operations endpoints: liveness, readiness, metrics, the OpenAPI document.
+
+None of them needs a key (SPEC §6 Routing). ``/readyz`` asks every dependency
+in ``context.readiness`` at once, each bounded by ``READINESS_TIMEOUT_S``, so
+one hung dependency cannot hold the probe past the load balancer's timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import anyio
+import orjson
+from prometheus_client import generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from dpp.context import AppContext, ReadinessCheck
+from dpp.http import openapi
+from dpp.http.problems import Problem
+
+__all__ = ["METRICS_CONTENT_TYPE", "READINESS_TIMEOUT_S", "check_readiness", "routes"]
+
+log = logging.getLogger("dpp.http.ops")
+
+READINESS_TIMEOUT_S = 2.0
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+async def check_readiness(checks: Sequence[ReadinessCheck], timeout_s: float) -> dict[str, bool]:
+    """Run every check concurrently; a check that raises or overruns ``timeout_s`` is down."""
+    assert timeout_s > 0, timeout_s
+    assert len({check.name for check in checks}) == len(checks), "check names are unique"
+    results = {check.name: False for check in checks}
+
+    async def run(check: ReadinessCheck) -> None:
+        with anyio.move_on_after(timeout_s):
+            try:
+                await check.check()
+            except Exception as error:
+                log.warning(
+                    "readiness: %s is down",
+                    check.name,
+                    extra={"dependency": check.name, "error_type": type(error).__name__},
+                )
+                return
+            results[check.name] = True
+            return
+        log.warning(
+            "readiness: %s did not answer within %ss",
+            check.name,
+            timeout_s,
+            extra={"dependency": check.name, "error_type": "timeout"},
+        )
+
+    async with anyio.create_task_group() as task_group:
+        for check in checks:
+            task_group.start_soon(run, check)
+    return results
+
+
+def routes(context: AppContext) -> list[BaseRoute]:
+    # The document never changes while the process runs: serialize it once.
+    openapi_body = orjson.dumps(openapi.document())
+
+    async def health(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json", headers=NO_STORE)
+
+    async def readyz(request: Request) -> Response:
+        # the module constant is read per call, so a test can shorten it
+        results = await check_readiness(context.readiness, READINESS_TIMEOUT_S)
+        checks = {name: "ok" if up else "down" for name, up in results.items()}
+        down = [name for name, up in results.items() if not up]
+        if down:
+            raise Problem(
+                503,
+                "not-ready",
+                f"Not ready: {', '.join(down)} {'is' if len(down) == 1 else 'are'} down.",
+                title="Not Ready",
+                extensions={"checks": checks},
+                headers=NO_STORE,
+            )
+        body = orjson.dumps({"status": "ready", "checks": checks})
+        return Response(body, media_type="application/json", headers=NO_STORE)
+
+    async def metrics(request: Request) -> Response:
+        body = generate_latest(context.metrics_registry)
+        return Response(body, headers={"Content-Type": METRICS_CONTENT_TYPE, **NO_STORE})
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(openapi_body, media_type="application/json")
+
+    return [
+        Route("/health", health, methods=["GET"], name="health"),
+        Route("/readyz", readyz, methods=["GET"], name="readyz"),
+        Route("/metrics", metrics, methods=["GET"], name="metrics"),
+        Route("/openapi.json", openapi_json, methods=["GET"], name="openapi"),
+    ]

@@ -1,0 +1,130 @@
+"""Per-tenant and per-key request rate limits, enforced across replicas in Redis.
+
+One atomic script call per request (``dpp/lua/ratelimit.lua``, GCRA) checks
+the tenant's plan limit (policy ``"tenant"``) and, when the key carries its
+own lower limit, the key's (policy ``"key"``), and records the request only
+when both allow it. docs/rate-limits.md says why GCRA and how the header
+numbers are derived.
+
+Fail closed: when Redis cannot answer, ``check`` raises ``RateLimitUnavailable``
+and the caller answers 503 — never an unlimited request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import anyio
+from redis.exceptions import NoScriptError, RedisError
+
+from dpp.cache import load_script, tenant_key
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from dpp.tenancy import Principal
+
+WINDOW_S: Final = 60  # every DPP quota is "per minute"
+CHECK_TIMEOUT_S: Final = 2.0  # a request waits no longer than this for a decision
+POLICY_TENANT: Final = "tenant"
+POLICY_KEY: Final = "key"
+SCRIPT: Final = load_script("ratelimit")
+SCRIPT_SHA1: Final = hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest()
+
+
+class RateLimitUnavailable(Exception):
+    """Redis did not answer the rate-limit check; the request must be refused (503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitDecision:
+    """The outcome of one check, named after the tightest policy.
+
+    ``quota`` requests per ``window_s``; ``remaining`` more allowed right now;
+    ``reset_s`` until the full quota is available again; ``retry_after_s``
+    (whole seconds, at least 1) only when refused.
+    """
+
+    allowed: bool
+    policy: str
+    quota: int
+    window_s: int
+    remaining: int
+    reset_s: int
+    retry_after_s: int | None
+
+    def __post_init__(self) -> None:
+        assert self.policy in (POLICY_TENANT, POLICY_KEY), self.policy
+        assert self.quota >= 1 and self.window_s == WINDOW_S
+        assert 0 <= self.remaining < self.quota
+        assert self.reset_s >= 0
+        if self.allowed:
+            assert self.retry_after_s is None
+        else:
+            assert self.retry_after_s is not None and self.retry_after_s >= 1
+            assert self.remaining == 0
+
+    def headers(self) -> list[tuple[str, str]]:
+        """The fields of draft-ietf-httpapi-ratelimit-headers-10, plus Retry-After on 429."""
+        fields = [
+            ("RateLimit-Policy", f'"{self.policy}";q={self.quota};w={self.window_s}'),
+            ("RateLimit", f'"{self.policy}";r={self.remaining};t={self.reset_s}'),
+        ]
+        if self.retry_after_s is not None:
+            fields.append(("Retry-After", str(self.retry_after_s)))
+        return fields
+
+
+def _whole_seconds_up(microseconds: int) -> int:
+    return math.ceil(microseconds / 1_000_000)
+
+
+class RateLimiter:
+    """Checks and records one request against its principal's policies."""
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        assert prefix
+        self._redis = redis
+        self._prefix = prefix
+
+    def keys(self, principal: Principal) -> tuple[str, str]:
+        """The tenant's and the key's state keys; one hash slot ({tenant_id})."""
+        tenant = tenant_key(self._prefix, "ratelimit", principal.tenant_id)
+        key = tenant_key(self._prefix, "ratelimit", principal.tenant_id, "key", principal.key_id)
+        return tenant, key
+
+    async def check(self, principal: Principal) -> RateLimitDecision:
+        """Allow and record the request, or refuse it; raises RateLimitUnavailable."""
+        tenant_quota = principal.requests_per_minute
+        key_quota = principal.key_requests_per_minute
+        # a key limit at or above the tenant's can never bind: leave it out
+        if key_quota is None or key_quota >= tenant_quota:
+            key_quota = 0
+        arguments = (tenant_quota, key_quota, WINDOW_S * 1_000_000)
+        keys = self.keys(principal)
+        try:
+            with anyio.fail_after(CHECK_TIMEOUT_S):
+                try:
+                    reply = await self._redis.evalsha(SCRIPT_SHA1, 2, *keys, *arguments)
+                except NoScriptError:
+                    # first call on this server (or after SCRIPT FLUSH): EVAL caches it
+                    reply = await self._redis.eval(SCRIPT, 2, *keys, *arguments)
+        except (RedisError, OSError) as error:  # TimeoutError is an OSError
+            raise RateLimitUnavailable(
+                f"rate limiter unavailable ({type(error).__name__})"
+            ) from error
+        allowed, tightest, quota, remaining, reset_us, retry_after_us = (int(v) for v in reply)
+        assert allowed in (0, 1) and tightest in (1, 2), reply
+        assert tightest == 1 or key_quota > 0
+        return RateLimitDecision(
+            allowed=allowed == 1,
+            policy=POLICY_TENANT if tightest == 1 else POLICY_KEY,
+            quota=quota,
+            window_s=WINDOW_S,
+            remaining=remaining,
+            reset_s=_whole_seconds_up(reset_us),
+            retry_after_s=None if allowed else max(1, _whole_seconds_up(retry_after_us)),
+        )

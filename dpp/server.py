@@ -1,0 +1,191 @@
+"""Serve the ASGI app with hypercorn, from code, on a socket DPP binds itself.
+
+Why bind ourselves: "port in use" must be a one-line startup error before
+anything else happens, and readiness (``task_status.started``) must mean the
+kernel already accepts connections — a load balancer's first probe may come
+the moment we say so. Hypercorn then serves that very socket (its public
+``Config.create_sockets`` is overridden), so nobody double-closes a file
+descriptor.
+
+Graceful stop: when the shutdown trigger fires, hypercorn stops accepting,
+closes idle keep-alive connections and gives in-flight requests
+``settings.shutdown_grace_sec`` to finish before cancelling them. Cancelling
+``serve_http`` itself is the hard stop.
+
+hypercorn's ``serve`` is asyncio-only; the rest of DPP reaches it through
+anyio's asyncio backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskStatus
+from hypercorn.asyncio import serve
+from hypercorn.config import Config, Sockets
+
+if TYPE_CHECKING:
+    from dpp.config import Settings
+
+log = logging.getLogger("dpp.server")
+
+# Connections the kernel queues while the app is busy or still starting.
+LISTEN_BACKLOG = 1024
+# Longer than the usual load-balancer idle timeout (AWS ALB: 60 s), so the
+# balancer closes an idle connection first and never sends a request into one
+# we are closing (the classic intermittent 502).
+KEEP_ALIVE_SEC = 75
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+ShutdownTrigger = Callable[[], Awaitable[Any]] | anyio.Event
+SignalHandler = Callable[[int, FrameType | None], Any] | int | None
+
+
+def _startup_error(message: str) -> Exception:
+    # Imported late: dpp.app (the composition root) imports this module.
+    from dpp.app import StartupError
+
+    return StartupError(message)
+
+
+def bind_socket(host: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
+    """A listening, non-blocking TCP socket on ``host:port`` (port 0: any free one).
+
+    Raises StartupError with one line naming the setting when it cannot listen.
+    """
+    assert 0 <= port <= 65_535
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise _startup_error(f"DPP_HOST={host}: cannot resolve ({error.strerror})") from error
+    family, kind, protocol, _, address = infos[0]
+    sock = socket.socket(family, kind, protocol)
+    try:
+        # REUSEADDR: a restart must not wait out TIME_WAIT; on Linux it never
+        # lets two live listeners share the port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise _startup_error(f"PORT={port}: address already in use") from error
+        raise _startup_error(
+            f"DPP_HOST={host} PORT={port}: cannot listen ({error.strerror})"
+        ) from error
+    return sock
+
+
+class _BoundConfig(Config):
+    """A hypercorn Config that serves an already-bound socket instead of binding."""
+
+    def __init__(self, bound: socket.socket) -> None:
+        super().__init__()
+        self._bound = bound
+
+    def create_sockets(self) -> Sockets:
+        return Sockets(secure_sockets=[], insecure_sockets=[self._bound], quic_sockets=[])
+
+
+def hypercorn_config(bound: socket.socket, settings: Settings) -> Config:
+    config = _BoundConfig(bound)
+    config.graceful_timeout = float(settings.shutdown_grace_sec)
+    config.keep_alive_timeout = KEEP_ALIVE_SEC
+    config.backlog = LISTEN_BACKLOG
+    config.include_server_header = False
+    # Through DPP's own logging (JSON, redaction); the HTTP front logs each
+    # request itself, with request ids, so hypercorn's access log stays off.
+    config.errorlog = logging.getLogger("dpp.server.hypercorn")
+    config.accesslog = None
+    return config
+
+
+def _as_trigger(shutdown_trigger: ShutdownTrigger) -> Callable[[], Awaitable[Any]]:
+    if isinstance(shutdown_trigger, anyio.Event):
+        return shutdown_trigger.wait
+    return shutdown_trigger
+
+
+async def serve_http(
+    app: Any,
+    settings: Settings,
+    *,
+    shutdown_trigger: ShutdownTrigger,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on ``settings.host:settings.port`` until the trigger fires.
+
+    ``task_status.started(port)`` reports the bound port once the socket
+    listens (so ``PORT=0`` works in tests). Returns after the graceful stop.
+    """
+    asyncio.get_running_loop()  # hypercorn serves on asyncio only: fail here, clearly
+    bound = bind_socket(settings.host, settings.port)
+    try:
+        port = bound.getsockname()[1]
+        log.info("listening", extra={"host": settings.host, "port": port})
+        task_status.started(port)
+        await serve(
+            app, hypercorn_config(bound, settings), shutdown_trigger=_as_trigger(shutdown_trigger)
+        )
+    finally:
+        # Usually closed already by hypercorn's server; closing twice is a no-op.
+        bound.close()
+
+
+def install_signal_handlers(event: anyio.Event) -> Callable[[], None]:
+    """SIGTERM and SIGINT set ``event`` (the graceful stop); returns the undo.
+
+    A second SIGINT while stopping raises KeyboardInterrupt out of the event
+    loop: the operator's "stop now". Call from inside the running asyncio
+    loop; the undo restores whatever handlers were there before.
+    """
+    loop = asyncio.get_running_loop()
+    previous: dict[int, SignalHandler] = {}
+
+    def on_signal(signal_number: int) -> None:
+        if event.is_set() and signal_number == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.info(
+            "shutting down gracefully",
+            extra={"signal": signal.Signals(signal_number).name},
+        )
+        event.set()
+
+    for signal_number in SHUTDOWN_SIGNALS:
+        previous[signal_number] = signal.getsignal(signal_number)
+        loop.add_signal_handler(signal_number, on_signal, signal_number)
+
+    def undo() -> None:
+        for signal_number, handler in previous.items():
+            loop.remove_signal_handler(signal_number)
+            signal.signal(signal_number, handler if handler is not None else signal.SIG_DFL)
+
+    return undo
+
+
+async def serve_forever(settings: Settings) -> None:
+    """The HTTP front alone over open adapters, until SIGTERM/SIGINT.
+
+    A stand-in for ``dpp.app.run_server`` (the supervision tree) so `dpp serve`
+    and `dpp dev` work before that exists; the CLI prefers run_server.
+    """
+    from dpp.app import open_context
+    from dpp.http.app import create_app
+
+    shutdown = anyio.Event()
+    undo = install_signal_handlers(shutdown)
+    try:
+        async with open_context(settings) as context:
+            await serve_http(create_app(context), settings, shutdown_trigger=shutdown)
+    finally:
+        undo()

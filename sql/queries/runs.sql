@@ -1,0 +1,74 @@
+-- Runs: reads for the API, and idempotency records.
+
+-- name: get_run
+SELECT r.*, p.retention_days
+FROM runs r JOIN tenants t ON t.id = r.tenant_id JOIN plans p ON p.id = t.plan_id
+WHERE r.id = $1 AND r.tenant_id = $2;
+
+-- name: list_runs
+-- Newest first; the cursor is the (created_at, id) of the last row seen.
+SELECT r.*
+FROM runs r
+WHERE r.tenant_id = $1
+  AND ($2::text[] IS NULL OR r.status = ANY($2::text[]))
+  AND ($3::timestamptz IS NULL OR (r.created_at, r.id) < ($3::timestamptz, $4::text))
+  AND (r.retention_until IS NULL OR r.retention_until > now())
+ORDER BY r.created_at DESC, r.id DESC
+LIMIT $5;
+
+-- name: usage_by_day
+-- A run counts on the UTC date it was created; money columns count settled amounts.
+SELECT (r.created_at AT TIME ZONE 'UTC')::date AS day,
+       r.pack_type,
+       count(*) AS runs,
+       count(*) FILTER (WHERE r.status = 'COMPLETED') AS completed,
+       count(*) FILTER (WHERE r.status = 'FAILED') AS failed,
+       count(*) FILTER (WHERE r.status = 'EXPIRED') AS expired,
+       count(*) FILTER (WHERE r.status = 'CANCELED') AS canceled,
+       COALESCE(sum(r.charged_usd_micros), 0)::bigint AS charged_usd_micros,
+       COALESCE(sum(r.refunded_usd_micros), 0)::bigint AS refunded_usd_micros
+FROM runs r
+WHERE r.tenant_id = $1
+  AND r.created_at >= ($2::date)::timestamp AT TIME ZONE 'UTC'
+  AND r.created_at < (($3::date) + 1)::timestamp AT TIME ZONE 'UTC'
+GROUP BY 1, 2
+ORDER BY 1, 2;
+
+-- name: idempotency_insert
+INSERT INTO idempotency_keys (tenant_id, method, path, key, request_sha256, state, locked_until)
+VALUES ($1, $2, $3, $4, $5, 'in_flight', now() + make_interval(secs => $6))
+ON CONFLICT DO NOTHING
+RETURNING key;
+
+-- name: idempotency_get
+SELECT request_sha256, state, response_status, response_headers, response_body,
+       locked_until < now() AS lock_expired
+FROM idempotency_keys
+WHERE tenant_id = $1 AND method = $2 AND path = $3 AND key = $4;
+
+-- name: idempotency_take_over
+-- A holder that died (lock expired) leaves the key to the next request.
+UPDATE idempotency_keys
+SET locked_until = now() + make_interval(secs => $5), created_at = now()
+WHERE tenant_id = $1 AND method = $2 AND path = $3 AND key = $4
+  AND state = 'in_flight' AND locked_until < now()
+RETURNING key;
+
+-- name: idempotency_complete
+UPDATE idempotency_keys
+SET state = 'done', response_status = $5, response_headers = $6, response_body = $7
+WHERE tenant_id = $1 AND method = $2 AND path = $3 AND key = $4 AND state = 'in_flight'
+RETURNING key;
+
+-- name: idempotency_abandon
+DELETE FROM idempotency_keys
+WHERE tenant_id = $1 AND method = $2 AND path = $3 AND key = $4 AND state = 'in_flight';
+
+-- name: idempotency_sweep
+DELETE FROM idempotency_keys
+WHERE ctid IN (
+    SELECT ctid FROM idempotency_keys
+    WHERE created_at < now() - make_interval(hours => $1)
+      AND (state = 'done' OR locked_until < now())
+    LIMIT $2
+);

@@ -1,0 +1,244 @@
+"""The money core against real Postgres and Redis: no overspend, exactly-once settlement."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from dpp import drift, ledger
+from dpp.actors.budget import ConcurrencyLimited, InsufficientBudget, Reserved
+from dpp.actors.kernel import ActorCrashed
+from dpp.faults import InjectedCrash, armed
+from dpp.money import Outcome
+from tests.moneykit import claim_for_test, create_plan, create_tenant, draft, open_replica
+from tests.services import delete_redis_prefix
+
+RESERVATION = 1_000
+
+
+async def _storm(replicas, tenant_id: str, count: int) -> list[object]:
+    outcomes: list[object] = []
+
+    async def one(index: int) -> None:
+        replica = replicas[index % len(replicas)]
+        outcomes.append(await replica.money.reserve(tenant_id, draft(RESERVATION)))
+
+    async with anyio.create_task_group() as group:
+        for index in range(count):
+            group.start_soon(one, index)
+    return outcomes
+
+
+@pytest.mark.parametrize("replica_count", [1, 2])
+async def test_exactly_ten_of_a_hundred_concurrent_reservations_fit(
+    database_url, services, redis_prefix, replica_count
+) -> None:
+    async with contextlib_replicas(database_url, services, redis_prefix, replica_count) as replicas:
+        first = replicas[0]
+        await create_plan(first.pool, "wide", max_concurrent_runs=1000)
+        tenant = await create_tenant(first.pool, plan_id="wide")
+        await first.money.credit(tenant, 10 * RESERVATION, "credit:seed")
+        outcomes = await _storm(replicas, tenant, 100)
+        accepted = [o for o in outcomes if isinstance(o, Reserved)]
+        refused = [o for o in outcomes if isinstance(o, InsufficientBudget)]
+        assert len(accepted) == 10
+        assert len(refused) == 90
+        assert all(o.required_usd_micros == RESERVATION for o in refused)
+        budget = await first.money.budget(tenant)
+        assert budget["balance_usd_micros"] - budget["reserved_usd_micros"] == 0
+        report = await first.money.audit()
+        assert report.ok, report.violations
+
+
+def contextlib_replicas(database_url, services, prefix, count):
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def opened():
+        async with contextlib.AsyncExitStack() as stack:
+            replicas = [
+                await stack.enter_async_context(
+                    open_replica(database_url, services.redis_url, prefix)
+                )
+                for _ in range(count)
+            ]
+            yield replicas
+
+    return opened()
+
+
+async def test_plan_concurrency_limit_refuses_with_429_outcome(
+    database_url, services, redis_prefix
+) -> None:
+    async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
+        await create_plan(replica.pool, "two", max_concurrent_runs=2)
+        tenant = await create_tenant(replica.pool, plan_id="two")
+        await replica.money.credit(tenant, 100 * RESERVATION, "credit:seed")
+        outcomes = [await replica.money.reserve(tenant, draft()) for _ in range(3)]
+        assert [type(o) for o in outcomes] == [Reserved, Reserved, ConcurrencyLimited]
+        assert (await replica.money.audit()).ok
+
+
+async def test_settlement_follows_the_table_exactly_once(
+    database_url, services, redis_prefix
+) -> None:
+    async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
+        tenant = await create_tenant(replica.pool)
+        await replica.money.credit(tenant, 10_000, "credit:seed")
+        run = draft(5_000, minimum_fee_usd_micros=500)
+        assert isinstance(await replica.money.reserve(tenant, run), Reserved)
+        token = await claim_for_test(replica.pool, run.run_id)
+        request = ledger.SettleRequest(
+            run.run_id, Outcome.COMPLETED, actual_cost_usd_micros=9_999_999, lease_token=token
+        )
+        results = []
+
+        async def settle_once() -> None:
+            results.append(await replica.money.settle(tenant, request))
+
+        async with anyio.create_task_group() as group:
+            for _ in range(5):
+                group.start_soon(settle_once)
+        applied = [r for r in results if r.applied]
+        assert len(applied) == 1
+        # actual cost above R is clamped to R
+        assert applied[0].settlement.charged_usd_micros == 5_000
+        assert applied[0].settlement.refunded_usd_micros == 0
+        budget = await replica.money.budget(tenant)
+        assert (budget["balance_usd_micros"], budget["reserved_usd_micros"]) == (5_000, 0)
+        report = await replica.money.audit()
+        assert report.ok, report.violations
+
+
+async def test_stale_lease_token_cannot_settle(database_url, services, redis_prefix) -> None:
+    async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
+        tenant = await create_tenant(replica.pool)
+        await replica.money.credit(tenant, 10_000, "credit:seed")
+        run = draft(2_000, minimum_fee_usd_micros=100)
+        await replica.money.reserve(tenant, run)
+        await claim_for_test(replica.pool, run.run_id)
+        stale = "00000000-0000-4000-8000-000000000000"
+        with pytest.raises(ledger.SettleRefused, match="lease token is stale"):
+            await replica.money.settle(
+                tenant,
+                ledger.SettleRequest(
+                    run.run_id, Outcome.COMPLETED, actual_cost_usd_micros=1, lease_token=stale
+                ),
+            )
+        status = await replica.pool.fetchval("SELECT status FROM runs WHERE id=$1", run.run_id)
+        assert status == "CLAIMED"
+
+
+async def test_cancel_refunds_everything_and_is_idempotent(
+    database_url, services, redis_prefix
+) -> None:
+    async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
+        tenant = await create_tenant(replica.pool)
+        await replica.money.credit(tenant, 10_000, "credit:seed")
+        run = draft(3_000, minimum_fee_usd_micros=300)
+        await replica.money.reserve(tenant, run)
+        cancel = ledger.SettleRequest(
+            run.run_id, Outcome.CANCELED, from_statuses=frozenset({"QUEUED"})
+        )
+        first = await replica.money.settle(tenant, cancel)
+        again = await replica.money.settle(tenant, cancel)
+        assert first.applied and not again.applied
+        assert first.settlement.charged_usd_micros == 0
+        assert first.settlement.refunded_usd_micros == 3_000
+        budget = await replica.money.budget(tenant)
+        assert (budget["balance_usd_micros"], budget["reserved_usd_micros"]) == (10_000, 0)
+        assert (await replica.money.audit()).ok
+
+
+async def test_credit_replay_adds_nothing_and_conflict_is_refused(
+    database_url, services, redis_prefix
+) -> None:
+    async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
+        tenant = await create_tenant(replica.pool)
+        first = await replica.money.credit(tenant, 7_000, "credit:k1")
+        again = await replica.money.credit(tenant, 7_000, "credit:k1")
+        assert not first.replayed and again.replayed
+        assert again.budget.balance_usd_micros == 7_000
+        with pytest.raises(ledger.CreditConflict):
+            await replica.money.credit(tenant, 8_000, "credit:k1")
+        assert (await replica.money.audit()).ok
+
+
+async def test_redis_loss_mid_storm_never_overspends(database_url, services, redis_prefix) -> None:
+    async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
+        await create_plan(replica.pool, "wide", max_concurrent_runs=1000)
+        tenant = await create_tenant(replica.pool, plan_id="wide")
+        await replica.money.credit(tenant, 30 * RESERVATION, "credit:seed")
+        outcomes: list[object] = []
+
+        async def one() -> None:
+            outcomes.append(await replica.money.reserve(tenant, draft(RESERVATION)))
+
+        async with anyio.create_task_group() as group:
+            for index in range(100):
+                group.start_soon(one)
+                if index == 40:
+                    await anyio.sleep(0)
+                    # the cache loses everything (FLUSHALL on this test's keys)
+                    await anyio.to_thread.run_sync(
+                        delete_redis_prefix, services.redis_url, redis_prefix
+                    )
+        accepted = [o for o in outcomes if isinstance(o, Reserved)]
+        assert len(accepted) == 30
+        budget = await replica.money.budget(tenant)
+        assert budget["balance_usd_micros"] - budget["reserved_usd_micros"] == 0
+        # the mirror was rebuilt from Postgres and agrees once quiet
+        await drift.repair_drift(replica.pool, replica.money.mirror, settle_s=0.05)
+        report = await replica.money.audit()
+        assert report.ok, report.violations
+
+
+@pytest.mark.parametrize(
+    "point", ["reserve.after_redis_hold", "reserve.before_commit", "reserve.after_commit"]
+)
+async def test_crash_during_reservation_recovers_clean(
+    database_url, services, redis_prefix, point
+) -> None:
+    async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
+        tenant = await create_tenant(replica.pool)
+        await replica.money.credit(tenant, 10_000, "credit:seed")
+        run = draft(4_000)
+        with armed(point), pytest.raises((ActorCrashed, InjectedCrash)):
+            await replica.money.reserve(tenant, run)
+        committed = await replica.pool.fetchval(
+            "SELECT count(*) FROM runs WHERE id = $1", run.run_id
+        )
+        assert committed == (1 if point == "reserve.after_commit" else 0)
+        # the supervisor restarted the actor; the next reservation works
+        assert isinstance(await replica.money.reserve(tenant, draft(1_000)), Reserved)
+        repairs, _ = await drift.repair_drift(replica.pool, replica.money.mirror, settle_s=0.05)
+        if point == "reserve.after_redis_hold":
+            assert repairs, "the leaked hold must be repaired"
+        report = await replica.money.audit()
+        assert report.ok, report.violations
+
+
+@pytest.mark.parametrize("point", ["settle.before_commit", "settle.after_commit"])
+async def test_crash_during_settlement_recovers_clean(
+    database_url, services, redis_prefix, point
+) -> None:
+    async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
+        tenant = await create_tenant(replica.pool)
+        await replica.money.credit(tenant, 10_000, "credit:seed")
+        run = draft(4_000, minimum_fee_usd_micros=400)
+        await replica.money.reserve(tenant, run)
+        token = await claim_for_test(replica.pool, run.run_id)
+        request = ledger.SettleRequest(
+            run.run_id, Outcome.COMPLETED, actual_cost_usd_micros=1_500, lease_token=token
+        )
+        with armed(point), pytest.raises((ActorCrashed, InjectedCrash)):
+            await replica.money.settle(tenant, request)
+        # the retry (worker or reconciler) settles exactly once
+        result = await replica.money.settle(tenant, request)
+        assert result.applied == (point == "settle.before_commit")
+        assert result.settlement.charged_usd_micros == 1_500
+        await drift.repair_drift(replica.pool, replica.money.mirror, settle_s=0.05)
+        budget = await replica.money.budget(tenant)
+        assert (budget["balance_usd_micros"], budget["reserved_usd_micros"]) == (8_500, 0)
+        report = await replica.money.audit()
+        assert report.ok, report.violations
