@@ -8,22 +8,34 @@ process (the `pools` layer of docs/architecture.md). ``run_server`` (used by
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import asyncpg
 import prometheus_client
+from anyio.abc import TaskStatus
 from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
+from dpp.actors.supervisor import ChildSpec, Restart, Supervisor, SupervisorSpec
 from dpp.blobs import open_blobs
+from dpp.budget_cache import BudgetMirror
 from dpp.cache import create_redis
 from dpp.config import ConfigError, Settings, require
 from dpp.context import AppContext, ReadinessCheck
 from dpp.db import Queries, create_pool
+from dpp.http.app import create_app
+from dpp.http.auth import ApiAuthMiddleware
+from dpp.money_service import MoneyService
 from dpp.packs import PackRegistry
+from dpp.ratelimit import RateLimiter
+from dpp.tenancy import Tenancy
 
 log = logging.getLogger("dpp.app")
 
@@ -55,6 +67,13 @@ async def connect_postgres(url: str) -> asyncpg.Pool:
             await anyio.sleep(delay_s)
             delay_s *= 2
     raise AssertionError("unreachable")
+
+
+def _load_packs(env: dict[str, str]) -> PackRegistry:
+    try:
+        return PackRegistry.load(env)
+    except ValueError as error:  # PackConfigError, DuplicatePackTypeError: one line each
+        raise StartupError(str(error)) from error
 
 
 def _readiness(pool: asyncpg.Pool, redis: Redis, blobs: Any) -> tuple[ReadinessCheck, ...]:
@@ -109,7 +128,7 @@ async def open_context(
                 redis=redis,
                 blobs=blobs,
                 queries=Queries.load(),
-                packs=PackRegistry.load(env),
+                packs=_load_packs(env),
                 metrics_registry=prometheus_client.CollectorRegistry(),
                 readiness=_readiness(pool, redis, blobs),
                 actors_tree=actors_tree or (lambda: {}),
@@ -121,4 +140,135 @@ async def open_context(
             await pool.close()
 
 
-__all__ = ["ConfigError", "StartupError", "open_context"]
+@dataclass
+class Runtime:
+    """A live replica: its context, its ASGI app and its supervision tree."""
+
+    context: AppContext
+    app: Starlette
+    supervisor: Supervisor
+
+
+ROOT_INTENSITY = 5
+ROOT_PERIOD_S = 30.0
+
+
+def _build_services(base: AppContext) -> AppContext:
+    settings = base.settings
+    mirror = BudgetMirror(base.redis, settings.redis_prefix)
+    money = MoneyService.build(base.pool, base.queries, mirror)
+    tenancy = Tenancy(base.pool, base.queries, base.redis, settings)
+    rate_limiter = RateLimiter(base.redis, settings.redis_prefix)
+    return dataclasses.replace(base, money=money, tenancy=tenancy, rate_limiter=rate_limiter)
+
+
+def build_app(context: AppContext) -> Starlette:
+    from dpp.http import admin_money, admin_tenancy, routes_runs
+
+    return create_app(
+        context,
+        extra_routes=[
+            *routes_runs.routes(context),
+            *admin_tenancy.routes(context),
+            *admin_money.routes(context),
+        ],
+        inner_middleware=[
+            Middleware(
+                ApiAuthMiddleware, tenancy=context.tenancy, rate_limiter=context.rate_limiter
+            )
+        ],
+    )
+
+
+def _children(context: AppContext, http: ChildSpec | None) -> list[ChildSpec]:
+    """The tree in dependency order: auth listener, budgets, then the HTTP front last
+    (it starts when everything it calls is up, and stops first)."""
+    children = [
+        ChildSpec(
+            id="auth-invalidation",
+            kind="listener",
+            start=context.tenancy.run_invalidation_listener,
+            shutdown_s=2.0,
+        ),
+        context.money.budgets.child_spec(id="budgets"),
+    ]
+    if http is not None:
+        children.append(http)
+    return children
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(
+    settings: Settings,
+    *,
+    http: Callable[[Starlette], ChildSpec] | None = None,
+    environment: dict[str, str] | None = None,
+) -> AsyncIterator[Runtime]:
+    """A replica without a listening socket unless ``http`` builds the HTTP child.
+
+    Tests drive ``runtime.app`` in-process; `dpp serve` adds hypercorn.
+    """
+    holder: dict[str, Supervisor] = {}
+
+    def tree() -> dict[str, Any]:
+        supervisor = holder.get("root")
+        return supervisor.statistics() if supervisor is not None else {}
+
+    async with open_context(settings, actors_tree=tree, environment=environment) as base:
+        context = _build_services(base)
+        app = build_app(context)
+        supervisor = Supervisor(
+            "root",
+            SupervisorSpec("one_for_one", intensity=ROOT_INTENSITY, period_s=ROOT_PERIOD_S),
+            _children(context, http(app) if http is not None else None),
+            on_child_crash=_on_child_crash,
+        )
+        holder["root"] = supervisor
+        async with anyio.create_task_group() as group:
+            await group.start(supervisor.run)
+            try:
+                yield Runtime(context, app, supervisor)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await supervisor.shutdown()
+
+
+def _on_child_crash(supervisor: str, child: str, error: BaseException) -> None:
+    log.error(
+        "actor crashed; restarting",
+        extra={"supervisor": supervisor, "child": child, "error": type(error).__name__},
+    )
+
+
+async def run_server(settings: Settings) -> None:
+    """`dpp serve`: the whole replica, until SIGTERM/SIGINT (SPEC §5, §6 Shutdown)."""
+    from dpp.server import install_signal_handlers, serve_http
+
+    shutdown = anyio.Event()
+
+    def http_child(app: Starlette) -> ChildSpec:
+        async def start(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+            await serve_http(app, settings, shutdown_trigger=shutdown, task_status=task_status)
+
+        return ChildSpec(
+            id="http",
+            kind="http",
+            start=start,
+            # a normal exit (the shutdown trigger fired) is not restarted
+            restart=Restart.TRANSIENT,
+            shutdown_s=float(settings.shutdown_grace_sec) + 5,
+            stop=shutdown.set,
+        )
+
+    undo_signals = install_signal_handlers(shutdown)
+    try:
+        async with open_runtime(settings, http=http_child) as runtime:
+            log.info("dpp serving", extra={"port": settings.port})
+            await shutdown.wait()
+            log.info("shutting down")
+            await runtime.supervisor.shutdown()
+    finally:
+        undo_signals()
+
+
+__all__ = ["ConfigError", "Runtime", "StartupError", "open_context", "open_runtime", "run_server"]

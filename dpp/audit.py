@@ -58,8 +58,9 @@ async def run_audit(
     tenant_id: str | None = None,
 ) -> AuditReport:
     report = AuditReport()
-    async with pool.acquire() as connection, connection.transaction(
-        isolation="repeatable_read", readonly=True
+    async with (
+        pool.acquire() as connection,
+        connection.transaction(isolation="repeatable_read", readonly=True),
     ):
         # one snapshot: the sums and the runs agree with each other
         for row in await connection.fetch(queries["audit_tenant_sums"], tenant_id):

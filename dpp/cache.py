@@ -9,20 +9,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 SCRIPTS_DIRECTORY = Path(__file__).resolve().parent / "lua"
 SOCKET_TIMEOUT_S = 5.0
+CONNECTIONS_MAX = 64
+# how long a caller waits for a free pooled connection before failing (closed)
+CONNECTION_WAIT_S = 5.0
 
 
 def create_redis(url: str) -> Redis:
-    return Redis.from_url(
+    """A client over a bounded, *blocking* pool: a burst waits for a connection
+    (back-pressure) instead of failing with MaxConnectionsError."""
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=CONNECTIONS_MAX,
+        timeout=CONNECTION_WAIT_S,
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=SOCKET_TIMEOUT_S,
         health_check_interval=30,
         decode_responses=False,
     )
+    return Redis.from_pool(pool)  # the client owns (and closes) the pool
 
 
 def tenant_key(prefix: str, area: str, tenant_id: str, *rest: str) -> str:

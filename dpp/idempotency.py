@@ -81,9 +81,7 @@ async def begin(pool: asyncpg.Pool, queries: Queries, scope: Scope, fingerprint:
         return Mismatch()
     if row["state"] == "done":
         return Replay(row["response_status"], dict(row["response_headers"]), row["response_body"])
-    if row["lock_expired"] and await pool.fetchval(
-        queries["idempotency_take_over"], *args, LOCK_S
-    ):
+    if row["lock_expired"] and await pool.fetchval(queries["idempotency_take_over"], *args, LOCK_S):
         return Proceed()
     return InFlight()
 

@@ -16,7 +16,9 @@ import orjson
 from dpp.money import ALL_STATUSES, is_amount
 from dpp.packs import FieldError, Pack, PackRegistry, validate_inputs
 
-SUBMIT_MEMBERS = frozenset({"pack_type", "inputs", "max_cost_usd_micros", "timebox_sec", "metadata"})
+SUBMIT_MEMBERS = frozenset(
+    {"pack_type", "inputs", "max_cost_usd_micros", "timebox_sec", "metadata"}
+)
 METADATA_BYTES_MAX = 16_384
 METADATA_KEYS_MAX = 50
 LIST_LIMIT_DEFAULT = 20
@@ -52,7 +54,7 @@ def parse_submit(body: Any, packs: PackRegistry) -> SubmitRequest | list[FieldEr
         return [FieldError("pack_type", "is required and must be a string")]
     pack = packs.get(pack_type)
     if pack is None:
-        return [FieldError("pack_type", f"unknown pack type; see GET /v1/packs")]
+        return [FieldError("pack_type", "unknown pack type; see GET /v1/packs")]
     if "inputs" not in body:
         return [FieldError("inputs", "is required")]
     errors: list[FieldError] = []

@@ -470,8 +470,8 @@ class Tenancy:
         when lower than the tenant's plan (SPEC §6).
         """
         name_text = "" if name is None else check_name(name)
-        key_rpm = None if requests_per_minute is None else check_requests_per_minute(
-            requests_per_minute
+        key_rpm = (
+            None if requests_per_minute is None else check_requests_per_minute(requests_per_minute)
         )
         if not isinstance(tenant_id, str) or not is_id(tenant_id, "ten"):
             raise TenantNotFound("no such tenant")
@@ -619,7 +619,7 @@ class Tenancy:
         """Whether the invalidation subscription is confirmed alive right now."""
         return self._listening and self._clock() - self._heard_at <= LISTENER_SILENCE_MAX_S
 
-    def _cache_get(self, digest: bytes) -> Principal | None | object:
+    def _cache_get(self, digest: bytes) -> object:
         if not self.cache_usable():
             return _MISS
         now = self._clock()

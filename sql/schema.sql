@@ -80,6 +80,9 @@ CREATE TABLE runs (
     result_content_type       TEXT,
     result_deleted_at         TIMESTAMPTZ,
     error                     JSONB,
+    -- set once the run's SQS message is sent (the SQS backend only); NULL on a
+    -- QUEUED run means "send it again" to the reconciler's backstop
+    enqueued_at               TIMESTAMPTZ,
     CONSTRAINT runs_minimum_fee_within_reservation
         CHECK (minimum_fee_usd_micros <= reserved_usd_micros),
     -- a run is settled exactly when it is terminal, and then charged + refunded == R
@@ -101,6 +104,8 @@ CREATE TABLE runs (
 );
 CREATE INDEX runs_tenant_created ON runs (tenant_id, created_at DESC, id DESC);
 CREATE INDEX runs_queued ON runs (created_at, id) WHERE status = 'QUEUED';
+CREATE INDEX runs_queued_unsent ON runs (created_at)
+    WHERE status = 'QUEUED' AND enqueued_at IS NULL;
 CREATE INDEX runs_working_lease ON runs (lease_expires_at) WHERE status = 'PROCESSING';
 CREATE INDEX runs_claimed ON runs (claimed_at) WHERE status = 'CLAIMED';
 CREATE INDEX runs_open_by_tenant ON runs (tenant_id)

@@ -61,7 +61,9 @@ def create_database(services: TestServices, name: str) -> str:
 
 def drop_database(services: TestServices, name: str) -> None:
     asyncio.run(
-        _admin_execute(services.admin_database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _admin_execute(
+            services.admin_database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+        )
     )
 
 

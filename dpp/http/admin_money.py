@@ -156,7 +156,7 @@ async def resolve_run(request: Request) -> Response:
             409,
             "run-not-audit-required",
             f"Only an AUDIT_REQUIRED run can be resolved; this one is {row['status']}.",
-            extensions={"status": row["status"]},
+            extensions={"run_status": row["status"]},
         )
     if charged > row["reserved_usd_micros"]:
         raise Problem(
@@ -189,7 +189,7 @@ async def resolve_run(request: Request) -> Response:
             409,
             "run-not-audit-required",
             f"Only an AUDIT_REQUIRED run can be resolved; this one is {refused.status}.",
-            extensions={"status": refused.status},
+            extensions={"run_status": refused.status},
         ) from None
     settlement = result.settlement
     return json_response(

@@ -8,7 +8,7 @@ Typed tenancy errors become problems in one place (``tenancy_problem``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.requests import Request
@@ -86,13 +86,13 @@ async def _optional_json_body(request: Request) -> Any:
 
 
 def _handler(
-    call: Callable[[Request, Tenancy], Any],
-) -> Callable[[Request], Any]:
+    context: AppContext, call: Callable[[Request, Tenancy], Awaitable[Response]]
+) -> Callable[[Request], Awaitable[Response]]:
     """Admin check, then the call, with tenancy errors rendered as problems."""
 
     async def endpoint(request: Request) -> Response:
         require_admin(request)
-        tenancy = request.app.state.context.tenancy
+        tenancy = context.tenancy
         assert isinstance(tenancy, Tenancy), "AppContext.tenancy is not wired"
         try:
             response: Response = await call(request, tenancy)
@@ -144,27 +144,35 @@ async def revoke_key(request: Request, tenancy: Tenancy) -> Response:
 
 def routes(context: AppContext) -> list[BaseRoute]:
     """The tenancy admin routes; ``context.tenancy`` must be a ``Tenancy``."""
-    assert context.tenancy is None or isinstance(context.tenancy, Tenancy)
+    assert isinstance(context.tenancy, Tenancy), "AppContext.tenancy is not wired"
     return [
-        Route("/admin/plans", _handler(create_plan), methods=["POST"], name="admin_create_plan"),
         Route(
-            "/admin/tenants", _handler(create_tenant), methods=["POST"], name="admin_create_tenant"
+            "/admin/plans",
+            _handler(context, create_plan),
+            methods=["POST"],
+            name="admin_create_plan",
+        ),
+        Route(
+            "/admin/tenants",
+            _handler(context, create_tenant),
+            methods=["POST"],
+            name="admin_create_tenant",
         ),
         Route(
             "/admin/tenants/{tenant_id}",
-            _handler(get_tenant),
+            _handler(context, get_tenant),
             methods=["GET"],
             name="admin_get_tenant",
         ),
         Route(
             "/admin/tenants/{tenant_id}/api-keys",
-            _handler(issue_key),
+            _handler(context, issue_key),
             methods=["POST"],
             name="admin_issue_api_key",
         ),
         Route(
             "/admin/api-keys/{key_id}",
-            _handler(revoke_key),
+            _handler(context, revoke_key),
             methods=["DELETE"],
             name="admin_revoke_api_key",
         ),

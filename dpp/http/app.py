@@ -159,6 +159,6 @@ def _check_content_type(value: str | None) -> None:
         raise unsupported
     for parameter in parameters:
         name, _, parameter_value = parameter.partition("=")
-        if name.strip().lower() == "charset":
-            if parameter_value.strip().strip('"').lower() not in JSON_CHARSETS:
-                raise unsupported
+        charset = parameter_value.strip().strip('"').lower()
+        if name.strip().lower() == "charset" and charset not in JSON_CHARSETS:
+            raise unsupported

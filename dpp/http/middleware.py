@@ -110,7 +110,7 @@ def parse_traceparent(value: str) -> Traceparent | None:
 class RequestContextMiddleware:
     """Request id and trace id: into ``scope["state"]``, the log context, and the response.
 
-    An incoming ``X-Request-ID`` is echoed when it is exactly one header of 1–128
+    An incoming ``X-Request-ID`` is echoed when it is exactly one header of 1-128
     characters from ``[A-Za-z0-9._-]``; otherwise a fresh id replaces it.
     """
 

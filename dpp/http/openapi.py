@@ -305,7 +305,9 @@ HEADERS: dict[str, dict[str, Any]] = {
 }
 
 
-def _parameter(name: str, where: str, schema: Mapping[str, Any], description: str, **more: Any):
+def _parameter(
+    name: str, where: str, schema: Mapping[str, Any], description: str, **more: Any
+) -> dict[str, Any]:
     return {"name": name, "in": where, "schema": dict(schema), "description": description, **more}
 
 

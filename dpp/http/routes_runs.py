@@ -244,7 +244,7 @@ def _gone_if_past_retention(row: Any) -> None:
             "gone",
             "This run is past its retention period; its result was deleted.",
             extensions={
-                "status": row["status"],
+                "run_status": row["status"],
                 "charged_usd_micros": row["charged_usd_micros"],
                 "refunded_usd_micros": row["refunded_usd_micros"],
             },
@@ -313,7 +313,7 @@ async def cancel_run(request: Request) -> Response:
             409,
             "run-not-cancelable",
             f"Only a QUEUED run can be canceled; this one is {row['status']}.",
-            extensions={"status": row["status"]},
+            extensions={"run_status": row["status"]},
         )
     try:
         await context.money.settle(
@@ -325,7 +325,7 @@ async def cancel_run(request: Request) -> Response:
             409,
             "run-not-cancelable",
             f"Only a QUEUED run can be canceled; this one is {refused.status}.",
-            extensions={"status": refused.status},
+            extensions={"run_status": refused.status},
         ) from None
     row = await _owned_run(context, principal.tenant_id, row["id"])
     return json_response(run_object(row), headers=cost_headers(row))

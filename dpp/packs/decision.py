@@ -243,7 +243,9 @@ def decide(inputs: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "winner": ranking[0]["option_id"],
         "ranking": ranking,
-        "rationale": _rationale(inputs.get("question"), criteria, options, breakdowns, order),
+        "rationale": _rationale(
+            inputs.get("question"), criteria, options, scores, breakdowns, order
+        ),
         "method": METHOD,
     }
 
@@ -264,13 +266,13 @@ def _rationale(
     question: str | None,
     criteria: Sequence[Mapping[str, Any]],
     options: Sequence[Mapping[str, Any]],
+    scores: Sequence[float],
     breakdowns: Sequence[Mapping[str, float]],
     order: Sequence[int],
 ) -> str:
-    """A deterministic English explanation of the ranking."""
+    """A deterministic English explanation of the ranking (the same scores it shows)."""
     winner, runner_up = order[0], order[1]
     winner_name, runner_name = _option_name(options[winner]), _option_name(options[runner_up])
-    scores = [round(min(1.0, math.fsum(b.values())), SCORE_DECIMALS) for b in breakdowns]
     sentences: list[str] = []
     opening = f'For the question "{question.strip()}", ' if question and question.strip() else ""
     lead = (

