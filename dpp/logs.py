@@ -50,11 +50,17 @@ CONTEXT_FIELDS = ("request_id", "trace_id", "tenant_id", "run_id")
 # The key shape is `dpp_live_<32 base62>_<8 hex>`; anything that starts like a key is
 # scrubbed whole, so a truncated or mistyped key leaks no prefix either.
 API_KEY_PATTERN = re.compile(r"dpp_live_[0-9A-Za-z]+(?:_[0-9A-Za-z]*)?")
-# The credential after "Bearer"; quotes and backslashes end it so that scrubbing a
-# finished JSON line never eats the closing quote of a string.
-BEARER_PATTERN = re.compile(r"(?i)\b(bearer)(\s+)[^\s\"\\]+")
+# The credential after "Bearer". In a finished JSON line quotes and backslashes end
+# it, so the last pass never eats the closing quote of a string.
+BEARER_PATTERN = re.compile(r"(?i)\b(bearer)(\s+)\S+")
+BEARER_IN_JSON_PATTERN = re.compile(r"(?i)\b(bearer)(\s+)[^\s\"\\]+")
 # scheme://user:password@host -> scheme://user:[REDACTED]@host
 URL_PASSWORD_PATTERN = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@\"\\]*):[^\s@/\"\\]+@")
+# ?access_token=... / &api_key=... in a URL someone logged (an HTTP client's own log)
+QUERY_SECRET_PATTERN = re.compile(
+    r"(?i)([?&;][^=&\s\"\\#]*(?:authorization|token|api_key|apikey|api-key|secret|password)"
+    r"[^=&\s\"\\#]*=)[^&\s\"\\#]+"
+)
 # an `extra` field whose name contains one of these is never printed
 SENSITIVE_NAME_PARTS = (
     "authorization",
@@ -122,16 +128,22 @@ def register_secret(value: str | None) -> None:
         _secrets = tuple(sorted((*_secrets, value), key=len, reverse=True)[:SECRETS_MAX])
 
 
-def redact_text(text: str) -> str:
-    """``text`` with every secret-shaped substring replaced by ``[REDACTED]``."""
+def redact_text(text: str, *, json_encoded: bool = False) -> str:
+    """``text`` with every secret-shaped substring replaced by ``[REDACTED]``.
+
+    ``json_encoded``: ``text`` is a serialized JSON document; keep it valid.
+    """
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
     if "dpp_live_" in text:
         text = API_KEY_PATTERN.sub(REDACTED, text)
-    text = BEARER_PATTERN.sub(rf"\1\2{REDACTED}", text)
+    bearer = BEARER_IN_JSON_PATTERN if json_encoded else BEARER_PATTERN
+    text = bearer.sub(rf"\1\2{REDACTED}", text)
     if "://" in text:
         text = URL_PASSWORD_PATTERN.sub(rf"\1:{REDACTED}@", text)
+    if "=" in text:
+        text = QUERY_SECRET_PATTERN.sub(rf"\1{REDACTED}", text)
     return text
 
 
@@ -232,7 +244,7 @@ class JsonFormatter(logging.Formatter):
             line = orjson.dumps(document, default=str, option=orjson.OPT_NON_STR_KEYS)
         except TypeError:  # e.g. an integer beyond 64 bits, or nesting too deep
             line = orjson.dumps({key: repr(value) for key, value in document.items()})
-        return redact_text(line.decode("utf-8"))
+        return redact_text(line.decode("utf-8"), json_encoded=True)
 
 
 class TextFormatter(logging.Formatter):

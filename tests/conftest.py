@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Iterator
 
 import pytest
+
+from dpp.audit import AuditReport, run_audit
+from dpp.db import Queries, create_pool
 
 from tests.services import (
     ServiceStack,
@@ -26,14 +30,31 @@ def services() -> Iterator[TestServices]:
 
 
 @pytest.fixture
-def database_url(services: TestServices) -> Iterator[str]:
-    """A fresh, migrated database of this test's own."""
+def database_url(services: TestServices, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, migrated database of this test's own.
+
+    Every test that touched it ends with the money audit (SPEC §1 invariants
+    1-4, and no AUDIT_REQUIRED run left): a test that moves money can never
+    pass while leaving the ledger inconsistent. A test that leaves a bad state
+    on purpose says so with ``@pytest.mark.audit_exempt``.
+    """
     name = f"dpp_test_{secrets.token_hex(6)}"
     url = create_database(services, name)
     try:
         yield url
+        if request.node.get_closest_marker("audit_exempt") is None:
+            report = asyncio.run(_audit(url))
+            assert report.ok, f"money audit failed after the test: {report.as_json()}"
     finally:
         drop_database(services, name)
+
+
+async def _audit(url: str) -> AuditReport:
+    pool = await create_pool(url, max_size=2)
+    try:
+        return await run_audit(pool, Queries.load(), None)
+    finally:
+        await pool.close()
 
 
 @pytest.fixture

@@ -177,3 +177,33 @@ async def release_claimed(pool: asyncpg.Pool, queries: Queries, run: ClaimedRun)
         return False
     assert version > run.version
     return True
+
+
+class LeaseStore:
+    """The lease writes a run actor makes, each guarded and row-count checked.
+
+    Kept beside the queue (an adapter) so the actors never hold SQL: they ask
+    for a renewal or a finalize-claim and get the new version, or None when
+    the run is no longer theirs.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, queries: Queries) -> None:
+        self._pool = pool
+        self._queries = queries
+
+    async def renew(self, run: ClaimedRun, version: int, lease_sec: int) -> int | None:
+        """Push the lease out by ``lease_sec``; None when the heartbeat lost."""
+        assert lease_sec >= 1
+        renewed = await self._pool.fetchval(
+            self._queries["renew_lease"], run.run_id, run.lease_token, version, lease_sec
+        )
+        assert renewed is None or renewed == version + 1, (renewed, version)
+        return renewed
+
+    async def claim_for_finalize(self, run: ClaimedRun, version: int) -> int | None:
+        """Finalize phase 1, PROCESSING -> CLAIMED; None when the lease was lost."""
+        claimed = await self._pool.fetchval(
+            self._queries["claim_for_finalize"], run.run_id, run.lease_token, version
+        )
+        assert claimed is None or claimed == version + 1, (claimed, version)
+        return claimed

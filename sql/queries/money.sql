@@ -118,9 +118,9 @@ WHERE t.id = $1;
 -- Invariants 1-3 per tenant, from the ledger and the runs.
 SELECT t.id AS tenant_id,
        t.balance_usd_micros, t.reserved_usd_micros,
-       COALESCE(l.credits, 0) AS credits, COALESCE(l.charges, 0) AS charges,
-       COALESCE(l.reserves, 0) AS reserves, COALESCE(l.released, 0) AS released,
-       COALESCE(r.open_reserved, 0) AS open_reserved
+       COALESCE(l.credits, 0)::bigint AS credits, COALESCE(l.charges, 0)::bigint AS charges,
+       COALESCE(l.reserves, 0)::bigint AS reserves, COALESCE(l.released, 0)::bigint AS released,
+       COALESCE(r.open_reserved, 0)::bigint AS open_reserved
 FROM tenants t
 LEFT JOIN (
     SELECT tenant_id,
@@ -156,11 +156,11 @@ FROM runs r
 LEFT JOIN (
     SELECT run_id,
            count(*) FILTER (WHERE kind = 'reserve') AS reserve_count,
-           sum(amount_usd_micros) FILTER (WHERE kind = 'reserve') AS reserve_amount,
+           sum(amount_usd_micros) FILTER (WHERE kind = 'reserve')::bigint AS reserve_amount,
            count(*) FILTER (WHERE kind = 'charge') AS charge_count,
-           sum(amount_usd_micros) FILTER (WHERE kind = 'charge') AS charge_amount,
+           sum(amount_usd_micros) FILTER (WHERE kind = 'charge')::bigint AS charge_amount,
            count(*) FILTER (WHERE kind = 'refund') AS refund_count,
-           sum(amount_usd_micros) FILTER (WHERE kind = 'refund') AS refund_amount
+           sum(amount_usd_micros) FILTER (WHERE kind = 'refund')::bigint AS refund_amount
     FROM ledger_entries WHERE run_id IS NOT NULL GROUP BY run_id
 ) l ON l.run_id = r.id
 WHERE ($1::text IS NULL OR r.tenant_id = $1)

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from tests.services import TestServices
 
 DEADLINE_S = 5.0
+POLL_INTERVAL_S = 0.005
+POLLS_MAX = 1_000
 
 
 @pytest.fixture
@@ -69,10 +71,14 @@ def tenancy(pool: asyncpg.Pool, redis: Redis, settings: Settings) -> Tenancy:
     return Tenancy(pool, Queries.load(), redis, settings)
 
 
-async def wait_until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+async def wait_until(condition: Callable[[], Awaitable[bool]], what: str) -> int:
+    """Poll ``condition`` until true; returns how many polls failed first."""
     with anyio.fail_after(DEADLINE_S):
-        while not await condition():
-            await anyio.sleep(0.005)
+        for failed in range(POLLS_MAX):
+            if await condition():
+                return failed
+            await anyio.sleep(POLL_INTERVAL_S)
+    raise AssertionError(f"timed out waiting until {what}")
 
 
 def bearer(key: str) -> str:

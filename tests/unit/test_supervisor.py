@@ -51,6 +51,8 @@ class Probe:
         self._started = anyio.Event()
 
     def spec(self, **kwargs: Any) -> ChildSpec:
+        # Probes ignore stop requests: cancel them at once rather than wait.
+        kwargs.setdefault("shutdown_s", 0)
         return ChildSpec(id=self.id, kind="probe", start=self.start, **kwargs)
 
     def crash(self) -> None:
@@ -183,7 +185,9 @@ async def test_intensity_exceeded_stops_children_in_reverse_and_raises() -> None
 async def test_restarts_outside_the_period_do_not_accumulate() -> None:
     log, (a,) = probes("a")
     clock = FakeClock()
-    supervisor = Supervisor("root", SupervisorSpec(intensity=1, period_s=10), [a.spec()], clock=clock)
+    supervisor = Supervisor(
+        "root", SupervisorSpec(intensity=1, period_s=10), [a.spec()], clock=clock
+    )
     async with anyio.create_task_group() as tg:
         await tg.start(supervisor.run)
         for incarnation in (2, 3, 4):
@@ -197,9 +201,7 @@ async def test_restarts_outside_the_period_do_not_accumulate() -> None:
 async def test_failed_restarts_count_toward_intensity() -> None:
     log: list[str] = []
     flaky = Probe("flaky", log, fail_start_from=2)
-    supervisor = Supervisor(
-        "root", SupervisorSpec(intensity=3), [flaky.spec()], clock=FakeClock()
-    )
+    supervisor = Supervisor("root", SupervisorSpec(intensity=3), [flaky.spec()], clock=FakeClock())
     async with anyio.create_task_group() as tg:
         tg.start_soon(flaky.crash_when_started)
         with pytest.raises(IntensityExceeded) as caught:
@@ -218,6 +220,7 @@ async def test_nested_supervisor_escalates_to_its_parent() -> None:
         [a.spec(), inner.child_spec(), c.spec()],
         on_child_crash=lambda *args: crashes.append(args),
     )
+
     async def crash_x_when_all_started() -> None:
         await c.wait_starts(1)
         x.crash()
@@ -477,6 +480,43 @@ async def test_child_that_ignores_the_deadline_is_cancelled() -> None:
             await supervisor.shutdown()
     assert stop_requests == ["stop"]
     assert outcome == ["cancelled"]
+
+
+async def test_child_watching_stopping_exits_gracefully_without_a_hook() -> None:
+    outcome: list[str] = []
+    supervisor: Supervisor
+
+    async def watcher(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await supervisor.stopping.wait()
+        outcome.append("graceful")
+
+    spec = ChildSpec(id="http", kind="http", start=watcher, shutdown_s=1)
+    supervisor = Supervisor("root", SupervisorSpec(), [spec])
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        with anyio.fail_after(1):
+            await supervisor.shutdown()
+    assert outcome == ["graceful"]
+    assert supervisor.statistics()["children"][0]["state"] == "stopped"
+
+
+async def test_one_for_all_restart_keeps_an_actor_sibling_ref_valid() -> None:
+    events: list[str] = []
+    log, (crasher,) = probes("crasher")
+    spec, ref = actor_child(lambda: Account(events), id="account")
+    supervisor = Supervisor("root", SupervisorSpec(strategy="one_for_all"), [spec, crasher.spec()])
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        ref.tell_nowait(Deposit(1))
+        crasher.crash()
+        await crasher.wait_starts(2)
+        # The account was stopped gracefully (drained) and started again behind
+        # the same ref: its mailbox was reopened.
+        assert events == ["start", "stop balance=1", "start"]
+        ref.tell_nowait(Deposit(2))
+        assert await ref.ask(Balance, timeout_s=1) == 2
+        await supervisor.shutdown()
 
 
 async def test_statistics_tree_shape_is_json() -> None:

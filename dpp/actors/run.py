@@ -1,0 +1,411 @@
+"""Run actors: one per run in flight, from its claim to its settlement.
+
+A run actor owns one leased run. Three tasks share its life: the pack's
+execution (inside the timebox, counted from the claim), a heartbeat timer, and
+the actor's mailbox loop. Every write to the run row goes through the mailbox
+(``Beat``, ``PackSucceeded``, ``PackFailed``), so the lease renewal and the
+finalize can never race each other over the row's version.
+
+Finalize is two-phase (SPEC §2): (1) CLAIM, PROCESSING -> CLAIMED guarded by
+lease token and version; (2) put the result with its receipt in the object's
+metadata; (3) settle COMPLETED through the tenant's budget actor. A pack error
+or an overrun timebox settles FAILED (minimum fee) straight from PROCESSING.
+Crash points, in order: ``run.after_claim``, ``run.after_finalize_claim``,
+``run.after_result_put``, then the settlement's own (docs/crash-points.md says
+what recovers each).
+
+What this actor never does: settle a run whose lease it lost (the heartbeat
+that loses its guard cancels the pack and the actor ends), or guess. When an
+outcome is unknown (a store failed mid-finalize) it leaves the run CLAIMED for
+the reconciler, which decides from evidence. On cancellation (shutdown past
+the grace period) an unfinished run is released back to QUEUED, charged
+nothing, in a shielded and time-bounded ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, assert_never
+
+import anyio
+from anyio.abc import TaskStatus
+
+from dpp import ledger
+from dpp.actors.kernel import Actor, ActorRef, ActorStopped, MailboxFull
+from dpp.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, Blobs
+from dpp.faults import crash_point
+from dpp.logs import bind
+from dpp.money import Outcome
+from dpp.packs import PACK_ERROR_TYPE, PackContext, PackError, PackOutput, PackRegistry
+from dpp.queue.base import ClaimedRun, LeaseStore, RunQueue
+
+if TYPE_CHECKING:
+    from dpp.context import AppContext
+    from dpp.money_service import MoneyService
+
+log = logging.getLogger("dpp.run")
+
+RUN_MAILBOX_SIZE = 8  # a beat or two and one pack result: never more in practice
+# Finalize and release run shielded from cancellation, so each needs its own bound.
+FINALIZE_DEADLINE_S = 60.0
+RELEASE_DEADLINE_S = 10.0
+RESULT_KEY_PREFIX = "results"
+
+TIMEBOX_EXCEEDED_TYPE = "https://dpp.dev/problems/timebox-exceeded"
+PACK_ERROR_STATUS = 500
+TIMEBOX_EXCEEDED_STATUS = 504
+
+
+def result_key(tenant_id: str, run_id: str) -> str:
+    """Where a run's result lives: per tenant, so a prefix lists one tenant's data."""
+    return f"{RESULT_KEY_PREFIX}/{tenant_id}/{run_id}"
+
+
+def pack_error_problem(error: PackError) -> dict[str, Any]:
+    return {**error.problem(), "status": PACK_ERROR_STATUS}
+
+
+def pack_fault_problem(title: str, detail: str) -> dict[str, Any]:
+    """A pack that broke its contract or is not offered here: still a pack error to
+    the tenant, worded without internals (exception text may hold secrets)."""
+    return {"type": PACK_ERROR_TYPE, "title": title, "status": PACK_ERROR_STATUS, "detail": detail}
+
+
+def timebox_problem(timebox_sec: int) -> dict[str, Any]:
+    return {
+        "type": TIMEBOX_EXCEEDED_TYPE,
+        "title": "Timebox exceeded",
+        "status": TIMEBOX_EXCEEDED_STATUS,
+        "detail": f"The pack did not finish within the run's timebox of {timebox_sec} s.",
+    }
+
+
+# ---------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """The heartbeat timer fired: renew the lease."""
+
+
+@dataclass(frozen=True, slots=True)
+class PackSucceeded:
+    output: PackOutput
+
+
+@dataclass(frozen=True, slots=True)
+class PackFailed:
+    """A pack error, a pack fault, or the timebox: settle FAILED with ``problem``."""
+
+    problem: dict[str, Any]
+
+
+RunMessage = Beat | PackSucceeded | PackFailed
+
+
+class RunPhase(enum.Enum):
+    WORKING = "working"  # holds the lease, pack running, heartbeats renew
+    FINALIZING = "finalizing"  # claim / put / settle in progress
+    DONE = "done"  # nothing more to do for this run here
+
+
+class RunEnding(enum.StrEnum):
+    """How a run actor ended, as seen by this replica."""
+
+    COMPLETED = "completed"  # settled COMPLETED here (or found so settled)
+    FAILED = "failed"  # settled FAILED here: pack error, fault, or timebox
+    LEASE_LOST = "lease_lost"  # the run is someone else's now; nothing settled here
+    RELEASED = "released"  # shutdown gave it back to QUEUED, charged nothing
+    UNKNOWN = "unknown"  # finalize did not finish; the reconciler decides
+    CRASHED = "crashed"  # the actor raised; the reaper or reconciler recovers
+
+
+@dataclass(frozen=True, slots=True)
+class RunServices:
+    """What run actors touch. Built once per replica."""
+
+    leases: LeaseStore
+    queue: RunQueue
+    blobs: Blobs
+    money: MoneyService
+    packs: PackRegistry
+    lease_sec: int
+    heartbeat_sec: float
+
+    def __post_init__(self) -> None:
+        assert self.lease_sec >= 1
+        # A heartbeat at or past the lease would let every lease lapse.
+        assert 0 < self.heartbeat_sec, self.heartbeat_sec
+
+    @classmethod
+    def from_context(cls, context: AppContext, queue: RunQueue) -> RunServices:
+        assert context.money is not None, "build MoneyService before the run services"
+        settings = context.settings
+        return cls(
+            leases=LeaseStore(context.pool, context.queries),
+            queue=queue,
+            blobs=context.blobs,
+            money=context.money,
+            packs=context.packs,
+            lease_sec=settings.lease_sec,
+            heartbeat_sec=settings.heartbeat_sec,
+        )
+
+
+class RunActor(Actor[RunMessage]):
+    kind = "run"
+
+    def __init__(self, claimed: ClaimedRun, services: RunServices) -> None:
+        super().__init__(name=claimed.run_id, mailbox_size=RUN_MAILBOX_SIZE)
+        self.claimed = claimed
+        self.services = services
+        self.phase = RunPhase.WORKING
+        # the row's version as this actor last wrote it: every guard uses it
+        self.version = claimed.version
+        self.ending: RunEnding | None = None
+        self.deadline = claimed.claimed_at_monotonic + claimed.timebox_sec
+
+    # ------------------------------------------------------------ life
+
+    async def serve(
+        self, *, task_status: TaskStatus[ActorRef[RunMessage]] = anyio.TASK_STATUS_IGNORED
+    ) -> RunEnding:
+        """Run to the end: settled, lost, released, or left for the reconciler."""
+        claimed = self.claimed
+        with bind(run_id=claimed.run_id, tenant_id=claimed.tenant_id, trace_id=claimed.trace_id):
+            crashed = False
+            try:
+                await crash_point("run.after_claim")
+                async with anyio.create_task_group() as tasks:
+                    ref = await tasks.start(self._mailbox_loop, tasks.cancel_scope)
+                    tasks.start_soon(self._execute)
+                    tasks.start_soon(self._heartbeat_timer)
+                    task_status.started(ref)
+            except BaseException as error:
+                crashed = not isinstance(error, anyio.get_cancelled_exc_class())
+                raise
+            finally:
+                # Cancelled while still working (shutdown past the grace period):
+                # give the run back. Not after a crash: a crashed worker is a dead
+                # worker, and the reaper settles its run (docs/crash-points.md).
+                if self.phase is RunPhase.WORKING and not crashed:
+                    await self._release()
+            assert self.phase is RunPhase.DONE and self.ending is not None
+            return self.ending
+
+    async def _mailbox_loop(
+        self, work: anyio.CancelScope, *, task_status: TaskStatus[ActorRef[RunMessage]]
+    ) -> None:
+        try:
+            await self.run(task_status=task_status)
+        finally:
+            work.cancel()  # the pack and the heartbeat end with the actor
+
+    async def _execute(self) -> None:
+        message = await self._run_pack()
+        with contextlib.suppress(ActorStopped):  # the lease was lost meanwhile
+            await self.ref.tell(message)
+
+    async def _run_pack(self) -> RunMessage:
+        claimed = self.claimed
+        pack = self.services.packs.get(claimed.pack_type)
+        if pack is None:
+            log.error("run names a pack this replica does not offer",
+                      extra={"pack_type": claimed.pack_type})
+            return PackFailed(
+                pack_fault_problem("Pack unavailable", "The pack type is not offered any more.")
+            )
+        context = PackContext(
+            run_id=claimed.run_id,
+            tenant_id=claimed.tenant_id,
+            trace_id=claimed.trace_id,
+            timebox_sec=claimed.timebox_sec,
+            reserved_usd_micros=claimed.reserved_usd_micros,
+            minimum_fee_usd_micros=claimed.minimum_fee_usd_micros,
+        )
+        with anyio.move_on_at(self.deadline):
+            try:
+                output = await pack.execute(claimed.inputs, context)
+            except PackError as error:
+                return PackFailed(pack_error_problem(error))
+            except Exception:
+                log.exception("pack raised outside its contract", extra={"pack_type": pack.pack_type})
+                return PackFailed(pack_fault_problem("Pack failed", "The pack failed unexpectedly."))
+            if not isinstance(output, PackOutput):
+                log.error("pack returned something other than a PackOutput",
+                          extra={"pack_type": pack.pack_type})
+                return PackFailed(pack_fault_problem("Pack failed", "The pack failed unexpectedly."))
+            return PackSucceeded(output)
+        return PackFailed(timebox_problem(claimed.timebox_sec))
+
+    async def _heartbeat_timer(self) -> None:
+        while True:
+            await anyio.sleep(self.services.heartbeat_sec)
+            try:
+                self.ref.tell_nowait(Beat())
+            except MailboxFull:
+                continue  # beats are waiting already; one is as good as many
+            except ActorStopped:
+                return
+
+    # --------------------------------------------------------- handlers
+
+    async def handle(self, message: RunMessage) -> None:
+        match message:
+            case Beat():
+                await self._renew()
+            case PackSucceeded(output=output):
+                await self._finalize(self._complete, output)
+            case PackFailed(problem=problem):
+                await self._finalize(self._fail, problem)
+            case _:
+                assert_never(message)
+
+    async def _renew(self) -> None:
+        if self.phase is not RunPhase.WORKING:
+            return  # finalizing or done: the lease no longer needs renewing
+        services = self.services
+        try:
+            version = await services.leases.renew(self.claimed, self.version, services.lease_sec)
+        except Exception:
+            # The next beat tries again; if the lease lapses meanwhile, the reaper
+            # takes the run and that beat loses its guard.
+            log.warning("heartbeat could not reach the database", exc_info=True)
+            return
+        if version is None:
+            log.warning("heartbeat lost the lease; stopping the work")
+            self._end(RunEnding.LEASE_LOST)
+            await self._ack()
+            return
+        self.version = version
+        if self.claimed.receipt_handle is not None:
+            try:
+                await services.queue.extend_visibility(self.claimed, services.lease_sec)
+            except Exception:
+                log.warning("could not extend the message's visibility", exc_info=True)
+
+    async def _finalize(self, step: Any, argument: Any) -> None:
+        """Run one finalize path shielded: a shutdown must not cut it in half."""
+        if self.phase is not RunPhase.WORKING:
+            return  # the lease was lost before the pack's result arrived
+        self.phase = RunPhase.FINALIZING
+        ending = RunEnding.UNKNOWN
+        with anyio.move_on_after(FINALIZE_DEADLINE_S, shield=True) as deadline:
+            ending = await step(argument)
+        if deadline.cancelled_caught:
+            log.error("finalize ran out of time; the reconciler will decide the run")
+        self._end(ending)
+        await self._ack()
+
+    async def _complete(self, output: PackOutput) -> RunEnding:
+        claimed, services = self.claimed, self.services
+        try:
+            version = await services.leases.claim_for_finalize(claimed, self.version)
+        except Exception:
+            # Whether it committed is unknown: PROCESSING is reaped, CLAIMED reconciled.
+            log.error("finalize claim failed", exc_info=True)
+            return RunEnding.UNKNOWN
+        if version is None:
+            log.warning("finalize claim lost: the run is no longer ours")
+            return RunEnding.LEASE_LOST
+        self.version = version
+        await crash_point("run.after_finalize_claim")
+        key = result_key(claimed.tenant_id, claimed.run_id)
+        sha256 = hashlib.sha256(output.body).hexdigest()
+        receipt = {
+            RECEIPT_COST: str(output.actual_cost_usd_micros),
+            RECEIPT_RUN: claimed.run_id,
+            RECEIPT_SHA256: sha256,
+        }
+        try:
+            await services.blobs.put(key, output.body, output.content_type, receipt)
+        except Exception:
+            log.error("result upload failed; the reconciler will decide the run", exc_info=True)
+            return RunEnding.UNKNOWN
+        await crash_point("run.after_result_put")
+        request = ledger.SettleRequest(
+            claimed.run_id,
+            Outcome.COMPLETED,
+            actual_cost_usd_micros=output.actual_cost_usd_micros,
+            from_statuses=frozenset({"CLAIMED"}),
+            lease_token=claimed.lease_token,
+            result=ledger.ResultReceipt(key, sha256, len(output.body), output.content_type),
+            expected_version=version,
+        )
+        return await self._settle(request, RunEnding.COMPLETED)
+
+    async def _fail(self, problem: dict[str, Any]) -> RunEnding:
+        claimed = self.claimed
+        assert {"type", "title", "status", "detail"} <= problem.keys(), problem
+        log.info("run failed", extra={"problem_type": problem["type"]})
+        request = ledger.SettleRequest(
+            claimed.run_id,
+            Outcome.FAILED,
+            from_statuses=frozenset({"PROCESSING"}),
+            lease_token=claimed.lease_token,
+            error=problem,
+            expected_version=self.version,
+        )
+        return await self._settle(request, RunEnding.FAILED)
+
+    async def _settle(self, request: ledger.SettleRequest, settled: RunEnding) -> RunEnding:
+        try:
+            result = await self.services.money.settle(self.claimed.tenant_id, request)
+        except ledger.SettleRefused as refused:
+            # Reaped, reconciled or released first: its settlement stands, ours never happens.
+            log.warning("settlement refused", extra={"status": refused.status,
+                                                      "reason": refused.reason})
+            return RunEnding.LEASE_LOST
+        except Exception:
+            log.error("settlement outcome unknown; the reconciler will decide", exc_info=True)
+            return RunEnding.UNKNOWN
+        assert result.run_id == request.run_id
+        assert result.settlement.outcome is request.outcome, result
+        log.info(
+            "run settled",
+            extra={
+                "outcome": request.outcome.value,
+                "charged_usd_micros": result.settlement.charged_usd_micros,
+                "refunded_usd_micros": result.settlement.refunded_usd_micros,
+                "replayed": not result.applied,
+            },
+        )
+        return settled
+
+    # ---------------------------------------------------------- endings
+
+    def _end(self, ending: RunEnding) -> None:
+        assert self.phase is not RunPhase.DONE, "a run actor ends once"
+        self.phase = RunPhase.DONE
+        self.ending = ending
+        self.stop()  # the mailbox drains (late beats are ignored), then the tasks end
+
+    async def _ack(self) -> None:
+        if self.claimed.receipt_handle is None:
+            return
+        try:
+            with anyio.move_on_after(RELEASE_DEADLINE_S, shield=True):
+                await self.services.queue.ack(self.claimed)
+        except Exception:
+            # It reappears later and is deleted then: the run is no longer QUEUED.
+            log.warning("could not delete the run's message", exc_info=True)
+
+    async def _release(self) -> None:
+        """Shutdown: QUEUED again, nothing charged (SPEC §6). Shielded and bounded."""
+        assert self.phase is RunPhase.WORKING
+        self.phase = RunPhase.DONE
+        self.ending = RunEnding.LEASE_LOST
+        with anyio.move_on_after(RELEASE_DEADLINE_S, shield=True) as deadline:
+            try:
+                if await self.services.queue.release(self.claimed):
+                    self.ending = RunEnding.RELEASED
+                    log.info("run released back to the queue")
+            except Exception:
+                # Still PROCESSING under our lease: the reaper expires it.
+                log.error("could not release the run", exc_info=True)
+        if deadline.cancelled_caught:
+            log.error("release ran out of time; the reaper will expire the run")
