@@ -243,7 +243,7 @@ class JsonFormatter(logging.Formatter):
         try:
             line = orjson.dumps(document, default=str, option=orjson.OPT_NON_STR_KEYS)
         except TypeError:  # e.g. an integer beyond 64 bits, or nesting too deep
-            line = orjson.dumps({key: repr(value) for key, value in document.items()})
+            line = orjson.dumps({key: _plain(value) for key, value in document.items()})
         return redact_text(line.decode("utf-8"), json_encoded=True)
 
 
@@ -262,6 +262,15 @@ class TextFormatter(logging.Formatter):
             if block:
                 line += "\n" + block
         return redact_text(line)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` when orjson can encode it, else its ``str``."""
+    try:
+        orjson.dumps(value, default=str)
+    except TypeError:
+        return str(value)
+    return value
 
 
 def _text_value(value: Any) -> str:

@@ -7,12 +7,14 @@ movements in one order and batches its reservations. Postgres decides.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
 
 from dpp import ledger
 from dpp.actors.budget import (
+    BATCH_MAX,
     BudgetActor,
     BudgetBackend,
     BudgetMessage,
@@ -45,36 +47,41 @@ class MoneyService:
         queries: Queries,
         mirror: BudgetMirror,
         *,
-        on_admitted=None,  # type: ignore[no-untyped-def]
+        on_admitted: Callable[[Sequence[str]], None] | None = None,
         idle_timeout_s: float = BUDGET_ACTOR_IDLE_S,
+        batch_max: int = BATCH_MAX,
     ) -> MoneyService:
+        """``batch_max=1`` turns group commit off (the benchmark's baseline)."""
         backend = BudgetBackend(pool=pool, queries=queries, mirror=mirror)
         if on_admitted is not None:
             backend = BudgetBackend(pool, queries, mirror, on_admitted)
         registry: ActorRegistry[str, BudgetMessage] = ActorRegistry(
             "budget",
-            lambda tenant_id: BudgetActor(tenant_id, backend),
+            lambda tenant_id: BudgetActor(tenant_id, backend, batch_max=batch_max),
             idle_timeout_s=idle_timeout_s,
             max_actors=BUDGET_ACTORS_MAX,
         )
         return cls(pool, queries, mirror, registry)
 
     async def reserve(self, tenant_id: str, draft: ledger.RunDraft) -> ReserveOutcome:
-        ref = await self.budgets.get(tenant_id)
-        return await ref.ask(lambda reply: Reserve(draft, reply), timeout_s=ASK_TIMEOUT_S)
+        return await self.budgets.ask(
+            tenant_id, lambda reply: Reserve(draft, reply), timeout_s=ASK_TIMEOUT_S
+        )
 
     async def settle(self, tenant_id: str, request: ledger.SettleRequest) -> ledger.SettleResult:
-        ref = await self.budgets.get(tenant_id)
-        return await ref.ask(lambda reply: Settle(request, reply), timeout_s=ASK_TIMEOUT_S)
+        return await self.budgets.ask(
+            tenant_id, lambda reply: Settle(request, reply), timeout_s=ASK_TIMEOUT_S
+        )
 
     async def credit(
         self, tenant_id: str, amount_usd_micros: int, operation_id: str
     ) -> ledger.CreditResult:
         # fail fast on an unknown tenant before starting an actor for it
         await ledger.read_budget(self.pool, self.queries, tenant_id)
-        ref = await self.budgets.get(tenant_id)
-        return await ref.ask(
-            lambda reply: Credit(amount_usd_micros, operation_id, reply), timeout_s=ASK_TIMEOUT_S
+        return await self.budgets.ask(
+            tenant_id,
+            lambda reply: Credit(amount_usd_micros, operation_id, reply),
+            timeout_s=ASK_TIMEOUT_S,
         )
 
     async def budget(self, tenant_id: str) -> asyncpg.Record:

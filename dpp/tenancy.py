@@ -1,26 +1,10 @@
 """Tenancy: plans, tenants and API keys, and authenticating a request's key.
 
-Storage is Postgres (``sql/queries/tenancy.sql``). ``authenticate`` sits on
-every ``/v1`` request, so each replica keeps a small cache of recent answers
-(positive and negative) keyed by the key's SHA-256 — never by the key.
-
-Why the cache is safe:
-
-* A revocation is written to Postgres, then published on the Redis channel
-  ``<prefix>:auth:revoked``. Every replica runs ``run_invalidation_listener``,
-  which evicts the entry on receipt, so a revoked key is refused at once
-  everywhere (within pub/sub delivery, milliseconds).
-* Pub/sub is fire-and-forget: a message sent while a subscriber is
-  disconnected is lost. So the cache is used only while the subscription is
-  confirmed alive (the listener pings; silence beyond
-  ``LISTENER_SILENCE_MAX_S`` disables it), and it is emptied whenever the
-  subscription is (re)established or lost. Correctness never depends on the
-  listener running: without it every lookup goes to Postgres.
-* A lookup that was in flight while an eviction happened does not fill the
-  cache (the ``epoch`` check), so a stale answer read just before a revoke
-  cannot be cached just after it.
-* Entries expire after ``cache_ttl_s`` (30 s) as a backstop for anything else
-  (a plan change whose broadcast failed, say).
+Storage is Postgres (``sql/queries/tenancy.sql``). ``authenticate`` runs on
+every ``/v1`` request; its answers are cached per replica by
+``dpp.auth_cache.AuthCache``, which says why that is safe. Revocations and plan
+changes are written to Postgres first, then broadcast to every replica's
+cache (``run_invalidation_listener`` must run for the cache to be used).
 
 Expected failures are typed exceptions (``TenancyError`` subclasses) that the
 HTTP layer maps to problems and the CLI to one line on stderr.
@@ -28,14 +12,13 @@ HTTP layer maps to problems and the CLI to one line on stderr.
 
 from __future__ import annotations
 
-import collections
 import datetime
 import hmac
 import logging
 import re
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -44,6 +27,7 @@ import asyncpg
 from anyio.abc import TaskStatus
 from redis.exceptions import RedisError
 
+from dpp.auth_cache import MISS, TTL_S, AuthCache
 from dpp.ids import is_id, new_id
 from dpp.keys import generate_api_key, key_hint, key_sha256, parse_api_key, parse_bearer
 
@@ -62,20 +46,9 @@ MAX_CONCURRENT_RUNS_MAX: Final = 100_000
 RETENTION_DAYS_MAX: Final = 3_650
 NAME_LENGTH_MAX: Final = 200
 
-CACHE_TTL_S: Final = 30.0
-CACHE_ENTRIES_MAX: Final = 10_000
-# Negative answers live apart, so a flood of well-formed random keys cannot
-# push the real tenants' entries out.
-NEGATIVE_CACHE_ENTRIES_MAX: Final = 4_096
 LAST_USED_INTERVAL_S: Final = 60.0
 POOL_ACQUIRE_TIMEOUT_S: Final = 5.0
-PUBLISH_TIMEOUT_S: Final = 5.0
-LISTENER_PING_INTERVAL_S: Final = 1.0
-LISTENER_SILENCE_MAX_S: Final = 3.0
-LISTENER_BACKOFF_FIRST_S: Final = 0.1
-LISTENER_BACKOFF_MAX_S: Final = 5.0
-LISTENER_CLOSE_TIMEOUT_S: Final = 2.0
-FLUSH_ALL: Final = b"*"
+LOOKUP_TIMEOUT_S: Final = 5.0  # a request waits no longer for its key (then 503)
 
 
 # --- errors ----------------------------------------------------------------------------
@@ -250,7 +223,8 @@ class Principal:
     key_requests_per_minute: int | None
 
     def __post_init__(self) -> None:
-        assert is_id(self.tenant_id, "ten") and is_id(self.key_id, "key")
+        # prefixes only: the columns' CHECKs allow 20-40 characters after them
+        assert self.tenant_id.startswith("ten_") and self.key_id.startswith("key_")
         assert 1 <= self.requests_per_minute <= REQUESTS_PER_MINUTE_MAX
         assert self.key_requests_per_minute is None or (
             1 <= self.key_requests_per_minute <= REQUESTS_PER_MINUTE_MAX
@@ -306,13 +280,7 @@ def _api_key(row: asyncpg.Record) -> ApiKey:
     )
 
 
-# --- the cache -------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Entry:
-    principal: Principal | None
-    expires_at: float
+# --- the service -----------------------------------------------------------------------
 
 
 class _Flight:
@@ -325,9 +293,6 @@ class _Flight:
         self.done = anyio.Event()
         self.ok = False
         self.result: Principal | None = None
-
-
-_MISS: Final = object()
 
 
 class Tenancy:
@@ -344,26 +309,15 @@ class Tenancy:
         redis: Redis,
         settings: Settings,
         *,
-        cache_ttl_s: float = CACHE_TTL_S,
+        cache_ttl_s: float = TTL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        assert cache_ttl_s > 0
         self._pool = pool
         self._queries = queries
-        self._redis = redis
-        self._clock = clock
-        self._cache_ttl_s = cache_ttl_s
-        self.channel = f"{settings.redis_prefix}:auth:revoked"
-        self._positive: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
-        self._negative: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
+        self.cache = AuthCache(
+            redis, f"{settings.redis_prefix}:auth:revoked", ttl_s=cache_ttl_s, clock=clock
+        )
         self._flights: dict[bytes, _Flight] = {}
-        # bumped on every eviction, so a lookup that straddles one is not cached
-        self._epoch = 0
-        self._listening = False
-        self._listening_event = anyio.Event()
-        self._heard_at = float("-inf")
-        self._subscriptions = 0
-        self._cache_hits = 0
         self._lookups = 0
 
     # --- plans -------------------------------------------------------------------------
@@ -410,14 +364,14 @@ class Tenancy:
             max_concurrent_runs, "max_concurrent_runs", 1, MAX_CONCURRENT_RUNS_MAX
         )
         retention = check_whole_number(retention_days, "retention_days", 1, RETENTION_DAYS_MAX)
-        if PLAN_ID_PATTERN.fullmatch(plan_id) is None:
+        if not isinstance(plan_id, str) or PLAN_ID_PATTERN.fullmatch(plan_id) is None:
             raise PlanNotFound(f"no plan {plan_id!r}")
         row = await self._pool.fetchrow(
             self._queries["plan_update"], plan_id, rpm, concurrent, retention
         )
         if row is None:
             raise PlanNotFound(f"no plan {plan_id!r}")
-        await self._broadcast(FLUSH_ALL, f"plan {plan_id} updated")
+        await self._broadcast(self.cache.publish_flush(), f"plan {plan_id} updated")
         return _plan(row)
 
     # --- tenants -----------------------------------------------------------------------
@@ -447,13 +401,13 @@ class Tenancy:
     async def set_tenant_plan(self, tenant_id: str, plan_id: object) -> Tenant:
         """Move a tenant to another plan; every replica forgets its cached principals."""
         plan_id = check_plan_id(plan_id, "plan_id")
-        if not is_id(tenant_id, "ten"):
+        if not isinstance(tenant_id, str) or not is_id(tenant_id, "ten"):
             raise TenantNotFound("no such tenant")
         row = await self._pool.fetchrow(self._queries["tenant_set_plan"], tenant_id, plan_id)
         if row is None:
             await self.get_tenant(tenant_id)  # raises TenantNotFound when that is why
             raise PlanNotFound(f"no plan {plan_id!r}")
-        await self._broadcast(FLUSH_ALL, f"tenant {tenant_id} changed plan")
+        await self._broadcast(self.cache.publish_flush(), f"tenant {tenant_id} changed plan")
         return await self.get_tenant(tenant_id)
 
     # --- keys --------------------------------------------------------------------------
@@ -528,15 +482,14 @@ class Tenancy:
         record = _api_key(row)
         digest = bytes(row["key_sha256"])
         assert record.revoked_at is not None and len(digest) == 32
-        self._evict(digest)
         log.info("api key revoked", extra={"tenant_id": record.tenant_id, "key_id": record.id})
-        await self._broadcast(digest.hex().encode("ascii"), f"key {key_id} revoked")
+        await self._broadcast(self.cache.publish_eviction(digest), f"key {key_id} revoked")
         return record
 
-    async def _broadcast(self, payload: bytes, what: str) -> None:
+    @staticmethod
+    async def _broadcast(publish: Awaitable[None], what: str) -> None:
         try:
-            with anyio.fail_after(PUBLISH_TIMEOUT_S):
-                await self._redis.publish(self.channel, payload)
+            await publish
         except (RedisError, OSError) as error:
             raise InvalidationNotBroadcast(
                 f"{what} in storage, but the other replicas could not be told "
@@ -559,8 +512,8 @@ class Tenancy:
         if parsed is None:
             return None
         digest = key_sha256(parsed.text)
-        cached = self._cache_get(digest)
-        if cached is not _MISS:
+        cached = self.cache.get(digest)
+        if cached is not MISS:
             assert cached is None or isinstance(cached, Principal)
             return cached
         return await self._lookup_shared(digest)
@@ -568,17 +521,16 @@ class Tenancy:
     async def _lookup_shared(self, digest: bytes) -> Principal | None:
         """Look up once for all concurrent requests with this key (no stampede)."""
         flight = self._flights.get(digest)
-        if flight is not None and flight.epoch == self._epoch:
+        if flight is not None and flight.epoch == self.cache.epoch:
             await flight.done.wait()
-            if flight.ok and flight.epoch == self._epoch:
+            if flight.ok and flight.epoch == self.cache.epoch:
                 return flight.result
-        flight = _Flight(self._epoch)
+        flight = _Flight(self.cache.epoch)
         self._flights[digest] = flight
         try:
             result = await self._lookup(digest)
             flight.result, flight.ok = result, True
-            if flight.epoch == self._epoch:
-                self._cache_put(digest, result)
+            self.cache.put(digest, result, flight.epoch)
             return result
         finally:
             if self._flights.get(digest) is flight:
@@ -590,7 +542,10 @@ class Tenancy:
         try:
             async with self._pool.acquire(timeout=POOL_ACQUIRE_TIMEOUT_S) as connection:
                 row = await connection.fetchrow(
-                    self._queries["api_key_authenticate"], digest, LAST_USED_INTERVAL_S
+                    self._queries["api_key_authenticate"],
+                    digest,
+                    LAST_USED_INTERVAL_S,
+                    timeout=LOOKUP_TIMEOUT_S,
                 )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             raise TenancyUnavailable(
@@ -613,158 +568,31 @@ class Tenancy:
             key_requests_per_minute=row["key_requests_per_minute"],
         )
 
-    # --- the cache -------------------------------------------------------------------
+    # --- the cache and its listener ---------------------------------------------------
 
     def cache_usable(self) -> bool:
-        """Whether the invalidation subscription is confirmed alive right now."""
-        return self._listening and self._clock() - self._heard_at <= LISTENER_SILENCE_MAX_S
-
-    def _cache_get(self, digest: bytes) -> object:
-        if not self.cache_usable():
-            return _MISS
-        now = self._clock()
-        for entries in (self._positive, self._negative):
-            entry = entries.get(digest)
-            if entry is None:
-                continue
-            if entry.expires_at <= now:
-                del entries[digest]
-                return _MISS
-            entries.move_to_end(digest)
-            self._cache_hits += 1
-            return entry.principal
-        return _MISS
-
-    def _cache_put(self, digest: bytes, principal: Principal | None) -> None:
-        if not self.cache_usable():
-            return
-        entries, other, limit = (
-            (self._positive, self._negative, CACHE_ENTRIES_MAX)
-            if principal is not None
-            else (self._negative, self._positive, NEGATIVE_CACHE_ENTRIES_MAX)
-        )
-        other.pop(digest, None)
-        entries[digest] = _Entry(principal, self._clock() + self._cache_ttl_s)
-        entries.move_to_end(digest)
-        while len(entries) > limit:
-            entries.popitem(last=False)
-        assert len(self._positive) <= CACHE_ENTRIES_MAX
-        assert len(self._negative) <= NEGATIVE_CACHE_ENTRIES_MAX
-
-    def _evict(self, digest: bytes) -> None:
-        self._epoch += 1
-        self._positive.pop(digest, None)
-        self._negative.pop(digest, None)
-
-    def _clear(self) -> None:
-        self._epoch += 1
-        self._positive.clear()
-        self._negative.clear()
-
-    def statistics(self) -> TenancyStatistics:
-        return TenancyStatistics(
-            listening=self._listening,
-            subscriptions=self._subscriptions,
-            cache_entries=len(self._positive),
-            negative_cache_entries=len(self._negative),
-            cache_hits=self._cache_hits,
-            lookups=self._lookups,
-        )
-
-    # --- the invalidation listener ---------------------------------------------------
+        return self.cache.usable()
 
     async def wait_listening(self) -> None:
         """Return once the invalidation channel is subscribed (the cache is on)."""
-        while not self._listening:
-            await self._listening_event.wait()
+        await self.cache.wait_listening()
 
     async def run_invalidation_listener(
         self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Evict cached keys as revocations arrive; runs until cancelled.
+        """The cache's invalidation listener: a supervised child, runs until cancelled.
 
-        Started at once: until the subscription is up the cache is simply off.
-        Reconnects with bounded exponential backoff; never returns normally.
+        Reports started at once; until its subscription is up the cache is off.
         """
-        task_status.started()
-        backoff_s = LISTENER_BACKOFF_FIRST_S
-        while True:
-            subscriptions_before = self._subscriptions
-            try:
-                await self._listen()
-            except (RedisError, OSError) as error:
-                log.warning(
-                    "auth invalidation channel lost; key cache off until it is back",
-                    extra={"error": type(error).__name__, "retry_in_s": backoff_s},
-                )
-            if self._subscriptions != subscriptions_before:
-                backoff_s = LISTENER_BACKOFF_FIRST_S
-            await anyio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, LISTENER_BACKOFF_MAX_S)
+        await self.cache.run_listener(task_status=task_status)
 
-    async def _listen(self) -> None:
-        pubsub = self._redis.pubsub()
-        try:
-            await pubsub.subscribe(self.channel)
-            ping_sent_at: float | None = None
-            while True:
-                message = await pubsub.get_message(timeout=LISTENER_PING_INTERVAL_S)
-                now = self._clock()
-                if message is None:
-                    if ping_sent_at is None:
-                        await pubsub.ping()
-                        ping_sent_at = now
-                    elif now - ping_sent_at > LISTENER_SILENCE_MAX_S:
-                        raise TimeoutError("no answer to ping on the invalidation channel")
-                    continue
-                kind = message["type"]
-                kind = kind.decode() if isinstance(kind, bytes) else kind
-                if kind == "pong":
-                    # everything published before the ping has been delivered
-                    self._heard_at = ping_sent_at if ping_sent_at is not None else now
-                    ping_sent_at = None
-                elif kind == "subscribe":
-                    self._on_subscribed(now)
-                elif kind == "message":
-                    self._heard_at = now
-                    self._on_invalidation(message["data"])
-                elif kind == "unsubscribe":
-                    raise RedisError("unsubscribed from the invalidation channel")
-        finally:
-            self._on_unsubscribed()
-            with anyio.move_on_after(LISTENER_CLOSE_TIMEOUT_S, shield=True):
-                await pubsub.aclose()
-
-    def _on_subscribed(self, now: float) -> None:
-        # Anything may have been published while we were not subscribed
-        # (redis-py also resubscribes by itself after a reconnect): start empty.
-        self._clear()
-        self._subscriptions += 1
-        self._heard_at = now
-        self._listening = True
-        self._listening_event.set()
-        log.info("auth invalidation channel subscribed", extra={"channel": self.channel})
-
-    def _on_unsubscribed(self) -> None:
-        self._listening = False
-        self._heard_at = float("-inf")
-        self._clear()
-        if self._listening_event.is_set():
-            self._listening_event = anyio.Event()
-
-    def _on_invalidation(self, data: object) -> None:
-        if not isinstance(data, bytes):
-            data = str(data).encode()
-        if data == FLUSH_ALL:
-            self._clear()
-            return
-        try:
-            digest = bytes.fromhex(data.decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            digest = b""
-        if len(digest) != 32:
-            # unknown message: be safe and forget everything
-            log.warning("unrecognised auth invalidation message; cache cleared")
-            self._clear()
-            return
-        self._evict(digest)
+    def statistics(self) -> TenancyStatistics:
+        cache = self.cache.statistics()
+        return TenancyStatistics(
+            listening=cache.listening,
+            subscriptions=cache.subscriptions,
+            cache_entries=cache.entries,
+            negative_cache_entries=cache.negative_entries,
+            cache_hits=cache.hits,
+            lookups=self._lookups,
+        )

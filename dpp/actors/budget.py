@@ -96,8 +96,10 @@ class BudgetBackend:
 class BudgetActor(Actor[BudgetMessage]):
     kind = "budget"
 
-    def __init__(self, tenant_id: str, backend: BudgetBackend) -> None:
-        super().__init__(name=f"budget:{tenant_id}", mailbox_size=MAILBOX_SIZE, batch_max=BATCH_MAX)
+    def __init__(
+        self, tenant_id: str, backend: BudgetBackend, *, batch_max: int = BATCH_MAX
+    ) -> None:
+        super().__init__(name=f"budget:{tenant_id}", mailbox_size=MAILBOX_SIZE, batch_max=batch_max)
         self.tenant_id = tenant_id
         self.backend = backend
 

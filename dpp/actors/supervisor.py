@@ -10,15 +10,16 @@
   sees as this child crashing.
 
 Stopping (OTP's shutdown procedure): the supervisor sets `stopping`, then
-takes the children in reverse order. Each one's `stop` hook, if any, is called
-(an actor closes its mailbox and drains it; a server stops accepting), and the
-child gets `shutdown_s` to return on its own before it is cancelled;
-`shutdown_s=0` cancels at once (OTP's brutal_kill, except that `finally:`
-blocks still run their shielded, bounded cleanup). A child that only watches
-`stopping` stops as soon as shutdown begins, not in reverse order: use the
-hook when order matters. Once a child has reported started, its task is
-shielded from outside cancellation: only its supervisor cancels it, so
-reverse-order shutdown holds even when the supervisor itself is cancelled.
+takes the children in reverse order. A child with a `stop` hook is asked to
+stop gracefully (an actor closes its mailbox and drains it; a server stops
+accepting) and gets `shutdown_s` to return before it is cancelled. A child
+without a hook is cancelled at once -- OTP's shutdown signal to a process that
+does not trap exits -- so a plain loop never stalls shutdown; its `finally:`
+blocks still run their own shielded, bounded cleanup. (A child that ends by
+watching `stopping` passes a hook, even `stop=lambda: None`, to be given its
+`shutdown_s`.) Once a child has reported started, its task is shielded from
+outside cancellation: only its supervisor cancels it, so reverse-order
+shutdown holds even when the supervisor itself is cancelled.
 """
 
 from __future__ import annotations
@@ -137,9 +138,10 @@ class ChildSpec:
     start: async function taking a `task_status` keyword; it reports readiness
         with `task_status.started(value)` and runs until the child ends.
     stop: optional sync trigger for a graceful stop at this child's turn
-        (close a mailbox, set a server's shutdown event).
-    shutdown_s: how long the child may take to return once asked to stop,
-        before it is cancelled; 0 cancels at once.
+        (close a mailbox, set a server's shutdown event). Without one the
+        child is cancelled at its turn.
+    shutdown_s: how long a child with a `stop` hook may take to return once
+        asked, before it is cancelled; 0 cancels at once.
     statistics: optional node for the tree; its keys are merged into the node
         the supervisor builds (name, kind, state and restarts are the
         supervisor's view and win). JSON types only.
@@ -232,8 +234,8 @@ class Supervisor:
         self._state: SupervisorState = "starting"
         self._runs = 0
         self._tg: TaskGroup | None = None
-        # Set when shutdown begins, before any child is stopped. Children may
-        # watch it to stop gracefully; ChildSpec.stop keeps reverse order.
+        # Set when shutdown begins, before any child is stopped (e.g. to fail
+        # readiness early). Per-child graceful stop in reverse order: ChildSpec.stop.
         self.stopping = anyio.Event()
         # Set by a child's host task when it exits, and by stop().
         self._wakeup = anyio.Event()
@@ -438,9 +440,8 @@ class Supervisor:
                 child.state = "crashed" if child.error is not None else "stopped"
             return
         child.state = "stopping"
-        if child.spec.shutdown_s > 0:
-            if child.spec.stop is not None:
-                child.spec.stop()
+        if child.spec.stop is not None and child.spec.shutdown_s > 0:
+            child.spec.stop()
             # Shielded: this also runs while the supervisor is being cancelled.
             with anyio.move_on_after(child.spec.shutdown_s, shield=True):
                 await child.exited.wait()

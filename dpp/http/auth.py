@@ -107,6 +107,8 @@ class ApiAuthMiddleware:
         if principal is None:
             await problem_response(unauthorized_problem(), path)(scope, receive, send)
             return
+        state = scope.setdefault("state", {})
+        state["tenant_id"] = principal.tenant_id  # the access log reads it, 429s included
         try:
             decision = await self.rate_limiter.check(principal)
         except RateLimitUnavailable as error:
@@ -133,9 +135,7 @@ class ApiAuthMiddleware:
             with bind(tenant_id=principal.tenant_id):
                 await problem_response(problem, path)(scope, receive, send)
             return
-        state = scope.setdefault("state", {})
         state["principal"] = principal
-        state["tenant_id"] = principal.tenant_id
 
         async def send_with_rate_limit(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -15,9 +15,9 @@ import asyncpg
 
 from dpp.config import Settings, require
 from dpp.db import Queries
-from dpp.queue.base import CLAIM_BATCH_MAX, ClaimedRun, QueuedRun, RunQueue
+from dpp.queue.base import CLAIM_BATCH_MAX, ClaimedRun, DeadLetter, QueuedRun, RunQueue
 from dpp.queue.postgres import PostgresQueue
-from dpp.queue.sqs import DeadLetter, SqsQueue, open_sqs_queue
+from dpp.queue.sqs import SqsQueue, open_sqs_queue
 
 __all__ = [
     "CLAIM_BATCH_MAX",

@@ -99,6 +99,14 @@ def claimed_from_row(row: asyncpg.Record, receipt_handle: str | None = None) -> 
     )
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message the queue gave up on. ``run_id`` is None when it names no run."""
+
+    receipt_handle: str
+    run_id: str | None
+
+
 class RunQueue(Protocol):
     """What the runs API, the dispatcher, run actors and the reconciler use."""
 
@@ -143,6 +151,14 @@ class RunQueue(Protocol):
         """Backstop: announce again QUEUED runs whose announcement never happened."""
         ...
 
+    async def receive_dead_letters(self, n: int) -> list[DeadLetter]:
+        """Up to ``n`` runs whose delivery failed for good (SQS redrive; else none)."""
+        ...
+
+    async def delete_dead_letter(self, letter: DeadLetter) -> None:
+        """The dead letter was dealt with."""
+        ...
+
     async def listen(
         self, wake: Callable[[], None], *, task_status: TaskStatus[None] = ...
     ) -> None:
@@ -154,9 +170,7 @@ class RunQueue(Protocol):
         ...
 
 
-async def claim_guarded(
-    pool: asyncpg.Pool, query: str, *args: object
-) -> list[asyncpg.Record]:
+async def claim_guarded(pool: asyncpg.Pool, query: str, *args: object) -> list[asyncpg.Record]:
     """Run a claim statement shielded from cancellation, within a deadline.
 
     A claim cancelled half-way could commit on the server while this side

@@ -21,6 +21,7 @@ from dpp.db import Queries
 from dpp.queue.base import (
     CLAIM_BATCH_MAX,
     ClaimedRun,
+    DeadLetter,
     QueuedRun,
     claim_guarded,
     claimed_from_row,
@@ -96,6 +97,13 @@ class PostgresQueue:
     async def requeue_unsent(self, older_than_sec: int) -> int:
         """Never needed: a committed QUEUED row is already claimable."""
         return 0
+
+    async def receive_dead_letters(self, n: int) -> list[DeadLetter]:
+        """No dead letters: a run row cannot fail delivery."""
+        return []
+
+    async def delete_dead_letter(self, letter: DeadLetter) -> None:
+        raise AssertionError("the postgres queue hands out no dead letters")
 
     async def ping(self) -> None:
         await self._pool.fetchval("SELECT 1")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,6 +40,7 @@ from dpp.queue.base import (
     CLAIM_BATCH_MAX,
     STATEMENT_DEADLINE_S,
     ClaimedRun,
+    DeadLetter,
     QueuedRun,
     claimed_from_row,
     release_claimed,
@@ -53,15 +53,6 @@ RECEIVE_WAIT_SEC_DEFAULT = 2  # long poll; short enough that a drain is prompt
 VISIBILITY_SEC_MAX = 43_200  # SQS's ceiling (12 h)
 DEAD_LETTER_VISIBILITY_SEC = 60
 BODY_BYTES_MAX = 4_096  # our messages are ~300 bytes; anything larger is not ours
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A message SQS gave up on. ``run_id`` is None when the body names no run."""
-
-    receipt_handle: str
-    run_id: str | None
-    tenant_id: str | None
 
 
 def parse_message(body: str) -> tuple[str, str] | None:
@@ -153,8 +144,9 @@ class SqsQueue:
             for r in rows
         ]
         if runs:
-            log.warning("re-sending messages for queued runs never announced",
-                        extra={"runs": len(runs)})
+            log.warning(
+                "re-sending messages for queued runs never announced", extra={"runs": len(runs)}
+            )
             await self.enqueue(runs)
         return len(runs)
 
@@ -180,8 +172,10 @@ class SqsQueue:
         handle = message["ReceiptHandle"]
         parsed = parse_message(message.get("Body", ""))
         if parsed is None:
-            log.error("deleting a message that names no run", extra={"sqs_message_id":
-                      message.get("MessageId")})
+            log.error(
+                "deleting a message that names no run",
+                extra={"sqs_message_id": message.get("MessageId")},
+            )
             await self._delete(self.queue_url, handle)
             return None
         run_id, _ = parsed
@@ -193,8 +187,9 @@ class SqsQueue:
         except (OSError, asyncpg.PostgresError, TimeoutError):
             # Left in flight: it reappears after the visibility timeout, and
             # after maxReceiveCount such failures the redrive policy moves it.
-            log.warning("could not claim a run from its message", extra={"run_id": run_id},
-                        exc_info=True)
+            log.warning(
+                "could not claim a run from its message", extra={"run_id": run_id}, exc_info=True
+            )
             return None
         if row is None:
             # Terminal, claimed elsewhere, or unknown: the message has done its job.
@@ -257,8 +252,8 @@ class SqsQueue:
         letters = []
         for message in answer.get("Messages", []):
             parsed = parse_message(message.get("Body", ""))
-            run_id, tenant_id = parsed if parsed is not None else (None, None)
-            letters.append(DeadLetter(message["ReceiptHandle"], run_id, tenant_id))
+            run_id = parsed[0] if parsed is not None else None
+            letters.append(DeadLetter(message["ReceiptHandle"], run_id))
         return letters
 
     async def delete_dead_letter(self, letter: DeadLetter) -> None:
@@ -282,9 +277,7 @@ class SqsQueue:
 
 async def dead_letter_url(client: Any, queue_url: str) -> str | None:
     """The dead-letter queue named by the queue's redrive policy, if it has one."""
-    answer = await client.get_queue_attributes(
-        QueueUrl=queue_url, AttributeNames=["RedrivePolicy"]
-    )
+    answer = await client.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["RedrivePolicy"])
     policy = answer.get("Attributes", {}).get("RedrivePolicy")
     if not policy:
         return None

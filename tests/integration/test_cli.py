@@ -32,9 +32,7 @@ SCRUBBED_PREFIXES = ("DPP_", "DATABASE_URL", "REDIS_URL", "S3_", "SQS_", "PORT",
 
 def clean_environment(**values: str) -> dict[str, str]:
     environment = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(SCRUBBED_PREFIXES)
+        name: value for name, value in os.environ.items() if not name.startswith(SCRUBBED_PREFIXES)
     }
     environment.update(values)
     return environment

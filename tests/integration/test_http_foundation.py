@@ -119,7 +119,9 @@ async def test_json_body_round_trips(client: httpx.AsyncClient) -> None:
     "content_type",
     [None, "text/plain", "application/x-www-form-urlencoded", "application/json; charset=latin-1"],
 )
-async def test_wrong_content_type_is_415(client: httpx.AsyncClient, content_type: str | None) -> None:
+async def test_wrong_content_type_is_415(
+    client: httpx.AsyncClient, content_type: str | None
+) -> None:
     headers = {} if content_type is None else {"Content-Type": content_type}
     response = await client.post("/test/echo", content=b'{"a": 1}', headers=headers)
     assert_problem(response, 415, "/test/echo")
@@ -462,9 +464,11 @@ def closed_port() -> int:
 
 async def test_readyz_names_a_dead_redis(settings_env: dict[str, str]) -> None:
     env = {**settings_env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"}
-    async with open_context(load_settings(env), environment=env) as context:
-        async with client_for(create_app(context)) as client:
-            response = await client.get("/readyz")
+    async with (
+        open_context(load_settings(env), environment=env) as context,
+        client_for(create_app(context)) as client,
+    ):
+        response = await client.get("/readyz")
     body = assert_problem(response, 503, "/readyz")
     assert body["type"] == PROBLEM_BASE + "not-ready"
     assert body["checks"] == {"postgres": "ok", "redis": "down", "object_storage": "ok"}

@@ -147,22 +147,26 @@ async def test_live_answers_match_their_schemas(client: httpx.AsyncClient) -> No
 
 def test_run_schema_matches_the_spec_run_object() -> None:
     run = openapi.document()["components"]["schemas"]["Run"]
-    assert set(run["required"]) == set(run["properties"]) == {
-        "id",
-        "status",
-        "pack_type",
-        "created_at",
-        "started_at",
-        "finished_at",
-        "reserved_usd_micros",
-        "minimum_fee_usd_micros",
-        "charged_usd_micros",
-        "refunded_usd_micros",
-        "metadata",
-        "result",
-        "error",
-        "retention_until",
-    }
+    assert (
+        set(run["required"])
+        == set(run["properties"])
+        == {
+            "id",
+            "status",
+            "pack_type",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "reserved_usd_micros",
+            "minimum_fee_usd_micros",
+            "charged_usd_micros",
+            "refunded_usd_micros",
+            "metadata",
+            "result",
+            "error",
+            "retention_until",
+        }
+    )
     sample = {
         "id": "run_" + "a" * 26,
         "status": "QUEUED",

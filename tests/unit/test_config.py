@@ -81,7 +81,10 @@ def test_values_are_read_and_normalised() -> None:
         ({"SQS_QUEUE_URL": "queue"}, "SQS_QUEUE_URL"),
         ({"SQS_ENDPOINT_URL": "ftp://sqs"}, "SQS_ENDPOINT_URL"),
         ({"DPP_CORS_ALLOWED_ORIGINS": "*"}, "DPP_CORS_ALLOWED_ORIGINS"),
-        ({"DPP_CORS_ALLOWED_ORIGINS": "https://ok.example, app.example"}, "DPP_CORS_ALLOWED_ORIGINS"),
+        (
+            {"DPP_CORS_ALLOWED_ORIGINS": "https://ok.example, app.example"},
+            "DPP_CORS_ALLOWED_ORIGINS",
+        ),
         ({"DPP_CORS_ALLOWED_ORIGINS": "https://app.example/path"}, "DPP_CORS_ALLOWED_ORIGINS"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"DPP_JSON_LOGS": "maybe"}, "DPP_JSON_LOGS"),

@@ -51,8 +51,6 @@ class Probe:
         self._started = anyio.Event()
 
     def spec(self, **kwargs: Any) -> ChildSpec:
-        # Probes ignore stop requests: cancel them at once rather than wait.
-        kwargs.setdefault("shutdown_s", 0)
         return ChildSpec(id=self.id, kind="probe", start=self.start, **kwargs)
 
     def crash(self) -> None:
@@ -183,7 +181,7 @@ async def test_intensity_exceeded_stops_children_in_reverse_and_raises() -> None
 
 
 async def test_restarts_outside_the_period_do_not_accumulate() -> None:
-    log, (a,) = probes("a")
+    _log, (a,) = probes("a")
     clock = FakeClock()
     supervisor = Supervisor(
         "root", SupervisorSpec(intensity=1, period_s=10), [a.spec()], clock=clock
@@ -238,7 +236,7 @@ async def test_nested_supervisor_escalates_to_its_parent() -> None:
 
 
 async def test_parent_restarts_a_nested_supervisor_that_gave_up() -> None:
-    log, (x,) = probes("x")
+    _log, (x,) = probes("x")
     inner = Supervisor("inner", SupervisorSpec(intensity=0), [x.spec()])
     root = Supervisor("root", SupervisorSpec(intensity=1), [inner.child_spec()])
     async with anyio.create_task_group() as tg:
@@ -253,7 +251,7 @@ async def test_parent_restarts_a_nested_supervisor_that_gave_up() -> None:
 
 
 async def test_temporary_child_is_never_restarted() -> None:
-    log, (temp, other) = probes("temp", "other")
+    _log, (temp, other) = probes("temp", "other")
     supervisor = Supervisor(
         "root", SupervisorSpec(), [temp.spec(restart=Restart.TEMPORARY), other.spec()]
     )
@@ -269,7 +267,7 @@ async def test_temporary_child_is_never_restarted() -> None:
 
 
 async def test_transient_child_is_restarted_only_after_an_exception() -> None:
-    log, (crashing, finishing) = probes("crashing", "finishing")
+    _log, (crashing, finishing) = probes("crashing", "finishing")
     supervisor = Supervisor(
         "root",
         SupervisorSpec(),
@@ -288,7 +286,7 @@ async def test_transient_child_is_restarted_only_after_an_exception() -> None:
 
 
 async def test_permanent_child_is_restarted_after_a_normal_exit() -> None:
-    log, (a,) = probes("a")
+    _log, (a,) = probes("a")
     supervisor = Supervisor("root", SupervisorSpec(), [a.spec()])
     async with anyio.create_task_group() as tg:
         await tg.start(supervisor.run)
@@ -482,7 +480,7 @@ async def test_child_that_ignores_the_deadline_is_cancelled() -> None:
     assert outcome == ["cancelled"]
 
 
-async def test_child_watching_stopping_exits_gracefully_without_a_hook() -> None:
+async def test_child_watching_stopping_is_given_its_shutdown_time() -> None:
     outcome: list[str] = []
     supervisor: Supervisor
 
@@ -491,7 +489,8 @@ async def test_child_watching_stopping_exits_gracefully_without_a_hook() -> None
         await supervisor.stopping.wait()
         outcome.append("graceful")
 
-    spec = ChildSpec(id="http", kind="http", start=watcher, shutdown_s=1)
+    # The no-op hook asks for shutdown_s; without any hook it would be cancelled.
+    spec = ChildSpec(id="http", kind="http", start=watcher, shutdown_s=1, stop=lambda: None)
     supervisor = Supervisor("root", SupervisorSpec(), [spec])
     async with anyio.create_task_group() as tg:
         await tg.start(supervisor.run)
@@ -503,7 +502,7 @@ async def test_child_watching_stopping_exits_gracefully_without_a_hook() -> None
 
 async def test_one_for_all_restart_keeps_an_actor_sibling_ref_valid() -> None:
     events: list[str] = []
-    log, (crasher,) = probes("crasher")
+    _log, (crasher,) = probes("crasher")
     spec, ref = actor_child(lambda: Account(events), id="account")
     supervisor = Supervisor("root", SupervisorSpec(strategy="one_for_all"), [spec, crasher.spec()])
     async with anyio.create_task_group() as tg:
@@ -521,7 +520,7 @@ async def test_one_for_all_restart_keeps_an_actor_sibling_ref_valid() -> None:
 
 async def test_statistics_tree_shape_is_json() -> None:
     events: list[str] = []
-    log, (x, y) = probes("x", "y")
+    _log, (x, y) = probes("x", "y")
     spec, ref = actor_child(lambda: Account(events), id="account")
     inner = Supervisor("runs", SupervisorSpec(), [x.spec()])
     root = Supervisor(

@@ -1,0 +1,272 @@
+"""The dispatcher: one per replica, it claims runs and hosts their run actors.
+
+Back-pressure is the whole point: never more than ``concurrency`` runs in
+flight here, so a replica claims only what it can work on and the rest stays
+QUEUED for its peers. The dispatcher claims when told work may exist (a
+``Wake`` from the queue's NOTIFY listener, the poll backstop, or a run ending
+and freeing a slot) — batching at its own pace rather than once per event.
+
+Run actors are OTP "temporary" children: never restarted (a crashed worker is
+a dead worker; the reaper or the reconciler recovers its run), reported to
+``on_run_crash`` (wired to the reconciler's ``trigger``).
+
+Shutdown (SPEC §6): ``stop()`` stops claiming at once; runs in flight get
+``shutdown_grace_s`` to finish; then the rest are cancelled and each releases
+its run back to QUEUED in its own shielded ``finally``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, assert_never
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from dpp.actors.kernel import Actor, ActorRef, ActorStopped, MailboxFull
+from dpp.actors.run import RELEASE_DEADLINE_S, RunActor, RunEnding, RunServices
+from dpp.actors.supervisor import ChildSpec, Restart
+from dpp.queue.base import CLAIM_BATCH_MAX, ClaimedRun
+
+log = logging.getLogger("dpp.dispatcher")
+
+# The backstop for a lost NOTIFY (or a replica whose listener is reconnecting).
+POLL_INTERVAL_S = 5.0
+# Room for one RunEnded per run in flight plus a wake: a tell never fails.
+MAILBOX_SLACK = 8
+TREE_CHILDREN_MAX = 100
+SHUTDOWN_MARGIN_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Work may be waiting: claim up to the free slots."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnded:
+    """A run actor ended, freeing its slot."""
+
+    run_id: str
+    ending: RunEnding
+
+
+DispatcherMessage = Wake | RunEnded
+
+
+class Dispatcher(Actor[DispatcherMessage]):
+    kind = "dispatcher"
+
+    def __init__(
+        self,
+        services: RunServices,
+        *,
+        concurrency: int,
+        shutdown_grace_s: float,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        on_run_crash: Callable[[str, BaseException], None] | None = None,
+        name: str = "dispatcher",
+    ) -> None:
+        assert 1 <= concurrency <= CLAIM_BATCH_MAX * 4, concurrency
+        assert shutdown_grace_s >= 0 and poll_interval_s > 0
+        super().__init__(name=name, mailbox_size=concurrency + MAILBOX_SLACK)
+        self.services = services
+        self.concurrency = concurrency
+        self.shutdown_grace_s = shutdown_grace_s
+        self.poll_interval_s = poll_interval_s
+        self.on_run_crash = on_run_crash
+        # Set by stop(): from then on nothing is claimed.
+        self.draining = anyio.Event()
+        self.endings: collections.Counter[RunEnding] = collections.Counter()
+        # The host table (like a supervisor's child list): added by the handler
+        # when it starts a run, removed by that run's host task when it ends.
+        self._hosted: dict[str, RunActor] = {}
+        self._hosted_changed = anyio.Event()
+        self._wake_pending = False
+        self._runs: TaskGroup | None = None
+
+    # ---------------------------------------------------------- control
+
+    def wake(self) -> None:
+        """Work may be waiting (sync; coalesced: at most one Wake is queued)."""
+        if self._wake_pending or self.draining.is_set():
+            return
+        try:
+            self.ref.tell_nowait(Wake())
+        except (MailboxFull, ActorStopped):
+            return  # full of RunEnded (each one claims anyway) or stopping
+        self._wake_pending = True
+
+    def stop(self) -> None:
+        """Stop claiming now; in-flight runs get the grace period (sync, idempotent)."""
+        self.draining.set()
+        super().stop()
+
+    def in_flight(self) -> list[str]:
+        return list(self._hosted)
+
+    def child_spec(self, *, id: str = "dispatcher") -> ChildSpec:
+        """For the replica's supervisor: graceful stop = drain, grace, release."""
+        return ChildSpec(
+            id=id,
+            kind=self.kind,
+            start=self.serve,
+            restart=Restart.PERMANENT,
+            shutdown_s=self.shutdown_grace_s + RELEASE_DEADLINE_S + SHUTDOWN_MARGIN_S,
+            statistics=self.tree_node,
+            stop=self.stop,
+        )
+
+    def tree_node(self) -> dict[str, Any]:
+        """The /admin/actors node: slots, endings so far, the runs in flight."""
+        statistics = self.statistics()
+        return {
+            "mailbox_depth": statistics.mailbox_depth,
+            "actor_state": statistics.state,
+            "concurrency": self.concurrency,
+            "in_flight": len(self._hosted),
+            "draining": self.draining.is_set(),
+            "endings": {ending.value: count for ending, count in self.endings.items()},
+            "children": [
+                {
+                    "name": run_id,
+                    "kind": actor.kind,
+                    "state": actor.phase.value,
+                    "mailbox_depth": actor.mailbox.depth(),
+                    "restarts": 0,
+                    "children": [],
+                }
+                for run_id, actor in list(self._hosted.items())[:TREE_CHILDREN_MAX]
+            ],
+        }
+
+    # ------------------------------------------------------------- life
+
+    async def serve(
+        self,
+        *,
+        task_status: TaskStatus[ActorRef[DispatcherMessage]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Claim and host runs until stopped; then drain as SPEC §6 says."""
+        async with anyio.create_task_group() as runs:
+            self._runs = runs
+            try:
+                async with anyio.create_task_group() as pumps:
+                    await pumps.start(self.services.queue.listen, self.wake)
+                    pumps.start_soon(self._poll)
+                    ref = await pumps.start(self._mailbox_loop, pumps.cancel_scope)
+                    self.wake()  # a backlog may be waiting already
+                    task_status.started(ref)
+            finally:
+                self.draining.set()
+                try:
+                    if self._hosted:
+                        log.info(
+                            "draining runs in flight",
+                            extra={"runs": len(self._hosted), "grace_s": self.shutdown_grace_s},
+                        )
+                    # Not shielded: cancelled from outside, the grace is over.
+                    with anyio.move_on_after(self.shutdown_grace_s):
+                        await self._wait_idle()
+                finally:
+                    # Whatever is left releases its run in its own finally.
+                    runs.cancel_scope.cancel()
+
+    async def _mailbox_loop(
+        self,
+        pumps: anyio.CancelScope,
+        *,
+        task_status: TaskStatus[ActorRef[DispatcherMessage]],
+    ) -> None:
+        try:
+            await self.run(task_status=task_status)
+        finally:
+            pumps.cancel()  # no more wake-ups once nothing handles them
+
+    async def _poll(self) -> None:
+        while True:
+            await anyio.sleep(self.poll_interval_s)
+            self.wake()
+
+    async def _wait_idle(self) -> None:
+        while self._hosted:
+            await self._hosted_changed.wait()
+
+    # ---------------------------------------------------------- handlers
+
+    async def handle(self, message: DispatcherMessage) -> None:
+        match message:
+            case Wake():
+                self._wake_pending = False
+                await self._fill()
+            case RunEnded(run_id=run_id, ending=ending):
+                log.debug("run actor ended", extra={"run_id": run_id, "ending": ending.value})
+                await self._fill()
+            case _:
+                assert_never(message)
+
+    async def _fill(self) -> None:
+        """Claim up to the free slots and start a run actor for each claim."""
+        if self.draining.is_set():
+            return
+        free = self.concurrency - len(self._hosted)
+        assert free >= 0, "more runs in flight than slots"
+        if free == 0:
+            return
+        try:
+            claimed = await self.services.queue.claim_batch(min(free, CLAIM_BATCH_MAX))
+        except Exception:
+            # No self-wake: the next poll tries again (a backoff of poll_interval_s).
+            log.warning("claiming failed; retrying at the next poll", exc_info=True)
+            return
+        assert len(claimed) <= free, (len(claimed), free)
+        for run in claimed:
+            if self.draining.is_set():
+                # Stopped while the claim (an SQS long poll) was under way.
+                await self.services.queue.release(run)
+            else:
+                self._start(run)
+        if self.services.queue.claim_waits and len(self._hosted) < self.concurrency:
+            self.wake()  # SQS: the long poll is the wait, so poll again at once
+
+    def _start(self, claimed: ClaimedRun) -> None:
+        assert self._runs is not None
+        assert claimed.run_id not in self._hosted, "claimed a run already in flight here"
+        actor = RunActor(claimed, self.services)
+        self._hosted[claimed.run_id] = actor
+        self._changed()
+        self._runs.start_soon(self._host, actor, name=f"run:{claimed.run_id}")
+
+    async def _host(self, actor: RunActor) -> None:
+        """One run actor, start to end; its exception is reported, never raised."""
+        run_id = actor.claimed.run_id
+        try:
+            await actor.serve()
+        except Exception as error:
+            log.error(
+                "run actor crashed; the reaper or the reconciler recovers its run",
+                extra={"run_id": run_id, "error": type(error).__name__},
+                exc_info=error,
+            )
+            if self.on_run_crash is not None:
+                try:
+                    self.on_run_crash(run_id, error)
+                except Exception:
+                    log.exception("on_run_crash hook failed")
+        finally:
+            ending = actor.ending if actor.ending is not None else RunEnding.CRASHED
+            self.endings[ending] += 1
+            removed = self._hosted.pop(run_id, None)
+            assert removed is actor
+            self._changed()
+            # Suppressed when draining, or full (then the poll refills the slot).
+            with contextlib.suppress(MailboxFull, ActorStopped):
+                self.ref.tell_nowait(RunEnded(run_id, ending))
+
+    def _changed(self) -> None:
+        self._hosted_changed.set()
+        self._hosted_changed = anyio.Event()

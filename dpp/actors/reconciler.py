@@ -1,0 +1,550 @@
+"""The reconciler: finishes what crashed workers left, from evidence only.
+
+One per replica, under the supervisor. Every write it makes is guarded (the
+version it observed, the status it expects), so two replicas reconciling the
+same runs at once settle each exactly once: the loser's guard fails and it
+counts a lost race, never a second movement of money.
+
+Each pass, in order (one failing step does not stop the others):
+
+- **reaper** (also every ``reaper_interval_s`` on its own): PROCESSING runs
+  whose lease passed → EXPIRED, minimum fee. The settlement carries the
+  version the reaper observed, so a heartbeat that renewed in between wins.
+- **stuck CLAIMED** runs (older than the threshold): the result object is
+  the evidence. A valid receipt rolls forward to COMPLETED charging the
+  receipt's cost (clamped by the settlement); no object rolls back to FAILED
+  (minimum fee); an object without a valid receipt, or a run whose reserve
+  entry is missing, is never guessed: AUDIT_REQUIRED plus a critical alert.
+- **queue repairs** (SQS): re-announce committed QUEUED runs whose message was
+  never sent; settle dead-lettered runs FAILED (minimum fee).
+- **Redis drift repair**, paging through tenants with drift's cursor.
+- **retention**: delete result objects past ``retention_until``, then mark
+  the row (guarded), in that order so a crash only repeats the delete.
+- **idempotency sweep** of expired keys.
+
+``reconcile_once()`` asks the actor for one full pass (``POST
+/admin/reconcile``); ``trigger()`` is the supervisor's crash hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, assert_never
+
+import anyio
+from anyio.abc import TaskStatus
+
+from dpp import idempotency, ledger
+from dpp.actors.kernel import (
+    Actor,
+    ActorCrashed,
+    ActorRef,
+    ActorStopped,
+    AskTimeout,
+    MailboxFull,
+    Reply,
+)
+from dpp.actors.run import result_key
+from dpp.actors.supervisor import ChildSpec, Restart
+from dpp.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, Blobs, StoredObject
+from dpp.drift import repair_drift
+from dpp.money import Outcome
+from dpp.queue.base import RunQueue
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from dpp.context import AppContext
+    from dpp.db import Queries
+    from dpp.money_service import MoneyService
+
+log = logging.getLogger("dpp.reconciler")
+
+MAILBOX_SIZE = 16
+# Per pass limits: a backlog is worked off over several passes, never in one
+# unbounded sweep.
+REAP_BATCH_MAX = 500
+CLAIMED_BATCH_MAX = 200
+RETENTION_BATCH_MAX = 500
+DEAD_LETTERS_MAX = 100
+DRIFT_PAGES_MAX = 10
+# A QUEUED run not announced within this long after its commit is announced
+# again (the runs API enqueues right after the commit).
+UNSENT_AFTER_SEC_DEFAULT = 30
+DRIFT_SETTLE_S_DEFAULT = 0.5
+RECONCILE_ASK_TIMEOUT_S = 120.0
+SHUTDOWN_S = 5.0
+
+COST_PATTERN = re.compile(r"^[0-9]{1,19}$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+USD_MICROS_MAX = 2**63 - 1
+
+LEASE_EXPIRED_PROBLEM = {
+    "type": "https://dpp.dev/problems/lease-expired",
+    "title": "Lease expired",
+    "status": 500,
+    "detail": "The worker running this run stopped renewing its lease.",
+}
+RESULT_MISSING_PROBLEM = {
+    "type": "https://dpp.dev/problems/result-missing",
+    "title": "Result not stored",
+    "status": 500,
+    "detail": "The run finished but its result was never stored.",
+}
+DELIVERY_FAILED_PROBLEM = {
+    "type": "https://dpp.dev/problems/delivery-failed",
+    "title": "Run could not be delivered",
+    "status": 503,
+    "detail": "The run's queue message failed delivery repeatedly.",
+}
+
+
+class ReconcilerUnavailable(Exception):
+    """No pass could be run or answered right now (stopped, busy, or too slow)."""
+
+
+# ------------------------------------------------------------ verdicts
+
+
+@dataclass(frozen=True, slots=True)
+class RollForward:
+    actual_cost_usd_micros: int
+    receipt: ledger.ResultReceipt
+
+
+@dataclass(frozen=True, slots=True)
+class RollBack:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class NeedsAudit:
+    reason: str
+
+
+Verdict = RollForward | RollBack | NeedsAudit
+
+
+def judge_claimed(run_id: str, key: str, stored: StoredObject | None) -> Verdict:
+    """What a stuck CLAIMED run's result object proves (pure)."""
+    if stored is None:
+        return RollBack()
+    metadata = stored.metadata
+    if metadata.get(RECEIPT_RUN) != run_id:
+        return NeedsAudit(f"result object names run {metadata.get(RECEIPT_RUN)!r}")
+    cost = metadata.get(RECEIPT_COST, "")
+    if not COST_PATTERN.fullmatch(cost) or int(cost) > USD_MICROS_MAX:
+        return NeedsAudit(f"result object's cost {cost[:40]!r} is not a non-negative integer")
+    sha256 = metadata.get(RECEIPT_SHA256, "")
+    if not SHA256_PATTERN.fullmatch(sha256):
+        return NeedsAudit("result object's sha256 is missing or malformed")
+    if stored.bytes < 0:
+        return NeedsAudit("result object reports a negative size")
+    return RollForward(
+        int(cost), ledger.ResultReceipt(key, sha256, stored.bytes, stored.content_type)
+    )
+
+
+# ------------------------------------------------------------- report
+
+
+@dataclass(slots=True)
+class ReconcileReport:
+    """What one pass did; ``as_json`` is the body of POST /admin/reconcile."""
+
+    expired: int = 0
+    rolled_forward: int = 0
+    rolled_back: int = 0
+    audit_required: int = 0
+    drift_repairs: int = 0
+    results_deleted: int = 0
+    idempotency_keys_swept: int = 0
+    requeued: int = 0
+    dead_lettered: int = 0
+    # another settler (a heartbeat, a worker, another replica) got there first
+    lost_races: int = 0
+    errors: list[str] = field(default_factory=list)
+    duration_ms: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def moved_anything(self) -> bool:
+        return any(
+            (
+                self.expired,
+                self.rolled_forward,
+                self.rolled_back,
+                self.audit_required,
+                self.drift_repairs,
+                self.results_deleted,
+                self.requeued,
+                self.dead_lettered,
+                self.errors,
+            )
+        )
+
+
+# ----------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Reap:
+    """The reaper's timer: expire lapsed leases."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reconcile:
+    """One full pass; ``reply`` gets the report (None: timer or trigger)."""
+
+    reply: Reply[dict[str, Any]] | None = None
+
+
+ReconcilerMessage = Reap | Reconcile
+
+
+class Reconciler(Actor[ReconcilerMessage]):
+    kind = "reconciler"
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        queries: Queries,
+        blobs: Blobs,
+        money: MoneyService,
+        queue: RunQueue,
+        reaper_interval_s: float,
+        reconcile_interval_s: float,
+        claimed_threshold_sec: int,
+        unsent_after_sec: int = UNSENT_AFTER_SEC_DEFAULT,
+        drift_settle_s: float = DRIFT_SETTLE_S_DEFAULT,
+        name: str = "reconciler",
+    ) -> None:
+        assert reaper_interval_s > 0 and reconcile_interval_s > 0
+        assert claimed_threshold_sec >= 1 and unsent_after_sec >= 0
+        super().__init__(name=name, mailbox_size=MAILBOX_SIZE)
+        self.pool = pool
+        self.queries = queries
+        self.blobs = blobs
+        self.money = money
+        self.queue = queue
+        self.reaper_interval_s = reaper_interval_s
+        self.reconcile_interval_s = reconcile_interval_s
+        self.claimed_threshold_sec = claimed_threshold_sec
+        self.unsent_after_sec = unsent_after_sec
+        self.drift_settle_s = drift_settle_s
+        self.passes = 0
+        self.last_report: dict[str, Any] | None = None
+        self._drift_cursor = ""
+        self._reconcile_pending = False
+        self._reap_pending = False
+
+    @classmethod
+    def from_context(cls, context: AppContext, queue: RunQueue) -> Reconciler:
+        settings = context.settings
+        assert context.money is not None, "build MoneyService before the reconciler"
+        return cls(
+            pool=context.pool,
+            queries=context.queries,
+            blobs=context.blobs,
+            money=context.money,
+            queue=queue,
+            reaper_interval_s=settings.reaper_interval_sec,
+            reconcile_interval_s=settings.reconcile_interval_sec,
+            claimed_threshold_sec=settings.reconcile_threshold_sec,
+        )
+
+    # ----------------------------------------------------------- handles
+
+    def trigger(self) -> None:
+        """Run a full pass soon (sync, coalesced): the supervisor's crash hook."""
+        if self._reconcile_pending:
+            return
+        try:
+            self.ref.tell_nowait(Reconcile())
+        except (MailboxFull, ActorStopped):
+            return  # a pass is queued already, or we are stopping
+        self._reconcile_pending = True
+
+    async def reconcile_once(self) -> dict[str, Any]:
+        """One full pass, serialized with the periodic ones; its JSON report."""
+        try:
+            return await self.ref.ask(Reconcile, timeout_s=RECONCILE_ASK_TIMEOUT_S)
+        except (ActorStopped, MailboxFull, AskTimeout, ActorCrashed) as error:
+            raise ReconcilerUnavailable(str(error)) from error
+
+    def child_spec(self, *, id: str = "reconciler") -> ChildSpec:
+        return ChildSpec(
+            id=id,
+            kind=self.kind,
+            start=self.serve,
+            restart=Restart.PERMANENT,
+            shutdown_s=SHUTDOWN_S,
+            statistics=self.tree_node,
+            stop=self.stop,
+        )
+
+    def tree_node(self) -> dict[str, Any]:
+        statistics = self.statistics()
+        return {
+            "mailbox_depth": statistics.mailbox_depth,
+            "actor_state": statistics.state,
+            "passes": self.passes,
+            "last_report": self.last_report,
+            "children": [],
+        }
+
+    # -------------------------------------------------------------- life
+
+    async def serve(
+        self,
+        *,
+        task_status: TaskStatus[ActorRef[ReconcilerMessage]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The mailbox plus two timers (first tick one interval after start)."""
+        async with anyio.create_task_group() as timers:
+            ref = await timers.start(self._mailbox_loop, timers.cancel_scope)
+            timers.start_soon(self._every, self.reaper_interval_s, self._tick_reap)
+            timers.start_soon(self._every, self.reconcile_interval_s, self.trigger)
+            task_status.started(ref)
+
+    async def _mailbox_loop(
+        self,
+        timers: anyio.CancelScope,
+        *,
+        task_status: TaskStatus[ActorRef[ReconcilerMessage]],
+    ) -> None:
+        try:
+            await self.run(task_status=task_status)
+        finally:
+            timers.cancel()
+
+    @staticmethod
+    async def _every(interval_s: float, tick: Callable[[], None]) -> None:
+        while True:
+            await anyio.sleep(interval_s)
+            tick()
+
+    def _tick_reap(self) -> None:
+        if self._reap_pending:
+            return
+        try:
+            self.ref.tell_nowait(Reap())
+        except (MailboxFull, ActorStopped):
+            return
+        self._reap_pending = True
+
+    async def handle(self, message: ReconcilerMessage) -> None:
+        match message:
+            case Reap():
+                self._reap_pending = False
+                report = ReconcileReport()
+                await self._guarded_step(report, "reap", self._reap)
+                if report.moved_anything():
+                    log.info("reaper pass", extra=report.as_json())
+            case Reconcile(reply=reply):
+                if reply is None:
+                    self._reconcile_pending = False
+                report = await self.reconcile_pass()
+                if reply is not None:
+                    reply.set(report.as_json())
+            case _:
+                assert_never(message)
+
+    # ------------------------------------------------------------ passes
+
+    async def reconcile_pass(self) -> ReconcileReport:
+        """One full pass, not serialized: call ``reconcile_once`` instead, except
+        from the actor's own handler."""
+        started = time.monotonic()
+        report = ReconcileReport()
+        await self._guarded_step(report, "reap", self._reap)
+        await self._guarded_step(report, "claimed", self._resolve_claimed)
+        await self._guarded_step(report, "requeue", self._requeue_unsent)
+        await self._guarded_step(report, "dead_letters", self._settle_dead_letters)
+        await self._guarded_step(report, "drift", self._repair_drift)
+        await self._guarded_step(report, "retention", self._delete_expired_results)
+        await self._guarded_step(report, "idempotency", self._sweep_idempotency)
+        report.duration_ms = int((time.monotonic() - started) * 1000)
+        self.passes += 1
+        self.last_report = report.as_json()
+        if report.moved_anything():
+            log.info("reconcile pass", extra=self.last_report)
+        return report
+
+    async def _guarded_step(
+        self,
+        report: ReconcileReport,
+        name: str,
+        step: Callable[[ReconcileReport], Awaitable[None]],
+    ) -> None:
+        try:
+            await step(report)
+        except AssertionError:
+            raise  # a broken invariant is a bug: crash, be restarted, be seen
+        except Exception:
+            log.warning(
+                "reconcile step failed; the next pass retries", extra={"step": name}, exc_info=True
+            )
+            report.errors.append(name)
+
+    async def _settle(
+        self, report: ReconcileReport, tenant_id: str, request: ledger.SettleRequest
+    ) -> bool:
+        """Settle once; True when this call moved the money."""
+        try:
+            result = await self.money.settle(tenant_id, request)
+        except ledger.SettleRefused as refused:
+            log.info(
+                "settlement lost a race", extra={"run_id": request.run_id, "reason": refused.reason}
+            )
+            report.lost_races += 1
+            return False
+        except Exception:
+            log.warning(
+                "settlement failed; the next pass retries",
+                extra={"run_id": request.run_id},
+                exc_info=True,
+            )
+            report.errors.append(f"settle:{request.run_id}")
+            return False
+        assert result.settlement.outcome is request.outcome
+        if not result.applied:
+            report.lost_races += 1  # settled the same way by someone else first
+        return result.applied
+
+    async def _audit(
+        self, report: ReconcileReport, run_id: str, tenant_id: str, version: int, reason: str
+    ) -> None:
+        """Set a run aside for an operator, and raise the alarm (SPEC §1, §6)."""
+        if not await ledger.mark_audit_required(self.pool, self.queries, run_id, version, reason):
+            report.lost_races += 1
+            return
+        report.audit_required += 1
+        log.error(
+            "run needs an audit: its outcome cannot be established from evidence",
+            extra={
+                "severity": "CRITICAL",
+                "alert_channel": "money",
+                "run_id": run_id,
+                "tenant_id": tenant_id,
+                "reason": reason,
+            },
+        )
+
+    async def _reap(self, report: ReconcileReport) -> None:
+        rows = await self.pool.fetch(self.queries["lapsed_leases"], REAP_BATCH_MAX)
+        for row in rows:
+            if not row["has_reserve"]:
+                await self._audit(
+                    report, row["id"], row["tenant_id"], row["version"], "reserve entry missing"
+                )
+                continue
+            request = ledger.SettleRequest(
+                row["id"],
+                Outcome.EXPIRED,
+                from_statuses=frozenset({"PROCESSING"}),
+                error=LEASE_EXPIRED_PROBLEM,
+                expected_version=row["version"],
+            )
+            if await self._settle(report, row["tenant_id"], request):
+                report.expired += 1
+
+    async def _resolve_claimed(self, report: ReconcileReport) -> None:
+        rows = await self.pool.fetch(
+            self.queries["stuck_claimed_runs"], self.claimed_threshold_sec, CLAIMED_BATCH_MAX
+        )
+        for row in rows:
+            run_id, tenant_id, version = row["id"], row["tenant_id"], row["version"]
+            if not row["has_reserve"]:
+                await self._audit(report, run_id, tenant_id, version, "reserve entry missing")
+                continue
+            key = result_key(tenant_id, run_id)
+            verdict = judge_claimed(run_id, key, await self.blobs.head(key))
+            match verdict:
+                case RollForward(actual_cost_usd_micros=cost, receipt=receipt):
+                    request = ledger.SettleRequest(
+                        run_id,
+                        Outcome.COMPLETED,
+                        actual_cost_usd_micros=cost,
+                        from_statuses=frozenset({"CLAIMED"}),
+                        result=receipt,
+                        expected_version=version,
+                    )
+                    if await self._settle(report, tenant_id, request):
+                        report.rolled_forward += 1
+                case RollBack():
+                    request = ledger.SettleRequest(
+                        run_id,
+                        Outcome.FAILED,
+                        from_statuses=frozenset({"CLAIMED"}),
+                        error=RESULT_MISSING_PROBLEM,
+                        expected_version=version,
+                    )
+                    if await self._settle(report, tenant_id, request):
+                        report.rolled_back += 1
+                case NeedsAudit(reason=reason):
+                    await self._audit(report, run_id, tenant_id, version, reason)
+                case _:
+                    assert_never(verdict)
+
+    async def _requeue_unsent(self, report: ReconcileReport) -> None:
+        report.requeued += await self.queue.requeue_unsent(self.unsent_after_sec)
+
+    async def _settle_dead_letters(self, report: ReconcileReport) -> None:
+        for letter in await self.queue.receive_dead_letters(DEAD_LETTERS_MAX):
+            if letter.run_id is None:
+                log.error("dead letter names no run; deleting it")
+                await self.queue.delete_dead_letter(letter)
+                continue
+            # The row, not the message, says whose run it is and where it stands.
+            row = await self.pool.fetchrow(self.queries["run_for_message"], letter.run_id)
+            if row is not None and row["status"] == "QUEUED":
+                request = ledger.SettleRequest(
+                    row["id"],
+                    Outcome.FAILED,
+                    from_statuses=frozenset({"QUEUED"}),
+                    error=DELIVERY_FAILED_PROBLEM,
+                    expected_version=row["version"],
+                )
+                try:
+                    settled = await self.money.settle(row["tenant_id"], request)
+                except ledger.SettleRefused:
+                    report.lost_races += 1  # claimed or cancelled meanwhile: fine
+                else:
+                    if settled.applied:
+                        report.dead_lettered += 1
+                        log.warning(
+                            "dead-lettered run settled FAILED",
+                            extra={"run_id": row["id"], "tenant_id": row["tenant_id"]},
+                        )
+            await self.queue.delete_dead_letter(letter)
+
+    async def _repair_drift(self, report: ReconcileReport) -> None:
+        cursor = self._drift_cursor
+        for _ in range(DRIFT_PAGES_MAX):
+            repairs, cursor = await repair_drift(
+                self.pool, self.money.mirror, after_tenant_id=cursor, settle_s=self.drift_settle_s
+            )
+            report.drift_repairs += len(repairs)
+            if not cursor:
+                break
+        self._drift_cursor = cursor  # resume here next pass if the pages ran out
+
+    async def _delete_expired_results(self, report: ReconcileReport) -> None:
+        rows = await self.pool.fetch(self.queries["results_past_retention"], RETENTION_BATCH_MAX)
+        for row in rows:
+            await self.blobs.delete(row["result_key"])
+            marked = await self.pool.fetchval(
+                self.queries["mark_result_deleted"], row["id"], row["result_key"]
+            )
+            if marked is not None:
+                report.results_deleted += 1
+
+    async def _sweep_idempotency(self, report: ReconcileReport) -> None:
+        report.idempotency_keys_swept += await idempotency.sweep(self.pool, self.queries)

@@ -1,0 +1,108 @@
+"""`dpp dev` with nothing configured: embedded services, a serving API, a clean exit.
+
+This is the README's first command as a new developer meets it, so it runs
+the real thing in a subprocess: a fresh ./.dpp, initdb included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+STARTUP_TIMEOUT_S = 60.0
+EXIT_TIMEOUT_S = 60.0
+POLL_INTERVAL_S = 0.25
+CONFIGURED_PREFIXES = ("DPP_", "DATABASE_URL", "REDIS_URL", "S3_", "SQS_", "AWS_", "PORT")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def status_of(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None  # not listening yet
+
+
+def wait_until_ready(process: subprocess.Popen[bytes], base_url: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"dpp dev exited early with {process.returncode}"
+        if status_of(f"{base_url}/readyz") == 200:
+            return
+        time.sleep(POLL_INTERVAL_S)
+    raise AssertionError(f"dpp dev not ready after {STARTUP_TIMEOUT_S} s")
+
+
+def stop_leftover_postgres(data_directory: Path) -> None:
+    """Only after a failed test: the embedded postmaster runs in its own session."""
+    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+        pid = int((data_directory / "postmaster.pid").read_text().splitlines()[0])
+        os.kill(pid, signal.SIGINT)  # "fast" shutdown
+
+
+@pytest.mark.slow
+def test_dev_runs_on_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(CONFIGURED_PREFIXES)
+    }
+    environment["PORT"] = str(port)
+    base_url = f"http://127.0.0.1:{port}"
+    stdout_path, stderr_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dpp.cli", "dev"],
+            cwd=tmp_path,
+            env=environment,
+            stdout=stdout,
+            stderr=stderr,
+        )
+    try:
+        try:
+            wait_until_ready(process, base_url)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{stderr_path.read_text()}") from None
+        assert status_of(f"{base_url}/health") == 200
+        assert status_of(f"{base_url}/readyz") == 200
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=EXIT_TIMEOUT_S) == 0, stderr_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+            stop_leftover_postgres(tmp_path / ".dpp" / "postgres")
+
+    output = stdout_path.read_text()
+    errors = stderr_path.read_text()
+    assert "Traceback" not in errors, errors
+    dev_lines = [line for line in output.splitlines() if line.startswith("dpp dev: ")]
+    assert any(line.startswith("dpp dev: postgres  embedded") for line in dev_lines), output
+    assert any(line.startswith("dpp dev: redis     embedded") for line in dev_lines), output
+    assert any("in memory only" in line for line in dev_lines), output
+    assert any(line.endswith(f"127.0.0.1:{port}  (Ctrl-C stops)") for line in dev_lines), output
+    # the generated admin token is kept for next time and never printed
+    token = (tmp_path / ".dpp" / "admin_token").read_text().strip()
+    assert token and token not in output and token not in errors
+    # embedded Postgres stopped with us (pg_ctl removes the pid file on a clean stop)
+    assert not (tmp_path / ".dpp" / "postgres" / "postmaster.pid").exists()
