@@ -29,14 +29,14 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dpp.actors.budget import Reserved  # noqa: E402
-from dpp.budget_cache import BudgetMirror  # noqa: E402
-from dpp.cache import create_redis  # noqa: E402
-from dpp.db import Queries, create_pool  # noqa: E402
-from dpp.migrate import apply_migrations  # noqa: E402
-from dpp.money_service import MoneyService  # noqa: E402
-from tests.moneykit import create_plan, create_tenant, draft  # noqa: E402
-from tests.services import delete_redis_prefix, with_database  # noqa: E402
+from dpp.actors.budget import Reserved
+from dpp.budget_cache import BudgetMirror
+from dpp.cache import create_redis
+from dpp.db import Queries, create_pool
+from dpp.migrate import apply_migrations
+from dpp.money_service import MoneyService
+from tests.moneykit import create_plan, create_tenant, draft
+from tests.services import delete_redis_prefix, with_database
 
 CONCURRENCY = 64
 
