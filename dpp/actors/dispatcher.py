@@ -219,6 +219,8 @@ class Dispatcher(Actor[DispatcherMessage]):
             return
         try:
             claimed = await self.services.queue.claim_batch(min(free, CLAIM_BATCH_MAX))
+        except AssertionError:
+            raise  # a broken invariant is a bug: crash and be seen, never retry it
         except Exception:
             # No self-wake: the next poll tries again (a backoff of poll_interval_s).
             log.warning("claiming failed; retrying at the next poll", exc_info=True)

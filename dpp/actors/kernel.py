@@ -383,7 +383,8 @@ class Actor(Generic[M]):
         after a normal stop, a crash, or cancellation -- once on_start succeeded."""
 
     async def handle(self, message: M) -> None:
-        raise NotImplementedError(f"{type(self).__name__}.handle")
+        """Handle one message; a subclass overrides this or `handle_batch`."""
+        raise AssertionError(f"{type(self).__name__} overrides neither handle nor handle_batch")
 
     async def handle_batch(self, messages: list[M]) -> None:
         """Handle already-dequeued messages in order; override to group-commit.

@@ -405,6 +405,8 @@ class Reconciler(Actor[ReconcilerMessage]):
             )
             report.lost_races += 1
             return False
+        except AssertionError:
+            raise
         except Exception:
             log.warning(
                 "settlement failed; the next pass retries",

@@ -285,6 +285,8 @@ class RunActor(Actor[RunMessage]):
         services = self.services
         try:
             version = await services.leases.renew(self.claimed, self.version, services.lease_sec)
+        except AssertionError:
+            raise  # a broken invariant is a bug, not an operating error
         except Exception:
             # The next beat tries again; if the lease lapses meanwhile, the reaper
             # takes the run and that beat loses its guard.
@@ -319,6 +321,8 @@ class RunActor(Actor[RunMessage]):
         claimed, services = self.claimed, self.services
         try:
             version = await services.leases.claim_for_finalize(claimed, self.version)
+        except AssertionError:
+            raise  # a broken invariant is a bug, not an operating error
         except Exception:
             # Whether it committed is unknown: PROCESSING is reaped, CLAIMED reconciled.
             log.error("finalize claim failed", exc_info=True)
@@ -337,6 +341,8 @@ class RunActor(Actor[RunMessage]):
         }
         try:
             await services.blobs.put(key, output.body, output.content_type, receipt)
+        except AssertionError:
+            raise  # a broken invariant is a bug, not an operating error
         except Exception:
             log.error("result upload failed; the reconciler will decide the run", exc_info=True)
             return RunEnding.UNKNOWN
@@ -375,6 +381,8 @@ class RunActor(Actor[RunMessage]):
                 "settlement refused", extra={"status": refused.status, "reason": refused.reason}
             )
             return RunEnding.LEASE_LOST
+        except AssertionError:
+            raise  # a broken invariant is a bug, not an operating error
         except Exception:
             log.error("settlement outcome unknown; the reconciler will decide", exc_info=True)
             return RunEnding.UNKNOWN

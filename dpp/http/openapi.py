@@ -51,6 +51,7 @@ class Operation:
     replies: tuple[Reply, ...]
     parameters: tuple[str, ...] = ()  # names in PARAMETERS
     request_schema: str | None = None
+    request_required: bool = True
     description: str | None = None
 
 
@@ -151,10 +152,21 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "refunded_usd_micros": USD_MICROS_OR_NULL,
             "metadata": {"type": "object"},
             "result": {"oneOf": [_schema("RunResult"), {"type": "null"}]},
-            "error": {"oneOf": [_schema("Problem"), {"type": "null"}]},
+            "error": {"oneOf": [_schema("RunError"), {"type": "null"}]},
             "retention_until": TIMESTAMP_OR_NULL,
         },
         description="Every member is always present; null until it applies.",
+    ),
+    "RunError": _object(
+        {
+            "type": {"type": "string", "format": "uri"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+        },
+        ["type", "title", "status", "detail"],
+        description="Why a run FAILED or EXPIRED: a problem object.",
+        additionalProperties=True,
     ),
     "RunList": _all_required(
         {
@@ -163,7 +175,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "has_more": {"type": "boolean"},
         }
     ),
-    "Plan": _all_required(PLAN),
+    "Plan": _object(
+        {**PLAN, "created_at": TIMESTAMP, "updated_at": TIMESTAMP},
+        PLAN.keys(),
+        additionalProperties=True,
+    ),
     "Budget": _all_required({**BUDGET_VIEW, "plan": _schema("Plan")}),
     "BudgetView": _all_required(BUDGET_VIEW),
     "UsageDay": _all_required(
@@ -216,6 +232,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "id": {"type": "string", "pattern": "^ten_[0-9A-Za-z]{26}$"},
             "name": {"type": "string"},
             "plan_id": {"type": "string"},
+            "created_at": TIMESTAMP,
+            "plan": _schema("Plan"),
         },
         ["id", "name", "plan_id"],
         additionalProperties=True,
@@ -233,6 +251,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ApiKeyCreated": _object(
         {
             "id": {"type": "string", "pattern": "^key_[0-9A-Za-z]{26}$"},
+            "tenant_id": {"type": "string"},
+            "name": {"type": ["string", "null"]},
+            "key_hint": {"type": "string", "description": "A few characters to recognise it."},
+            "requests_per_minute": {"type": ["integer", "null"], "minimum": 1},
+            "created_at": TIMESTAMP,
+            "last_used_at": TIMESTAMP_OR_NULL,
+            "revoked_at": TIMESTAMP_OR_NULL,
             "api_key": {
                 "type": "string",
                 "pattern": "^dpp_live_[0-9A-Za-z]{32}_[0-9a-f]{8}$",
@@ -246,7 +271,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "BudgetConsistency": _all_required(
         {
             "postgres": _schema("BudgetView"),
-            "redis": {"type": "object"},
+            "redis": {
+                "oneOf": [_schema("BudgetView"), {"type": "null"}],
+                "description": "null while the tenant is not mirrored yet.",
+            },
             "consistent": {"type": "boolean"},
         }
     ),
@@ -261,11 +289,21 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         }
     ),
     "ReconcileReport": {"type": "object", "description": "What one pass did, by kind."},
-    "AuditReport": _all_required(
+    "AuditReport": _object(
         {
             "ok": {"type": "boolean"},
             "violations": {"type": "array", "items": {"type": "object"}},
             "audit_required_runs": {"type": "array", "items": {"type": "object"}},
+            "tenants_checked": {"type": "integer", "minimum": 0},
+        },
+        ["ok", "violations", "audit_required_runs"],
+    ),
+    "ResolveResult": _all_required(
+        {
+            "id": {"type": "string", "pattern": "^run_[0-9A-Za-z]{26}$"},
+            "status": {"enum": ["COMPLETED", "FAILED"]},
+            "charged_usd_micros": USD_MICROS,
+            "refunded_usd_micros": USD_MICROS,
         }
     ),
     "ResolveRequest": _all_required(
@@ -290,7 +328,7 @@ HEADERS: dict[str, dict[str, Any]] = {
         'The tightest policy, e.g. "tenant";q=600;w=60.', {"type": "string"}
     ),
     "Retry-After": _header("Whole seconds to wait.", {"type": "integer", "minimum": 0}),
-    "Location": _header("The new run's URL.", {"type": "string"}),
+    "Location": _header("The created resource's URL.", {"type": "string"}),
     "Idempotent-Replayed": _header("Present (true) on a replayed response.", {"const": "true"}),
     "X-DPP-Cost-Reserved": _header(
         "Reserved USD micros.", {"type": "string", "pattern": "^[0-9]+$"}
@@ -523,10 +561,20 @@ OPERATIONS: tuple[Operation, ...] = (
         "admin",
         ADMIN,
         (
-            Reply(201, "The tenant.", "Tenant"),
+            Reply(201, "The tenant.", "Tenant", ("Location",)),
             problem(422, "An invalid member or unknown plan_id."),
         ),
         request_schema="TenantCreate",
+    ),
+    Operation(
+        "GET",
+        "/admin/tenants/{tenant_id}",
+        "getTenant",
+        "A tenant and its plan",
+        "admin",
+        ADMIN,
+        (Reply(200, "The tenant.", "Tenant"),),
+        parameters=("tenant_id",),
     ),
     Operation(
         "POST",
@@ -541,6 +589,7 @@ OPERATIONS: tuple[Operation, ...] = (
         ),
         parameters=("tenant_id",),
         request_schema="ApiKeyCreate",
+        request_required=False,
     ),
     Operation(
         "DELETE",
@@ -598,7 +647,10 @@ OPERATIONS: tuple[Operation, ...] = (
         "Run one reconciliation pass",
         "admin",
         ADMIN,
-        (Reply(200, "What the pass did.", "ReconcileReport"),),
+        (
+            Reply(200, "What the pass did.", "ReconcileReport"),
+            problem(503, "The reconciler is not running or did not answer.", "Retry-After"),
+        ),
     ),
     Operation(
         "GET",
@@ -621,7 +673,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "admin",
         ADMIN,
         (
-            Reply(200, "The settled run.", "Run"),
+            Reply(200, "The settlement: charged and refunded.", "ResolveResult"),
             problem(409, "The run is not AUDIT_REQUIRED."),
             problem(422, "An invalid outcome or charged amount (0 <= charged <= reserved)."),
         ),
@@ -706,7 +758,7 @@ def _operation_object(operation: Operation) -> dict[str, Any]:
         document["description"] = operation.description
     if operation.request_schema is not None:
         document["requestBody"] = {
-            "required": True,
+            "required": operation.request_required,
             "content": {"application/json": {"schema": _schema(operation.request_schema)}},
         }
     return document

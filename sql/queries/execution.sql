@@ -6,7 +6,17 @@
 
 -- name: claim_queued_runs
 -- The Postgres queue: oldest QUEUED first; SKIP LOCKED lets replicas claim
--- side by side without waiting on each other's rows.
+-- side by side without waiting on each other's rows. The pick is a
+-- MATERIALIZED CTE, not `id IN (subquery)`: the planner may rescan such a
+-- subquery, and each rescan would SKIP LOCKED its way to further rows, claiming
+-- more than the LIMIT.
+WITH picked AS MATERIALIZED (
+    SELECT id FROM runs
+    WHERE status = 'QUEUED'
+    ORDER BY created_at, id
+    FOR UPDATE SKIP LOCKED
+    LIMIT $1
+)
 UPDATE runs AS r
 SET status = 'PROCESSING',
     lease_token = gen_random_uuid(),
@@ -14,14 +24,8 @@ SET status = 'PROCESSING',
     started_at = now(),
     attempts = r.attempts + 1,
     version = r.version + 1
-WHERE r.id IN (
-    SELECT id FROM runs
-    WHERE status = 'QUEUED'
-    ORDER BY created_at, id
-    FOR UPDATE SKIP LOCKED
-    LIMIT $1
-)
-  AND r.status = 'QUEUED'
+FROM picked
+WHERE r.id = picked.id AND r.status = 'QUEUED'
 RETURNING r.id, r.tenant_id, r.pack_type, r.inputs, r.timebox_sec, r.reserved_usd_micros,
           r.minimum_fee_usd_micros, r.trace_id, r.version, r.lease_token, r.attempts;
 

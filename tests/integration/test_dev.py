@@ -7,6 +7,7 @@ the real thing in a subprocess: a fresh ./.dpp, initdb included.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,6 +53,28 @@ def wait_until_ready(process: subprocess.Popen[bytes], base_url: str) -> None:
     raise AssertionError(f"dpp dev not ready after {STARTUP_TIMEOUT_S} s")
 
 
+def get_json(url: str, api_key: str) -> dict[str, Any]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 200
+        document: dict[str, Any] = json.loads(response.read())
+        return document
+
+
+def wait_for_api_key(process: subprocess.Popen[bytes], stdout_path: Path) -> str:
+    """The ready key `dev` prints once its server answers (SPEC §5)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"dpp dev exited early with {process.returncode}"
+        for line in stdout_path.read_text().splitlines():
+            if line.startswith("dpp dev: api key   "):
+                key = line.split()[4]
+                assert key.startswith("dpp_live_"), line
+                return key
+        time.sleep(POLL_INTERVAL_S)
+    raise AssertionError(f"no API key printed after {STARTUP_TIMEOUT_S} s")
+
+
 def stop_leftover_postgres(data_directory: Path) -> None:
     """Only after a failed test: the embedded postmaster runs in its own session."""
     with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
@@ -84,6 +108,9 @@ def test_dev_runs_on_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> N
             raise AssertionError(f"{error}\n{stderr_path.read_text()}") from None
         assert status_of(f"{base_url}/health") == 200
         assert status_of(f"{base_url}/readyz") == 200
+        key = wait_for_api_key(process, stdout_path)
+        budget = get_json(f"{base_url}/v1/budget", key)
+        assert budget["balance_usd_micros"] == 100_000_000
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=EXIT_TIMEOUT_S) == 0, stderr_path.read_text()
@@ -104,5 +131,6 @@ def test_dev_runs_on_the_embedded_default_and_stops_cleanly(tmp_path: Path) -> N
     # the generated admin token is kept for next time and never printed
     token = (tmp_path / ".dpp" / "admin_token").read_text().strip()
     assert token and token not in output and token not in errors
+    assert (tmp_path / ".dpp" / "api_key").read_text().split()[0] == key
     # embedded Postgres stopped with us (pg_ctl removes the pid file on a clean stop)
     assert not (tmp_path / ".dpp" / "postgres" / "postmaster.pid").exists()

@@ -284,6 +284,15 @@ async def run_actor(
     return actor, (lambda: ending[0] if ending else None), done
 
 
+async def eventually(predicate: Callable[[], bool], *, timeout_s: float = WAIT_S) -> None:
+    """Poll a condition with a bounded deadline (no fixed sleeps in tests)."""
+    with anyio.fail_after(timeout_s):
+        while True:
+            if predicate():
+                return
+            await anyio.sleep(0.02)
+
+
 BACKENDS = ["postgres", "sqs"]
 
 
@@ -462,9 +471,8 @@ async def test_heartbeat_that_loses_its_lease_stops_the_work(
         await h.age_lease(run_id)
         report = await (await h.start_reconciler()).reconcile_once()
         assert report["expired"] == 1
-        with anyio.fail_after(3):  # the next beat (1 s) loses, long before the pack ends
-            while dispatcher.in_flight():
-                await anyio.sleep(0.05)
+        # the next beat (1 s) loses, long before the pack would end
+        await eventually(lambda: not dispatcher.in_flight(), timeout_s=3)
         assert dispatcher.endings[RunEnding.LEASE_LOST] == 1
         row = await h.row(run_id)
         assert row["status"] == "EXPIRED"

@@ -449,10 +449,10 @@ async def test_health(client: httpx.AsyncClient) -> None:
 async def test_readyz_with_real_services(client: httpx.AsyncClient) -> None:
     response = await client.get("/readyz")
     assert response.status_code == 200, response.text
-    assert response.json() == {
-        "status": "ready",
-        "checks": {"postgres": "ok", "redis": "ok", "object_storage": "ok"},
-    }
+    body = response.json()
+    assert body["status"] == "ready"
+    assert {"postgres", "redis", "object_storage"} <= set(body["checks"])
+    assert set(body["checks"].values()) == {"ok"}
 
 
 def closed_port() -> int:
@@ -471,7 +471,8 @@ async def test_readyz_names_a_dead_redis(settings_env: dict[str, str]) -> None:
         response = await client.get("/readyz")
     body = assert_problem(response, 503, "/readyz")
     assert body["type"] == PROBLEM_BASE + "not-ready"
-    assert body["checks"] == {"postgres": "ok", "redis": "down", "object_storage": "ok"}
+    assert body["checks"]["redis"] == "down"
+    assert {name for name, state in body["checks"].items() if state == "down"} == {"redis"}
     assert "redis" in body["detail"] and "postgres" not in body["detail"]
 
 

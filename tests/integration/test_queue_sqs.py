@@ -1,0 +1,160 @@
+"""The SQS backend over real HTTP (moto's server mode): messages are hints,
+Postgres decides, and the redrive policy ends in a FAILED settlement."""
+
+from __future__ import annotations
+
+import anyio
+import orjson
+
+from dpp.actors.run import RunEnding
+from dpp.queue import SqsQueue
+from tests.integration.test_execution import (
+    MINIMUM_FEE_USD_MICROS,
+    RESERVED_USD_MICROS,
+    Harness,
+    open_harness,
+    run_actor,
+)
+
+
+async def counts(h: Harness, queue_url: str | None = None) -> tuple[int, int]:
+    """(visible, in flight) messages of the work queue (or another)."""
+    assert h.sqs is not None
+    attributes = (
+        await h.sqs.get_queue_attributes(
+            QueueUrl=queue_url or h.settings.sqs_queue_url,
+            AttributeNames=[
+                "ApproximateNumberOfMessages",
+                "ApproximateNumberOfMessagesNotVisible",
+            ],
+        )
+    )["Attributes"]
+    return (
+        int(attributes["ApproximateNumberOfMessages"]),
+        int(attributes["ApproximateNumberOfMessagesNotVisible"]),
+    )
+
+
+def sqs_queue(h: Harness) -> SqsQueue:
+    assert isinstance(h.queue, SqsQueue)
+    return h.queue
+
+
+async def test_the_dead_letter_queue_is_found_from_the_redrive_policy(
+    services, database_url, redis_prefix
+) -> None:
+    async with open_harness(services, database_url, redis_prefix, queue_backend="sqs") as h:
+        assert sqs_queue(h).dead_letter_url == h.dead_letter_url
+        await h.queue.ping()
+
+
+async def test_a_message_dead_lettered_after_max_receives_settles_failed(
+    services, database_url, redis_prefix
+) -> None:
+    async with open_harness(services, database_url, redis_prefix, queue_backend="sqs") as h:
+        assert h.sqs is not None
+        run_id = await h.submit({"payload": 1})
+        # A consumer that keeps dying after receiving (maxReceiveCount is 2).
+        for _ in range(2):
+            received = await h.sqs.receive_message(
+                QueueUrl=h.settings.sqs_queue_url, VisibilityTimeout=0, WaitTimeSeconds=1
+            )
+            assert len(received["Messages"]) == 1
+        # The next receive moves it to the dead-letter queue instead.
+        assert await h.queue.claim_batch(1) == []
+        assert (await h.row(run_id))["status"] == "QUEUED"
+        assert await counts(h, h.dead_letter_url) == (1, 0)
+
+        report = await (await h.start_reconciler()).reconcile_once()
+        assert report["dead_lettered"] == 1
+        row = await h.row(run_id)
+        assert row["status"] == "FAILED"
+        assert row["charged_usd_micros"] == MINIMUM_FEE_USD_MICROS
+        assert row["refunded_usd_micros"] == RESERVED_USD_MICROS - MINIMUM_FEE_USD_MICROS
+        assert row["error"]["type"] == "https://dpp.dev/problems/delivery-failed"
+        assert await counts(h, h.dead_letter_url) == (0, 0)
+        await h.assert_audit_ok()
+
+
+async def test_duplicate_and_stray_messages_are_deleted_without_work(
+    services, database_url, redis_prefix
+) -> None:
+    async with open_harness(services, database_url, redis_prefix, queue_backend="sqs") as h:
+        assert h.sqs is not None
+        run_id = await h.submit({"payload": 1})
+        row = await h.row(run_id)
+        # the same run announced twice (the backstop raced the runs API)
+        await h.queue.enqueue_admitted(
+            run_id=run_id,
+            tenant_id=h.tenant_id,
+            pack_type="echo",
+            trace_id=row["trace_id"],
+            enqueued_at=row["created_at"],
+        )
+        # a run that does not exist, and a body that is not ours
+        stray = {
+            "run_id": "run_" + "x" * 26,
+            "tenant_id": h.tenant_id,
+            "pack_type": "echo",
+            "enqueued_at": "2026-01-01T00:00:00+00:00",
+            "schema_version": 1,
+            "trace_id": None,
+        }
+        await h.sqs.send_message(
+            QueueUrl=h.settings.sqs_queue_url, MessageBody=orjson.dumps(stray).decode()
+        )
+        await h.sqs.send_message(QueueUrl=h.settings.sqs_queue_url, MessageBody="not json")
+        claimed = []
+        with anyio.fail_after(10):
+            while await counts(h) != (0, len(claimed)):
+                claimed += await h.queue.claim_batch(10)
+        assert [run.run_id for run in claimed] == [run_id]
+        assert claimed[0].receipt_handle is not None
+        # the claimed run's message stays in flight until the run is done
+        assert await counts(h) == (0, 1)
+        await h.queue.ack(claimed[0])
+        assert await counts(h) == (0, 0)
+        assert (await h.row(run_id))["status"] == "PROCESSING"
+        assert (await h.row(run_id))["attempts"] == 1
+        await h.age_lease(run_id)
+        assert (await (await h.start_reconciler()).reconcile_once())["expired"] == 1
+        await h.assert_audit_ok()
+
+
+async def test_a_run_committed_but_never_announced_is_announced_by_the_backstop(
+    services, database_url, redis_prefix
+) -> None:
+    async with open_harness(services, database_url, redis_prefix, queue_backend="sqs") as h:
+        # the runs API crashed between the reservation's commit and the send
+        run_id = await h.submit({"payload": "late"}, announce=False)
+        assert (await h.row(run_id))["enqueued_at"] is None
+        assert await counts(h) == (0, 0)
+        reconciler = await h.start_reconciler(unsent_after_sec=0)
+        report = await reconciler.reconcile_once()
+        assert report["requeued"] == 1
+        assert (await h.row(run_id))["enqueued_at"] is not None
+        assert (await reconciler.reconcile_once())["requeued"] == 0
+        await h.start_dispatcher()
+        row = await h.wait_status(run_id, "COMPLETED", "FAILED", "EXPIRED")
+        assert row["status"] == "COMPLETED"
+        await h.assert_audit_ok()
+
+
+async def test_heartbeat_extends_the_message_visibility_with_the_lease(
+    services, database_url, redis_prefix
+) -> None:
+    async with open_harness(
+        services, database_url, redis_prefix, queue_backend="sqs", DPP_LEASE_SEC="2"
+    ) as h:
+        run_id = await h.submit({"payload": 1, "delay_ms": 3_500})
+        claimed = (await h.queue.claim_batch(1))[0]
+        assert claimed.run_id == run_id
+        _, ending, done = await run_actor(h, claimed)
+        # Received with a 2 s visibility: past it, only the heartbeat keeps it hidden.
+        await anyio.sleep(3.0)
+        assert await counts(h) == (0, 1)
+        with anyio.fail_after(5):
+            await done.wait()
+        assert ending() is RunEnding.COMPLETED
+        assert await counts(h) == (0, 0)
+        await h.assert_audit_ok()
