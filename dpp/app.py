@@ -32,6 +32,7 @@ from dpp.context import AppContext, ReadinessCheck
 from dpp.db import Queries, create_pool
 from dpp.http.app import create_app
 from dpp.http.auth import ApiAuthMiddleware
+from dpp.metrics import metrics_for
 from dpp.money_service import MoneyService
 from dpp.packs import PackRegistry
 from dpp.ratelimit import RateLimiter
@@ -156,7 +157,9 @@ ROOT_PERIOD_S = 30.0
 def _build_services(base: AppContext) -> AppContext:
     settings = base.settings
     mirror = BudgetMirror(base.redis, settings.redis_prefix)
-    money = MoneyService.build(base.pool, base.queries, mirror)
+    money = MoneyService.build(
+        base.pool, base.queries, mirror, metrics=metrics_for(base.metrics_registry)
+    )
     tenancy = Tenancy(base.pool, base.queries, base.redis, settings)
     rate_limiter = RateLimiter(base.redis, settings.redis_prefix)
     return dataclasses.replace(base, money=money, tenancy=tenancy, rate_limiter=rate_limiter)

@@ -27,6 +27,7 @@ from dpp.actors.registry import ActorRegistry
 from dpp.audit import AuditReport, run_audit
 from dpp.budget_cache import BudgetMirror
 from dpp.db import Queries
+from dpp.metrics import Metrics
 
 ASK_TIMEOUT_S = 15.0
 BUDGET_ACTOR_IDLE_S = 60.0
@@ -39,6 +40,7 @@ class MoneyService:
     queries: Queries
     mirror: BudgetMirror
     budgets: ActorRegistry[str, BudgetMessage]
+    metrics: Metrics | None = None
 
     @classmethod
     def build(
@@ -50,6 +52,7 @@ class MoneyService:
         on_admitted: Callable[[Sequence[str]], None] | None = None,
         idle_timeout_s: float = BUDGET_ACTOR_IDLE_S,
         batch_max: int = BATCH_MAX,
+        metrics: Metrics | None = None,
     ) -> MoneyService:
         """``batch_max=1`` turns group commit off (the benchmark's baseline)."""
         backend = BudgetBackend(pool=pool, queries=queries, mirror=mirror)
@@ -61,7 +64,9 @@ class MoneyService:
             idle_timeout_s=idle_timeout_s,
             max_actors=BUDGET_ACTORS_MAX,
         )
-        return cls(pool, queries, mirror, registry)
+        if metrics is not None:
+            metrics.budget_actors.set_function(lambda: len(registry))
+        return cls(pool, queries, mirror, registry, metrics)
 
     async def reserve(self, tenant_id: str, draft: ledger.RunDraft) -> ReserveOutcome:
         return await self.budgets.ask(
@@ -69,9 +74,12 @@ class MoneyService:
         )
 
     async def settle(self, tenant_id: str, request: ledger.SettleRequest) -> ledger.SettleResult:
-        return await self.budgets.ask(
+        result = await self.budgets.ask(
             tenant_id, lambda reply: Settle(request, reply), timeout_s=ASK_TIMEOUT_S
         )
+        if result.applied and self.metrics is not None:
+            self.metrics.runs_settled.labels(result.settlement.outcome.value).inc()
+        return result
 
     async def credit(
         self, tenant_id: str, amount_usd_micros: int, operation_id: str

@@ -19,6 +19,7 @@ from dpp.context import AppContext
 from dpp.http.app import json_response, read_json_body
 from dpp.http.auth import principal_of
 from dpp.http.problems import Problem, problem_response
+from dpp.metrics import metrics_for
 from dpp.money import ALL_STATUSES, TERMINAL_STATUSES, Outcome
 from dpp.runs import (
     LIST_LIMIT_DEFAULT,
@@ -145,9 +146,11 @@ async def submit_run(request: Request) -> Response:
         created_at=created_at,
         idempotency=completion,
     )
+    metrics = metrics_for(context.metrics_registry)
     try:
         outcome = await context.money.reserve(tenant_id, draft)
     except MailboxFull:
+        metrics.mailbox_full_rejections.labels("budget").inc()
         if scope is not None:
             await idempotency.abandon(context.pool, context.queries, scope)
         raise _busy("This tenant's budget is busy; retry shortly.") from None
@@ -161,6 +164,8 @@ async def submit_run(request: Request) -> Response:
 
     match outcome:
         case Reserved():
+            metrics.reservations.labels("reserved").inc()
+            metrics.runs_submitted.labels(parsed.pack.pack_type).inc()
             if context.queue is not None:
                 try:
                     await context.queue.enqueue_admitted(
@@ -180,6 +185,7 @@ async def submit_run(request: Request) -> Response:
                 accepted_body, 202, headers=accepted_headers, media_type="application/json"
             )
         case InsufficientBudget(available_usd_micros=available, required_usd_micros=required):
+            metrics.reservations.labels("insufficient").inc()
             problem = Problem(
                 402,
                 "insufficient-budget",
@@ -198,6 +204,7 @@ async def submit_run(request: Request) -> Response:
                 )
             return response
         case ConcurrencyLimited(max_concurrent_runs=limit):
+            metrics.reservations.labels("rejected").inc()
             if scope is not None:
                 await idempotency.abandon(context.pool, context.queries, scope)
             raise Problem(

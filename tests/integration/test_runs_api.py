@@ -404,3 +404,42 @@ async def test_resolve_audit_required_run(http, admin_headers, runtime) -> None:
     fetched = (await http.get(f"/v1/runs/{run['id']}", headers=key)).json()
     assert fetched["status"] == "COMPLETED" and fetched["charged_usd_micros"] == 700
     await _audit_ok(http, admin_headers)
+
+
+async def test_two_replicas_share_one_budget_without_overspend(
+    settings: Settings, settings_env: dict[str, str], admin_headers
+) -> None:
+    async with (
+        open_runtime(settings, environment=settings_env) as first,
+        open_runtime(settings, environment=settings_env) as second,
+    ):
+        clients = [
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=rt.app), base_url=BASE_URL)
+            for rt in (first, second)
+        ]
+        plan = {
+            "id": "wide",
+            "requests_per_minute": 10_000,
+            "max_concurrent_runs": 1_000,
+            "retention_days": 30,
+        }
+        assert (await clients[0].post("/admin/plans", json=plan, headers=admin_headers)).is_success
+        _, key = await _tenant(clients[1], admin_headers, 10_000, plan_id="wide")
+        statuses: list[int] = []
+
+        async def submit(index: int) -> None:
+            answer = await clients[index % 2].post(
+                "/v1/runs", json={**ECHO, "max_cost_usd_micros": 1_000}, headers=key
+            )
+            statuses.append(answer.status_code)
+
+        async with anyio.create_task_group() as group:
+            for index in range(100):
+                group.start_soon(submit, index)
+        assert statuses.count(202) == 10 and statuses.count(402) == 90
+        for client in clients:
+            budget = (await client.get("/v1/budget", headers=key)).json()
+            assert budget["available_usd_micros"] == 0
+        await _audit_ok(clients[0], admin_headers)
+        for client in clients:
+            await client.aclose()
