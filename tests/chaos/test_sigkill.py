@@ -150,7 +150,9 @@ async def test_sigkill_mid_work_then_a_fresh_replica_settles_everything_once(
 
             # Kill while work is in flight: no finally, no release, no settlement.
             with anyio.fail_after(START_TIMEOUT_S):
-                while "PROCESSING" not in (await run_statuses(database_url)).values():
+                while True:
+                    if "PROCESSING" in (await run_statuses(database_url)).values():
+                        break
                     await anyio.sleep(0.05)
             first.process.send_signal(signal.SIGKILL)
             assert first.process.wait(timeout=EXIT_TIMEOUT_S) == -signal.SIGKILL
