@@ -22,7 +22,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dpp.app import open_context
-from dpp.config import Settings, load_settings
+from dpp.config import ConfigError, Settings, load_settings
 from dpp.context import AppContext, ReadinessCheck
 from dpp.http import ops
 from dpp.http.app import create_app, json_response, read_json_body
@@ -403,7 +403,7 @@ async def test_cors_never_uses_a_wildcard(context: AppContext) -> None:
     async with client_for(app_with(context, cors_allowed_origins=(ALLOWED,))) as client:
         response = await client.get("/health", headers={"Origin": "null"})
     assert "access-control-allow-origin" not in response.headers
-    with pytest.raises(Exception, match="not allowed"):
+    with pytest.raises(ConfigError, match="not allowed"):
         load_settings({"DPP_CORS_ALLOWED_ORIGINS": "*"})
 
 
