@@ -45,7 +45,7 @@ EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells expect after Ctrl-C
 
 # Modules that may add subcommands with `register(subparsers)`, in help order.
-COMMAND_MODULES = ("dpp.cli_admin", "dpp.cli_audit")
+COMMAND_MODULES = ("dpp.cli_admin", "dpp.cli_audit", "dpp.cli_credits")
 # Exception classes (by name, in the module that defines them) that are an
 # operator-facing outcome rather than a bug. Looked up in sys.modules only:
 # an error of a class never imported cannot have been raised.

@@ -19,7 +19,7 @@ dpp_ensure_venv() {
         command -v "$python" >/dev/null 2>&1 \
             || dpp_fail "$python not found; install Python 3.11 or newer (or set PYTHON=/path/to/python3.11)"
         "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-            || dpp_fail "$("$python" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo unknown) is too old: DPP needs Python 3.11 or newer (set PYTHON=/path/to/python3.11)"
+            || dpp_fail "$python is Python $("$python" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '(unknown version)'), too old: DPP needs 3.11 or newer (set PYTHON=/path/to/python3.11)"
         echo "creating .venv with $("$python" --version 2>&1)" >&2
         "$python" -m venv "$dpp_venv" || dpp_fail "could not create $dpp_venv"
         rm -f "$dpp_stamp"

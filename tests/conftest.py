@@ -10,7 +10,6 @@ import pytest
 
 from dpp.audit import AuditReport, run_audit
 from dpp.db import Queries, create_pool
-
 from tests.services import (
     ServiceStack,
     TestServices,

@@ -10,6 +10,11 @@ Run actors are OTP "temporary" children: never restarted (a crashed worker is
 a dead worker; the reaper or the reconciler recovers its run), reported to
 ``on_run_crash`` (wired to the reconciler's ``trigger``).
 
+Restarts: `Dispatcher` is the stable handle (counters, the mailbox behind
+``wake``); each start runs a fresh `DispatcherActor` on the same mailbox, the
+kernel's rule for restarting an actor. A crashed incarnation's runs were
+cancelled with it and released (their ``finally``), so nothing is orphaned.
+
 Shutdown (SPEC §6): ``stop()`` stops claiming at once; runs in flight get
 ``shutdown_grace_s`` to finish; then the rest are cancelled and each releases
 its run back to QUEUED in its own shielded ``finally``.
@@ -58,7 +63,14 @@ class RunEnded:
 DispatcherMessage = Wake | RunEnded
 
 
-class Dispatcher(Actor[DispatcherMessage]):
+class Dispatcher:
+    """The replica's dispatcher: a handle that outlives restarts.
+
+    The work happens in a `DispatcherActor` incarnation; when one crashes, the
+    supervisor calls `serve` again and a fresh incarnation adopts the same
+    mailbox (so `wake` keeps working) while counters survive here.
+    """
+
     kind = "dispatcher"
 
     def __init__(
@@ -73,7 +85,7 @@ class Dispatcher(Actor[DispatcherMessage]):
     ) -> None:
         assert 1 <= concurrency <= CLAIM_BATCH_MAX * 4, concurrency
         assert shutdown_grace_s >= 0 and poll_interval_s > 0
-        super().__init__(name=name, mailbox_size=concurrency + MAILBOX_SLACK)
+        self.name = name
         self.services = services
         self.concurrency = concurrency
         self.shutdown_grace_s = shutdown_grace_s
@@ -82,32 +94,46 @@ class Dispatcher(Actor[DispatcherMessage]):
         # Set by stop(): from then on nothing is claimed.
         self.draining = anyio.Event()
         self.endings: collections.Counter[RunEnding] = collections.Counter()
-        # The host table (like a supervisor's child list): added by the handler
-        # when it starts a run, removed by that run's host task when it ends.
-        self._hosted: dict[str, RunActor] = {}
-        self._hosted_changed = anyio.Event()
-        self._wake_pending = False
-        self._runs: TaskGroup | None = None
+        self.restarts = 0
+        # A Wake is queued in the mailbox (which survives incarnations).
+        self.wake_pending = False
+        self._actor = DispatcherActor(self)
+        self.mailbox = self._actor.mailbox
 
     # ---------------------------------------------------------- control
 
     def wake(self) -> None:
         """Work may be waiting (sync; coalesced: at most one Wake is queued)."""
-        if self._wake_pending or self.draining.is_set():
+        if self.wake_pending or self.draining.is_set():
             return
         try:
-            self.ref.tell_nowait(Wake())
+            self.mailbox.ref.tell_nowait(Wake())
         except (MailboxFull, ActorStopped):
             return  # full of RunEnded (each one claims anyway) or stopping
-        self._wake_pending = True
+        self.wake_pending = True
 
     def stop(self) -> None:
         """Stop claiming now; in-flight runs get the grace period (sync, idempotent)."""
         self.draining.set()
-        super().stop()
+        self.mailbox.close()
 
     def in_flight(self) -> list[str]:
-        return list(self._hosted)
+        return list(self._actor.hosted)
+
+    async def serve(
+        self,
+        *,
+        task_status: TaskStatus[ActorRef[DispatcherMessage]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """One incarnation, start to end (the supervisor's ``start``)."""
+        if self._actor.has_run:
+            self.restarts += 1
+            if self.mailbox.closed:
+                self.mailbox.reopen()  # whatever was queued was discarded with it
+                self.wake_pending = False
+            self.draining = anyio.Event()  # a restart after a stop claims again
+            self._actor = DispatcherActor(self).adopt_mailbox(self.mailbox)
+        await self._actor.serve(task_status=task_status)
 
     def child_spec(self, *, id: str = "dispatcher") -> ChildSpec:
         """For the replica's supervisor: graceful stop = drain, grace, release."""
@@ -123,28 +149,42 @@ class Dispatcher(Actor[DispatcherMessage]):
 
     def tree_node(self) -> dict[str, Any]:
         """The /admin/actors node: slots, endings so far, the runs in flight."""
-        statistics = self.statistics()
+        actor = self._actor
+        statistics = actor.statistics()
         return {
             "mailbox_depth": statistics.mailbox_depth,
             "actor_state": statistics.state,
             "concurrency": self.concurrency,
-            "in_flight": len(self._hosted),
+            "in_flight": len(actor.hosted),
             "draining": self.draining.is_set(),
             "endings": {ending.value: count for ending, count in self.endings.items()},
             "children": [
                 {
                     "name": run_id,
-                    "kind": actor.kind,
-                    "state": actor.phase.value,
-                    "mailbox_depth": actor.mailbox.depth(),
+                    "kind": run.kind,
+                    "state": run.phase.value,
+                    "mailbox_depth": run.mailbox.depth(),
                     "restarts": 0,
                     "children": [],
                 }
-                for run_id, actor in list(self._hosted.items())[:TREE_CHILDREN_MAX]
+                for run_id, run in list(actor.hosted.items())[:TREE_CHILDREN_MAX]
             ],
         }
 
-    # ------------------------------------------------------------- life
+
+class DispatcherActor(Actor[DispatcherMessage]):
+    """One incarnation of the dispatcher: claims, and hosts the runs it claimed."""
+
+    kind = "dispatcher"
+
+    def __init__(self, handle: Dispatcher) -> None:
+        super().__init__(name=handle.name, mailbox_size=handle.concurrency + MAILBOX_SLACK)
+        self.dispatcher = handle
+        # The host table (like a supervisor's child list): added by the handler
+        # when it starts a run, removed by that run's host task when it ends.
+        self.hosted: dict[str, RunActor] = {}
+        self._hosted_changed = anyio.Event()
+        self._runs: TaskGroup | None = None
 
     async def serve(
         self,
@@ -152,25 +192,29 @@ class Dispatcher(Actor[DispatcherMessage]):
         task_status: TaskStatus[ActorRef[DispatcherMessage]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Claim and host runs until stopped; then drain as SPEC §6 says."""
+        dispatcher = self.dispatcher
         async with anyio.create_task_group() as runs:
             self._runs = runs
             try:
                 async with anyio.create_task_group() as pumps:
-                    await pumps.start(self.services.queue.listen, self.wake)
+                    await pumps.start(dispatcher.services.queue.listen, dispatcher.wake)
                     pumps.start_soon(self._poll)
                     ref = await pumps.start(self._mailbox_loop, pumps.cancel_scope)
-                    self.wake()  # a backlog may be waiting already
+                    dispatcher.wake()  # a backlog may be waiting already
                     task_status.started(ref)
             finally:
-                self.draining.set()
+                dispatcher.draining.set()
                 try:
-                    if self._hosted:
+                    if self.hosted:
                         log.info(
                             "draining runs in flight",
-                            extra={"runs": len(self._hosted), "grace_s": self.shutdown_grace_s},
+                            extra={
+                                "runs": len(self.hosted),
+                                "grace_s": dispatcher.shutdown_grace_s,
+                            },
                         )
                     # Not shielded: cancelled from outside, the grace is over.
-                    with anyio.move_on_after(self.shutdown_grace_s):
+                    with anyio.move_on_after(dispatcher.shutdown_grace_s):
                         await self._wait_idle()
                 finally:
                     # Whatever is left releases its run in its own finally.
@@ -189,11 +233,11 @@ class Dispatcher(Actor[DispatcherMessage]):
 
     async def _poll(self) -> None:
         while True:
-            await anyio.sleep(self.poll_interval_s)
-            self.wake()
+            await anyio.sleep(self.dispatcher.poll_interval_s)
+            self.dispatcher.wake()
 
     async def _wait_idle(self) -> None:
-        while self._hosted:
+        while self.hosted:
             await self._hosted_changed.wait()
 
     # ---------------------------------------------------------- handlers
@@ -201,24 +245,28 @@ class Dispatcher(Actor[DispatcherMessage]):
     async def handle(self, message: DispatcherMessage) -> None:
         match message:
             case Wake():
-                self._wake_pending = False
+                self.dispatcher.wake_pending = False
                 await self._fill()
             case RunEnded(run_id=run_id, ending=ending):
                 log.debug("run actor ended", extra={"run_id": run_id, "ending": ending.value})
-                await self._fill()
+                # Not a claim per ending: one coalesced Wake refills every slot
+                # freed by a burst of endings (and, with SQS, one long poll).
+                self.dispatcher.wake()
             case _:
                 assert_never(message)
 
     async def _fill(self) -> None:
         """Claim up to the free slots and start a run actor for each claim."""
-        if self.draining.is_set():
+        dispatcher = self.dispatcher
+        if dispatcher.draining.is_set():
             return
-        free = self.concurrency - len(self._hosted)
+        free = dispatcher.concurrency - len(self.hosted)
         assert free >= 0, "more runs in flight than slots"
         if free == 0:
             return
+        queue = dispatcher.services.queue
         try:
-            claimed = await self.services.queue.claim_batch(min(free, CLAIM_BATCH_MAX))
+            claimed = await queue.claim_batch(min(free, CLAIM_BATCH_MAX))
         except AssertionError:
             raise  # a broken invariant is a bug: crash and be seen, never retry it
         except Exception:
@@ -227,24 +275,25 @@ class Dispatcher(Actor[DispatcherMessage]):
             return
         assert len(claimed) <= free, (len(claimed), free)
         for run in claimed:
-            if self.draining.is_set():
+            if dispatcher.draining.is_set():
                 # Stopped while the claim (an SQS long poll) was under way.
-                await self.services.queue.release(run)
+                await queue.release(run)
             else:
                 self._start(run)
-        if self.services.queue.claim_waits and len(self._hosted) < self.concurrency:
-            self.wake()  # SQS: the long poll is the wait, so poll again at once
+        if queue.claim_waits and len(self.hosted) < dispatcher.concurrency:
+            dispatcher.wake()  # SQS: the long poll is the wait, so poll again at once
 
     def _start(self, claimed: ClaimedRun) -> None:
         assert self._runs is not None
-        assert claimed.run_id not in self._hosted, "claimed a run already in flight here"
-        actor = RunActor(claimed, self.services)
-        self._hosted[claimed.run_id] = actor
+        assert claimed.run_id not in self.hosted, "claimed a run already in flight here"
+        actor = RunActor(claimed, self.dispatcher.services)
+        self.hosted[claimed.run_id] = actor
         self._changed()
         self._runs.start_soon(self._host, actor, name=f"run:{claimed.run_id}")
 
     async def _host(self, actor: RunActor) -> None:
         """One run actor, start to end; its exception is reported, never raised."""
+        dispatcher = self.dispatcher
         run_id = actor.claimed.run_id
         try:
             await actor.serve()
@@ -254,15 +303,15 @@ class Dispatcher(Actor[DispatcherMessage]):
                 extra={"run_id": run_id, "error": type(error).__name__},
                 exc_info=error,
             )
-            if self.on_run_crash is not None:
+            if dispatcher.on_run_crash is not None:
                 try:
-                    self.on_run_crash(run_id, error)
+                    dispatcher.on_run_crash(run_id, error)
                 except Exception:
                     log.exception("on_run_crash hook failed")
         finally:
             ending = actor.ending if actor.ending is not None else RunEnding.CRASHED
-            self.endings[ending] += 1
-            removed = self._hosted.pop(run_id, None)
+            dispatcher.endings[ending] += 1
+            removed = self.hosted.pop(run_id, None)
             assert removed is actor
             self._changed()
             # Suppressed when draining, or full (then the poll refills the slot).

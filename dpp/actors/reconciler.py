@@ -207,7 +207,10 @@ class Reconcile:
 ReconcilerMessage = Reap | Reconcile
 
 
-class Reconciler(Actor[ReconcilerMessage]):
+class Reconciler:
+    """The reconciler's handle: its configuration, the pass logic, and state that
+    survives restarts. Each start runs a fresh `ReconcilerActor` on one mailbox."""
+
     kind = "reconciler"
 
     def __init__(
@@ -227,7 +230,7 @@ class Reconciler(Actor[ReconcilerMessage]):
     ) -> None:
         assert reaper_interval_s > 0 and reconcile_interval_s > 0
         assert claimed_threshold_sec >= 1 and unsent_after_sec >= 0
-        super().__init__(name=name, mailbox_size=MAILBOX_SIZE)
+        self.name = name
         self.pool = pool
         self.queries = queries
         self.blobs = blobs
@@ -240,9 +243,14 @@ class Reconciler(Actor[ReconcilerMessage]):
         self.drift_settle_s = drift_settle_s
         self.passes = 0
         self.last_report: dict[str, Any] | None = None
+        self.restarts = 0
         self._drift_cursor = ""
-        self._reconcile_pending = False
-        self._reap_pending = False
+        # A Reconcile (without reply) or a Reap is queued: the mailbox survives
+        # incarnations, so these flags live here too.
+        self.reconcile_pending = False
+        self.reap_pending = False
+        self._actor = ReconcilerActor(self)
+        self.mailbox = self._actor.mailbox
 
     @classmethod
     def from_context(cls, context: AppContext, queue: RunQueue) -> Reconciler:
@@ -263,18 +271,18 @@ class Reconciler(Actor[ReconcilerMessage]):
 
     def trigger(self) -> None:
         """Run a full pass soon (sync, coalesced): the supervisor's crash hook."""
-        if self._reconcile_pending:
+        if self.reconcile_pending:
             return
         try:
-            self.ref.tell_nowait(Reconcile())
+            self.mailbox.ref.tell_nowait(Reconcile())
         except (MailboxFull, ActorStopped):
             return  # a pass is queued already, or we are stopping
-        self._reconcile_pending = True
+        self.reconcile_pending = True
 
     async def reconcile_once(self) -> dict[str, Any]:
         """One full pass, serialized with the periodic ones; its JSON report."""
         try:
-            return await self.ref.ask(Reconcile, timeout_s=RECONCILE_ASK_TIMEOUT_S)
+            return await self.mailbox.ref.ask(Reconcile, timeout_s=RECONCILE_ASK_TIMEOUT_S)
         except (ActorStopped, MailboxFull, AskTimeout, ActorCrashed) as error:
             raise ReconcilerUnavailable(str(error)) from error
 
@@ -289,8 +297,12 @@ class Reconciler(Actor[ReconcilerMessage]):
             stop=self.stop,
         )
 
+    def stop(self) -> None:
+        """Graceful stop: what is queued is still handled, then the actor exits."""
+        self.mailbox.close()
+
     def tree_node(self) -> dict[str, Any]:
-        statistics = self.statistics()
+        statistics = self._actor.statistics()
         return {
             "mailbox_depth": statistics.mailbox_depth,
             "actor_state": statistics.state,
@@ -299,62 +311,29 @@ class Reconciler(Actor[ReconcilerMessage]):
             "children": [],
         }
 
-    # -------------------------------------------------------------- life
-
     async def serve(
         self,
         *,
         task_status: TaskStatus[ActorRef[ReconcilerMessage]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """The mailbox plus two timers (first tick one interval after start)."""
-        async with anyio.create_task_group() as timers:
-            ref = await timers.start(self._mailbox_loop, timers.cancel_scope)
-            timers.start_soon(self._every, self.reaper_interval_s, self._tick_reap)
-            timers.start_soon(self._every, self.reconcile_interval_s, self.trigger)
-            task_status.started(ref)
+        """One incarnation, start to end (the supervisor's ``start``)."""
+        if self._actor.has_run:
+            self.restarts += 1
+            if self.mailbox.closed:
+                self.mailbox.reopen()  # whatever was queued was discarded with it
+                self.reconcile_pending = self.reap_pending = False
+            self._actor = ReconcilerActor(self).adopt_mailbox(self.mailbox)
+        await self._actor.serve(task_status=task_status)
 
-    async def _mailbox_loop(
-        self,
-        timers: anyio.CancelScope,
-        *,
-        task_status: TaskStatus[ActorRef[ReconcilerMessage]],
-    ) -> None:
-        try:
-            await self.run(task_status=task_status)
-        finally:
-            timers.cancel()
-
-    @staticmethod
-    async def _every(interval_s: float, tick: Callable[[], None]) -> None:
-        while True:
-            await anyio.sleep(interval_s)
-            tick()
-
-    def _tick_reap(self) -> None:
-        if self._reap_pending:
+    def tick_reap(self) -> None:
+        """The reaper's timer (sync, coalesced)."""
+        if self.reap_pending:
             return
         try:
-            self.ref.tell_nowait(Reap())
+            self.mailbox.ref.tell_nowait(Reap())
         except (MailboxFull, ActorStopped):
             return
-        self._reap_pending = True
-
-    async def handle(self, message: ReconcilerMessage) -> None:
-        match message:
-            case Reap():
-                self._reap_pending = False
-                report = ReconcileReport()
-                await self._guarded_step(report, "reap", self._reap)
-                if report.moved_anything():
-                    log.info("reaper pass", extra=report.as_json())
-            case Reconcile(reply=reply):
-                if reply is None:
-                    self._reconcile_pending = False
-                report = await self.reconcile_pass()
-                if reply is not None:
-                    reply.set(report.as_json())
-            case _:
-                assert_never(message)
+        self.reap_pending = True
 
     # ------------------------------------------------------------ passes
 
@@ -363,13 +342,13 @@ class Reconciler(Actor[ReconcilerMessage]):
         from the actor's own handler."""
         started = time.monotonic()
         report = ReconcileReport()
-        await self._guarded_step(report, "reap", self._reap)
-        await self._guarded_step(report, "claimed", self._resolve_claimed)
-        await self._guarded_step(report, "requeue", self._requeue_unsent)
-        await self._guarded_step(report, "dead_letters", self._settle_dead_letters)
-        await self._guarded_step(report, "drift", self._repair_drift)
-        await self._guarded_step(report, "retention", self._delete_expired_results)
-        await self._guarded_step(report, "idempotency", self._sweep_idempotency)
+        await self.guarded_step(report, "reap", self.reap)
+        await self.guarded_step(report, "claimed", self._resolve_claimed)
+        await self.guarded_step(report, "requeue", self._requeue_unsent)
+        await self.guarded_step(report, "dead_letters", self._settle_dead_letters)
+        await self.guarded_step(report, "drift", self._repair_drift)
+        await self.guarded_step(report, "retention", self._delete_expired_results)
+        await self.guarded_step(report, "idempotency", self._sweep_idempotency)
         report.duration_ms = int((time.monotonic() - started) * 1000)
         self.passes += 1
         self.last_report = report.as_json()
@@ -377,7 +356,7 @@ class Reconciler(Actor[ReconcilerMessage]):
             log.info("reconcile pass", extra=self.last_report)
         return report
 
-    async def _guarded_step(
+    async def guarded_step(
         self,
         report: ReconcileReport,
         name: str,
@@ -439,7 +418,7 @@ class Reconciler(Actor[ReconcilerMessage]):
             },
         )
 
-    async def _reap(self, report: ReconcileReport) -> None:
+    async def reap(self, report: ReconcileReport) -> None:
         rows = await self.pool.fetch(self.queries["lapsed_leases"], REAP_BATCH_MAX)
         for row in rows:
             if not row["has_reserve"]:
@@ -550,3 +529,61 @@ class Reconciler(Actor[ReconcilerMessage]):
 
     async def _sweep_idempotency(self, report: ReconcileReport) -> None:
         report.idempotency_keys_swept += await idempotency.sweep(self.pool, self.queries)
+
+
+class ReconcilerActor(Actor[ReconcilerMessage]):
+    """One incarnation: the mailbox that serializes passes, and the two timers."""
+
+    kind = "reconciler"
+
+    def __init__(self, reconciler: Reconciler) -> None:
+        super().__init__(name=reconciler.name, mailbox_size=MAILBOX_SIZE)
+        self.reconciler = reconciler
+
+    async def serve(
+        self,
+        *,
+        task_status: TaskStatus[ActorRef[ReconcilerMessage]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The mailbox plus two timers (first tick one interval after start)."""
+        reconciler = self.reconciler
+        async with anyio.create_task_group() as timers:
+            ref = await timers.start(self._mailbox_loop, timers.cancel_scope)
+            timers.start_soon(_every, reconciler.reaper_interval_s, reconciler.tick_reap)
+            timers.start_soon(_every, reconciler.reconcile_interval_s, reconciler.trigger)
+            task_status.started(ref)
+
+    async def _mailbox_loop(
+        self,
+        timers: anyio.CancelScope,
+        *,
+        task_status: TaskStatus[ActorRef[ReconcilerMessage]],
+    ) -> None:
+        try:
+            await self.run(task_status=task_status)
+        finally:
+            timers.cancel()
+
+    async def handle(self, message: ReconcilerMessage) -> None:
+        reconciler = self.reconciler
+        match message:
+            case Reap():
+                reconciler.reap_pending = False
+                report = ReconcileReport()
+                await reconciler.guarded_step(report, "reap", reconciler.reap)
+                if report.moved_anything():
+                    log.info("reaper pass", extra=report.as_json())
+            case Reconcile(reply=reply):
+                if reply is None:
+                    reconciler.reconcile_pending = False
+                report = await reconciler.reconcile_pass()
+                if reply is not None:
+                    reply.set(report.as_json())
+            case _:
+                assert_never(message)
+
+
+async def _every(interval_s: float, tick: Callable[[], None]) -> None:
+    while True:
+        await anyio.sleep(interval_s)
+        tick()

@@ -12,15 +12,17 @@ import socket
 import stat
 import sys
 from collections.abc import Iterator, Mapping
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import asyncpg
+import httpx
 import pytest
 
-from dpp import cli, migrate
-from dpp.config import ConfigError
+from dpp import cli, migrate, server
+from dpp.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:  # imported plainly, pytest would try to collect the class
     from tests.services import TestServices
@@ -187,3 +189,55 @@ def test_admin_token_is_generated_once_and_private(tmp_path: Path) -> None:
     assert cli.admin_token(tmp_path) == token
     mode = stat.S_IMODE((tmp_path / cli.ADMIN_TOKEN_FILE).stat().st_mode)
     assert mode == 0o600
+
+
+# --- dpp.server: hypercorn from code ------------------------------------------------------
+
+
+def server_settings(port: int = 0, grace_sec: int = 5) -> Settings:
+    return load_settings({"DPP_HOST": "127.0.0.1", "PORT": str(port)}).with_overrides(
+        shutdown_grace_sec=grace_sec
+    )
+
+
+async def slow_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A bare ASGI app: `/slow` takes a while, as an in-flight request at shutdown would."""
+    if scope["type"] != "http":
+        return  # lifespan: nothing to set up
+    if scope["path"] == "/slow":
+        await anyio.sleep(0.5)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+
+async def test_serve_http_reports_the_bound_port_and_drains_in_flight_requests() -> None:
+    shutdown = anyio.Event()
+    async with anyio.create_task_group() as group:
+        port = await group.start(
+            partial(server.serve_http, slow_app, server_settings(), shutdown_trigger=shutdown)
+        )
+        assert port > 0  # PORT=0 asked for any free port
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            assert (await client.get("/fast")).text == "/fast"
+            async with anyio.create_task_group() as requests:
+                answers: list[httpx.Response] = []
+
+                async def slow() -> None:
+                    answers.append(await client.get("/slow"))
+
+                requests.start_soon(slow)
+                await anyio.sleep(0.2)  # the request is in flight
+                shutdown.set()
+            assert [(a.status_code, a.text) for a in answers] == [(200, "/slow")]
+    # the listener is gone once serve_http returns
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+async def test_serve_http_port_in_use_is_a_startup_error(occupied_port: int) -> None:
+    from dpp.app import StartupError
+
+    with pytest.raises(StartupError, match=f"^PORT={occupied_port}: address already in use$"):
+        await server.serve_http(
+            slow_app, server_settings(occupied_port), shutdown_trigger=anyio.Event()
+        )

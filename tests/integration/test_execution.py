@@ -550,3 +550,37 @@ async def test_shutdown_finishes_what_it_can_and_releases_the_rest_uncharged(
         done = await h.wait_status(slow, "COMPLETED", "FAILED", "EXPIRED")
         assert done["status"] == "COMPLETED" and done["attempts"] == 2
         await h.assert_audit_ok()
+
+
+async def test_a_crashed_dispatcher_is_restarted_on_its_mailbox_and_claims_again(
+    services, database_url, redis_prefix
+) -> None:
+    async with open_harness(services, database_url, redis_prefix) as h:
+        claim_batch = h.queue.claim_batch
+        calls: list[int] = []
+
+        async def broken_once(n: int) -> Any:
+            calls.append(n)
+            if len(calls) == 1:
+                raise AssertionError("injected bug")
+            return await claim_batch(n)
+
+        h.queue.claim_batch = broken_once  # type: ignore[method-assign]
+        dispatcher = Dispatcher(
+            h.run_services, concurrency=2, shutdown_grace_s=1.0, poll_interval_s=0.2
+        )
+        crashes: list[str] = []
+        supervisor = Supervisor(
+            "test",
+            SupervisorSpec(),
+            [dispatcher.child_spec()],
+            on_child_crash=lambda supervisor, child, error: crashes.append(child),
+        )
+        await h.group.start(supervisor.run)
+        run_id = await h.submit({"payload": 1})
+        row = await h.wait_status(run_id, "COMPLETED", "FAILED", "EXPIRED")
+        assert row["status"] == "COMPLETED"
+        assert crashes == ["dispatcher"] and dispatcher.restarts == 1
+        dispatcher.wake()  # the handle still reaches the new incarnation
+        await supervisor.shutdown()
+        await h.assert_audit_ok()

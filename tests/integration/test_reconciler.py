@@ -15,11 +15,13 @@ import pytest
 from dpp import ledger
 from dpp.actors.reconciler import (
     NeedsAudit,
+    ReconcilerUnavailable,
     RollBack,
     RollForward,
     judge_claimed,
 )
 from dpp.actors.run import result_key
+from dpp.actors.supervisor import Supervisor, SupervisorSpec
 from dpp.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, StoredObject
 from dpp.http import routes_reconcile
 from dpp.http.app import create_app
@@ -29,6 +31,7 @@ from tests.integration.test_execution import (
     MINIMUM_FEE_USD_MICROS,
     RESERVED_USD_MICROS,
     Harness,
+    eventually,
     open_harness,
 )
 
@@ -330,4 +333,28 @@ async def test_post_admin_reconcile_answers_the_pass_report(
             "results_deleted",
             "idempotency_keys_swept",
         }
+        await h.assert_audit_ok()
+
+
+async def test_a_crashed_reconciler_is_restarted_and_answers_again(
+    services, database_url, redis_prefix
+) -> None:
+    async with open_harness(services, database_url, redis_prefix) as h:
+        reconciler = h.reconciler()
+        supervisor = Supervisor("test", SupervisorSpec(), [reconciler.child_spec()])
+        await h.group.start(supervisor.run)
+        reconcile_pass = reconciler.reconcile_pass
+
+        async def broken() -> Any:
+            raise AssertionError("injected bug")
+
+        reconciler.reconcile_pass = broken  # type: ignore[method-assign]
+        with pytest.raises(ReconcilerUnavailable):
+            await reconciler.reconcile_once()
+        reconciler.reconcile_pass = reconcile_pass  # type: ignore[method-assign]
+        run_id = await expired_run(h)
+        await eventually(lambda: reconciler.restarts == 1, timeout_s=5)
+        assert (await reconciler.reconcile_once())["expired"] == 1
+        assert (await h.row(run_id))["status"] == "EXPIRED"
+        await supervisor.shutdown()
         await h.assert_audit_ok()
