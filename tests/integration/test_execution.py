@@ -405,7 +405,9 @@ async def test_dispatcher_never_runs_more_than_its_concurrency(
                     break
                 await anyio.sleep(0.02)
         assert seen_max == 3
-        assert dispatcher.endings[RunEnding.COMPLETED] == len(run_ids)
+        # the last settlement commits a moment before its actor records the ending
+        await eventually(lambda: dispatcher.endings[RunEnding.COMPLETED] == len(run_ids))
+        assert sum(dispatcher.endings.values()) == len(run_ids)
         await h.assert_audit_ok()
 
 

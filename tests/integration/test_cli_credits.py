@@ -1,0 +1,62 @@
+"""`dpp credits add`: the CLI twin of the admin credits route."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import orjson
+import pytest
+
+from dpp.cli import main
+from tests.moneykit import create_tenant
+
+
+def _tenant(database_url: str) -> str:
+    async def make() -> str:
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+        try:
+            return await create_tenant(pool)
+        finally:
+            await pool.close()
+
+    return asyncio.run(make())
+
+
+@pytest.fixture
+def env(monkeypatch, database_url, services, redis_prefix) -> None:
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("REDIS_URL", services.redis_url)
+    monkeypatch.setenv("DPP_REDIS_PREFIX", redis_prefix)
+
+
+def test_credits_add_is_idempotent_per_key(env, database_url, capsys) -> None:
+    tenant = _tenant(database_url)
+    args = ["credits", "add", "--tenant", tenant, "--amount", "2500000", "--idempotency-key", "k1"]
+    assert main(args) == 0
+    first = orjson.loads(capsys.readouterr().out)
+    assert first["balance_usd_micros"] == 2_500_000 and first["replayed"] is False
+    assert main(args) == 0
+    again = orjson.loads(capsys.readouterr().out)
+    assert again["balance_usd_micros"] == 2_500_000 and again["replayed"] is True
+    other = ["credits", "add", "--tenant", tenant, "--amount", "1", "--idempotency-key", "k1"]
+    assert main(other) == 1
+    assert "different amount" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("tenant", "amount", "message"),
+    [
+        ("nope", "5", "--tenant"),
+        ("ten_00000000000000000000000000", "-5", "--amount"),
+        ("ten_00000000000000000000000000", "1.5", "--amount"),
+        ("ten_00000000000000000000000000", "5", "no tenant"),
+    ],
+)
+def test_credits_add_refuses_bad_input_in_one_line(env, capsys, tenant, amount, message) -> None:
+    status = main(
+        ["credits", "add", "--tenant", tenant, "--amount", amount, "--idempotency-key", "k"]
+    )
+    assert status == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
