@@ -11,9 +11,10 @@ a dead worker; the reaper or the reconciler recovers its run), reported to
 ``on_run_crash`` (wired to the reconciler's ``trigger``).
 
 Restarts: `Dispatcher` is the stable handle (counters, the mailbox behind
-``wake``); each start runs a fresh `DispatcherActor` on the same mailbox, the
-kernel's rule for restarting an actor. A crashed incarnation's runs were
-cancelled with it and released (their ``finally``), so nothing is orphaned.
+``wake``); each start runs a fresh `DispatcherActor` on the same mailbox (the
+supervisor's `actor_child`). A crashed incarnation drains like a stopped one:
+its runs get the grace period, then are released in their ``finally``, so
+nothing is orphaned.
 
 Shutdown (SPEC §6): ``stop()`` stops claiming at once; runs in flight get
 ``shutdown_grace_s`` to finish; then the rest are cancelled and each releases
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +35,14 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from dpp.actors.kernel import Actor, ActorRef, ActorStopped, MailboxFull
-from dpp.actors.run import RELEASE_DEADLINE_S, RunActor, RunEnding, RunServices
-from dpp.actors.supervisor import ChildSpec, Restart
+from dpp.actors.run import (
+    RELEASE_DEADLINE_S,
+    RunActor,
+    RunEnding,
+    RunServices,
+    mailbox_then_cancel,
+)
+from dpp.actors.supervisor import ChildSpec, Restart, actor_child
 from dpp.queue.base import CLAIM_BATCH_MAX, ClaimedRun
 
 log = logging.getLogger("dpp.dispatcher")
@@ -66,9 +74,9 @@ DispatcherMessage = Wake | RunEnded
 class Dispatcher:
     """The replica's dispatcher: a handle that outlives restarts.
 
-    The work happens in a `DispatcherActor` incarnation; when one crashes, the
-    supervisor calls `serve` again and a fresh incarnation adopts the same
-    mailbox (so `wake` keeps working) while counters survive here.
+    The work happens in a `DispatcherActor` incarnation, hosted by the
+    supervisor's `actor_child`: a crashed incarnation is replaced by a fresh one
+    on the same mailbox, so `wake` keeps working and the counters here survive.
     """
 
     kind = "dispatcher"
@@ -91,14 +99,37 @@ class Dispatcher:
         self.shutdown_grace_s = shutdown_grace_s
         self.poll_interval_s = poll_interval_s
         self.on_run_crash = on_run_crash
-        # Set by stop(): from then on nothing is claimed.
-        self.draining = anyio.Event()
         self.endings: collections.Counter[RunEnding] = collections.Counter()
-        self.restarts = 0
-        # A Wake is queued in the mailbox (which survives incarnations).
+        self.incarnations = 0
+        # Set by stop(): from then on nothing is claimed. (Each incarnation
+        # gets a fresh one: a restart after a stop claims again.)
+        self.draining = anyio.Event()
+        # A Wake is queued (at most one; the mailbox outlives incarnations).
+        self.wake_pending = False
+        self._actor: DispatcherActor | None = None
+        spec, self.ref = actor_child(
+            self._new_incarnation,
+            id=name,
+            restart=Restart.PERMANENT,
+            shutdown_s=shutdown_grace_s + RELEASE_DEADLINE_S + SHUTDOWN_MARGIN_S,
+        )
+        assert spec.stop is not None
+        self._close_mailbox = spec.stop
+        # Graceful stop = stop claiming, grace, release (not just a mailbox close).
+        self._spec = dataclasses.replace(spec, stop=self.stop, statistics=self.tree_node)
+
+    def _new_incarnation(self) -> DispatcherActor:
+        self.incarnations += 1
+        self.draining = anyio.Event()
+        # A restart may find its Wake discarded with a closed mailbox; one extra
+        # Wake is harmless, a missing one would wait for the poll.
         self.wake_pending = False
         self._actor = DispatcherActor(self)
-        self.mailbox = self._actor.mailbox
+        return self._actor
+
+    @property
+    def restarts(self) -> int:
+        return self.incarnations - 1
 
     # ---------------------------------------------------------- control
 
@@ -107,7 +138,7 @@ class Dispatcher:
         if self.wake_pending or self.draining.is_set():
             return
         try:
-            self.mailbox.ref.tell_nowait(Wake())
+            self.ref.tell_nowait(Wake())
         except (MailboxFull, ActorStopped):
             return  # full of RunEnded (each one claims anyway) or stopping
         self.wake_pending = True
@@ -115,9 +146,10 @@ class Dispatcher:
     def stop(self) -> None:
         """Stop claiming now; in-flight runs get the grace period (sync, idempotent)."""
         self.draining.set()
-        self.mailbox.close()
+        self._close_mailbox()
 
     def in_flight(self) -> list[str]:
+        assert self._actor is not None
         return list(self._actor.hosted)
 
     async def serve(
@@ -125,31 +157,17 @@ class Dispatcher:
         *,
         task_status: TaskStatus[ActorRef[DispatcherMessage]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """One incarnation, start to end (the supervisor's ``start``)."""
-        if self._actor.has_run:
-            self.restarts += 1
-            if self.mailbox.closed:
-                self.mailbox.reopen()  # whatever was queued was discarded with it
-                self.wake_pending = False
-            self.draining = anyio.Event()  # a restart after a stop claims again
-            self._actor = DispatcherActor(self).adopt_mailbox(self.mailbox)
-        await self._actor.serve(task_status=task_status)
+        """One incarnation, start to end (what the supervisor starts)."""
+        await self._spec.start(task_status=task_status)
 
-    def child_spec(self, *, id: str = "dispatcher") -> ChildSpec:
+    def child_spec(self) -> ChildSpec:
         """For the replica's supervisor: graceful stop = drain, grace, release."""
-        return ChildSpec(
-            id=id,
-            kind=self.kind,
-            start=self.serve,
-            restart=Restart.PERMANENT,
-            shutdown_s=self.shutdown_grace_s + RELEASE_DEADLINE_S + SHUTDOWN_MARGIN_S,
-            statistics=self.tree_node,
-            stop=self.stop,
-        )
+        return self._spec
 
     def tree_node(self) -> dict[str, Any]:
         """The /admin/actors node: slots, endings so far, the runs in flight."""
         actor = self._actor
+        assert actor is not None
         statistics = actor.statistics()
         return {
             "mailbox_depth": statistics.mailbox_depth,
@@ -186,12 +204,18 @@ class DispatcherActor(Actor[DispatcherMessage]):
         self._hosted_changed = anyio.Event()
         self._runs: TaskGroup | None = None
 
-    async def serve(
+    async def run(
         self,
         *,
         task_status: TaskStatus[ActorRef[DispatcherMessage]] = anyio.TASK_STATUS_IGNORED,
+        idle_timeout_s: float | None = None,
     ) -> None:
-        """Claim and host runs until stopped; then drain as SPEC §6 says."""
+        """Claim and host runs until stopped; then drain as SPEC §6 says.
+
+        Wraps the kernel's mailbox loop with the tasks an incarnation owns: the
+        queue's listener, the poll, and the run actors.
+        """
+        assert idle_timeout_s is None, "the dispatcher never idles out"
         dispatcher = self.dispatcher
         async with anyio.create_task_group() as runs:
             self._runs = runs
@@ -199,7 +223,8 @@ class DispatcherActor(Actor[DispatcherMessage]):
                 async with anyio.create_task_group() as pumps:
                     await pumps.start(dispatcher.services.queue.listen, dispatcher.wake)
                     pumps.start_soon(self._poll)
-                    ref = await pumps.start(self._mailbox_loop, pumps.cancel_scope)
+                    # no more wake-ups once nothing handles them
+                    ref = await pumps.start(mailbox_then_cancel, super().run, pumps.cancel_scope)
                     dispatcher.wake()  # a backlog may be waiting already
                     task_status.started(ref)
             finally:
@@ -219,17 +244,6 @@ class DispatcherActor(Actor[DispatcherMessage]):
                 finally:
                     # Whatever is left releases its run in its own finally.
                     runs.cancel_scope.cancel()
-
-    async def _mailbox_loop(
-        self,
-        pumps: anyio.CancelScope,
-        *,
-        task_status: TaskStatus[ActorRef[DispatcherMessage]],
-    ) -> None:
-        try:
-            await self.run(task_status=task_status)
-        finally:
-            pumps.cancel()  # no more wake-ups once nothing handles them
 
     async def _poll(self) -> None:
         while True:

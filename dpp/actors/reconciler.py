@@ -28,6 +28,7 @@ Each pass, in order (one failing step does not stop the others):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -48,8 +49,8 @@ from dpp.actors.kernel import (
     MailboxFull,
     Reply,
 )
-from dpp.actors.run import result_key
-from dpp.actors.supervisor import ChildSpec, Restart
+from dpp.actors.run import mailbox_then_cancel, result_key
+from dpp.actors.supervisor import ChildSpec, Restart, actor_child
 from dpp.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, Blobs, StoredObject
 from dpp.drift import repair_drift
 from dpp.money import Outcome
@@ -243,14 +244,17 @@ class Reconciler:
         self.drift_settle_s = drift_settle_s
         self.passes = 0
         self.last_report: dict[str, Any] | None = None
-        self.restarts = 0
+        self.incarnations = 0
         self._drift_cursor = ""
         # A Reconcile (without reply) or a Reap is queued: the mailbox survives
         # incarnations, so these flags live here too.
         self.reconcile_pending = False
         self.reap_pending = False
-        self._actor = ReconcilerActor(self)
-        self.mailbox = self._actor.mailbox
+        self._actor: ReconcilerActor | None = None
+        spec, self.ref = actor_child(
+            self._new_incarnation, id=name, restart=Restart.PERMANENT, shutdown_s=SHUTDOWN_S
+        )
+        self._spec = dataclasses.replace(spec, statistics=self.tree_node)
 
     @classmethod
     def from_context(cls, context: AppContext, queue: RunQueue) -> Reconciler:
@@ -274,7 +278,7 @@ class Reconciler:
         if self.reconcile_pending:
             return
         try:
-            self.mailbox.ref.tell_nowait(Reconcile())
+            self.ref.tell_nowait(Reconcile())
         except (MailboxFull, ActorStopped):
             return  # a pass is queued already, or we are stopping
         self.reconcile_pending = True
@@ -282,26 +286,40 @@ class Reconciler:
     async def reconcile_once(self) -> dict[str, Any]:
         """One full pass, serialized with the periodic ones; its JSON report."""
         try:
-            return await self.mailbox.ref.ask(Reconcile, timeout_s=RECONCILE_ASK_TIMEOUT_S)
+            return await self.ref.ask(Reconcile, timeout_s=RECONCILE_ASK_TIMEOUT_S)
         except (ActorStopped, MailboxFull, AskTimeout, ActorCrashed) as error:
             raise ReconcilerUnavailable(str(error)) from error
 
-    def child_spec(self, *, id: str = "reconciler") -> ChildSpec:
-        return ChildSpec(
-            id=id,
-            kind=self.kind,
-            start=self.serve,
-            restart=Restart.PERMANENT,
-            shutdown_s=SHUTDOWN_S,
-            statistics=self.tree_node,
-            stop=self.stop,
-        )
+    def _new_incarnation(self) -> ReconcilerActor:
+        self.incarnations += 1
+        # A restart may find its queued pass discarded with a closed mailbox;
+        # one extra pass is harmless, a flag stuck on would stop the timers.
+        self.reconcile_pending = self.reap_pending = False
+        self._actor = ReconcilerActor(self)
+        return self._actor
+
+    @property
+    def restarts(self) -> int:
+        return self.incarnations - 1
+
+    def child_spec(self) -> ChildSpec:
+        return self._spec
 
     def stop(self) -> None:
         """Graceful stop: what is queued is still handled, then the actor exits."""
-        self.mailbox.close()
+        assert self._spec.stop is not None
+        self._spec.stop()
+
+    async def serve(
+        self,
+        *,
+        task_status: TaskStatus[ActorRef[ReconcilerMessage]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """One incarnation, start to end (what the supervisor starts)."""
+        await self._spec.start(task_status=task_status)
 
     def tree_node(self) -> dict[str, Any]:
+        assert self._actor is not None
         statistics = self._actor.statistics()
         return {
             "mailbox_depth": statistics.mailbox_depth,
@@ -311,26 +329,12 @@ class Reconciler:
             "children": [],
         }
 
-    async def serve(
-        self,
-        *,
-        task_status: TaskStatus[ActorRef[ReconcilerMessage]] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """One incarnation, start to end (the supervisor's ``start``)."""
-        if self._actor.has_run:
-            self.restarts += 1
-            if self.mailbox.closed:
-                self.mailbox.reopen()  # whatever was queued was discarded with it
-                self.reconcile_pending = self.reap_pending = False
-            self._actor = ReconcilerActor(self).adopt_mailbox(self.mailbox)
-        await self._actor.serve(task_status=task_status)
-
     def tick_reap(self) -> None:
         """The reaper's timer (sync, coalesced)."""
         if self.reap_pending:
             return
         try:
-            self.mailbox.ref.tell_nowait(Reap())
+            self.ref.tell_nowait(Reap())
         except (MailboxFull, ActorStopped):
             return
         self.reap_pending = True
@@ -540,29 +544,20 @@ class ReconcilerActor(Actor[ReconcilerMessage]):
         super().__init__(name=reconciler.name, mailbox_size=MAILBOX_SIZE)
         self.reconciler = reconciler
 
-    async def serve(
+    async def run(
         self,
         *,
         task_status: TaskStatus[ActorRef[ReconcilerMessage]] = anyio.TASK_STATUS_IGNORED,
+        idle_timeout_s: float | None = None,
     ) -> None:
-        """The mailbox plus two timers (first tick one interval after start)."""
+        """The kernel's mailbox loop plus two timers (first tick one interval in)."""
+        assert idle_timeout_s is None, "the reconciler never idles out"
         reconciler = self.reconciler
         async with anyio.create_task_group() as timers:
-            ref = await timers.start(self._mailbox_loop, timers.cancel_scope)
+            ref = await timers.start(mailbox_then_cancel, super().run, timers.cancel_scope)
             timers.start_soon(_every, reconciler.reaper_interval_s, reconciler.tick_reap)
             timers.start_soon(_every, reconciler.reconcile_interval_s, reconciler.trigger)
             task_status.started(ref)
-
-    async def _mailbox_loop(
-        self,
-        timers: anyio.CancelScope,
-        *,
-        task_status: TaskStatus[ActorRef[ReconcilerMessage]],
-    ) -> None:
-        try:
-            await self.run(task_status=task_status)
-        finally:
-            timers.cancel()
 
     async def handle(self, message: ReconcilerMessage) -> None:
         reconciler = self.reconciler

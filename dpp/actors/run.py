@@ -87,6 +87,20 @@ def timebox_problem(timebox_sec: int) -> dict[str, Any]:
     }
 
 
+async def mailbox_then_cancel(
+    run_mailbox: Callable[..., Awaitable[None]],
+    companions: anyio.CancelScope,
+    *,
+    task_status: TaskStatus[Any] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run an actor's mailbox loop (`Actor.run`); when it ends, however it ends,
+    cancel the tasks that live beside it (timers, the pack, pumps)."""
+    try:
+        await run_mailbox(task_status=task_status)
+    finally:
+        companions.cancel()
+
+
 # ---------------------------------------------------------------- messages
 
 
@@ -185,7 +199,8 @@ class RunActor(Actor[RunMessage]):
             try:
                 await crash_point("run.after_claim")
                 async with anyio.create_task_group() as tasks:
-                    ref = await tasks.start(self._mailbox_loop, tasks.cancel_scope)
+                    # the pack and the heartbeat end with the actor's mailbox
+                    ref = await tasks.start(mailbox_then_cancel, self.run, tasks.cancel_scope)
                     tasks.start_soon(self._execute)
                     tasks.start_soon(self._heartbeat_timer)
                     task_status.started(ref)
@@ -200,14 +215,6 @@ class RunActor(Actor[RunMessage]):
                     await self._release()
             assert self.phase is RunPhase.DONE and self.ending is not None
             return self.ending
-
-    async def _mailbox_loop(
-        self, work: anyio.CancelScope, *, task_status: TaskStatus[ActorRef[RunMessage]]
-    ) -> None:
-        try:
-            await self.run(task_status=task_status)
-        finally:
-            work.cancel()  # the pack and the heartbeat end with the actor
 
     async def _execute(self) -> None:
         message = await self._run_pack()
