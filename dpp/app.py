@@ -23,6 +23,9 @@ from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from dpp.actors.dispatcher import Dispatcher
+from dpp.actors.reconciler import Reconciler
+from dpp.actors.run import RunServices
 from dpp.actors.supervisor import ChildSpec, Restart, Supervisor, SupervisorSpec
 from dpp.blobs import open_blobs
 from dpp.budget_cache import BudgetMirror
@@ -35,6 +38,7 @@ from dpp.http.auth import ApiAuthMiddleware
 from dpp.metrics import metrics_for
 from dpp.money_service import MoneyService
 from dpp.packs import PackRegistry
+from dpp.queue import open_queue
 from dpp.ratelimit import RateLimiter
 from dpp.tenancy import Tenancy
 
@@ -166,7 +170,7 @@ def _build_services(base: AppContext) -> AppContext:
 
 
 def build_app(context: AppContext) -> Starlette:
-    from dpp.http import admin_money, admin_tenancy, routes_runs
+    from dpp.http import admin_money, admin_tenancy, routes_reconcile, routes_runs
 
     return create_app(
         context,
@@ -174,6 +178,7 @@ def build_app(context: AppContext) -> Starlette:
             *routes_runs.routes(context),
             *admin_tenancy.routes(context),
             *admin_money.routes(context),
+            *routes_reconcile.routes(context),
         ],
         inner_middleware=[
             Middleware(
@@ -183,8 +188,12 @@ def build_app(context: AppContext) -> Starlette:
     )
 
 
-def _children(context: AppContext, http: ChildSpec | None) -> list[ChildSpec]:
-    """The tree in dependency order: auth listener, budgets, then the HTTP front last
+def _children(
+    context: AppContext, dispatcher: Dispatcher | None, http: ChildSpec | None
+) -> list[ChildSpec]:
+    """The tree in dependency order (started in order, stopped in reverse):
+    the auth listener, budgets (runs in flight settle through them while the
+    dispatcher drains), the dispatcher, the reconciler, the HTTP front last
     (it starts when everything it calls is up, and stops first)."""
     children = [
         ChildSpec(
@@ -195,6 +204,9 @@ def _children(context: AppContext, http: ChildSpec | None) -> list[ChildSpec]:
         ),
         context.money.budgets.child_spec(id="budgets"),
     ]
+    if dispatcher is not None:
+        children.append(dispatcher.child_spec())
+    children.append(context.reconciler.child_spec())
     if http is not None:
         children.append(http)
     return children
@@ -206,10 +218,13 @@ async def open_runtime(
     *,
     http: Callable[[Starlette], ChildSpec] | None = None,
     environment: dict[str, str] | None = None,
+    dispatch: bool = True,
 ) -> AsyncIterator[Runtime]:
     """A replica without a listening socket unless ``http`` builds the HTTP child.
 
-    Tests drive ``runtime.app`` in-process; `dpp serve` adds hypercorn.
+    Tests drive ``runtime.app`` in-process; `dpp serve` adds hypercorn. With
+    ``dispatch=False`` nothing claims runs (API tests that need runs to stay
+    QUEUED); the reconciler still runs.
     """
     holder: dict[str, Supervisor] = {}
 
@@ -217,14 +232,42 @@ async def open_runtime(
         supervisor = holder.get("root")
         return supervisor.statistics() if supervisor is not None else {}
 
-    async with open_context(settings, actors_tree=tree, environment=environment) as base:
-        context = _build_services(base)
+    async with (
+        open_context(settings, actors_tree=tree, environment=environment) as base,
+        open_queue(settings, base.pool, base.queries) as queue,
+    ):
+        context = dataclasses.replace(_build_services(base), queue=queue)
+        if settings.queue_backend == "sqs":
+            readiness = (*context.readiness, ReadinessCheck("sqs", queue.ping))
+            context = dataclasses.replace(context, readiness=readiness)
+        reconciler = Reconciler.from_context(context, queue)
+        context = dataclasses.replace(context, reconciler=reconciler)
+        dispatcher = None
+        if dispatch:
+            dispatcher = Dispatcher(
+                RunServices.from_context(context, queue),
+                concurrency=settings.worker_concurrency,
+                shutdown_grace_s=settings.shutdown_grace_sec,
+                on_run_crash=lambda run_id, error: reconciler.trigger(),
+            )
         app = build_app(context)
+
+        def on_child_crash(supervisor_name: str, child: str, error: BaseException) -> None:
+            log.error(
+                "actor crashed; restarting and reconciling",
+                extra={
+                    "supervisor": supervisor_name,
+                    "child": child,
+                    "error": type(error).__name__,
+                },
+            )
+            reconciler.trigger()
+
         supervisor = Supervisor(
             "root",
             SupervisorSpec("one_for_one", intensity=ROOT_INTENSITY, period_s=ROOT_PERIOD_S),
-            _children(context, http(app) if http is not None else None),
-            on_child_crash=_on_child_crash,
+            _children(context, dispatcher, http(app) if http is not None else None),
+            on_child_crash=on_child_crash,
         )
         holder["root"] = supervisor
         async with anyio.create_task_group() as group:
@@ -234,13 +277,6 @@ async def open_runtime(
             finally:
                 with anyio.CancelScope(shield=True):
                     await supervisor.shutdown()
-
-
-def _on_child_crash(supervisor: str, child: str, error: BaseException) -> None:
-    log.error(
-        "actor crashed; restarting",
-        extra={"supervisor": supervisor, "child": child, "error": type(error).__name__},
-    )
 
 
 async def run_server(settings: Settings) -> None:

@@ -17,7 +17,8 @@ BASE_URL = "http://testserver"
 
 @pytest.fixture
 async def runtime(settings: Settings, settings_env: dict[str, str]) -> AsyncIterator[Runtime]:
-    async with open_runtime(settings, environment=settings_env) as runtime:
+    # nothing claims runs here: these tests need them to stay QUEUED
+    async with open_runtime(settings, environment=settings_env, dispatch=False) as runtime:
         yield runtime
 
 
@@ -410,8 +411,8 @@ async def test_two_replicas_share_one_budget_without_overspend(
     settings: Settings, settings_env: dict[str, str], admin_headers
 ) -> None:
     async with (
-        open_runtime(settings, environment=settings_env) as first,
-        open_runtime(settings, environment=settings_env) as second,
+        open_runtime(settings, environment=settings_env, dispatch=False) as first,
+        open_runtime(settings, environment=settings_env, dispatch=False) as second,
     ):
         clients = [
             httpx.AsyncClient(transport=httpx.ASGITransport(app=rt.app), base_url=BASE_URL)
