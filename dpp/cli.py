@@ -343,6 +343,32 @@ async def _announce_dev_api_key(settings: Settings, directory: Path) -> None:
         f"kept in {_shown_path(key_path)})",
         flush=True,
     )
+    print(dev_curl_examples(_local_base_url(settings), key), flush=True)
+
+
+DEV_ECHO_RUN = '{"pack_type": "echo", "inputs": {"payload": {"hello": "world"}}}'
+DEV_DECISION_RUN = (
+    '{"pack_type": "decision", "inputs": {"question": "Which plan?", "criteria": '
+    '[{"id": "cost", "weight": 2, "direction": "minimize"}, '
+    '{"id": "speed", "weight": 1, "direction": "maximize"}], "options": '
+    '[{"id": "a", "scores": {"cost": 10, "speed": 5}}, '
+    '{"id": "b", "scores": {"cost": 5, "speed": 4}}]}}'
+)
+
+
+def dev_curl_examples(base_url: str, key: str) -> str:
+    """Ready-to-paste commands: the budget, an echo run and a decision run end to end."""
+    auth = f'-H "Authorization: Bearer {key}"'
+    post = f"{auth} -H 'Content-Type: application/json'"
+    return "\n".join(
+        [
+            "dpp dev: try it:",
+            f"  curl -s {base_url}/v1/budget {auth}",
+            f"  curl -s {base_url}/v1/runs {post} -d '{DEV_ECHO_RUN}'",
+            f"  curl -s {base_url}/v1/runs {post} -d '{DEV_DECISION_RUN}'",
+            f"  curl -s {base_url}/v1/runs/RUN_ID {auth}   # COMPLETED, with result.download_url",
+        ]
+    )
 
 
 async def _dev_api_key(settings: Settings, key_path: Path) -> tuple[str, str]:

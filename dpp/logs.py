@@ -108,6 +108,19 @@ def bind(**fields: Any) -> Iterator[Mapping[str, Any]]:
         _fields.reset(token)
 
 
+@contextlib.contextmanager
+def bind_only(**fields: Any) -> Iterator[Mapping[str, Any]]:
+    """Like ``bind``, but forget what the caller had bound: for a long-lived task
+    spawned from a request (a keyed actor), which must not carry that request's
+    ids in every later line."""
+    only = MappingProxyType(dict(fields))
+    token = _fields.set(only)
+    try:
+        yield only
+    finally:
+        _fields.reset(token)
+
+
 def bound_fields() -> Mapping[str, Any]:
     """The fields bound in the current context (read-only)."""
     return _fields.get()

@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import assert_never
+from typing import Any, assert_never
 
 from dpp import ledger
 from dpp.actors.kernel import Actor, Reply
 from dpp.budget_cache import BudgetMirror, MirrorMissing
 from dpp.db import Queries
 from dpp.faults import crash_point
+from dpp.logs import bind_only
 from dpp.money import Admission
 
 log = logging.getLogger("dpp.budget")
@@ -102,6 +103,11 @@ class BudgetActor(Actor[BudgetMessage]):
         super().__init__(name=f"budget:{tenant_id}", mailbox_size=MAILBOX_SIZE, batch_max=batch_max)
         self.tenant_id = tenant_id
         self.backend = backend
+
+    async def run(self, **kwargs: Any) -> None:
+        # started on demand from some request's task: drop that request's ids
+        with bind_only(tenant_id=self.tenant_id):
+            await super().run(**kwargs)
 
     async def on_start(self) -> None:
         await self.ensure_mirror()

@@ -234,3 +234,12 @@ def test_redact_helpers() -> None:
     }
     register_secret("short")  # too short to register: it would scrub ordinary words
     assert redact_text("a short word") == "a short word"
+
+
+def test_bind_only_forgets_the_callers_fields() -> None:
+    from dpp.logs import bind, bind_only, bound_fields
+
+    with bind(request_id="req_1", trace_id="t" * 32):
+        with bind_only(tenant_id="ten_1"):
+            assert dict(bound_fields()) == {"tenant_id": "ten_1"}
+        assert bound_fields()["request_id"] == "req_1"
