@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, assert_never
 
 from dpp import ledger
-from dpp.actors.kernel import Actor, Reply
+from dpp.actors.kernel import Actor, ActorCrashed, Reply
 from dpp.budget_cache import BudgetMirror, MirrorMissing
 from dpp.db import Queries
 from dpp.faults import crash_point
@@ -185,11 +185,16 @@ class BudgetActor(Actor[BudgetMessage]):
                 [m.draft for m in pending],
             )
         except BaseException as error:
-            # Nothing was committed: give the holds back, then tell the callers.
+            # Most likely nothing was committed (a failed commit can still have
+            # landed, which Postgres then holds and drift repair reconciles in the
+            # mirror): give the holds back, tell the callers the outcome is
+            # unknown, and crash so the supervisor restarts us clean.
             await self._release_quietly(pending)
             if isinstance(error, Exception):
                 for message in pending:
-                    message.reply.fail(error)
+                    crashed = ActorCrashed(f"{self.name} failed while reserving; outcome unknown")
+                    crashed.__cause__ = error
+                    message.reply.fail(crashed)
             raise
         refused = [
             m

@@ -14,7 +14,7 @@ from starlette.routing import BaseRoute, Route
 
 from dpp import idempotency, ids, ledger
 from dpp.actors.budget import ConcurrencyLimited, InsufficientBudget, Reserved
-from dpp.actors.kernel import AskTimeout, MailboxFull
+from dpp.actors.kernel import ActorCrashed, AskTimeout, MailboxFull
 from dpp.context import AppContext
 from dpp.http.app import json_response, read_json_body
 from dpp.http.auth import principal_of
@@ -157,6 +157,13 @@ async def submit_run(request: Request) -> Response:
     except AskTimeout:
         # The reservation may still commit; its idempotency record then says so.
         raise _busy("The reservation did not answer in time; retry with the same key.") from None
+    except ActorCrashed:
+        # The budget actor died mid-batch (it is being restarted). Whether this
+        # reservation committed is unknown to us: keep the idempotency record, whose
+        # state the reservation's own transaction decides, so a retry with the same
+        # key replays the run if it exists and proceeds once the lock expires if not.
+        log.error("budget actor crashed during a reservation", extra={"run_id": run_id})
+        raise _busy("The reservation's outcome is unknown; retry with the same key.") from None
     except Exception:
         if scope is not None:
             await idempotency.abandon(context.pool, context.queries, scope)

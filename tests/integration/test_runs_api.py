@@ -444,3 +444,25 @@ async def test_two_replicas_share_one_budget_without_overspend(
         await _audit_ok(clients[0], admin_headers)
         for client in clients:
             await client.aclose()
+
+
+async def test_a_crashing_budget_actor_is_restarted_and_the_front_stays_up(
+    http, admin_headers
+) -> None:
+    from dpp.faults import armed
+
+    _, key = await _tenant(http, admin_headers, 1_000_000)
+    with armed("reserve.before_commit"):
+        crashed = await http.post("/v1/runs", json=ECHO, headers=key)
+    assert crashed.status_code == 503
+    assert crashed.json()["type"].endswith("/unavailable")
+    assert (await http.get("/health")).status_code == 200
+    tree = (await http.get("/admin/actors", headers=admin_headers)).json()
+    budgets = next(node for node in tree["children"] if node["name"] == "budgets")
+    tenants = budgets["children"]
+    assert sum(node["restarts"] for node in tenants) >= 1, budgets
+    # the restarted actor admits the next run; nothing was reserved by the crashed one
+    assert (await http.post("/v1/runs", json=ECHO, headers=key)).status_code == 202
+    budget = (await http.get("/v1/budget", headers=key)).json()
+    assert budget["reserved_usd_micros"] == 1_000
+    await _audit_ok(http, admin_headers)
