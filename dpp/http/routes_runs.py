@@ -21,6 +21,7 @@ from dpp.http.auth import principal_of
 from dpp.http.problems import Problem, problem_response
 from dpp.metrics import metrics_for
 from dpp.money import ALL_STATUSES, TERMINAL_STATUSES, Outcome
+from dpp.queue.base import QueuedRun
 from dpp.runs import (
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
@@ -175,12 +176,12 @@ async def submit_run(request: Request) -> Response:
             metrics.runs_submitted.labels(parsed.pack.pack_type).inc()
             if context.queue is not None:
                 try:
-                    await context.queue.enqueue_admitted(
-                        run_id=run_id,
-                        tenant_id=tenant_id,
-                        pack_type=parsed.pack.pack_type,
-                        trace_id=draft.trace_id,
-                        enqueued_at=created_at,
+                    await context.queue.enqueue(
+                        [
+                            QueuedRun(
+                                run_id, tenant_id, parsed.pack.pack_type, draft.trace_id, created_at
+                            )
+                        ]
                     )
                 except Exception:
                     # The run is durable and QUEUED; the queue's backstop finds it.

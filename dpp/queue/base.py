@@ -119,18 +119,6 @@ class RunQueue(Protocol):
         """Announce runs committed QUEUED (called after the reservation commits)."""
         ...
 
-    async def enqueue_admitted(
-        self,
-        *,
-        run_id: str,
-        tenant_id: str,
-        pack_type: str,
-        trace_id: str | None,
-        enqueued_at: datetime,
-    ) -> None:
-        """`enqueue` for one run, in the shape the runs API has at hand."""
-        ...
-
     async def claim_batch(self, n: int) -> list[ClaimedRun]:
         """Claim up to ``n`` QUEUED runs (PROCESSING, fresh lease)."""
         ...

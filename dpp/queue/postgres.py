@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from datetime import datetime
 
 import anyio
 import asyncpg
@@ -54,17 +53,6 @@ class PostgresQueue:
     async def enqueue(self, runs: Sequence[QueuedRun]) -> None:
         if runs:
             await self._notify()
-
-    async def enqueue_admitted(
-        self,
-        *,
-        run_id: str,
-        tenant_id: str,
-        pack_type: str,
-        trace_id: str | None,
-        enqueued_at: datetime,
-    ) -> None:
-        await self.enqueue([QueuedRun(run_id, tenant_id, pack_type, trace_id, enqueued_at)])
 
     async def _notify(self) -> None:
         await self._pool.execute("SELECT pg_notify($1, '')", CHANNEL)

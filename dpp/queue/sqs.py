@@ -126,17 +126,6 @@ class SqsQueue:
             if sent:
                 await self._pool.execute(self._queries["mark_runs_enqueued"], sent)
 
-    async def enqueue_admitted(
-        self,
-        *,
-        run_id: str,
-        tenant_id: str,
-        pack_type: str,
-        trace_id: str | None,
-        enqueued_at: datetime,
-    ) -> None:
-        await self.enqueue([QueuedRun(run_id, tenant_id, pack_type, trace_id, enqueued_at)])
-
     async def requeue_unsent(self, older_than_sec: int, *, limit: int = 500) -> int:
         rows = await self._pool.fetch(self._queries["queued_runs_unsent"], older_than_sec, limit)
         runs = [

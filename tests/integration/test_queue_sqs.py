@@ -8,6 +8,7 @@ import orjson
 
 from dpp.actors.run import RunEnding
 from dpp.queue import SqsQueue
+from dpp.queue.base import QueuedRun
 from tests.integration.test_execution import (
     MINIMUM_FEE_USD_MICROS,
     RESERVED_USD_MICROS,
@@ -84,12 +85,8 @@ async def test_duplicate_and_stray_messages_are_deleted_without_work(
         run_id = await h.submit({"payload": 1})
         row = await h.row(run_id)
         # the same run announced twice (the backstop raced the runs API)
-        await h.queue.enqueue_admitted(
-            run_id=run_id,
-            tenant_id=h.tenant_id,
-            pack_type="echo",
-            trace_id=row["trace_id"],
-            enqueued_at=row["created_at"],
+        await h.queue.enqueue(
+            [QueuedRun(run_id, h.tenant_id, "echo", row["trace_id"], row["created_at"])]
         )
         # a run that does not exist, and a body that is not ours
         stray = {
