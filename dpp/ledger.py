@@ -298,6 +298,11 @@ async def settle(pool: asyncpg.Pool, queries: Queries, request: SettleRequest) -
             raise SettleRefused(run["id"], status, "lease token is stale")
         if request.expected_version is not None and run["version"] != request.expected_version:
             raise SettleRefused(run["id"], status, "run changed since it was observed")
+        if status == "AUDIT_REQUIRED" and not await connection.fetchval(
+            queries["run_has_reserve_entry"], run["id"]
+        ):
+            # Nothing is held for it: settling would release money never reserved.
+            raise SettleRefused(run["id"], status, "the ledger holds no reservation for it")
         if request.charged_override_usd_micros is not None:
             charged = request.charged_override_usd_micros
             assert 0 <= charged <= run["reserved_usd_micros"]

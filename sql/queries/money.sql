@@ -101,6 +101,9 @@ SET balance_usd_micros = balance_usd_micros - $2,
 WHERE id = $1 AND reserved_usd_micros >= $3 AND balance_usd_micros >= $2
 RETURNING balance_usd_micros, reserved_usd_micros, ledger_version;
 
+-- name: run_has_reserve_entry
+SELECT EXISTS (SELECT 1 FROM ledger_entries WHERE run_id = $1 AND kind = 'reserve');
+
 -- name: mark_audit_required
 UPDATE runs
 SET status = 'AUDIT_REQUIRED', lease_token = NULL, lease_expires_at = NULL,

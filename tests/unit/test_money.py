@@ -1,0 +1,102 @@
+"""Pure money rules: SPEC §1's settlement table and batch admission."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dpp.money import Admission, Budget, Outcome, decide_batch, settle
+
+
+@pytest.mark.parametrize(
+    ("outcome", "actual", "charged"),
+    [
+        (Outcome.COMPLETED, 500, 500),  # within [M, R]
+        (Outcome.COMPLETED, 10, 100),  # below M: clamped up
+        (Outcome.COMPLETED, 5_000, 1_000),  # above R: clamped down
+        (Outcome.FAILED, None, 100),
+        (Outcome.EXPIRED, None, 100),
+        (Outcome.CANCELED, None, 0),
+    ],
+)
+def test_settlement_table(outcome, actual, charged) -> None:
+    result = settle(
+        outcome,
+        reserved_usd_micros=1_000,
+        minimum_fee_usd_micros=100,
+        actual_cost_usd_micros=actual,
+    )
+    assert result.charged_usd_micros == charged
+    assert result.refunded_usd_micros == 1_000 - charged
+
+
+@given(
+    reserved=st.integers(1, 10**12),
+    minimum_percent=st.integers(0, 100),
+    actual=st.integers(0, 10**13),
+    outcome=st.sampled_from(list(Outcome)),
+)
+def test_charged_plus_refunded_is_always_the_reservation(
+    reserved, minimum_percent, actual, outcome
+) -> None:
+    minimum = reserved * minimum_percent // 100
+    result = settle(
+        outcome,
+        reserved_usd_micros=reserved,
+        minimum_fee_usd_micros=minimum,
+        actual_cost_usd_micros=actual,
+    )
+    assert result.charged_usd_micros + result.refunded_usd_micros == reserved
+    if outcome is not Outcome.CANCELED:
+        assert minimum <= result.charged_usd_micros <= reserved
+
+
+def test_settlement_refuses_floats_and_a_fee_above_the_reservation() -> None:
+    with pytest.raises(AssertionError):
+        settle(Outcome.FAILED, reserved_usd_micros=100, minimum_fee_usd_micros=200)
+    with pytest.raises(AssertionError):
+        settle(
+            Outcome.COMPLETED,
+            reserved_usd_micros=100,
+            minimum_fee_usd_micros=10,
+            actual_cost_usd_micros=1.5,
+        )  # type: ignore[arg-type]
+
+
+def test_a_refused_item_does_not_block_a_smaller_later_one() -> None:
+    decisions, after = decide_batch(
+        Budget(1_000, 0), [600, 600, 300], open_runs=0, max_concurrent_runs=10
+    )
+    assert [d.admission for d in decisions] == [
+        Admission.ACCEPTED,
+        Admission.INSUFFICIENT_BUDGET,
+        Admission.ACCEPTED,
+    ]
+    assert decisions[1].available_usd_micros == 400
+    assert after == Budget(1_000, 900)
+
+
+def test_the_plan_concurrency_limit_is_counted_across_the_batch() -> None:
+    decisions, _ = decide_batch(Budget(10_000, 0), [1, 1, 1], open_runs=1, max_concurrent_runs=2)
+    assert [d.admission for d in decisions] == [
+        Admission.ACCEPTED,
+        Admission.CONCURRENCY_LIMITED,
+        Admission.CONCURRENCY_LIMITED,
+    ]
+
+
+@given(
+    balance=st.integers(0, 10**9),
+    amounts=st.lists(st.integers(1, 10**8), min_size=1, max_size=64),
+    limit=st.integers(1, 100),
+)
+def test_admission_never_overspends(balance, amounts, limit) -> None:
+    decisions, after = decide_batch(
+        Budget(balance, 0), amounts, open_runs=0, max_concurrent_runs=limit
+    )
+    accepted = [
+        a for a, d in zip(amounts, decisions, strict=True) if d.admission is Admission.ACCEPTED
+    ]
+    assert sum(accepted) == after.reserved_usd_micros <= balance
+    assert len(accepted) <= limit
