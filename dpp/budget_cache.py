@@ -74,13 +74,14 @@ class BudgetMirror:
         flat = [part for operation_id, amount in items for part in (operation_id, amount)]
         await self._call(tenant_id, "release", *flat)
 
-    async def settle(
-        self, tenant_id: str, operation_id: str, reserved_usd_micros: int, charged_usd_micros: int
-    ) -> None:
-        """Mirror a committed settlement. A lost mirror is rebuilt from Postgres later,
-        which already holds this settlement, so a miss is simply skipped."""
-        assert reserved_usd_micros > 0 and 0 <= charged_usd_micros <= reserved_usd_micros
-        await self._call(tenant_id, "settle", operation_id, reserved_usd_micros, charged_usd_micros)
+    async def settle_many(self, tenant_id: str, items: Sequence[tuple[str, int, int]]) -> None:
+        """Mirror committed settlements (operation id, reserved, charged); one round
+        trip. A lost mirror is rebuilt from Postgres later, which already holds
+        them, so a miss is simply skipped."""
+        assert items
+        assert all(reserved > 0 and 0 <= charged <= reserved for _, reserved, charged in items)
+        flat = [part for item in items for part in item]
+        await self._call(tenant_id, "settle", *flat)
 
     async def credit(self, tenant_id: str, operation_id: str, amount_usd_micros: int) -> None:
         assert amount_usd_micros > 0

@@ -268,96 +268,177 @@ class SettleResult:
     finished_at: datetime | None = None
 
 
-async def settle(pool: asyncpg.Pool, queries: Queries, request: SettleRequest) -> SettleResult:
-    """Apply SPEC §1's table to one run exactly once.
+SettleOutcome = SettleResult | SettleRefused | RunNotFound
 
-    Guarded three ways: the run's row lock and version (concurrent settlers
-    serialize; the second sees a terminal run), its status (only from
-    ``from_statuses``) and, when given, its lease token (a stale worker is
-    refused). The ledger's unique operation ids make a replayed settlement
-    impossible to double-apply even if those guards were bypassed.
+
+def _decide_settlement(
+    request: SettleRequest, run: asyncpg.Record | None, has_reserve: bool
+) -> Settlement | SettleResult | SettleRefused | RunNotFound:
+    """What one request does to its run, judged under the run's row lock (pure)."""
+    if run is None:
+        return RunNotFound(request.run_id)
+    status = run["status"]
+    if status in money.TERMINAL_STATUSES:
+        if status != request.outcome.value:
+            return SettleRefused(run["id"], status, "already settled")
+        previous = Settlement(
+            Outcome(status),
+            run["reserved_usd_micros"],
+            run["charged_usd_micros"],
+            run["refunded_usd_micros"],
+        )
+        return SettleResult(run["id"], run["tenant_id"], previous, False, None)
+    if status not in request.from_statuses:
+        return SettleRefused(run["id"], status, "not settleable from this state")
+    if request.lease_token is not None and str(run["lease_token"]) != request.lease_token:
+        return SettleRefused(run["id"], status, "lease token is stale")
+    if request.expected_version is not None and run["version"] != request.expected_version:
+        return SettleRefused(run["id"], status, "run changed since it was observed")
+    if status == "AUDIT_REQUIRED" and not has_reserve:
+        # Nothing is held for it: settling would release money never reserved.
+        return SettleRefused(run["id"], status, "the ledger holds no reservation for it")
+    if request.charged_override_usd_micros is not None:
+        charged = request.charged_override_usd_micros
+        assert 0 <= charged <= run["reserved_usd_micros"]
+        return Settlement(
+            request.outcome,
+            run["reserved_usd_micros"],
+            charged,
+            run["reserved_usd_micros"] - charged,
+        )
+    return money.settle(
+        request.outcome,
+        reserved_usd_micros=run["reserved_usd_micros"],
+        minimum_fee_usd_micros=run["minimum_fee_usd_micros"],
+        actual_cost_usd_micros=request.actual_cost_usd_micros,
+    )
+
+
+async def settle_batch(
+    pool: asyncpg.Pool, queries: Queries, requests: Sequence[SettleRequest]
+) -> list[SettleOutcome]:
+    """Apply SPEC §1's table to each run exactly once, all in one transaction.
+
+    Guarded three ways per run: its row lock and version (concurrent settlers
+    serialize; the later one sees a terminal run), its status (only from
+    ``from_statuses``) and, when given, its lease token and observed version
+    (a stale worker or reaper is refused). The ledger's unique operation ids
+    make a replayed settlement impossible to double-apply even if those guards
+    were bypassed. A refused request is answered with its reason and does not
+    hold back the others. Group commit: a budget actor settles what queued up
+    while the previous transaction ran.
     """
+    assert 1 <= len(requests) <= BATCH_SIZE_MAX
+    run_ids = [request.run_id for request in requests]
     async with pool.acquire() as connection, connection.transaction():
-        run = await connection.fetchrow(queries["lock_run"], request.run_id)
-        if run is None:
-            raise RunNotFound(request.run_id)
-        status = run["status"]
-        if status in money.TERMINAL_STATUSES:
-            previous = Settlement(
-                Outcome(status),
-                run["reserved_usd_micros"],
-                run["charged_usd_micros"],
-                run["refunded_usd_micros"],
+        runs = {row["id"]: row for row in await connection.fetch(queries["lock_runs"], run_ids)}
+        outcomes: list[SettleOutcome | None] = [None] * len(requests)
+        writes: list[tuple[int, SettleRequest, asyncpg.Record, Settlement]] = []
+        decided: dict[str, Settlement] = {}  # two requests for one run in one batch
+        for index, request in enumerate(requests):
+            run = runs.get(request.run_id)
+            earlier = decided.get(request.run_id)
+            if earlier is not None:
+                outcomes[index] = (
+                    SettleResult(request.run_id, run["tenant_id"], earlier, False, None)
+                    if earlier.outcome is request.outcome
+                    else SettleRefused(request.run_id, earlier.outcome.value, "already settled")
+                )
+                continue
+            has_reserve = (
+                run is not None
+                and run["status"] == "AUDIT_REQUIRED"
+                and bool(await connection.fetchval(queries["run_has_reserve_entry"], run["id"]))
             )
-            if status == request.outcome.value:
-                return SettleResult(run["id"], run["tenant_id"], previous, False, None)
-            raise SettleRefused(run["id"], status, "already settled")
-        if status not in request.from_statuses:
-            raise SettleRefused(run["id"], status, "not settleable from this state")
-        if request.lease_token is not None and str(run["lease_token"]) != request.lease_token:
-            raise SettleRefused(run["id"], status, "lease token is stale")
-        if request.expected_version is not None and run["version"] != request.expected_version:
-            raise SettleRefused(run["id"], status, "run changed since it was observed")
-        if status == "AUDIT_REQUIRED" and not await connection.fetchval(
-            queries["run_has_reserve_entry"], run["id"]
-        ):
-            # Nothing is held for it: settling would release money never reserved.
-            raise SettleRefused(run["id"], status, "the ledger holds no reservation for it")
-        if request.charged_override_usd_micros is not None:
-            charged = request.charged_override_usd_micros
-            assert 0 <= charged <= run["reserved_usd_micros"]
-            settlement = Settlement(
-                request.outcome,
-                run["reserved_usd_micros"],
-                charged,
-                run["reserved_usd_micros"] - charged,
-            )
-        else:
-            settlement = money.settle(
-                request.outcome,
-                reserved_usd_micros=run["reserved_usd_micros"],
-                minimum_fee_usd_micros=run["minimum_fee_usd_micros"],
-                actual_cost_usd_micros=request.actual_cost_usd_micros,
-            )
-        result = request.result
-        updated = await connection.fetchrow(
-            queries["settle_run_row"],
-            run["id"],
-            request.outcome.value,
-            settlement.charged_usd_micros,
-            settlement.refunded_usd_micros,
-            run["retention_days"],
-            request.error,
-            result.key if result else None,
-            result.sha256 if result else None,
-            result.bytes if result else None,
-            result.content_type if result else None,
-            run["version"],
-        )
-        assert updated is not None, "run changed under its row lock"
-        await connection.execute(
-            queries["insert_settlement_entries"],
-            run["tenant_id"],
-            run["id"],
-            settlement.charged_usd_micros,
-            settlement.refunded_usd_micros,
-        )
-        row = await connection.fetchrow(
-            queries["settle_on_tenant"],
-            run["tenant_id"],
-            settlement.charged_usd_micros,
-            settlement.reserved_usd_micros,
-        )
-        assert row is not None, "tenant counters disagree with the run's reservation"
+            decision = _decide_settlement(request, run, has_reserve)
+            if isinstance(decision, Settlement):
+                decided[request.run_id] = decision
+                writes.append((index, request, run, decision))
+            else:
+                outcomes[index] = decision
+        if writes:
+            finished = await _write_settlements(connection, queries, writes)
+            budgets = await _release_reservations(connection, queries, writes)
+            for index, _, run, settlement in writes:
+                outcomes[index] = SettleResult(
+                    run["id"],
+                    run["tenant_id"],
+                    settlement,
+                    True,
+                    budgets[run["tenant_id"]],
+                    finished[run["id"]],
+                )
         await crash_point("settle.before_commit")
-        return SettleResult(
-            run["id"],
-            run["tenant_id"],
-            settlement,
-            True,
-            _tenant_budget(row),
-            updated["finished_at"],
+    assert all(outcome is not None for outcome in outcomes)
+    return outcomes  # type: ignore[return-value]
+
+
+async def _write_settlements(
+    connection: asyncpg.Connection,
+    queries: Queries,
+    writes: list[tuple[int, SettleRequest, asyncpg.Record, Settlement]],
+) -> dict[str, datetime]:
+    results = [request.result for _, request, _, _ in writes]
+    updated = await connection.fetch(
+        queries["settle_run_rows"],
+        [run["id"] for _, _, run, _ in writes],
+        [settlement.outcome.value for _, _, _, settlement in writes],
+        [settlement.charged_usd_micros for _, _, _, settlement in writes],
+        [settlement.refunded_usd_micros for _, _, _, settlement in writes],
+        [run["retention_days"] for _, _, run, _ in writes],
+        [request.error for _, request, _, _ in writes],
+        [result.key if result else None for result in results],
+        [result.sha256 if result else None for result in results],
+        [result.bytes if result else None for result in results],
+        [result.content_type if result else None for result in results],
+        [run["version"] for _, _, run, _ in writes],
+    )
+    assert len(updated) == len(writes), "a run changed under its row lock"
+    entries = [
+        (run["tenant_id"], run["id"], kind, amount)
+        for _, _, run, settlement in writes
+        for kind, amount in (
+            ("charge", settlement.charged_usd_micros),
+            ("refund", settlement.refunded_usd_micros),
         )
+    ]
+    await connection.execute(
+        queries["insert_settlement_entries"],
+        [entry[0] for entry in entries],
+        [entry[1] for entry in entries],
+        [entry[2] for entry in entries],
+        [entry[3] for entry in entries],
+    )
+    return {row["id"]: row["finished_at"] for row in updated}
+
+
+async def _release_reservations(
+    connection: asyncpg.Connection,
+    queries: Queries,
+    writes: list[tuple[int, SettleRequest, asyncpg.Record, Settlement]],
+) -> dict[str, TenantBudget]:
+    """One conditional UPDATE per tenant: balance -= charges, reserved -= R."""
+    totals: dict[str, tuple[int, int]] = {}
+    for _, _, run, settlement in writes:
+        charged, reserved = totals.get(run["tenant_id"], (0, 0))
+        totals[run["tenant_id"]] = (
+            charged + settlement.charged_usd_micros,
+            reserved + settlement.reserved_usd_micros,
+        )
+    budgets = {}
+    for tenant_id, (charged, reserved) in sorted(totals.items()):
+        row = await connection.fetchrow(queries["settle_on_tenant"], tenant_id, charged, reserved)
+        assert row is not None, "tenant counters disagree with the runs' reservations"
+        budgets[tenant_id] = _tenant_budget(row)
+    return budgets
+
+
+async def settle(pool: asyncpg.Pool, queries: Queries, request: SettleRequest) -> SettleResult:
+    """One settlement (see ``settle_batch``); raises its refusal."""
+    (outcome,) = await settle_batch(pool, queries, [request])
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 async def mark_audit_required(

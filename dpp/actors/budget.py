@@ -128,22 +128,28 @@ class BudgetActor(Actor[BudgetMessage]):
         await self.handle_batch([message])
 
     async def handle_batch(self, messages: list[BudgetMessage]) -> None:
-        reserves: list[Reserve] = []
+        """Group consecutive reservations, and consecutive settlements, into one
+        commit each; keep the order of everything else."""
+        run: list[Reserve] | list[Settle] = []
         for message in messages:
-            if isinstance(message, Reserve):
-                reserves.append(message)
+            if run and type(message) is not type(run[0]):
+                await self._flush(run)
+                run = []
+            if isinstance(message, Reserve | Settle):
+                run.append(message)  # type: ignore[arg-type]
                 continue
-            if reserves:
-                await self._reserve(reserves)
-                reserves = []
             await self._handle_one(message)
-        if reserves:
-            await self._reserve(reserves)
+        if run:
+            await self._flush(run)
 
-    async def _handle_one(self, message: Settle | Credit) -> None:
+    async def _flush(self, messages: list[Reserve] | list[Settle]) -> None:
+        if isinstance(messages[0], Reserve):
+            await self._reserve(messages)  # type: ignore[arg-type]
+        else:
+            await self._settle(messages)  # type: ignore[arg-type]
+
+    async def _handle_one(self, message: Credit) -> None:
         match message:
-            case Settle(request=request, reply=reply):
-                await self._settle(request, reply)
             case Credit(amount_usd_micros=amount, operation_id=operation_id, reply=reply):
                 await self._credit(amount, operation_id, reply)
             case _:
@@ -245,32 +251,48 @@ class BudgetActor(Actor[BudgetMessage]):
 
     # ------------------------------------------------------------- settle
 
-    async def _settle(
-        self, request: ledger.SettleRequest, reply: Reply[ledger.SettleResult]
-    ) -> None:
+    async def _settle(self, messages: list[Settle]) -> None:
         try:
-            result = await ledger.settle(self.backend.pool, self.backend.queries, request)  # type: ignore[arg-type]
+            outcomes = await ledger.settle_batch(
+                self.backend.pool,  # type: ignore[arg-type]
+                self.backend.queries,
+                [message.request for message in messages],
+            )
         except Exception as error:
-            reply.fail(error)
+            for message in messages:
+                message.reply.fail(error)
             return
-        assert result.tenant_id == self.tenant_id, "settlement routed to another tenant's actor"
         await crash_point("settle.after_commit")
-        await self._mirror_settle(result)
-        reply.set(result)
+        results = [o for o in outcomes if isinstance(o, ledger.SettleResult)]
+        assert all(r.tenant_id == self.tenant_id for r in results), "settled another tenant"
+        if results:
+            await self._mirror_settle(results)
+        for message, outcome in zip(messages, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                message.reply.fail(outcome)
+            else:
+                message.reply.set(outcome)
 
-    async def _mirror_settle(self, result: ledger.SettleResult) -> None:
-        settlement = result.settlement
+    async def _mirror_settle(self, results: list[ledger.SettleResult]) -> None:
+        """Mirror committed settlements, replays included: the marker of each makes a
+        second application a no-op, and a replay after a crash between Postgres and
+        Redis is what finally mirrors it."""
         try:
-            await self.backend.mirror.settle(
+            await self.backend.mirror.settle_many(
                 self.tenant_id,
-                f"settle:{result.run_id}",
-                settlement.reserved_usd_micros,
-                settlement.charged_usd_micros,
+                [
+                    (
+                        f"settle:{result.run_id}",
+                        result.settlement.reserved_usd_micros,
+                        result.settlement.charged_usd_micros,
+                    )
+                    for result in results
+                ],
             )
         except Exception:
             log.warning(
-                "could not mirror a settlement; drift repair will",
-                extra={"tenant_id": self.tenant_id, "run_id": result.run_id},
+                "could not mirror settlements; drift repair will",
+                extra={"tenant_id": self.tenant_id},
                 exc_info=True,
             )
 

@@ -7,7 +7,7 @@
 -- ARGV[1] = command, ARGV[2] = operation marker TTL (seconds), then per command:
 --   reserve  id1 amount1 [id2 amount2 ...]  -> {1, available_after, flag1, flag2, ...}
 --   release  id1 amount1 [...]              -> {1, available_after}
---   settle   id reserved charged            -> {1, available_after}
+--   settle   id1 reserved1 charged1 [...]   -> {1, available_after}
 --   credit   id amount                      -> {1, available_after}
 --   load     balance reserved version       -> {1 if loaded, 0 if it existed}
 --   repair   old_balance old_reserved new_balance new_reserved version -> {1|0}
@@ -63,10 +63,12 @@ elseif command == 'release' then
   end
   return {1, available()}
 elseif command == 'settle' then
-  if first_time(ARGV[3]) then
-    redis.call('HINCRBY', key, 'reserved', -tonumber(ARGV[4]))
-    if tonumber(ARGV[5]) > 0 then
-      redis.call('HINCRBY', key, 'balance', -tonumber(ARGV[5]))
+  for i = 3, #ARGV, 3 do
+    if first_time(ARGV[i]) then
+      redis.call('HINCRBY', key, 'reserved', -tonumber(ARGV[i + 1]))
+      if tonumber(ARGV[i + 2]) > 0 then
+        redis.call('HINCRBY', key, 'balance', -tonumber(ARGV[i + 2]))
+      end
     end
   end
   return {1, available()}

@@ -61,37 +61,44 @@ RETURNING id;
 SELECT tenant_id, amount_usd_micros FROM ledger_entries
 WHERE operation_id = $1 AND kind = 'credit';
 
--- name: lock_run
+-- name: lock_runs
+-- In id order, so two batches locking overlapping runs cannot deadlock.
 SELECT r.id, r.tenant_id, r.status, r.version, r.lease_token, r.reserved_usd_micros,
        r.minimum_fee_usd_micros, r.charged_usd_micros, r.refunded_usd_micros,
        p.retention_days
 FROM runs r JOIN tenants t ON t.id = r.tenant_id JOIN plans p ON p.id = t.plan_id
-WHERE r.id = $1
+WHERE r.id = ANY($1::text[])
+ORDER BY r.id
 FOR UPDATE OF r;
 
--- name: settle_run_row
--- Guarded by the version read under the row lock: a concurrent writer wins or we do.
-UPDATE runs
-SET status = $2,
-    charged_usd_micros = $3,
-    refunded_usd_micros = $4,
+-- name: settle_run_rows
+-- Guarded by the versions read under the row locks; the caller checks the count.
+UPDATE runs AS r
+SET status = item.status,
+    charged_usd_micros = item.charged,
+    refunded_usd_micros = item.refunded,
     finished_at = now(),
-    retention_until = now() + make_interval(days => $5),
+    retention_until = now() + make_interval(days => item.retention_days),
     lease_token = NULL,
     lease_expires_at = NULL,
-    error = $6,
-    result_key = COALESCE($7, result_key),
-    result_sha256 = COALESCE($8, result_sha256),
-    result_bytes = COALESCE($9, result_bytes),
-    result_content_type = COALESCE($10, result_content_type),
-    version = version + 1
-WHERE id = $1 AND version = $11
-RETURNING id, status, version, finished_at, retention_until;
+    error = item.error,
+    result_key = COALESCE(item.result_key, r.result_key),
+    result_sha256 = COALESCE(item.result_sha256, r.result_sha256),
+    result_bytes = COALESCE(item.result_bytes, r.result_bytes),
+    result_content_type = COALESCE(item.result_content_type, r.result_content_type),
+    version = r.version + 1
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::int[], $6::jsonb[],
+            $7::text[], $8::text[], $9::bigint[], $10::text[], $11::bigint[])
+     AS item(id, status, charged, refunded, retention_days, error, result_key,
+             result_sha256, result_bytes, result_content_type, version)
+WHERE r.id = item.id AND r.version = item.version
+RETURNING r.id, r.finished_at;
 
 -- name: insert_settlement_entries
 INSERT INTO ledger_entries (tenant_id, run_id, kind, amount_usd_micros, operation_id)
-VALUES ($1, $2, 'charge', $3, 'charge:' || $2),
-       ($1, $2, 'refund', $4, 'refund:' || $2);
+SELECT item.tenant_id, item.run_id, item.kind, item.amount, item.kind || ':' || item.run_id
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+     AS item(tenant_id, run_id, kind, amount);
 
 -- name: settle_on_tenant
 UPDATE tenants
