@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, assert_never
 
 import anyio
@@ -13,6 +12,7 @@ import pytest
 from dpp.actors.kernel import Actor, ActorCrashed, ActorStopped, Reply
 from dpp.actors.registry import ActorRegistry, RegistryFull
 from dpp.actors.supervisor import IntensityExceeded, Supervisor, SupervisorSpec
+from tests.unit.account_messages import AccountMessage, Balance, Crash, Deposit, Hold
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -20,28 +20,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@dataclass(frozen=True, slots=True)
-class Deposit:
-    amount: int
-
-
-@dataclass(frozen=True, slots=True)
-class Balance:
-    reply: Reply[int]
-
-
-@dataclass(frozen=True, slots=True)
-class Crash:
-    reply: Reply[int] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Hold:
-    entered: anyio.Event
-    release: anyio.Event
-
-
-TenantMessage = Deposit | Balance | Crash | Hold
+TenantMessage = AccountMessage
 
 
 class World:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, Literal, assert_never
 
 import anyio
@@ -20,6 +19,7 @@ from dpp.actors.supervisor import (
     actor_child,
     should_restart,
 )
+from tests.unit.account_messages import AccountMessage, Balance, Crash, Deposit, Hold
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -344,30 +344,6 @@ async def test_cancellation_is_not_swallowed_and_still_stops_in_reverse() -> Non
 
 
 # -- actors under supervision ---------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Deposit:
-    amount: int
-
-
-@dataclass(frozen=True, slots=True)
-class Balance:
-    reply: Reply[int]
-
-
-@dataclass(frozen=True, slots=True)
-class Crash:
-    reply: Reply[int] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Hold:
-    entered: anyio.Event
-    release: anyio.Event
-
-
-AccountMessage = Deposit | Balance | Crash | Hold
 
 
 class Account(Actor[AccountMessage]):
