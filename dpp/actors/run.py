@@ -58,6 +58,10 @@ FINALIZE_DEADLINE_S = 60.0
 RELEASE_DEADLINE_S = 10.0
 RESULT_KEY_PREFIX = "results"
 
+# Terminal states that never carry a result object: an upload that lost the race
+# to one of them is an orphan.
+ORPHANING_STATUSES = frozenset({"FAILED", "EXPIRED", "CANCELED"})
+
 TIMEBOX_EXCEEDED_TYPE = "https://dpp.dev/problems/timebox-exceeded"
 PACK_ERROR_STATUS = 500
 TIMEBOX_EXCEEDED_STATUS = 504
@@ -185,6 +189,8 @@ class RunActor(Actor[RunMessage]):
         # the row's version as this actor last wrote it: every guard uses it
         self.version = claimed.version
         self.ending: RunEnding | None = None
+        # the run's status when our settlement was refused, if it was
+        self.refused_status: str | None = None
         self.deadline = claimed.claimed_at_monotonic + claimed.timebox_sec
 
     # ------------------------------------------------------------ life
@@ -363,7 +369,22 @@ class RunActor(Actor[RunMessage]):
             result=ledger.ResultReceipt(key, sha256, len(output.body), output.content_type),
             expected_version=version,
         )
-        return await self._settle(request, RunEnding.COMPLETED)
+        ending = await self._settle(request, RunEnding.COMPLETED)
+        if self.refused_status in ORPHANING_STATUSES:
+            await self._discard_result(key)
+        return ending
+
+    async def _discard_result(self, key: str) -> None:
+        """The run ended without a result while we uploaded one (the reconciler
+        rolled it back, or the reaper expired it): nothing will ever point at the
+        object, so take it away. Never for COMPLETED (the key holds whichever
+        attempt's result settled) nor AUDIT_REQUIRED (the object is evidence)."""
+        try:
+            with anyio.move_on_after(RELEASE_DEADLINE_S, shield=True):
+                await self.services.blobs.delete(key)
+                log.info("deleted the result of a run that ended without it")
+        except Exception:
+            log.warning("could not delete an orphaned result object", exc_info=True)
 
     async def _fail(self, problem: dict[str, Any]) -> RunEnding:
         claimed = self.claimed
@@ -384,6 +405,7 @@ class RunActor(Actor[RunMessage]):
             result = await self.services.money.settle(self.claimed.tenant_id, request)
         except ledger.SettleRefused as refused:
             # Reaped, reconciled or released first: its settlement stands, ours never happens.
+            self.refused_status = refused.status
             log.warning(
                 "settlement refused", extra={"status": refused.status, "reason": refused.reason}
             )

@@ -586,3 +586,44 @@ async def test_a_crashed_dispatcher_is_restarted_on_its_mailbox_and_claims_again
         dispatcher.wake()  # the handle still reaches the new incarnation
         await supervisor.shutdown()
         await h.assert_audit_ok()
+
+
+class GatedBlobs:
+    """Object storage whose put waits at a gate: a worker paused mid-finalize."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.entered = anyio.Event()
+        self.release = anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def put(self, *args: Any, **kwargs: Any) -> None:
+        self.entered.set()
+        await self.release.wait()
+        await self._inner.put(*args, **kwargs)
+
+
+async def test_a_result_uploaded_after_a_roll_back_is_deleted_not_orphaned(
+    services, database_url, redis_prefix
+) -> None:
+    async with open_harness(services, database_url, redis_prefix) as h:
+        run_id = await h.submit({"payload": 1})
+        claimed = await h.claim_one()
+        gated = GatedBlobs(h.context.blobs)
+        slow = dataclasses.replace(h.run_services, blobs=gated, heartbeat_sec=3600.0)
+        _, ending, done = await run_actor(h, claimed, slow)
+        with anyio.fail_after(WAIT_S):
+            await gated.entered.wait()  # CLAIMED, about to upload
+        await h.age_claim(run_id)
+        report = await (await h.start_reconciler()).reconcile_once()
+        assert report["rolled_back"] == 1  # no object yet: FAILED, minimum fee
+        gated.release.set()
+        with anyio.fail_after(WAIT_S):
+            await done.wait()
+        assert ending() is RunEnding.LEASE_LOST
+        row = await h.row(run_id)
+        assert row["status"] == "FAILED" and row["result_key"] is None
+        assert await h.context.blobs.head(result_key(h.tenant_id, run_id)) is None
+        await h.assert_audit_ok()
