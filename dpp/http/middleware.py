@@ -29,7 +29,7 @@ from dpp.http.problems import (
     not_found_problem,
     problem_response,
 )
-from dpp.ids import BASE62
+from dpp.ids import random_base62
 from dpp.logs import bind
 from dpp.metrics import UNMATCHED_ROUTE, Metrics
 
@@ -72,9 +72,7 @@ def valid_request_id(value: str) -> bool:
 
 
 def new_request_id() -> str:
-    return REQUEST_ID_PREFIX + "".join(
-        secrets.choice(BASE62) for _ in range(REQUEST_ID_BODY_LENGTH)
-    )
+    return REQUEST_ID_PREFIX + random_base62(REQUEST_ID_BODY_LENGTH)
 
 
 def new_trace_id() -> str:

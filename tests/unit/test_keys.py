@@ -136,3 +136,14 @@ def test_one_character_changes_fail(position: int, replacement: str) -> None:
     changed = key[:position] + replacement + key[position + 1 :]
     # CRC32 detects every single-character substitution, so no change survives
     assert parse_api_key(changed) is None
+
+
+def test_random_base62_is_the_right_alphabet_and_length_and_varies() -> None:
+    from dpp.ids import BASE62, random_base62
+
+    seen = {random_base62(26) for _ in range(200)}
+    assert len(seen) == 200
+    assert all(len(value) == 26 and set(value) <= set(BASE62) for value in seen)
+    # every position uses the whole alphabet over enough draws (no stuck digits)
+    firsts = {random_base62(1) for _ in range(5_000)}
+    assert firsts == set(BASE62)
