@@ -12,12 +12,12 @@ and the caller answers 503 — never an unlimited request.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-import anyio
 from redis.exceptions import NoScriptError, RedisError
 
 from dpp.cache import load_script, tenant_key
@@ -106,7 +106,9 @@ class RateLimiter:
         arguments = (tenant_quota, key_quota, WINDOW_S * 1_000_000)
         keys = self.keys(principal)
         try:
-            with anyio.fail_after(CHECK_TIMEOUT_S):
+            # asyncio's own timeout: this adapter is asyncio-only (redis-py), and
+            # anyio.fail_after cost ~8 % of a loaded replica's CPU on this path
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
                 try:
                     reply = await self._redis.evalsha(SCRIPT_SHA1, 2, *keys, *arguments)
                 except NoScriptError:
