@@ -51,6 +51,7 @@ class Problem(Exception):
         title: str | None = None,
         extensions: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
+        instance: str | None = None,
     ) -> None:
         assert 400 <= status <= 599, status
         super().__init__(detail)
@@ -60,6 +61,8 @@ class Problem(Exception):
         self.detail = detail
         self.extensions = dict(extensions or {})
         self.headers = dict(headers or {})
+        # overrides the request path as ``instance`` (see ``stealth_not_found``)
+        self.instance = instance
 
     def body(self, instance: str) -> dict[str, Any]:
         document: dict[str, Any] = {
@@ -87,11 +90,19 @@ def field_problem(
 
 def problem_response(problem: Problem, instance: str) -> Response:
     return Response(
-        orjson.dumps(problem.body(instance)),
+        orjson.dumps(problem.body(problem.instance or instance)),
         status_code=problem.status,
         media_type=PROBLEM_CONTENT_TYPE,
         headers=problem.headers,
     )
+
+
+def stealth_not_found(request_id: str | None, detail: str) -> Problem:
+    """A 404 whose bytes are the same for "missing" and "someone else's" (SPEC §3):
+    its ``instance`` names this request (``urn:dpp:request:<id>``), not the path,
+    which would differ by the id asked for. Only the request id varies."""
+    instance = f"urn:dpp:request:{request_id}" if request_id else "urn:dpp:request"
+    return Problem(404, "not-found", detail, instance=instance)
 
 
 def not_found_problem() -> Problem:

@@ -18,7 +18,7 @@ from dpp.actors.kernel import ActorCrashed, AskTimeout, MailboxFull
 from dpp.context import AppContext
 from dpp.http.app import json_response, read_json_body
 from dpp.http.auth import principal_of
-from dpp.http.problems import Problem, problem_response
+from dpp.http.problems import Problem, problem_response, stealth_not_found
 from dpp.metrics import metrics_for
 from dpp.money import ALL_STATUSES, TERMINAL_STATUSES, Outcome
 from dpp.queue.base import QueuedRun
@@ -42,9 +42,11 @@ USAGE_DAYS_MAX = 366
 USAGE_DAYS_DEFAULT = 30
 
 
-def _not_found() -> Problem:
+def _not_found(request: Request) -> Problem:
     # One body for "no such run" and "another tenant's run": existence never leaks.
-    return Problem(404, "not-found", "No run with this id.")
+    return stealth_not_found(
+        request.scope.get("state", {}).get("request_id"), "No run with this id."
+    )
 
 
 def _busy(detail: str) -> Problem:
@@ -225,12 +227,13 @@ async def submit_run(request: Request) -> Response:
     raise AssertionError(f"unexpected reservation outcome {outcome!r}")
 
 
-async def _owned_run(context: AppContext, tenant_id: str, run_id: str) -> Any:
+async def _owned_run(request: Request, tenant_id: str, run_id: str) -> Any:
+    context: AppContext = request.app.state.context
     if not ids.is_id(run_id, "run"):
-        raise _not_found()
+        raise _not_found(request)
     row = await context.pool.fetchrow(context.queries["get_run"], run_id, tenant_id)
     if row is None:
-        raise _not_found()
+        raise _not_found(request)
     return row
 
 
@@ -269,7 +272,7 @@ def _gone_if_past_retention(row: Any) -> None:
 async def get_run(request: Request) -> Response:
     context: AppContext = request.app.state.context
     principal = principal_of(request)
-    row = await _owned_run(context, principal.tenant_id, request.path_params["run_id"])
+    row = await _owned_run(request, principal.tenant_id, request.path_params["run_id"])
     _gone_if_past_retention(row)
     document = run_object(row, await _result_link(context, row))
     return json_response(document, headers=cost_headers(row))
@@ -322,7 +325,7 @@ async def list_runs(request: Request) -> Response:
 async def cancel_run(request: Request) -> Response:
     context: AppContext = request.app.state.context
     principal = principal_of(request)
-    row = await _owned_run(context, principal.tenant_id, request.path_params["run_id"])
+    row = await _owned_run(request, principal.tenant_id, request.path_params["run_id"])
     if row["status"] not in ("QUEUED", "CANCELED"):
         raise Problem(
             409,
@@ -342,7 +345,7 @@ async def cancel_run(request: Request) -> Response:
             f"Only a QUEUED run can be canceled; this one is {refused.status}.",
             extensions={"run_status": refused.status},
         ) from None
-    row = await _owned_run(context, principal.tenant_id, row["id"])
+    row = await _owned_run(request, principal.tenant_id, row["id"])
     return json_response(run_object(row), headers=cost_headers(row))
 
 
