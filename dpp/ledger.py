@@ -453,3 +453,41 @@ async def mark_audit_required(
     }
     moved = await pool.fetchval(queries["mark_audit_required"], run_id, error, version)
     return moved is not None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBudget:
+    """A tenant's counters and the plan limit its budget actor needs."""
+
+    balance_usd_micros: int
+    reserved_usd_micros: int
+    ledger_version: int
+    max_concurrent_runs: int
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerStore:
+    """The Postgres side of a budget actor (``dpp.actors.budget.BudgetStore``)."""
+
+    pool: asyncpg.Pool
+    queries: Queries
+
+    async def budget(self, tenant_id: str) -> StoredBudget:
+        row = await read_budget(self.pool, self.queries, tenant_id)
+        return StoredBudget(
+            row["balance_usd_micros"],
+            row["reserved_usd_micros"],
+            row["ledger_version"],
+            row["max_concurrent_runs"],
+        )
+
+    async def reserve_batch(self, tenant_id: str, drafts: Sequence[RunDraft]) -> ReserveBatchResult:
+        return await reserve_batch(self.pool, self.queries, tenant_id, drafts)
+
+    async def settle_batch(self, requests: Sequence[SettleRequest]) -> list[SettleOutcome]:
+        return await settle_batch(self.pool, self.queries, requests)
+
+    async def credit(
+        self, tenant_id: str, amount_usd_micros: int, operation_id: str
+    ) -> CreditResult:
+        return await credit(self.pool, self.queries, tenant_id, amount_usd_micros, operation_id)

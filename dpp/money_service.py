@@ -55,9 +55,10 @@ class MoneyService:
         metrics: Metrics | None = None,
     ) -> MoneyService:
         """``batch_max=1`` turns group commit off (the benchmark's baseline)."""
-        backend = BudgetBackend(pool=pool, queries=queries, mirror=mirror)
+        store = ledger.LedgerStore(pool, queries)
+        backend = BudgetBackend(store=store, mirror=mirror)
         if on_admitted is not None:
-            backend = BudgetBackend(pool, queries, mirror, on_admitted)
+            backend = BudgetBackend(store, mirror, on_admitted)
         registry: ActorRegistry[str, BudgetMessage] = ActorRegistry(
             "budget",
             lambda tenant_id: BudgetActor(tenant_id, backend, batch_max=batch_max),

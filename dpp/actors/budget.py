@@ -19,12 +19,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, assert_never
+from typing import Any, Protocol, assert_never
 
 from dpp import ledger
 from dpp.actors.kernel import Actor, ActorCrashed, Reply
-from dpp.budget_cache import BudgetMirror, MirrorMissing
-from dpp.db import Queries
+from dpp.budget_cache import MirrorBudget, MirrorMissing, MirrorReserve
 from dpp.faults import crash_point
 from dpp.logs import bind_only
 from dpp.money import Admission
@@ -83,13 +82,47 @@ class Credit:
 BudgetMessage = Reserve | Settle | Credit
 
 
+class BudgetStore(Protocol):
+    """The durable truth (Postgres: ``dpp.ledger.LedgerStore``)."""
+
+    async def budget(self, tenant_id: str) -> ledger.StoredBudget: ...
+
+    async def reserve_batch(
+        self, tenant_id: str, drafts: Sequence[ledger.RunDraft]
+    ) -> ledger.ReserveBatchResult: ...
+
+    async def settle_batch(
+        self, requests: Sequence[ledger.SettleRequest]
+    ) -> list[ledger.SettleOutcome]: ...
+
+    async def credit(
+        self, tenant_id: str, amount_usd_micros: int, operation_id: str
+    ) -> ledger.CreditResult: ...
+
+
+class MirrorStore(Protocol):
+    """The fast path (Redis: ``dpp.budget_cache.BudgetMirror``)."""
+
+    async def reserve(self, tenant_id: str, items: Sequence[tuple[str, int]]) -> MirrorReserve: ...
+
+    async def release(self, tenant_id: str, items: Sequence[tuple[str, int]]) -> None: ...
+
+    async def settle_many(self, tenant_id: str, items: Sequence[tuple[str, int, int]]) -> None: ...
+
+    async def credit(self, tenant_id: str, operation_id: str, amount_usd_micros: int) -> None: ...
+
+    async def load(self, tenant_id: str, balance: int, reserved: int, version: int) -> bool: ...
+
+    async def read(self, tenant_id: str) -> MirrorBudget | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetBackend:
-    """What a budget actor touches: Postgres (truth) and the Redis mirror."""
+    """What a budget actor touches, as two small ports: its logic runs unchanged
+    on recording fakes (tests/unit, asyncio and trio) and on the real stores."""
 
-    pool: object  # asyncpg.Pool; kept opaque so this module needs no asyncpg import
-    queries: Queries
-    mirror: BudgetMirror
+    store: BudgetStore
+    mirror: MirrorStore
     # told after a commit which runs were admitted (wakes the dispatcher)
     on_admitted: Callable[[Sequence[str]], None] = lambda run_ids: None
 
@@ -114,12 +147,12 @@ class BudgetActor(Actor[BudgetMessage]):
 
     async def ensure_mirror(self) -> None:
         """Rebuild the Redis counters from Postgres if Redis lost them."""
-        row = await ledger.read_budget(self.backend.pool, self.backend.queries, self.tenant_id)  # type: ignore[arg-type]
+        stored = await self.backend.store.budget(self.tenant_id)
         loaded = await self.backend.mirror.load(
             self.tenant_id,
-            row["balance_usd_micros"],
-            row["reserved_usd_micros"],
-            row["ledger_version"],
+            stored.balance_usd_micros,
+            stored.reserved_usd_micros,
+            stored.ledger_version,
         )
         if loaded:
             log.info("budget mirror rebuilt from postgres", extra={"tenant_id": self.tenant_id})
@@ -184,11 +217,8 @@ class BudgetActor(Actor[BudgetMessage]):
             return
         await crash_point("reserve.after_redis_hold")
         try:
-            result = await ledger.reserve_batch(
-                self.backend.pool,  # type: ignore[arg-type]
-                self.backend.queries,
-                self.tenant_id,
-                [m.draft for m in pending],
+            result = await self.backend.store.reserve_batch(
+                self.tenant_id, [m.draft for m in pending]
             )
         except BaseException as error:
             # Most likely nothing was committed (a failed commit can still have
@@ -223,12 +253,8 @@ class BudgetActor(Actor[BudgetMessage]):
                         )
                     )
                 case Admission.CONCURRENCY_LIMITED:
-                    plan = await ledger.read_budget(
-                        self.backend.pool,  # type: ignore[arg-type]
-                        self.backend.queries,
-                        self.tenant_id,
-                    )
-                    message.reply.set(ConcurrencyLimited(plan["max_concurrent_runs"]))
+                    stored = await self.backend.store.budget(self.tenant_id)
+                    message.reply.set(ConcurrencyLimited(stored.max_concurrent_runs))
                 case _:
                     assert_never(decision.admission)
         if admitted:
@@ -253,10 +279,8 @@ class BudgetActor(Actor[BudgetMessage]):
 
     async def _settle(self, messages: list[Settle]) -> None:
         try:
-            outcomes = await ledger.settle_batch(
-                self.backend.pool,  # type: ignore[arg-type]
-                self.backend.queries,
-                [message.request for message in messages],
+            outcomes = await self.backend.store.settle_batch(
+                [message.request for message in messages]
             )
         except Exception as error:
             for message in messages:
@@ -302,13 +326,7 @@ class BudgetActor(Actor[BudgetMessage]):
         self, amount: int, operation_id: str, reply: Reply[ledger.CreditResult]
     ) -> None:
         try:
-            result = await ledger.credit(
-                self.backend.pool,  # type: ignore[arg-type]
-                self.backend.queries,
-                self.tenant_id,
-                amount,
-                operation_id,
-            )
+            result = await self.backend.store.credit(self.tenant_id, amount, operation_id)
         except Exception as error:
             reply.fail(error)
             return

@@ -1,0 +1,239 @@
+"""The budget actor's logic on recording fakes, on asyncio and trio.
+
+The real stores are proven in tests/integration/test_money.py; here the
+actor's own decisions are pinned down: what it batches, in which order it
+talks to the stores, and what each caller hears.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import anyio
+import pytest
+
+from dpp import ledger
+from dpp.actors.budget import (
+    BudgetActor,
+    BudgetBackend,
+    ConcurrencyLimited,
+    Credit,
+    InsufficientBudget,
+    Reserve,
+    Reserved,
+    Settle,
+)
+from dpp.actors.kernel import ActorCrashed, Reply
+from dpp.budget_cache import MirrorBudget, MirrorMissing, MirrorReserve
+from dpp.money import Admission, Budget, Outcome, decide_batch, settle
+
+TENANT = "ten_" + "A" * 26
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@dataclass
+class FakeStore:
+    """Postgres, as far as the actor can tell: a budget and a call log."""
+
+    balance: int = 10_000
+    reserved: int = 0
+    max_concurrent_runs: int = 100
+    open_runs: int = 0
+    calls: list[tuple[str, int]] = field(default_factory=list)
+    fail_next_reserve: bool = False
+
+    async def budget(self, tenant_id: str) -> ledger.StoredBudget:
+        return ledger.StoredBudget(self.balance, self.reserved, 0, self.max_concurrent_runs)
+
+    async def reserve_batch(self, tenant_id: str, drafts: Sequence[ledger.RunDraft]):
+        self.calls.append(("reserve", len(drafts)))
+        if self.fail_next_reserve:
+            self.fail_next_reserve = False
+            raise ConnectionError("postgres went away")
+        decisions, after = decide_batch(
+            Budget(self.balance, self.reserved),
+            [d.reserved_usd_micros for d in drafts],
+            open_runs=self.open_runs,
+            max_concurrent_runs=self.max_concurrent_runs,
+        )
+        self.open_runs += sum(d.admission is Admission.ACCEPTED for d in decisions)
+        self.reserved = after.reserved_usd_micros
+        return ledger.ReserveBatchResult(
+            decisions, ledger.TenantBudget(self.balance, self.reserved, 0)
+        )
+
+    async def settle_batch(self, requests: Sequence[ledger.SettleRequest]):
+        self.calls.append(("settle", len(requests)))
+        outcomes = []
+        for request in requests:
+            settlement = settle(
+                request.outcome,
+                reserved_usd_micros=1_000,
+                minimum_fee_usd_micros=100,
+                actual_cost_usd_micros=request.actual_cost_usd_micros,
+            )
+            self.balance -= settlement.charged_usd_micros
+            self.reserved -= settlement.reserved_usd_micros
+            outcomes.append(ledger.SettleResult(request.run_id, TENANT, settlement, True, None))
+        return outcomes
+
+    async def credit(self, tenant_id: str, amount: int, operation_id: str):
+        self.calls.append(("credit", 1))
+        self.balance += amount
+        return ledger.CreditResult(ledger.TenantBudget(self.balance, self.reserved, 0), False)
+
+
+@dataclass
+class FakeMirror:
+    """Redis, as far as the actor can tell."""
+
+    budget: MirrorBudget | None = None
+    holds: dict[str, int] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+
+    async def reserve(self, tenant_id: str, items: Sequence[tuple[str, int]]) -> MirrorReserve:
+        self.calls.append("reserve")
+        if self.budget is None:
+            raise MirrorMissing(tenant_id)
+        accepted = []
+        for operation_id, amount in items:
+            fits = self.budget.available_usd_micros >= amount
+            if fits:
+                self.holds[operation_id] = amount
+                self.budget = MirrorBudget(
+                    self.budget.balance_usd_micros, self.budget.reserved_usd_micros + amount, 0
+                )
+            accepted.append(fits)
+        return MirrorReserve(accepted, self.budget.available_usd_micros)
+
+    async def release(self, tenant_id: str, items: Sequence[tuple[str, int]]) -> None:
+        self.calls.append("release")
+        assert self.budget is not None
+        released = sum(amount for _, amount in items)
+        self.budget = MirrorBudget(
+            self.budget.balance_usd_micros, self.budget.reserved_usd_micros - released, 0
+        )
+
+    async def settle_many(self, tenant_id: str, items: Sequence[tuple[str, int, int]]) -> None:
+        self.calls.append(f"settle:{len(items)}")
+
+    async def credit(self, tenant_id: str, operation_id: str, amount: int) -> None:
+        self.calls.append("credit")
+
+    async def load(self, tenant_id: str, balance: int, reserved: int, version: int) -> bool:
+        self.calls.append("load")
+        if self.budget is not None:
+            return False
+        self.budget = MirrorBudget(balance, reserved, version)
+        return True
+
+    async def read(self, tenant_id: str) -> MirrorBudget | None:
+        return self.budget
+
+
+def draft(amount: int = 1_000) -> ledger.RunDraft:
+    from dpp.ids import new_id
+
+    return ledger.RunDraft(
+        run_id=new_id("run"),
+        pack_type="echo",
+        inputs={},
+        metadata={},
+        reserved_usd_micros=amount,
+        minimum_fee_usd_micros=100,
+        timebox_sec=30,
+        trace_id=None,
+        created_at=datetime.now(UTC),
+    )
+
+
+async def run_actor(store: FakeStore, mirror: FakeMirror, messages: list) -> None:
+    """Queue every message first, then let the actor drain them (so it may batch)."""
+    actor = BudgetActor(TENANT, BudgetBackend(store, mirror))
+    for message in messages:
+        actor.ref.tell_nowait(message)
+    async with anyio.create_task_group() as group:
+        await group.start(actor.run)
+        actor.stop()
+
+
+async def test_queued_reservations_commit_as_one_batch() -> None:
+    store, mirror = FakeStore(), FakeMirror()
+    replies = [Reply() for _ in range(5)]
+    await run_actor(store, mirror, [Reserve(draft(), r) for r in replies])
+    assert store.calls == [("reserve", 5)]
+    assert mirror.calls == ["load", "reserve"]  # the mirror was lost: rebuilt first
+    outcomes = [await r.wait() for r in replies]
+    assert all(isinstance(o, Reserved) for o in outcomes)
+
+
+async def test_order_is_kept_and_each_kind_is_grouped() -> None:
+    store, mirror = FakeStore(), FakeMirror()
+    first, second = draft(), draft()
+    messages = [
+        Reserve(first, Reply()),
+        Reserve(second, Reply()),
+        Settle(ledger.SettleRequest(first.run_id, Outcome.COMPLETED, 300), Reply()),
+        Settle(ledger.SettleRequest(second.run_id, Outcome.FAILED), Reply()),
+        Credit(5_000, "credit:x", Reply()),
+        Reserve(draft(), Reply()),
+    ]
+    await run_actor(store, mirror, messages)
+    assert store.calls == [("reserve", 2), ("settle", 2), ("credit", 1), ("reserve", 1)]
+    assert mirror.calls == ["load", "reserve", "settle:2", "credit", "reserve"]
+    assert store.balance == 10_000 - 300 - 100 + 5_000
+
+
+async def test_what_the_mirror_refuses_never_reaches_postgres() -> None:
+    store = FakeStore(balance=1_500)
+    mirror = FakeMirror(budget=MirrorBudget(1_500, 0, 0))
+    replies = [Reply(), Reply()]
+    await run_actor(store, mirror, [Reserve(draft(1_000), r) for r in replies])
+    accepted, refused = [await r.wait() for r in replies]
+    assert isinstance(accepted, Reserved)
+    assert refused == InsufficientBudget(available_usd_micros=500, required_usd_micros=1_000)
+    assert store.calls == [("reserve", 1)]
+
+
+async def test_postgres_refusal_releases_the_mirror_hold() -> None:
+    # the mirror is optimistic (e.g. rebuilt while another replica reserved)
+    store = FakeStore(balance=1_000, reserved=1_000)
+    mirror = FakeMirror(budget=MirrorBudget(1_000, 0, 0))
+    reply: Reply = Reply()
+    await run_actor(store, mirror, [Reserve(draft(1_000), reply)])
+    outcome = await reply.wait()
+    assert outcome == InsufficientBudget(available_usd_micros=0, required_usd_micros=1_000)
+    assert mirror.calls[-1] == "release"
+    assert mirror.budget == MirrorBudget(1_000, 0, 0)
+
+
+async def test_the_plan_limit_answers_concurrency_limited() -> None:
+    store = FakeStore(max_concurrent_runs=1, open_runs=1)
+    mirror = FakeMirror(budget=MirrorBudget(10_000, 0, 0))
+    reply: Reply = Reply()
+    await run_actor(store, mirror, [Reserve(draft(), reply)])
+    assert await reply.wait() == ConcurrencyLimited(max_concurrent_runs=1)
+    assert mirror.budget.reserved_usd_micros == 0  # hold released
+
+
+async def test_a_failed_commit_releases_holds_tells_callers_and_crashes() -> None:
+    store = FakeStore(fail_next_reserve=True)
+    mirror = FakeMirror(budget=MirrorBudget(10_000, 0, 0))
+    replies = [Reply(), Reply()]
+    actor = BudgetActor(TENANT, BudgetBackend(store, mirror))
+    for reply in replies:
+        actor.ref.tell_nowait(Reserve(draft(), reply))
+    with pytest.raises(BaseException) as raised:  # the actor crashes for its supervisor
+        async with anyio.create_task_group() as group:
+            await group.start(actor.run)
+    assert isinstance(raised.value, ConnectionError) or raised.group_contains(ConnectionError)
+    for reply in replies:
+        with pytest.raises(ActorCrashed):
+            await reply.wait()
+    assert mirror.budget == MirrorBudget(10_000, 0, 0)  # holds given back
