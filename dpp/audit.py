@@ -109,9 +109,7 @@ async def run_audit(
                 }
             )
         budgets = await connection.fetch(
-            "SELECT id, balance_usd_micros, reserved_usd_micros FROM tenants"
-            " WHERE $1::text IS NULL OR id = $1",
-            tenant_id,
+            queries["tenant_counters"], None if tenant_id is None else [tenant_id]
         )
     if mirror is not None:
         for row in budgets:

@@ -8,9 +8,8 @@ that line and exits non-zero (SPEC §5).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -182,15 +181,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     )
 
 
-def log_level_number(settings: Settings) -> int:
-    return logging.getLevelNamesMapping()[settings.log_level]
-
-
 def require(value: T | None, name: str) -> T:
     """The value of a setting that `serve` cannot run without."""
     if value is None:
         raise ConfigError(f"{name}: required (or use `dpp dev` for the embedded default)")
     return value
-
-
-Factory = Callable[[Mapping[str, str]], Settings]

@@ -17,6 +17,7 @@ import anyio
 import asyncpg
 
 from dpp.budget_cache import BudgetMirror, MirrorBudget
+from dpp.db import Queries
 
 log = logging.getLogger("dpp.drift")
 
@@ -39,13 +40,9 @@ class Observation:
 
 
 async def _observe(
-    pool: asyncpg.Pool, mirror: BudgetMirror, tenant_ids: list[str]
+    pool: asyncpg.Pool, queries: Queries, mirror: BudgetMirror, tenant_ids: list[str]
 ) -> dict[str, Observation]:
-    rows = await pool.fetch(
-        "SELECT id, balance_usd_micros, reserved_usd_micros, ledger_version"
-        " FROM tenants WHERE id = ANY($1::text[])",
-        tenant_ids,
-    )
+    rows = await pool.fetch(queries["tenant_counters"], tenant_ids)
     observations = {}
     for row in rows:
         observations[row["id"]] = Observation(
@@ -59,6 +56,7 @@ async def _observe(
 
 async def repair_drift(
     pool: asyncpg.Pool,
+    queries: Queries,
     mirror: BudgetMirror,
     *,
     after_tenant_id: str = "",
@@ -68,18 +66,16 @@ async def repair_drift(
     tenant_ids = [
         row["id"]
         for row in await pool.fetch(
-            "SELECT id FROM tenants WHERE id > $1 ORDER BY id LIMIT $2",
-            after_tenant_id,
-            TENANTS_PER_PASS_MAX,
+            queries["tenant_ids_page"], after_tenant_id, TENANTS_PER_PASS_MAX
         )
     ]
     cursor = tenant_ids[-1] if len(tenant_ids) == TENANTS_PER_PASS_MAX else ""
-    first = await _observe(pool, mirror, tenant_ids)
+    first = await _observe(pool, queries, mirror, tenant_ids)
     suspects = [tenant for tenant, seen in first.items() if seen.drifted]
     if not suspects:
         return [], cursor
     await anyio.sleep(settle_s)
-    second = await _observe(pool, mirror, suspects)
+    second = await _observe(pool, queries, mirror, suspects)
     repairs = []
     for tenant in suspects:
         before, now = first[tenant], second.get(tenant)

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 USD_MICROS = 1_000_000
-AMOUNT_USD_MICROS_MAX = 1_000_000_000 * USD_MICROS  # one billion dollars: a sanity bound
 CREDIT_USD_MICROS_MAX = 10_000_000 * USD_MICROS
 
 

@@ -488,7 +488,7 @@ class Reconciler:
                 await self.queue.delete_dead_letter(letter)
                 continue
             # The row, not the message, says whose run it is and where it stands.
-            row = await self.pool.fetchrow(self.queries["run_for_message"], letter.run_id)
+            row = await self.pool.fetchrow(self.queries["run_by_id"], letter.run_id)
             if row is not None and row["status"] == "QUEUED":
                 request = ledger.SettleRequest(
                     row["id"],
@@ -514,7 +514,11 @@ class Reconciler:
         cursor = self._drift_cursor
         for _ in range(DRIFT_PAGES_MAX):
             repairs, cursor = await repair_drift(
-                self.pool, self.money.mirror, after_tenant_id=cursor, settle_s=self.drift_settle_s
+                self.pool,
+                self.queries,
+                self.money.mirror,
+                after_tenant_id=cursor,
+                settle_s=self.drift_settle_s,
             )
             report.drift_repairs += len(repairs)
             if not cursor:

@@ -146,9 +146,7 @@ async def resolve_run(request: Request) -> Response:
         )
     row = None
     if ids.is_id(run_id, "run"):
-        row = await context.pool.fetchrow(
-            "SELECT tenant_id, status, reserved_usd_micros FROM runs WHERE id = $1", run_id
-        )
+        row = await context.pool.fetchrow(context.queries["run_by_id"], run_id)
     if row is None:
         raise Problem(404, "not-found", "No run with this id.")
     if row["status"] != "AUDIT_REQUIRED":

@@ -89,8 +89,9 @@ WHERE status = 'QUEUED' AND enqueued_at IS NULL
 ORDER BY created_at
 LIMIT $2;
 
--- name: run_for_message
-SELECT id, tenant_id, status, version FROM runs WHERE id = $1;
+-- name: run_by_id
+-- Any tenant's run (operator and reconciler paths; the tenant API uses get_run).
+SELECT id, tenant_id, status, version, reserved_usd_micros FROM runs WHERE id = $1;
 
 -- name: lapsed_leases
 -- The reaper's candidates. The version observed here guards the settlement, so

@@ -195,3 +195,8 @@ ORDER BY created_at LIMIT 1000;
 
 -- name: tenant_ids_page
 SELECT id FROM tenants WHERE id > $1 ORDER BY id LIMIT $2;
+
+-- name: tenant_counters
+-- What the Redis mirror must equal: all tenants, or those in $1.
+SELECT id, balance_usd_micros, reserved_usd_micros, ledger_version
+FROM tenants WHERE $1::text[] IS NULL OR id = ANY($1::text[]);

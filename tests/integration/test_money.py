@@ -189,7 +189,7 @@ async def test_redis_loss_mid_storm_never_overspends(database_url, services, red
         budget = await replica.money.budget(tenant)
         assert budget["balance_usd_micros"] - budget["reserved_usd_micros"] == 0
         # the mirror was rebuilt from Postgres and agrees once quiet
-        await drift.repair_drift(replica.pool, replica.money.mirror, settle_s=0.05)
+        await drift.repair_drift(replica.pool, replica.queries, replica.money.mirror, settle_s=0.05)
         report = await replica.money.audit()
         assert report.ok, report.violations
 
@@ -212,7 +212,9 @@ async def test_crash_during_reservation_recovers_clean(
         assert committed == (1 if point == "reserve.after_commit" else 0)
         # the supervisor restarted the actor; the next reservation works
         assert isinstance(await replica.money.reserve(tenant, draft(1_000)), Reserved)
-        repairs, _ = await drift.repair_drift(replica.pool, replica.money.mirror, settle_s=0.05)
+        repairs, _ = await drift.repair_drift(
+            replica.pool, replica.queries, replica.money.mirror, settle_s=0.05
+        )
         if point == "reserve.after_redis_hold":
             assert repairs, "the leaked hold must be repaired"
         report = await replica.money.audit()
@@ -238,7 +240,7 @@ async def test_crash_during_settlement_recovers_clean(
         result = await replica.money.settle(tenant, request)
         assert result.applied == (point == "settle.before_commit")
         assert result.settlement.charged_usd_micros == 1_500
-        await drift.repair_drift(replica.pool, replica.money.mirror, settle_s=0.05)
+        await drift.repair_drift(replica.pool, replica.queries, replica.money.mirror, settle_s=0.05)
         budget = await replica.money.budget(tenant)
         assert (budget["balance_usd_micros"], budget["reserved_usd_micros"]) == (8_500, 0)
         report = await replica.money.audit()
@@ -294,7 +296,7 @@ async def test_a_settlement_batch_answers_each_request_on_its_own(
             ),
         )
         # the mirror missed the direct ledger call above; drift repair brings it back
-        await drift.repair_drift(replica.pool, replica.money.mirror, settle_s=0.05)
+        await drift.repair_drift(replica.pool, replica.queries, replica.money.mirror, settle_s=0.05)
         report = await replica.money.audit()
         assert report.ok, report.violations
 
