@@ -190,12 +190,12 @@ class BudgetActor(Actor[BudgetMessage]):
 
     # ------------------------------------------------------------ reserve
 
-    async def _mirror_reserve(self, items: list[tuple[str, int]]) -> list[bool]:
+    async def _mirror_reserve(self, items: list[tuple[str, int]]) -> MirrorReserve:
         try:
-            return (await self.backend.mirror.reserve(self.tenant_id, items)).accepted
+            return await self.backend.mirror.reserve(self.tenant_id, items)
         except MirrorMissing:
             await self.ensure_mirror()
-            return (await self.backend.mirror.reserve(self.tenant_id, items)).accepted
+            return await self.backend.mirror.reserve(self.tenant_id, items)
 
     async def _reserve(self, messages: list[Reserve]) -> None:
         items = [(f"reserve:{m.draft.run_id}", m.draft.reserved_usd_micros) for m in messages]
@@ -206,13 +206,15 @@ class BudgetActor(Actor[BudgetMessage]):
                 message.reply.fail(error)
             return
         pending: list[Reserve] = []
-        for message, accepted in zip(messages, held, strict=True):
+        # what the mirror had left after this batch, from the same script call
+        available = max(held.available_usd_micros, 0)
+        for message, accepted in zip(messages, held.accepted, strict=True):
             if accepted:
                 pending.append(message)
             else:
                 # The mirror never under-states what is reserved except briefly
                 # after a rebuild; Postgres would refuse an overspend anyway.
-                message.reply.set(await self._insufficient(message.draft.reserved_usd_micros))
+                message.reply.set(InsufficientBudget(available, message.draft.reserved_usd_micros))
         if not pending:
             return
         await crash_point("reserve.after_redis_hold")
@@ -259,11 +261,6 @@ class BudgetActor(Actor[BudgetMessage]):
                     assert_never(decision.admission)
         if admitted:
             self.backend.on_admitted(admitted)
-
-    async def _insufficient(self, required: int) -> InsufficientBudget:
-        mirror = await self.backend.mirror.read(self.tenant_id)
-        available = mirror.available_usd_micros if mirror is not None else 0
-        return InsufficientBudget(max(available, 0), required)
 
     async def _release_quietly(self, messages: list[Reserve]) -> None:
         items = [(f"release:{m.draft.run_id}", m.draft.reserved_usd_micros) for m in messages]
