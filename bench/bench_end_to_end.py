@@ -33,9 +33,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dpp.adapters.migrate import apply_migrations
 from dpp.app import open_runtime
 from dpp.config import load_settings
-from dpp.migrate import apply_migrations
 from tests.integration.test_execution import create_sqs_queues
 from tests.services import delete_redis_prefix, with_database
 

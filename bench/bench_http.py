@@ -36,7 +36,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpp.migrate import apply_migrations  # noqa: E402
+from dpp.adapters.migrate import apply_migrations  # noqa: E402
 from tests.services import delete_redis_prefix, with_database  # noqa: E402
 
 ADMIN_TOKEN = "bench-admin-token-0123456789"

@@ -27,51 +27,24 @@ from dpp.actors.dispatcher import Dispatcher
 from dpp.actors.reconciler import Reconciler
 from dpp.actors.run import RunServices
 from dpp.actors.supervisor import ChildSpec, Restart, Supervisor, SupervisorSpec
-from dpp.blobs import open_blobs
+from dpp.adapters.blobs import open_blobs
+from dpp.adapters.postgres import Queries, connect_postgres
+from dpp.adapters.queue import open_queue
+from dpp.adapters.redis import create_redis
 from dpp.budget_cache import BudgetMirror
-from dpp.cache import create_redis
-from dpp.config import ConfigError, Settings, require
+from dpp.config import ConfigError, Settings, StartupError, require
 from dpp.context import AppContext, ReadinessCheck
-from dpp.db import Queries, create_pool
 from dpp.http.app import create_app
 from dpp.http.auth import ApiAuthMiddleware
 from dpp.metrics import metrics_for
 from dpp.money_service import MoneyService
 from dpp.packs import PackRegistry
-from dpp.queue import open_queue
 from dpp.ratelimit import RateLimiter
 from dpp.tenancy import Tenancy
 
 log = logging.getLogger("dpp.app")
 
-CONNECT_ATTEMPTS_MAX = 6
-CONNECT_BACKOFF_FIRST_S = 0.5
 READINESS_TIMEOUT_S = 2.0
-
-
-class StartupError(Exception):
-    """A dependency could not be reached at start; the message is one line."""
-
-
-async def connect_postgres(url: str) -> asyncpg.Pool:
-    """The pool, retrying with exponential backoff (a database may start after us)."""
-    delay_s = CONNECT_BACKOFF_FIRST_S
-    for attempt in range(1, CONNECT_ATTEMPTS_MAX + 1):
-        try:
-            return await create_pool(url)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-            if attempt == CONNECT_ATTEMPTS_MAX:
-                raise StartupError(
-                    f"DATABASE_URL: cannot reach Postgres after {attempt} attempts "
-                    f"({type(error).__name__})"
-                ) from error
-            log.warning(
-                "postgres not reachable, retrying",
-                extra={"attempt": attempt, "delay_s": delay_s, "error": type(error).__name__},
-            )
-            await anyio.sleep(delay_s)
-            delay_s *= 2
-    raise AssertionError("unreachable")
 
 
 def _load_packs(env: dict[str, str]) -> PackRegistry:

@@ -19,8 +19,8 @@ from typing import Any
 
 import asyncpg
 
+from dpp.adapters.postgres import Queries
 from dpp.budget_cache import BudgetMirror
-from dpp.db import Queries
 
 VIOLATIONS_MAX = 1000
 TENANT_PAGE = 500

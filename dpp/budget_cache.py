@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from dpp.cache import load_script, tenant_key
+from dpp.adapters.redis import load_script, tenant_key
 
 OPERATION_MARKER_TTL_S = 7 * 24 * 3600
 

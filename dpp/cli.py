@@ -32,9 +32,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 
-from dpp import embedded
+from dpp.adapters import embedded
+from dpp.adapters.migrate import MigrationError
 from dpp.config import ConfigError, Settings, load_settings, require
-from dpp.migrate import MigrationError
 
 T = TypeVar("T")
 Handler = Callable[[argparse.Namespace], int | None]
@@ -50,7 +50,7 @@ COMMAND_MODULES = ("dpp.cli_admin", "dpp.cli_audit", "dpp.cli_credits")
 # operator-facing outcome rather than a bug. Looked up in sys.modules only:
 # an error of a class never imported cannot have been raised.
 ONE_LINE_ERRORS = (
-    ("dpp.app", "StartupError"),
+    ("dpp.config", "StartupError"),
     ("dpp.actors.supervisor", "IntensityExceeded"),
 )
 DEV_DIRECTORY = ".dpp"
@@ -167,7 +167,7 @@ def register_serve(subparsers: Any) -> None:
 async def _migrate(database_url: str, check_only: bool) -> list[str]:
     import asyncpg
 
-    from dpp import migrate
+    from dpp.adapters import migrate
 
     try:
         if check_only:
@@ -487,11 +487,10 @@ def register_dev(subparsers: Any) -> None:
 
 
 async def _audit(settings: Settings, tenant_id: str | None) -> dict[str, Any]:
-    from dpp.app import connect_postgres
+    from dpp.adapters.postgres import Queries, connect_postgres
+    from dpp.adapters.redis import create_redis
     from dpp.audit import run_audit
     from dpp.budget_cache import BudgetMirror
-    from dpp.cache import create_redis
-    from dpp.db import Queries
 
     pool = await connect_postgres(require(settings.database_url, "DATABASE_URL"))
     redis = create_redis(require(settings.redis_url, "REDIS_URL"))

@@ -25,9 +25,9 @@ import asyncpg
 import orjson
 from redis.exceptions import RedisError
 
-from dpp.cache import create_redis
+from dpp.adapters.postgres import Queries, create_pool
+from dpp.adapters.redis import create_redis
 from dpp.config import ConfigError, load_settings, require
-from dpp.db import Queries, create_pool
 from dpp.tenancy import DEFAULT_PLAN_ID, InvalidField, Tenancy, TenancyError
 
 __all__ = ["register"]

@@ -19,10 +19,10 @@ import orjson
 from redis.exceptions import RedisError
 
 from dpp import idempotency, ids, ledger
+from dpp.adapters.postgres import Queries, create_pool
+from dpp.adapters.redis import create_redis
 from dpp.budget_cache import BudgetMirror
-from dpp.cache import create_redis
 from dpp.config import ConfigError, load_settings, require
-from dpp.db import Queries, create_pool
 from dpp.money import CREDIT_USD_MICROS_MAX
 
 EXIT_REFUSED = 1

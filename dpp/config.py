@@ -2,7 +2,9 @@
 
 Every value is validated at start. A bad value raises ``ConfigError`` whose
 message is one line naming the variable and what was expected; the CLI prints
-that line and exits non-zero (SPEC §5).
+that line and exits non-zero (SPEC §5). ``StartupError`` is its twin for what
+only shows at start (a dependency that does not answer, a port in use): the
+adapters raise it, the CLI prints it the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 class ConfigError(Exception):
     """A configuration value is missing or malformed. ``str(error)`` is one line."""
+
+
+class StartupError(Exception):
+    """A dependency could not be reached at start, or the port is taken; one line."""
 
 
 @dataclass(frozen=True, slots=True)

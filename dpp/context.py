@@ -16,9 +16,9 @@ if TYPE_CHECKING:
     import prometheus_client
     from redis.asyncio import Redis
 
-    from dpp.blobs import Blobs
+    from dpp.adapters.blobs import Blobs
+    from dpp.adapters.postgres import Queries
     from dpp.config import Settings
-    from dpp.db import Queries
     from dpp.packs import PackRegistry
 
 
@@ -48,4 +48,4 @@ class AppContext:
     money: Any = None  # dpp.money_service.MoneyService: credit, reserve, settle, audit
     runs: Any = None  # dpp.runs.RunsService: submit, get, list, cancel, usage
     reconciler: Any = None  # dpp.actors.reconciler handle: reconcile_once()
-    queue: Any = None  # dpp.queue backend: enqueue() after a reservation commits
+    queue: Any = None  # dpp.adapters.queue backend: enqueue() after a reservation commits

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import anyio
 import asyncpg
 
+from dpp.adapters.postgres import Queries
 from dpp.budget_cache import BudgetMirror, MirrorBudget
-from dpp.db import Queries
 
 log = logging.getLogger("dpp.drift")
 

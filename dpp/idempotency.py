@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from dpp.db import Queries
+from dpp.adapters.postgres import Queries
 
 KEY_PATTERN = re.compile(r"^[\x20-\x7e]{1,255}$")
 LOCK_S = 60.0

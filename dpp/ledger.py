@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from dpp import money
-from dpp.db import Queries
+from dpp.adapters.postgres import Queries
 from dpp.faults import crash_point
 from dpp.money import Admission, AdmissionDecision, Budget, Outcome, Settlement
 

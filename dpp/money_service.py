@@ -24,9 +24,9 @@ from dpp.actors.budget import (
     Settle,
 )
 from dpp.actors.registry import ActorRegistry
+from dpp.adapters.postgres import Queries
 from dpp.audit import AuditReport, run_audit
 from dpp.budget_cache import BudgetMirror
-from dpp.db import Queries
 from dpp.metrics import Metrics
 
 ASK_TIMEOUT_S = 15.0

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final
 
 from redis.exceptions import NoScriptError, RedisError
 
-from dpp.cache import load_script, tenant_key
+from dpp.adapters.redis import load_script, tenant_key
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

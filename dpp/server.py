@@ -32,6 +32,8 @@ from anyio.abc import TaskStatus
 from hypercorn.asyncio import serve
 from hypercorn.config import Config, Sockets
 
+from dpp.config import StartupError
+
 if TYPE_CHECKING:
     from dpp.config import Settings
 
@@ -49,13 +51,6 @@ ShutdownTrigger = Callable[[], Awaitable[Any]] | anyio.Event
 SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 
 
-def _startup_error(message: str) -> Exception:
-    # Imported late: dpp.app (the composition root) imports this module.
-    from dpp.app import StartupError
-
-    return StartupError(message)
-
-
 def bind_socket(host: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """A listening, non-blocking TCP socket on ``host:port`` (port 0: any free one).
 
@@ -65,7 +60,7 @@ def bind_socket(host: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> socke
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:
-        raise _startup_error(f"DPP_HOST={host}: cannot resolve ({error.strerror})") from error
+        raise StartupError(f"DPP_HOST={host}: cannot resolve ({error.strerror})") from error
     family, kind, protocol, _, address = infos[0]
     sock = socket.socket(family, kind, protocol)
     try:
@@ -79,8 +74,8 @@ def bind_socket(host: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> socke
     except OSError as error:
         sock.close()
         if error.errno == errno.EADDRINUSE:
-            raise _startup_error(f"PORT={port}: address already in use") from error
-        raise _startup_error(
+            raise StartupError(f"PORT={port}: address already in use") from error
+        raise StartupError(
             f"DPP_HOST={host} PORT={port}: cannot listen ({error.strerror})"
         ) from error
     return sock

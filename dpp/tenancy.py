@@ -34,8 +34,8 @@ from dpp.keys import generate_api_key, key_hint, key_sha256, parse_api_key, pars
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from dpp.adapters.postgres import Queries
     from dpp.config import Settings
-    from dpp.db import Queries
 
 log = logging.getLogger("dpp.tenancy")
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from dpp.adapters.postgres import Queries, create_pool
 from dpp.audit import AuditReport, run_audit
-from dpp.db import Queries, create_pool
 from tests.services import (
     ServiceStack,
     TestServices,

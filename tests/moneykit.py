@@ -12,9 +12,9 @@ import asyncpg
 from redis.asyncio import Redis
 
 from dpp import ids, ledger
+from dpp.adapters.postgres import Queries, create_pool
+from dpp.adapters.redis import create_redis
 from dpp.budget_cache import BudgetMirror
-from dpp.cache import create_redis
-from dpp.db import Queries, create_pool
 from dpp.money_service import MoneyService
 
 

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import redis as redis_sync
 
-from dpp import embedded
-from dpp.migrate import apply_migrations
+from dpp.adapters import embedded
+from dpp.adapters.migrate import apply_migrations
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,16 +51,16 @@ from dpp.actors.kernel import (
 )
 from dpp.actors.run import mailbox_then_cancel, result_key
 from dpp.actors.supervisor import ChildSpec, Restart, actor_child
-from dpp.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, Blobs, StoredObject
+from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, Blobs, StoredObject
+from dpp.adapters.queue.base import RunQueue
 from dpp.drift import repair_drift
 from dpp.money import Outcome
-from dpp.queue.base import RunQueue
 
 if TYPE_CHECKING:
     import asyncpg
 
+    from dpp.adapters.postgres import Queries
     from dpp.context import AppContext
-    from dpp.db import Queries
     from dpp.money_service import MoneyService
 
 log = logging.getLogger("dpp.reconciler")

@@ -37,12 +37,12 @@ from anyio.abc import TaskStatus
 
 from dpp import ledger
 from dpp.actors.kernel import Actor, ActorRef, ActorStopped, MailboxFull
-from dpp.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, Blobs
+from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, Blobs
+from dpp.adapters.queue.base import ClaimedRun, LeaseStore, RunQueue
 from dpp.faults import crash_point
 from dpp.logs import bind
 from dpp.money import Outcome
 from dpp.packs import PACK_ERROR_TYPE, PackContext, PackError, PackOutput, PackRegistry
-from dpp.queue.base import ClaimedRun, LeaseStore, RunQueue
 
 if TYPE_CHECKING:
     from dpp.context import AppContext

@@ -15,13 +15,13 @@ from starlette.routing import BaseRoute, Route
 from dpp import idempotency, ids, ledger
 from dpp.actors.budget import ConcurrencyLimited, InsufficientBudget, Reserved
 from dpp.actors.kernel import ActorCrashed, AskTimeout, MailboxFull
+from dpp.adapters.queue.base import QueuedRun
 from dpp.context import AppContext
 from dpp.http.app import json_response, read_json_body
 from dpp.http.auth import principal_of
 from dpp.http.problems import Problem, problem_response, stealth_not_found
 from dpp.metrics import metrics_for
 from dpp.money import ALL_STATUSES, TERMINAL_STATUSES, Outcome
-from dpp.queue.base import QueuedRun
 from dpp.runs import (
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,

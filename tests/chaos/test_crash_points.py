@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from dpp.actors.run import RunEnding, result_key
-from dpp.blobs import RECEIPT_COST
+from dpp.adapters.blobs import RECEIPT_COST
 from dpp.faults import armed, disarm_all
 from tests.integration.test_execution import (
     ECHO_COST_USD_MICROS,

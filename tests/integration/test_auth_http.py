@@ -17,9 +17,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from dpp.cache import create_redis
+from dpp.adapters.postgres import create_pool
+from dpp.adapters.redis import create_redis
 from dpp.context import AppContext
-from dpp.db import create_pool
 from dpp.http import admin_tenancy
 from dpp.http.app import create_app, json_response
 from dpp.http.auth import ApiAuthMiddleware, principal_of

@@ -21,7 +21,8 @@ import asyncpg
 import httpx
 import pytest
 
-from dpp import cli, migrate, server
+from dpp import cli, server
+from dpp.adapters import migrate
 from dpp.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:  # imported plainly, pytest would try to collect the class
@@ -235,7 +236,7 @@ async def test_serve_http_reports_the_bound_port_and_drains_in_flight_requests()
 
 
 async def test_serve_http_port_in_use_is_a_startup_error(occupied_port: int) -> None:
-    from dpp.app import StartupError
+    from dpp.config import StartupError
 
     with pytest.raises(StartupError, match=f"^PORT={occupied_port}: address already in use$"):
         await server.serve_http(

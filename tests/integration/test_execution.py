@@ -32,14 +32,14 @@ from dpp.actors.dispatcher import Dispatcher
 from dpp.actors.reconciler import Reconciler
 from dpp.actors.run import RunActor, RunEnding, RunServices, result_key
 from dpp.actors.supervisor import Supervisor, SupervisorSpec
+from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256
+from dpp.adapters.queue import QueuedRun, RunQueue, open_queue
 from dpp.app import open_context
-from dpp.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256
 from dpp.budget_cache import BudgetMirror
 from dpp.config import Settings, load_settings
 from dpp.context import AppContext
 from dpp.money import Outcome
 from dpp.money_service import MoneyService
-from dpp.queue import QueuedRun, RunQueue, open_queue
 from tests.moneykit import create_tenant
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from dpp import migrate
+from dpp.adapters import migrate
 
 if TYPE_CHECKING:  # imported plainly, pytest would try to collect the class
     from tests.services import TestServices

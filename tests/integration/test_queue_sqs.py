@@ -7,8 +7,8 @@ import anyio
 import orjson
 
 from dpp.actors.run import RunEnding
-from dpp.queue import SqsQueue
-from dpp.queue.base import QueuedRun
+from dpp.adapters.queue import SqsQueue
+from dpp.adapters.queue.base import QueuedRun
 from tests.integration.test_execution import (
     MINIMUM_FEE_USD_MICROS,
     RESERVED_USD_MICROS,

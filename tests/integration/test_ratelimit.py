@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from dpp import ratelimit
-from dpp.cache import create_redis
+from dpp.adapters.redis import create_redis
 from dpp.ids import new_id
 from dpp.ratelimit import RateLimitDecision, RateLimiter, RateLimitUnavailable
 from dpp.tenancy import Principal

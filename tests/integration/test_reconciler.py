@@ -22,7 +22,7 @@ from dpp.actors.reconciler import (
 )
 from dpp.actors.run import result_key
 from dpp.actors.supervisor import Supervisor, SupervisorSpec
-from dpp.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, StoredObject
+from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, StoredObject
 from dpp.http import routes_reconcile
 from dpp.http.app import create_app
 from dpp.money import Outcome

@@ -12,9 +12,9 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from dpp.cache import create_redis
+from dpp.adapters.postgres import Queries, create_pool
+from dpp.adapters.redis import create_redis
 from dpp.config import Settings, load_settings
-from dpp.db import Queries, create_pool
 from dpp.ids import new_id
 from dpp.keys import generate_api_key
 from dpp.tenancy import (

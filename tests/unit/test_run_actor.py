@@ -16,10 +16,10 @@ import pytest
 
 from dpp import ledger
 from dpp.actors.run import RunActor, RunEnding, RunServices, result_key
-from dpp.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256
+from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256
+from dpp.adapters.queue.base import ClaimedRun
 from dpp.money import Outcome, settle
 from dpp.packs import PackRegistry
-from dpp.queue.base import ClaimedRun
 
 TENANT = "ten_" + "B" * 26
 RUN = "run_" + "C" * 26

@@ -19,9 +19,9 @@ import anyio
 import asyncpg
 from anyio.abc import TaskStatus
 
-from dpp.db import Queries
+from dpp.adapters.postgres import Queries
 
-log = logging.getLogger("dpp.queue")
+log = logging.getLogger("dpp.adapters.queue")
 
 # One claim never takes more than this many runs, whatever the caller asks.
 CLAIM_BATCH_MAX = 256

@@ -8,17 +8,44 @@ One of the few modules that import asyncpg (asyncio-only). Queries live in
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import anyio
 import asyncpg
 import orjson
 
-SQL_DIRECTORY = Path(__file__).resolve().parent.parent / "sql"
+from dpp.config import StartupError
+
+log = logging.getLogger("dpp.adapters.postgres")
+
+SQL_DIRECTORY = Path(__file__).resolve().parents[2] / "sql"
 QUERY_NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 POOL_SIZE_MAX = 20
 STATEMENT_TIMEOUT_MS = 30_000
+CONNECT_ATTEMPTS_MAX = 6
+CONNECT_BACKOFF_FIRST_S = 0.5
+
+# What this adapter raises when Postgres is down, refuses, or drops the
+# connection: callers above the adapters catch these (never asyncpg's names).
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    TimeoutError,
+)
+# Any error Postgres or the driver can raise (a refused statement included).
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+Pool = asyncpg.Pool
+Connection = asyncpg.Connection
+Record = asyncpg.Record
 
 
 class Queries(Mapping[str, str]):
@@ -45,7 +72,7 @@ class Queries(Mapping[str, str]):
     def __getitem__(self, name: str) -> str:
         return self._texts[name]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[str]:
         return iter(self._texts)
 
     def __len__(self) -> int:
@@ -89,3 +116,24 @@ async def create_pool(dsn: str, *, max_size: int = POOL_SIZE_MAX) -> asyncpg.Poo
     )
     assert pool is not None
     return pool
+
+
+async def connect_postgres(url: str) -> asyncpg.Pool:
+    """The pool, retrying with exponential backoff (a database may start after us)."""
+    delay_s = CONNECT_BACKOFF_FIRST_S
+    for attempt in range(1, CONNECT_ATTEMPTS_MAX + 1):
+        try:
+            return await create_pool(url)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+            if attempt == CONNECT_ATTEMPTS_MAX:
+                raise StartupError(
+                    f"DATABASE_URL: cannot reach Postgres after {attempt} attempts "
+                    f"({type(error).__name__})"
+                ) from error
+            log.warning(
+                "postgres not reachable, retrying",
+                extra={"attempt": attempt, "delay_s": delay_s, "error": type(error).__name__},
+            )
+            await anyio.sleep(delay_s)
+            delay_s *= 2
+    raise AssertionError("unreachable")

@@ -34,7 +34,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-log = logging.getLogger("dpp.embedded")
+log = logging.getLogger("dpp.adapters.embedded")
 
 SQS_QUEUE_NAME = "dpp-runs"
 HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -16,8 +16,8 @@ import anyio
 import asyncpg
 from anyio.abc import TaskStatus
 
-from dpp.db import Queries
-from dpp.queue.base import (
+from dpp.adapters.postgres import Queries
+from dpp.adapters.queue.base import (
     CLAIM_BATCH_MAX,
     ClaimedRun,
     DeadLetter,
@@ -27,7 +27,7 @@ from dpp.queue.base import (
     release_claimed,
 )
 
-log = logging.getLogger("dpp.queue.postgres")
+log = logging.getLogger("dpp.adapters.queue.postgres")
 
 CHANNEL = "dpp_runs_queued"
 # How often the LISTEN connection is probed: a silently dead connection

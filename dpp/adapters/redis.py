@@ -11,7 +11,7 @@ from pathlib import Path
 
 from redis.asyncio import BlockingConnectionPool, Redis
 
-SCRIPTS_DIRECTORY = Path(__file__).resolve().parent / "lua"
+SCRIPTS_DIRECTORY = Path(__file__).resolve().parents[1] / "lua"
 SOCKET_TIMEOUT_S = 5.0
 CONNECTIONS_MAX = 64
 # how long a caller waits for a free pooled connection before failing (closed)

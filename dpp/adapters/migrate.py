@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import anyio
 import asyncpg
 
-from dpp.db import SQL_DIRECTORY
+from dpp.adapters.postgres import SQL_DIRECTORY
 
 MIGRATIONS_DIRECTORY = SQL_DIRECTORY / "migrations"
 SCHEMA_FILE = SQL_DIRECTORY / "schema.sql"

@@ -34,9 +34,8 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from anyio.abc import TaskStatus
 
-from dpp.db import Queries
-from dpp.ids import is_id
-from dpp.queue.base import (
+from dpp.adapters.postgres import Queries
+from dpp.adapters.queue.base import (
     CLAIM_BATCH_MAX,
     STATEMENT_DEADLINE_S,
     ClaimedRun,
@@ -45,8 +44,9 @@ from dpp.queue.base import (
     claimed_from_row,
     release_claimed,
 )
+from dpp.ids import is_id
 
-log = logging.getLogger("dpp.queue.sqs")
+log = logging.getLogger("dpp.adapters.queue.sqs")
 
 SEND_BATCH_MAX = 10  # SQS's own limit per SendMessageBatch / ReceiveMessage
 RECEIVE_WAIT_SEC_DEFAULT = 2  # long poll; short enough that a drain is prompt

@@ -3,7 +3,7 @@
 ``open_queue(settings, pool, queries)`` picks the backend named by
 ``settings.queue_backend`` (``DPP_QUEUE``): ``postgres`` (default, the run row
 is the queue entry, NOTIFY wakes dispatchers) or ``sqs`` (one message per run).
-Either way Postgres decides who holds a run; see `dpp.queue.base`.
+Either way Postgres decides who holds a run; see `dpp.adapters.queue.base`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
+from dpp.adapters.postgres import Queries
+from dpp.adapters.queue.base import CLAIM_BATCH_MAX, ClaimedRun, DeadLetter, QueuedRun, RunQueue
+from dpp.adapters.queue.postgres import PostgresQueue
+from dpp.adapters.queue.sqs import SqsQueue, open_sqs_queue
 from dpp.config import Settings, require
-from dpp.db import Queries
-from dpp.queue.base import CLAIM_BATCH_MAX, ClaimedRun, DeadLetter, QueuedRun, RunQueue
-from dpp.queue.postgres import PostgresQueue
-from dpp.queue.sqs import SqsQueue, open_sqs_queue
 
 __all__ = [
     "CLAIM_BATCH_MAX",
