@@ -33,7 +33,7 @@ from dpp.actors.budget import Reserved
 from dpp.adapters.migrate import apply_migrations
 from dpp.adapters.postgres import Queries, create_pool
 from dpp.adapters.redis import create_redis
-from dpp.budget_cache import BudgetMirror
+from dpp.money.mirror import BudgetMirror
 from dpp.money_service import MoneyService
 from tests.moneykit import create_plan, create_tenant, draft
 from tests.services import delete_redis_prefix, with_database
@@ -89,7 +89,7 @@ async def scenario(pool, redis, prefix, tenant_count: int, batch_max: int, n: in
 
 
 async def money_credit(pool, queries, tenant: str) -> None:
-    from dpp import ledger
+    from dpp.money import ledger
 
     await ledger.credit(pool, queries, tenant, 10**12, f"credit:{tenant}:bench")
 

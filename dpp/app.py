@@ -31,12 +31,12 @@ from dpp.adapters.blobs import open_blobs
 from dpp.adapters.postgres import Queries, connect_postgres
 from dpp.adapters.queue import open_queue
 from dpp.adapters.redis import create_redis
-from dpp.budget_cache import BudgetMirror
 from dpp.config import ConfigError, Settings, StartupError, require
 from dpp.context import AppContext, ReadinessCheck
 from dpp.http.app import create_app
 from dpp.http.auth import ApiAuthMiddleware
 from dpp.metrics import metrics_for
+from dpp.money.mirror import BudgetMirror
 from dpp.money_service import MoneyService
 from dpp.packs import PackRegistry
 from dpp.ratelimit import RateLimiter

@@ -489,8 +489,8 @@ def register_dev(subparsers: Any) -> None:
 async def _audit(settings: Settings, tenant_id: str | None) -> dict[str, Any]:
     from dpp.adapters.postgres import Queries, connect_postgres
     from dpp.adapters.redis import create_redis
-    from dpp.audit import run_audit
-    from dpp.budget_cache import BudgetMirror
+    from dpp.money.audit import run_audit
+    from dpp.money.mirror import BudgetMirror
 
     pool = await connect_postgres(require(settings.database_url, "DATABASE_URL"))
     redis = create_redis(require(settings.redis_url, "REDIS_URL"))
@@ -556,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
                 raise  # the module exists but something it imports does not: a bug
             continue
         module.register(subparsers)
-    if "audit" not in subparsers.choices and _module_exists("dpp.audit"):
+    if "audit" not in subparsers.choices and _module_exists("dpp.money.audit"):
         register_audit(subparsers)
     return parser
 

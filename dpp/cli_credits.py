@@ -1,7 +1,7 @@
 """`dpp credits add`: top up a tenant's budget from a shell.
 
 The same transaction as ``POST /admin/tenants/{id}/credits``
-(``dpp.ledger.credit`` under the same operation id ``credit:<tenant>:<key>``),
+(``dpp.money.ledger.credit`` under the same operation id ``credit:<tenant>:<key>``),
 so a key used on either side is a replay on the other. The Redis mirror is
 credited under the same marker afterwards.
 """
@@ -18,12 +18,13 @@ import asyncpg
 import orjson
 from redis.exceptions import RedisError
 
-from dpp import idempotency, ids, ledger
+from dpp import idempotency, ids
 from dpp.adapters.postgres import Queries, create_pool
 from dpp.adapters.redis import create_redis
-from dpp.budget_cache import BudgetMirror
 from dpp.config import ConfigError, load_settings, require
-from dpp.money import CREDIT_USD_MICROS_MAX
+from dpp.limits import CREDIT_USD_MICROS_MAX
+from dpp.money import ledger
+from dpp.money.mirror import BudgetMirror
 
 EXIT_REFUSED = 1
 EXIT_CONFIGURATION = 2

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from dpp import ledger
 from dpp.actors.budget import (
     BATCH_MAX,
     BudgetActor,
@@ -25,9 +24,10 @@ from dpp.actors.budget import (
 )
 from dpp.actors.registry import ActorRegistry
 from dpp.adapters.postgres import Queries
-from dpp.audit import AuditReport, run_audit
-from dpp.budget_cache import BudgetMirror
 from dpp.metrics import Metrics
+from dpp.money import ledger
+from dpp.money.audit import AuditReport, run_audit
+from dpp.money.mirror import BudgetMirror
 
 ASK_TIMEOUT_S = 15.0
 BUDGET_ACTOR_IDLE_S = 60.0

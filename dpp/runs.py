@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from dpp.money import ALL_STATUSES, is_amount
+from dpp.money.rules import ALL_STATUSES, is_amount
 from dpp.packs import FieldError, Pack, PackRegistry, validate_inputs
 
 SUBMIT_MEMBERS = frozenset(

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from dpp.adapters.postgres import Queries, create_pool
-from dpp.audit import AuditReport, run_audit
+from dpp.money.audit import AuditReport, run_audit
 from tests.services import (
     ServiceStack,
     TestServices,

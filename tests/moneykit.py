@@ -11,10 +11,11 @@ import anyio
 import asyncpg
 from redis.asyncio import Redis
 
-from dpp import ids, ledger
+from dpp import ids
 from dpp.adapters.postgres import Queries, create_pool
 from dpp.adapters.redis import create_redis
-from dpp.budget_cache import BudgetMirror
+from dpp.money import ledger
+from dpp.money.mirror import BudgetMirror
 from dpp.money_service import MoneyService
 
 

@@ -21,12 +21,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, assert_never
 
-from dpp import ledger
 from dpp.actors.kernel import Actor, ActorCrashed, Reply
-from dpp.budget_cache import MirrorBudget, MirrorMissing, MirrorReserve
 from dpp.faults import crash_point
 from dpp.logs import bind_only
-from dpp.money import Admission
+from dpp.money import ledger
+from dpp.money.mirror import MirrorBudget, MirrorMissing, MirrorReserve
+from dpp.money.rules import Admission
 
 log = logging.getLogger("dpp.budget")
 
@@ -83,7 +83,7 @@ BudgetMessage = Reserve | Settle | Credit
 
 
 class BudgetStore(Protocol):
-    """The durable truth (Postgres: ``dpp.ledger.LedgerStore``)."""
+    """The durable truth (Postgres: ``dpp.money.ledger.LedgerStore``)."""
 
     async def budget(self, tenant_id: str) -> ledger.StoredBudget: ...
 
@@ -101,7 +101,7 @@ class BudgetStore(Protocol):
 
 
 class MirrorStore(Protocol):
-    """The fast path (Redis: ``dpp.budget_cache.BudgetMirror``)."""
+    """The fast path (Redis: ``dpp.money.mirror.BudgetMirror``)."""
 
     async def reserve(self, tenant_id: str, items: Sequence[tuple[str, int]]) -> MirrorReserve: ...
 

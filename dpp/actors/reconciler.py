@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, assert_never
 import anyio
 from anyio.abc import TaskStatus
 
-from dpp import idempotency, ledger
+from dpp import idempotency
 from dpp.actors.kernel import (
     Actor,
     ActorCrashed,
@@ -53,8 +53,10 @@ from dpp.actors.run import mailbox_then_cancel, result_key
 from dpp.actors.supervisor import ChildSpec, Restart, actor_child
 from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, Blobs, StoredObject
 from dpp.adapters.queue.base import RunQueue
-from dpp.drift import repair_drift
-from dpp.money import Outcome
+from dpp.limits import USD_MICROS_MAX
+from dpp.money import ledger
+from dpp.money.drift import repair_drift
+from dpp.money.rules import Outcome, RunStatus
 
 if TYPE_CHECKING:
     import asyncpg
@@ -82,7 +84,6 @@ SHUTDOWN_S = 5.0
 
 COST_PATTERN = re.compile(r"^[0-9]{1,19}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
-USD_MICROS_MAX = 2**63 - 1
 
 LEASE_EXPIRED_PROBLEM = {
     "type": "https://dpp.dev/problems/lease-expired",
@@ -433,7 +434,7 @@ class Reconciler:
             request = ledger.SettleRequest(
                 row["id"],
                 Outcome.EXPIRED,
-                from_statuses=frozenset({"PROCESSING"}),
+                from_statuses=frozenset({RunStatus.PROCESSING}),
                 error=LEASE_EXPIRED_PROBLEM,
                 expected_version=row["version"],
             )
@@ -457,7 +458,7 @@ class Reconciler:
                         run_id,
                         Outcome.COMPLETED,
                         actual_cost_usd_micros=cost,
-                        from_statuses=frozenset({"CLAIMED"}),
+                        from_statuses=frozenset({RunStatus.CLAIMED}),
                         result=receipt,
                         expected_version=version,
                     )
@@ -467,7 +468,7 @@ class Reconciler:
                     request = ledger.SettleRequest(
                         run_id,
                         Outcome.FAILED,
-                        from_statuses=frozenset({"CLAIMED"}),
+                        from_statuses=frozenset({RunStatus.CLAIMED}),
                         error=RESULT_MISSING_PROBLEM,
                         expected_version=version,
                     )
@@ -493,7 +494,7 @@ class Reconciler:
                 request = ledger.SettleRequest(
                     row["id"],
                     Outcome.FAILED,
-                    from_statuses=frozenset({"QUEUED"}),
+                    from_statuses=frozenset({RunStatus.QUEUED}),
                     error=DELIVERY_FAILED_PROBLEM,
                     expected_version=row["version"],
                 )

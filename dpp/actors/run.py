@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING, Any, TypeVar, assert_never
 import anyio
 from anyio.abc import TaskStatus
 
-from dpp import ledger
 from dpp.actors.kernel import Actor, ActorRef, ActorStopped, MailboxFull
 from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, Blobs
 from dpp.adapters.queue.base import ClaimedRun, LeaseStore, RunQueue
 from dpp.faults import crash_point
 from dpp.logs import bind
-from dpp.money import Outcome
+from dpp.money import ledger
+from dpp.money.rules import Outcome, RunStatus
 from dpp.packs import PACK_ERROR_TYPE, PackContext, PackError, PackOutput, PackRegistry
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ RESULT_KEY_PREFIX = "results"
 
 # Terminal states that never carry a result object: an upload that lost the race
 # to one of them is an orphan.
-ORPHANING_STATUSES = frozenset({"FAILED", "EXPIRED", "CANCELED"})
+ORPHANING_STATUSES = frozenset({RunStatus.FAILED, RunStatus.EXPIRED, RunStatus.CANCELED})
 
 TIMEBOX_EXCEEDED_TYPE = "https://dpp.dev/problems/timebox-exceeded"
 PACK_ERROR_STATUS = 500
@@ -364,7 +364,7 @@ class RunActor(Actor[RunMessage]):
             claimed.run_id,
             Outcome.COMPLETED,
             actual_cost_usd_micros=output.actual_cost_usd_micros,
-            from_statuses=frozenset({"CLAIMED"}),
+            from_statuses=frozenset({RunStatus.CLAIMED}),
             lease_token=claimed.lease_token,
             result=ledger.ResultReceipt(key, sha256, len(output.body), output.content_type),
             expected_version=version,
@@ -393,7 +393,7 @@ class RunActor(Actor[RunMessage]):
         request = ledger.SettleRequest(
             claimed.run_id,
             Outcome.FAILED,
-            from_statuses=frozenset({"PROCESSING"}),
+            from_statuses=frozenset({RunStatus.PROCESSING}),
             lease_token=claimed.lease_token,
             error=problem,
             expected_version=self.version,

@@ -10,12 +10,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import NoScriptError, RedisError
+
+__all__ = [
+    "UNAVAILABLE_ERRORS",
+    "NoScriptError",
+    "Redis",
+    "RedisError",
+    "create_redis",
+    "load_script",
+    "tenant_key",
+]
 
 SCRIPTS_DIRECTORY = Path(__file__).resolve().parents[1] / "lua"
 SOCKET_TIMEOUT_S = 5.0
 CONNECTIONS_MAX = 64
 # how long a caller waits for a free pooled connection before failing (closed)
 CONNECTION_WAIT_S = 5.0
+# What this adapter raises when Redis is down, refuses, or times out (a
+# TimeoutError is an OSError): callers above the adapters catch these.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
 
 
 def create_redis(url: str) -> Redis:

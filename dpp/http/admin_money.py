@@ -8,12 +8,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from dpp import idempotency, ids, ledger
+from dpp import idempotency, ids
 from dpp.context import AppContext
 from dpp.http.admin import require_admin
 from dpp.http.app import json_response, read_json_body
 from dpp.http.problems import Problem
-from dpp.money import CREDIT_USD_MICROS_MAX, Outcome, is_amount
+from dpp.limits import CREDIT_USD_MICROS_MAX
+from dpp.money import ledger
+from dpp.money.rules import Outcome, RunStatus, is_amount
 
 
 def _tenant_not_found() -> Problem:
@@ -170,7 +172,7 @@ async def resolve_run(request: Request) -> Response:
                 run_id,
                 Outcome(outcome),
                 actual_cost_usd_micros=charged,
-                from_statuses=frozenset({"AUDIT_REQUIRED"}),
+                from_statuses=frozenset({RunStatus.AUDIT_REQUIRED}),
                 charged_override_usd_micros=charged,
                 error=None
                 if outcome == "COMPLETED"

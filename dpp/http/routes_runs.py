@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from dpp import idempotency, ids, ledger
+from dpp import idempotency, ids
 from dpp.actors.budget import ConcurrencyLimited, InsufficientBudget, Reserved
 from dpp.actors.kernel import ActorCrashed, AskTimeout, MailboxFull
 from dpp.adapters.queue.base import QueuedRun
@@ -21,7 +21,8 @@ from dpp.http.app import json_response, read_json_body
 from dpp.http.auth import principal_of
 from dpp.http.problems import Problem, problem_response, stealth_not_found
 from dpp.metrics import metrics_for
-from dpp.money import ALL_STATUSES, TERMINAL_STATUSES, Outcome
+from dpp.money import ledger
+from dpp.money.rules import ALL_STATUSES, TERMINAL_STATUSES, Outcome, RunStatus
 from dpp.runs import (
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
@@ -336,7 +337,9 @@ async def cancel_run(request: Request) -> Response:
     try:
         await context.money.settle(
             principal.tenant_id,
-            ledger.SettleRequest(row["id"], Outcome.CANCELED, from_statuses=frozenset({"QUEUED"})),
+            ledger.SettleRequest(
+                row["id"], Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
+            ),
         )
     except ledger.SettleRefused as refused:
         raise Problem(

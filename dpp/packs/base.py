@@ -3,7 +3,7 @@
 A pack is pure policy about *work*; it never touches money. It states its
 prices (minimum fee, default and maximum reservation, how the actual cost
 follows from the work) and reports the actual cost of one execution as an
-`int` of USD micros. The run actor and the settlement (``dpp.money``) do the
+`int` of USD micros. The run actor and the settlement (``dpp.money.rules``) do the
 clamping to ``[M, R]`` and every ledger write, so a buggy pack can at worst
 mis-price a run inside the reservation the tenant agreed to; it can never move
 money on its own.
@@ -25,6 +25,10 @@ import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
+# SPEC §6 "Timebox" and the BIGINT money columns: a pack declares nothing beyond
+# them. Re-exported here for pack authors; defined once in dpp.limits.
+from dpp.limits import TIMEBOX_SEC_MAX, TIMEBOX_SEC_MIN, USD_MICROS_MAX
+
 __all__ = [
     "PACK_ERROR_TYPE",
     "PACK_TYPE_PATTERN",
@@ -45,13 +49,6 @@ __all__ = [
 
 # The problem type a run's `error` carries when its pack failed (SPEC §3).
 PACK_ERROR_TYPE = "https://dpp.dev/problems/pack-error"
-
-# SPEC §6 "Timebox": 1..3600 s.
-TIMEBOX_SEC_MIN = 1
-TIMEBOX_SEC_MAX = 3600
-
-# Money columns are Postgres `bigint`; nothing a pack declares may exceed it.
-USD_MICROS_MAX = 2**63 - 1
 
 # Pack types appear in URLs, metrics labels and log lines: keep them boring.
 PACK_TYPE_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -263,7 +260,9 @@ def check_pack(pack: object) -> None:
         )
     timebox_sec = getattr(pack, "default_timebox_sec", None)
     if not _is_int(timebox_sec) or not TIMEBOX_SEC_MIN <= timebox_sec <= TIMEBOX_SEC_MAX:
-        raise PackDefinitionError(f"{where}: default_timebox_sec must be an int in 1..3600")
+        raise PackDefinitionError(
+            f"{where}: default_timebox_sec must be an int in {TIMEBOX_SEC_MIN}..{TIMEBOX_SEC_MAX}"
+        )
     for name in ("validate", "estimate_cost_usd_micros"):
         if not callable(getattr(pack, name, None)):
             raise PackDefinitionError(f"{where}: {name} must be callable")

@@ -14,12 +14,18 @@ import anyio
 import anyio.lowlevel
 import orjson
 
-from dpp.packs.base import FieldError, PackContext, PackError, PackOutput
+from dpp.packs.base import (
+    TIMEBOX_SEC_MAX,
+    FieldError,
+    PackContext,
+    PackError,
+    PackOutput,
+)
 
 __all__ = ["EchoPack"]
 
-# The timebox caps a run at 3600 s; a longer delay could never finish.
-_DELAY_MS_MAX = 3_600_000
+# The timebox caps a run; a longer delay could never finish.
+_DELAY_MS_MAX = TIMEBOX_SEC_MAX * 1_000
 _ACTUAL_COST_USD_MICROS = 1_000
 
 

@@ -29,6 +29,7 @@ import aiohttp
 import orjson
 
 from dpp.packs.base import (
+    TIMEBOX_SEC_MAX,
     USD_MICROS_MAX,
     FieldError,
     PackConfigError,
@@ -42,7 +43,8 @@ __all__ = ["WebhookPack"]
 URL_ENV = "DPP_WEBHOOK_URL"
 TIMEOUT_ENV = "DPP_WEBHOOK_TIMEOUT_SEC"
 TIMEOUT_SEC_DEFAULT = 10.0
-TIMEOUT_SEC_MAX = 3600.0  # no run may outlive the largest timebox anyway
+TIMEOUT_SEC_MAX = float(TIMEBOX_SEC_MAX)  # no run may outlive the largest timebox anyway
+TIMEOUT_RANGE_MESSAGE = f"{TIMEOUT_ENV} must be a number of seconds in (0, {TIMEBOX_SEC_MAX}]"
 # The answer is buffered, then stored as the run's result object.
 RESPONSE_BYTES_MAX = 8 * 1024 * 1024
 _READ_CHUNK_BYTES = 64 * 1024
@@ -85,7 +87,7 @@ class WebhookPack:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise bad_url
         if not (math.isfinite(timeout_sec) and 0 < timeout_sec <= TIMEOUT_SEC_MAX):
-            raise PackConfigError(f"{TIMEOUT_ENV} must be a number of seconds in (0, 3600]")
+            raise PackConfigError(TIMEOUT_RANGE_MESSAGE)
         self._url = url
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
         # Safe to log: no userinfo, path, query or fragment.
@@ -107,9 +109,7 @@ class WebhookPack:
         try:
             timeout_sec = float(timeout_text)
         except ValueError:
-            raise PackConfigError(
-                f"{TIMEOUT_ENV} must be a number of seconds in (0, 3600]"
-            ) from None
+            raise PackConfigError(TIMEOUT_RANGE_MESSAGE) from None
         return cls(url, timeout_sec=timeout_sec)
 
     def validate(self, inputs: Any) -> list[FieldError]:

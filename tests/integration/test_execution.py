@@ -26,7 +26,7 @@ import pytest
 from aiobotocore.session import get_session
 from anyio.abc import TaskGroup
 
-from dpp import ids, ledger
+from dpp import ids
 from dpp.actors.budget import Reserved
 from dpp.actors.dispatcher import Dispatcher
 from dpp.actors.reconciler import Reconciler
@@ -35,10 +35,11 @@ from dpp.actors.supervisor import Supervisor, SupervisorSpec
 from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256
 from dpp.adapters.queue import QueuedRun, RunQueue, open_queue
 from dpp.app import open_context
-from dpp.budget_cache import BudgetMirror
 from dpp.config import Settings, load_settings
 from dpp.context import AppContext
-from dpp.money import Outcome
+from dpp.money import ledger
+from dpp.money.mirror import BudgetMirror
+from dpp.money.rules import Outcome, RunStatus
 from dpp.money_service import MoneyService
 from tests.moneykit import create_tenant
 
@@ -456,7 +457,7 @@ async def test_worker_paused_past_its_lease_is_reaped_and_cannot_settle(
                 ledger.SettleRequest(
                     run_id,
                     Outcome.FAILED,
-                    from_statuses=frozenset({"PROCESSING"}),
+                    from_statuses=frozenset({RunStatus.PROCESSING}),
                     lease_token=claimed.lease_token,
                 ),
             )

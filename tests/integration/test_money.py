@@ -6,11 +6,11 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from dpp import drift, ledger
 from dpp.actors.budget import ConcurrencyLimited, InsufficientBudget, Reserved
 from dpp.actors.kernel import ActorCrashed
 from dpp.faults import InjectedCrash, armed
-from dpp.money import Outcome
+from dpp.money import drift, ledger
+from dpp.money.rules import Outcome, RunStatus
 from tests.moneykit import claim_for_test, create_plan, create_tenant, draft, open_replica
 from tests.services import delete_redis_prefix
 
@@ -139,7 +139,7 @@ async def test_cancel_refunds_everything_and_is_idempotent(
         run = draft(3_000, minimum_fee_usd_micros=300)
         await replica.money.reserve(tenant, run)
         cancel = ledger.SettleRequest(
-            run.run_id, Outcome.CANCELED, from_statuses=frozenset({"QUEUED"})
+            run.run_id, Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
         )
         first = await replica.money.settle(tenant, cancel)
         again = await replica.money.settle(tenant, cancel)
@@ -262,7 +262,7 @@ async def test_a_settlement_batch_answers_each_request_on_its_own(
             good.run_id, Outcome.COMPLETED, actual_cost_usd_micros=2_000, lease_token=good_token
         )
         cancel = ledger.SettleRequest(
-            canceled.run_id, Outcome.CANCELED, from_statuses=frozenset({"QUEUED"})
+            canceled.run_id, Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
         )
         outcomes = await ledger.settle_batch(
             replica.pool,
@@ -292,7 +292,7 @@ async def test_a_settlement_batch_answers_each_request_on_its_own(
         await replica.money.settle(
             tenant,
             ledger.SettleRequest(
-                stale.run_id, Outcome.FAILED, from_statuses=frozenset({"CLAIMED"})
+                stale.run_id, Outcome.FAILED, from_statuses=frozenset({RunStatus.CLAIMED})
             ),
         )
         # the mirror missed the direct ledger call above; drift repair brings it back

@@ -11,10 +11,10 @@ import asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpp import ledger
 from dpp.actors.budget import Reserved
-from dpp.money import Outcome
-from dpp.money import settle as settle_table
+from dpp.money import ledger
+from dpp.money.rules import Outcome, RunStatus
+from dpp.money.rules import settle as settle_table
 from tests.moneykit import claim_for_test, create_plan, create_tenant, draft, open_replica
 
 operations = st.lists(
@@ -79,7 +79,7 @@ async def _scenario(database_url: str, redis_url: str, prefix: str, steps: list[
                         continue
                     run, _ = runs.pop(pick % len(runs))
                     request = ledger.SettleRequest(
-                        run.run_id, Outcome.CANCELED, from_statuses=frozenset({"QUEUED"})
+                        run.run_id, Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
                     )
                     await money.settle(tenant, request)
                     settled.append(request)

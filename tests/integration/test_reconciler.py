@@ -12,7 +12,6 @@ import httpx
 import orjson
 import pytest
 
-from dpp import ledger
 from dpp.actors.reconciler import (
     NeedsAudit,
     ReconcilerUnavailable,
@@ -25,7 +24,8 @@ from dpp.actors.supervisor import Supervisor, SupervisorSpec
 from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, StoredObject
 from dpp.http import routes_reconcile
 from dpp.http.app import create_app
-from dpp.money import Outcome
+from dpp.money import ledger
+from dpp.money.rules import Outcome, RunStatus
 from tests.integration.test_execution import (
     ECHO_COST_USD_MICROS,
     MINIMUM_FEE_USD_MICROS,
@@ -141,7 +141,7 @@ async def test_contradictory_receipt_sets_the_run_aside_with_a_critical_alert(
             ledger.SettleRequest(
                 run_id,
                 Outcome.COMPLETED,
-                from_statuses=frozenset({"AUDIT_REQUIRED"}),
+                from_statuses=frozenset({RunStatus.AUDIT_REQUIRED}),
                 charged_override_usd_micros=ECHO_COST_USD_MICROS,
             ),
         )

@@ -8,9 +8,9 @@ import anyio
 import httpx
 import pytest
 
-from dpp import ledger
 from dpp.app import Runtime, open_runtime
 from dpp.config import Settings
+from dpp.money import ledger
 
 BASE_URL = "http://testserver"
 

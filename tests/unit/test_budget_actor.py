@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 import anyio
 import pytest
 
-from dpp import ledger
 from dpp.actors.budget import (
     BudgetActor,
     BudgetBackend,
@@ -26,8 +25,9 @@ from dpp.actors.budget import (
     Settle,
 )
 from dpp.actors.kernel import ActorCrashed, Reply
-from dpp.budget_cache import MirrorBudget, MirrorMissing, MirrorReserve
-from dpp.money import Admission, Budget, Outcome, decide_batch, settle
+from dpp.money import ledger
+from dpp.money.mirror import MirrorBudget, MirrorMissing, MirrorReserve
+from dpp.money.rules import Admission, Budget, Outcome, decide_batch, settle
 
 TENANT = "ten_" + "A" * 26
 

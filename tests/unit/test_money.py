@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dpp.money import Admission, Budget, Outcome, decide_batch, settle
+from dpp.money.rules import (
+    ALL_STATUSES,
+    OPEN_STATUSES,
+    TERMINAL_STATUSES,
+    Admission,
+    Budget,
+    Outcome,
+    RunStatus,
+    decide_batch,
+    settle,
+)
 
 
 @pytest.mark.parametrize(
@@ -100,3 +113,31 @@ def test_admission_never_overspends(balance, amounts, limit) -> None:
     ]
     assert sum(accepted) == after.reserved_usd_micros <= balance
     assert len(accepted) <= limit
+
+
+SQL_DIRECTORY = Path(__file__).resolve().parents[2] / "sql"
+STATUS_CHECK = re.compile(r"status\s+TEXT NOT NULL CHECK \(status IN \(([^)]*)\)\)", re.S)
+# a quoted upper-case word compared with or listed against a status column
+STATUS_LITERAL = re.compile(r"status\s*(?:=|<>|IN\s*\(|NOT IN\s*\()\s*((?:'[A-Z_]+'\s*,?\s*)+)")
+
+
+def test_the_schema_allows_exactly_the_run_statuses_of_the_enum() -> None:
+    """RunStatus is the one list of run states: the table's CHECK says the same."""
+    schema = (SQL_DIRECTORY / "schema.sql").read_text(encoding="utf-8")
+    (listed,) = STATUS_CHECK.findall(schema)
+    assert re.findall(r"'([A-Z_]+)'", listed) == [status.value for status in RunStatus]
+
+
+def test_every_status_the_sql_names_is_a_run_status() -> None:
+    named: set[str] = set()
+    for path in [SQL_DIRECTORY / "schema.sql", *sorted((SQL_DIRECTORY / "queries").glob("*.sql"))]:
+        for group in STATUS_LITERAL.findall(path.read_text(encoding="utf-8")):
+            named.update(re.findall(r"'([A-Z_]+)'", group))
+    assert named, "the pattern found no status literal: it no longer matches the SQL"
+    assert named <= {status.value for status in RunStatus}
+
+
+def test_status_sets_partition_the_run_statuses() -> None:
+    assert OPEN_STATUSES.isdisjoint(TERMINAL_STATUSES)
+    assert {outcome.status for outcome in Outcome} == TERMINAL_STATUSES
+    assert OPEN_STATUSES | TERMINAL_STATUSES | {RunStatus.AUDIT_REQUIRED} == ALL_STATUSES

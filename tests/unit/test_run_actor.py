@@ -14,11 +14,11 @@ import anyio
 import orjson
 import pytest
 
-from dpp import ledger
 from dpp.actors.run import RunActor, RunEnding, RunServices, result_key
 from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256
 from dpp.adapters.queue.base import ClaimedRun
-from dpp.money import Outcome, settle
+from dpp.money import ledger
+from dpp.money.rules import Outcome, settle
 from dpp.packs import PackRegistry
 
 TENANT = "ten_" + "B" * 26

@@ -17,10 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
-
-from dpp.adapters.postgres import Queries
-from dpp.budget_cache import BudgetMirror
+from dpp.adapters.postgres import Pool, Queries
+from dpp.money.mirror import BudgetMirror
 
 VIOLATIONS_MAX = 1000
 TENANT_PAGE = 500
@@ -51,7 +49,7 @@ class AuditReport:
 
 
 async def run_audit(
-    pool: asyncpg.Pool,
+    pool: Pool,
     queries: Queries,
     mirror: BudgetMirror | None,
     *,

@@ -4,7 +4,7 @@ Postgres is the truth. Every function here runs one transaction whose writes
 are conditional statements with checked row counts; the schema's CHECK
 constraints refuse whatever slips past (a tenant's available can never go
 negative, a terminal run's charged + refunded always equals its reservation).
-Redis mirrors what these functions commit (`dpp/budget_cache.py`), never the
+Redis mirrors what these functions commit (`dpp/money/mirror.py`), never the
 other way round.
 """
 
@@ -15,14 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import asyncpg
-
-from dpp import money
-from dpp.adapters.postgres import Queries
+from dpp.adapters.postgres import Connection, Pool, Queries, Record
 from dpp.faults import crash_point
-from dpp.money import Admission, AdmissionDecision, Budget, Outcome, Settlement
-
-BATCH_SIZE_MAX = 256
+from dpp.limits import LEDGER_BATCH_MAX, TIMEBOX_SEC_MAX, TIMEBOX_SEC_MIN
+from dpp.money import rules
+from dpp.money.rules import Admission, AdmissionDecision, Budget, Outcome, RunStatus, Settlement
 
 
 class TenantNotFound(Exception):
@@ -61,7 +58,7 @@ class TenantBudget:
         return Budget(self.balance_usd_micros, self.reserved_usd_micros)
 
 
-def _tenant_budget(row: asyncpg.Record) -> TenantBudget:
+def _tenant_budget(row: Record) -> TenantBudget:
     budget = TenantBudget(
         row["balance_usd_micros"], row["reserved_usd_micros"], row["ledger_version"]
     )
@@ -79,10 +76,10 @@ class CreditResult:
 
 
 async def credit(
-    pool: asyncpg.Pool, queries: Queries, tenant_id: str, amount_usd_micros: int, operation_id: str
+    pool: Pool, queries: Queries, tenant_id: str, amount_usd_micros: int, operation_id: str
 ) -> CreditResult:
     """Add credit once per ``operation_id``; a replay adds nothing."""
-    assert money.is_amount(amount_usd_micros) and amount_usd_micros > 0
+    assert rules.is_amount(amount_usd_micros) and amount_usd_micros > 0
     async with pool.acquire() as connection, connection.transaction():
         locked = await connection.fetchrow(queries["lock_tenant_budget"], tenant_id)
         if locked is None:
@@ -105,7 +102,7 @@ async def credit(
         return CreditResult(_tenant_budget(row), replayed=False)
 
 
-async def read_budget(pool: asyncpg.Pool, queries: Queries, tenant_id: str) -> asyncpg.Record:
+async def read_budget(pool: Pool, queries: Queries, tenant_id: str) -> Record:
     row = await pool.fetchrow(queries["tenant_budget"], tenant_id)
     if row is None:
         raise TenantNotFound(tenant_id)
@@ -144,9 +141,9 @@ class RunDraft:
     idempotency: IdempotencyCompletion | None = None
 
     def __post_init__(self) -> None:
-        assert money.is_amount(self.reserved_usd_micros) and self.reserved_usd_micros > 0
+        assert rules.is_amount(self.reserved_usd_micros) and self.reserved_usd_micros > 0
         assert 0 <= self.minimum_fee_usd_micros <= self.reserved_usd_micros
-        assert 1 <= self.timebox_sec <= 3600
+        assert TIMEBOX_SEC_MIN <= self.timebox_sec <= TIMEBOX_SEC_MAX
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +153,7 @@ class ReserveBatchResult:
 
 
 async def reserve_batch(
-    pool: asyncpg.Pool, queries: Queries, tenant_id: str, drafts: Sequence[RunDraft]
+    pool: Pool, queries: Queries, tenant_id: str, drafts: Sequence[RunDraft]
 ) -> ReserveBatchResult:
     """Admit a batch in one transaction (group commit): run rows, reserve entries,
     the tenant's reserved counter and any idempotency records, all or nothing.
@@ -165,13 +162,13 @@ async def reserve_batch(
     UPDATE and the schema's CHECK make overspend impossible even if the
     decision above them were wrong.
     """
-    assert 1 <= len(drafts) <= BATCH_SIZE_MAX
+    assert 1 <= len(drafts) <= LEDGER_BATCH_MAX
     async with pool.acquire() as connection, connection.transaction():
         locked = await connection.fetchrow(queries["lock_tenant_budget"], tenant_id)
         if locked is None:
             raise TenantNotFound(tenant_id)
         open_runs = await connection.fetchval(queries["count_open_runs"], tenant_id)
-        decisions, after = money.decide_batch(
+        decisions, after = rules.decide_batch(
             Budget(locked["balance_usd_micros"], locked["reserved_usd_micros"]),
             [draft.reserved_usd_micros for draft in drafts],
             open_runs=open_runs,
@@ -240,7 +237,7 @@ class SettleRequest:
     outcome: Outcome
     actual_cost_usd_micros: int | None = None
     # statuses this settlement may move the run from
-    from_statuses: frozenset[str] = frozenset({"CLAIMED"})
+    from_statuses: frozenset[RunStatus] = frozenset({RunStatus.CLAIMED})
     # the worker's lease token: a stale worker's settlement is refused
     lease_token: str | None = None
     error: dict[str, Any] | None = None
@@ -252,7 +249,7 @@ class SettleRequest:
     expected_version: int | None = None
 
     def __post_init__(self) -> None:
-        assert self.from_statuses <= (money.OPEN_STATUSES | {"AUDIT_REQUIRED"})
+        assert self.from_statuses <= (rules.OPEN_STATUSES | {RunStatus.AUDIT_REQUIRED})
         if self.outcome is Outcome.COMPLETED and self.charged_override_usd_micros is None:
             assert self.actual_cost_usd_micros is not None
 
@@ -272,13 +269,13 @@ SettleOutcome = SettleResult | SettleRefused | RunNotFound
 
 
 def _decide_settlement(
-    request: SettleRequest, run: asyncpg.Record | None, has_reserve: bool
+    request: SettleRequest, run: Record | None, has_reserve: bool
 ) -> Settlement | SettleResult | SettleRefused | RunNotFound:
     """What one request does to its run, judged under the run's row lock (pure)."""
     if run is None:
         return RunNotFound(request.run_id)
     status = run["status"]
-    if status in money.TERMINAL_STATUSES:
+    if status in rules.TERMINAL_STATUSES:
         if status != request.outcome.value:
             return SettleRefused(run["id"], status, "already settled")
         previous = Settlement(
@@ -294,7 +291,7 @@ def _decide_settlement(
         return SettleRefused(run["id"], status, "lease token is stale")
     if request.expected_version is not None and run["version"] != request.expected_version:
         return SettleRefused(run["id"], status, "run changed since it was observed")
-    if status == "AUDIT_REQUIRED" and not has_reserve:
+    if status == RunStatus.AUDIT_REQUIRED and not has_reserve:
         # Nothing is held for it: settling would release money never reserved.
         return SettleRefused(run["id"], status, "the ledger holds no reservation for it")
     if request.charged_override_usd_micros is not None:
@@ -306,7 +303,7 @@ def _decide_settlement(
             charged,
             run["reserved_usd_micros"] - charged,
         )
-    return money.settle(
+    return rules.settle(
         request.outcome,
         reserved_usd_micros=run["reserved_usd_micros"],
         minimum_fee_usd_micros=run["minimum_fee_usd_micros"],
@@ -315,7 +312,7 @@ def _decide_settlement(
 
 
 async def settle_batch(
-    pool: asyncpg.Pool, queries: Queries, requests: Sequence[SettleRequest]
+    pool: Pool, queries: Queries, requests: Sequence[SettleRequest]
 ) -> list[SettleOutcome]:
     """Apply SPEC §1's table to each run exactly once, all in one transaction.
 
@@ -328,12 +325,12 @@ async def settle_batch(
     hold back the others. Group commit: a budget actor settles what queued up
     while the previous transaction ran.
     """
-    assert 1 <= len(requests) <= BATCH_SIZE_MAX
+    assert 1 <= len(requests) <= LEDGER_BATCH_MAX
     run_ids = [request.run_id for request in requests]
     async with pool.acquire() as connection, connection.transaction():
         runs = {row["id"]: row for row in await connection.fetch(queries["lock_runs"], run_ids)}
         outcomes: list[SettleOutcome | None] = [None] * len(requests)
-        writes: list[tuple[int, SettleRequest, asyncpg.Record, Settlement]] = []
+        writes: list[tuple[int, SettleRequest, Record, Settlement]] = []
         decided: dict[str, Settlement] = {}  # two requests for one run in one batch
         for index, request in enumerate(requests):
             run = runs.get(request.run_id)
@@ -347,7 +344,7 @@ async def settle_batch(
                 continue
             has_reserve = (
                 run is not None
-                and run["status"] == "AUDIT_REQUIRED"
+                and run["status"] == RunStatus.AUDIT_REQUIRED
                 and bool(await connection.fetchval(queries["run_has_reserve_entry"], run["id"]))
             )
             decision = _decide_settlement(request, run, has_reserve)
@@ -374,9 +371,9 @@ async def settle_batch(
 
 
 async def _write_settlements(
-    connection: asyncpg.Connection,
+    connection: Connection,
     queries: Queries,
-    writes: list[tuple[int, SettleRequest, asyncpg.Record, Settlement]],
+    writes: list[tuple[int, SettleRequest, Record, Settlement]],
 ) -> dict[str, datetime]:
     results = [request.result for _, request, _, _ in writes]
     updated = await connection.fetch(
@@ -413,9 +410,9 @@ async def _write_settlements(
 
 
 async def _release_reservations(
-    connection: asyncpg.Connection,
+    connection: Connection,
     queries: Queries,
-    writes: list[tuple[int, SettleRequest, asyncpg.Record, Settlement]],
+    writes: list[tuple[int, SettleRequest, Record, Settlement]],
 ) -> dict[str, TenantBudget]:
     """One conditional UPDATE per tenant: balance -= charges, reserved -= R."""
     totals: dict[str, tuple[int, int]] = {}
@@ -433,7 +430,7 @@ async def _release_reservations(
     return budgets
 
 
-async def settle(pool: asyncpg.Pool, queries: Queries, request: SettleRequest) -> SettleResult:
+async def settle(pool: Pool, queries: Queries, request: SettleRequest) -> SettleResult:
     """One settlement (see ``settle_batch``); raises its refusal."""
     (outcome,) = await settle_batch(pool, queries, [request])
     if isinstance(outcome, Exception):
@@ -442,7 +439,7 @@ async def settle(pool: asyncpg.Pool, queries: Queries, request: SettleRequest) -
 
 
 async def mark_audit_required(
-    pool: asyncpg.Pool, queries: Queries, run_id: str, version: int, reason: str
+    pool: Pool, queries: Queries, run_id: str, version: int, reason: str
 ) -> bool:
     """Set a run aside for an operator; its reservation stays held. True if it moved."""
     error = {
@@ -469,7 +466,7 @@ class StoredBudget:
 class LedgerStore:
     """The Postgres side of a budget actor (``dpp.actors.budget.BudgetStore``)."""
 
-    pool: asyncpg.Pool
+    pool: Pool
     queries: Queries
 
     async def budget(self, tenant_id: str) -> StoredBudget:

@@ -1,7 +1,7 @@
 """The Redis mirror of tenant budgets (the cross-replica fast path).
 
-Each call is one atomic script (dpp/lua/budget.lua) keyed by operation ids, so
-a retried call never moves the mirror twice. Postgres stays the truth: when a
+Each call is one atomic script (``budget.lua`` beside this module) keyed by
+operation ids, so a retried call never moves the mirror twice. Postgres stays the truth: when a
 tenant's hash is missing (restart, flush, eviction) the caller rebuilds it
 from Postgres with ``load`` before admitting anything — never the reverse.
 """
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from redis.asyncio import Redis
-
-from dpp.adapters.redis import load_script, tenant_key
+from dpp.adapters.redis import Redis, tenant_key
 
 OPERATION_MARKER_TTL_S = 7 * 24 * 3600
+SCRIPT = Path(__file__).with_name("budget.lua").read_text(encoding="utf-8")
 
 
 class MirrorMissing(Exception):
@@ -43,7 +43,7 @@ class BudgetMirror:
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._redis = redis
         self._prefix = prefix
-        self._script = redis.register_script(load_script("budget"))
+        self._script = redis.register_script(SCRIPT)
 
     def key(self, tenant_id: str) -> str:
         return tenant_key(self._prefix, "budget", tenant_id)

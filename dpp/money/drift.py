@@ -14,12 +14,11 @@ import logging
 from dataclasses import dataclass
 
 import anyio
-import asyncpg
 
-from dpp.adapters.postgres import Queries
-from dpp.budget_cache import BudgetMirror, MirrorBudget
+from dpp.adapters.postgres import Pool, Queries
+from dpp.money.mirror import BudgetMirror, MirrorBudget
 
-log = logging.getLogger("dpp.drift")
+log = logging.getLogger("dpp.money.drift")
 
 TENANTS_PER_PASS_MAX = 1000
 
@@ -40,7 +39,7 @@ class Observation:
 
 
 async def _observe(
-    pool: asyncpg.Pool, queries: Queries, mirror: BudgetMirror, tenant_ids: list[str]
+    pool: Pool, queries: Queries, mirror: BudgetMirror, tenant_ids: list[str]
 ) -> dict[str, Observation]:
     rows = await pool.fetch(queries["tenant_counters"], tenant_ids)
     observations = {}
@@ -55,7 +54,7 @@ async def _observe(
 
 
 async def repair_drift(
-    pool: asyncpg.Pool,
+    pool: Pool,
     queries: Queries,
     mirror: BudgetMirror,
     *,

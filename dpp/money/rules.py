@@ -1,8 +1,8 @@
-"""Pure money rules: the settlement table of SPEC §1 and admission decisions.
+"""Pure money rules: run statuses, the settlement table of SPEC §1, admission.
 
 No I/O and no floats: every amount is an ``int`` of USD micros. The ledger
-(`dpp/ledger.py`) writes what these functions decide; both sides assert the
-same invariants.
+(`dpp/money/ledger.py`) writes what these functions decide; both sides assert
+the same invariants.
 """
 
 from __future__ import annotations
@@ -11,22 +11,43 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-USD_MICROS = 1_000_000
-CREDIT_USD_MICROS_MAX = 10_000_000 * USD_MICROS
+
+class RunStatus(enum.StrEnum):
+    """A run's state (SPEC §2): the one list that SQL parameters, the routes'
+    filters, the run object and the OpenAPI document all use. The schema's
+    CHECK on ``runs.status`` lists the same values (a test compares them)."""
+
+    QUEUED = "QUEUED"
+    PROCESSING = "PROCESSING"
+    CLAIMED = "CLAIMED"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    EXPIRED = "EXPIRED"
+    CANCELED = "CANCELED"
+    AUDIT_REQUIRED = "AUDIT_REQUIRED"
 
 
 class Outcome(enum.StrEnum):
     """How a run ended, for settlement. Values are the terminal run statuses."""
 
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    EXPIRED = "EXPIRED"
-    CANCELED = "CANCELED"
+    COMPLETED = RunStatus.COMPLETED.value
+    FAILED = RunStatus.FAILED.value
+    EXPIRED = RunStatus.EXPIRED.value
+    CANCELED = RunStatus.CANCELED.value
+
+    @property
+    def status(self) -> RunStatus:
+        return RunStatus(self.value)
 
 
-TERMINAL_STATUSES = frozenset(outcome.value for outcome in Outcome)
-OPEN_STATUSES = frozenset({"QUEUED", "PROCESSING", "CLAIMED"})
-ALL_STATUSES = TERMINAL_STATUSES | OPEN_STATUSES | {"AUDIT_REQUIRED"}
+# Listed in SPEC §2's order (the OpenAPI enum keeps it).
+ALL_STATUSES: frozenset[RunStatus] = frozenset(RunStatus)
+TERMINAL_STATUSES: frozenset[RunStatus] = frozenset(outcome.status for outcome in Outcome)
+# Holding a reservation and counting toward max_concurrent_runs.
+OPEN_STATUSES: frozenset[RunStatus] = frozenset(
+    {RunStatus.QUEUED, RunStatus.PROCESSING, RunStatus.CLAIMED}
+)
+assert TERMINAL_STATUSES | OPEN_STATUSES | {RunStatus.AUDIT_REQUIRED} == ALL_STATUSES
 
 
 @dataclass(frozen=True, slots=True)
