@@ -39,8 +39,8 @@ from dpp.metrics import metrics_for
 from dpp.money.mirror import BudgetMirror
 from dpp.money_service import MoneyService
 from dpp.packs import PackRegistry
-from dpp.ratelimit import RateLimiter
-from dpp.tenancy import Tenancy
+from dpp.tenancy.ratelimit import RateLimiter
+from dpp.tenancy.service import Tenancy
 
 log = logging.getLogger("dpp.app")
 

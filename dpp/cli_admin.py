@@ -1,7 +1,7 @@
 """`dpp plan|tenant|key ...`: tenancy administration from a shell.
 
 The same validation and the same storage path as the admin API: every
-command goes through ``dpp.tenancy.Tenancy``. Settings come from the
+command goes through ``dpp.tenancy.service.Tenancy``. Settings come from the
 environment (``DATABASE_URL``, ``REDIS_URL``, ``DPP_REDIS_PREFIX``). A result
 is one JSON document on stdout; an error is one line on stderr and a
 non-zero exit status (1 for a refused operation or an unreachable service,
@@ -28,7 +28,8 @@ from redis.exceptions import RedisError
 from dpp.adapters.postgres import Queries, create_pool
 from dpp.adapters.redis import create_redis
 from dpp.config import ConfigError, load_settings, require
-from dpp.tenancy import DEFAULT_PLAN_ID, InvalidField, Tenancy, TenancyError
+from dpp.tenancy.principal import DEFAULT_PLAN_ID, InvalidField, TenancyError
+from dpp.tenancy.service import Tenancy
 
 __all__ = ["register"]
 

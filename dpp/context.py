@@ -44,7 +44,7 @@ class AppContext:
     actors_tree: Callable[[], dict[str, Any]]
     # services, each owned by its module (see docs/architecture.md)
     tenancy: Any = None  # dpp.tenancy.Tenancy: plans, tenants, keys, auth cache
-    rate_limiter: Any = None  # dpp.ratelimit.RateLimiter
+    rate_limiter: Any = None  # dpp.tenancy.ratelimit.RateLimiter
     money: Any = None  # dpp.money_service.MoneyService: credit, reserve, settle, audit
     runs: Any = None  # dpp.runs.RunsService: submit, get, list, cancel, usage
     reconciler: Any = None  # dpp.actors.reconciler handle: reconcile_once()

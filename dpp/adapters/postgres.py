@@ -28,16 +28,10 @@ STATEMENT_TIMEOUT_MS = 30_000
 CONNECT_ATTEMPTS_MAX = 6
 CONNECT_BACKOFF_FIRST_S = 0.5
 
-# What this adapter raises when Postgres is down, refuses, or drops the
-# connection: callers above the adapters catch these (never asyncpg's names).
-UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    TimeoutError,
-)
-# Any error Postgres or the driver can raise (a refused statement included).
-DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+# Whatever Postgres or the driver raises: the server down or refusing, a lost
+# connection, a timeout (an OSError), a refused statement. Code above the
+# adapters catches these names, never asyncpg's.
+POSTGRES_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,

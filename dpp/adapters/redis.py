@@ -1,4 +1,4 @@
-"""Redis adapter: the client, key names, and the Lua scripts loaded once.
+"""Redis adapter: the client and its bounded pool, key names, and the errors.
 
 One of the few modules that import redis (redis-py asyncio). Per-tenant keys
 carry the tenant id in braces — the Redis Cluster hash tag — so a script
@@ -7,29 +7,25 @@ that touches several of a tenant's keys stays in one slot.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import NoScriptError, RedisError
 
 __all__ = [
-    "UNAVAILABLE_ERRORS",
+    "REDIS_ERRORS",
     "NoScriptError",
     "Redis",
     "RedisError",
     "create_redis",
-    "load_script",
     "tenant_key",
 ]
 
-SCRIPTS_DIRECTORY = Path(__file__).resolve().parents[1] / "lua"
 SOCKET_TIMEOUT_S = 5.0
 CONNECTIONS_MAX = 64
 # how long a caller waits for a free pooled connection before failing (closed)
 CONNECTION_WAIT_S = 5.0
 # What this adapter raises when Redis is down, refuses, or times out (a
-# TimeoutError is an OSError): callers above the adapters catch these.
-UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
+# TimeoutError is an OSError): code above the adapters catches these names.
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
 
 
 def create_redis(url: str) -> Redis:
@@ -52,7 +48,3 @@ def tenant_key(prefix: str, area: str, tenant_id: str, *rest: str) -> str:
     assert prefix and area and tenant_id
     key = f"{prefix}:{area}:{{{tenant_id}}}"
     return ":".join([key, *rest]) if rest else key
-
-
-def load_script(name: str) -> str:
-    return (SCRIPTS_DIRECTORY / f"{name}.lua").read_text(encoding="utf-8")

@@ -19,17 +19,17 @@ from dpp.context import AppContext
 from dpp.http.admin import require_admin
 from dpp.http.app import json_response, read_json_body
 from dpp.http.problems import Problem, field_problem
-from dpp.tenancy import (
+from dpp.tenancy.principal import (
     DEFAULT_PLAN_ID,
     ApiKeyNotFound,
     InvalidationNotBroadcast,
     InvalidField,
     PlanExists,
     PlanNotFound,
-    Tenancy,
     TenancyError,
     TenantNotFound,
 )
+from dpp.tenancy.service import Tenancy
 
 __all__ = ["routes", "tenancy_problem"]
 

@@ -25,8 +25,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dpp.http.problems import Problem, problem_response
 from dpp.logs import bind
-from dpp.ratelimit import RateLimiter, RateLimitUnavailable
-from dpp.tenancy import Principal, Tenancy, TenancyUnavailable
+from dpp.tenancy.principal import Principal, TenancyUnavailable
+from dpp.tenancy.ratelimit import RateLimiter, RateLimitUnavailable
+from dpp.tenancy.service import Tenancy
 
 __all__ = ["API_PREFIX", "ApiAuthMiddleware", "is_api_path", "principal_of"]
 

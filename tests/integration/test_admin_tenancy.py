@@ -24,8 +24,8 @@ from dpp.http import admin_tenancy
 from dpp.http.app import create_app, json_response
 from dpp.http.auth import ApiAuthMiddleware, principal_of
 from dpp.ids import new_id
-from dpp.ratelimit import RateLimiter
-from dpp.tenancy import Tenancy
+from dpp.tenancy.ratelimit import RateLimiter
+from dpp.tenancy.service import Tenancy
 
 if TYPE_CHECKING:
     from tests.services import TestServices

@@ -23,9 +23,9 @@ from dpp.context import AppContext
 from dpp.http import admin_tenancy
 from dpp.http.app import create_app, json_response
 from dpp.http.auth import ApiAuthMiddleware, principal_of
-from dpp.keys import generate_api_key
-from dpp.ratelimit import RateLimiter
-from dpp.tenancy import Tenancy
+from dpp.tenancy.keys import generate_api_key
+from dpp.tenancy.ratelimit import RateLimiter
+from dpp.tenancy.service import Tenancy
 
 if TYPE_CHECKING:
     from starlette.types import Message, Receive, Scope, Send

@@ -10,11 +10,11 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from dpp import ratelimit
 from dpp.adapters.redis import create_redis
 from dpp.ids import new_id
-from dpp.ratelimit import RateLimitDecision, RateLimiter, RateLimitUnavailable
-from dpp.tenancy import Principal
+from dpp.tenancy import ratelimit
+from dpp.tenancy.principal import Principal
+from dpp.tenancy.ratelimit import RateLimitDecision, RateLimiter, RateLimitUnavailable
 
 if TYPE_CHECKING:
     from tests.services import TestServices

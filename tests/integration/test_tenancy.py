@@ -16,18 +16,18 @@ from dpp.adapters.postgres import Queries, create_pool
 from dpp.adapters.redis import create_redis
 from dpp.config import Settings, load_settings
 from dpp.ids import new_id
-from dpp.keys import generate_api_key
-from dpp.tenancy import (
+from dpp.tenancy.keys import generate_api_key
+from dpp.tenancy.principal import (
     ApiKeyNotFound,
     InvalidationNotBroadcast,
     InvalidField,
     PlanExists,
     PlanNotFound,
     Principal,
-    Tenancy,
     TenancyUnavailable,
     TenantNotFound,
 )
+from dpp.tenancy.service import Tenancy
 
 if TYPE_CHECKING:
     from tests.services import TestServices

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from dpp import auth_cache
-from dpp.auth_cache import MISS, AuthCache
 from dpp.ids import new_id
-from dpp.tenancy import Principal
+from dpp.tenancy import auth_cache
+from dpp.tenancy.auth_cache import MISS, AuthCache
+from dpp.tenancy.principal import Principal
 
 
 class FakeClock:

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dpp.ids import BASE62
-from dpp.keys import (
+from dpp.tenancy.keys import (
     KEY_LENGTH,
     ParsedKey,
     generate_api_key,

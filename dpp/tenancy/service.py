@@ -1,243 +1,60 @@
-"""Tenancy: plans, tenants and API keys, and authenticating a request's key.
+"""Tenancy: plans, tenants and API keys in Postgres, and authenticating a key.
 
 Storage is Postgres (``sql/queries/tenancy.sql``). ``authenticate`` runs on
 every ``/v1`` request; its answers are cached per replica by
-``dpp.auth_cache.AuthCache``, which says why that is safe. Revocations and plan
-changes are written to Postgres first, then broadcast to every replica's
-cache (``run_invalidation_listener`` must run for the cache to be used).
+``dpp.tenancy.auth_cache.AuthCache``, which says why that is safe. Revocations
+and plan changes are written to Postgres first, then broadcast to every
+replica's cache (``run_invalidation_listener`` must run for the cache to be
+used).
 
-Expected failures are typed exceptions (``TenancyError`` subclasses) that the
-HTTP layer maps to problems and the CLI to one line on stderr.
+Expected failures are typed exceptions (``dpp.tenancy.principal``'s
+``TenancyError`` subclasses) that the HTTP layer maps to problems and the CLI
+to one line on stderr.
 """
 
 from __future__ import annotations
 
-import datetime
 import hmac
 import logging
-import re
 import time
-import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Final
 
 import anyio
-import asyncpg
 from anyio.abc import TaskStatus
-from redis.exceptions import RedisError
 
-from dpp.auth_cache import MISS, TTL_S, AuthCache
+from dpp.adapters.postgres import POSTGRES_ERRORS, Pool, Queries, Record
+from dpp.adapters.redis import REDIS_ERRORS, Redis
+from dpp.config import Settings
 from dpp.ids import is_id, new_id
-from dpp.keys import generate_api_key, key_hint, key_sha256, parse_api_key, parse_bearer
-
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
-    from dpp.adapters.postgres import Queries
-    from dpp.config import Settings
+from dpp.limits import MAX_CONCURRENT_RUNS_MAX, RETENTION_DAYS_MAX
+from dpp.tenancy.auth_cache import MISS, TTL_S, AuthCache
+from dpp.tenancy.keys import generate_api_key, key_hint, key_sha256, parse_api_key, parse_bearer
+from dpp.tenancy.principal import (
+    DEFAULT_PLAN_ID,
+    PLAN_ID_PATTERN,
+    ApiKey,
+    ApiKeyNotFound,
+    InvalidationNotBroadcast,
+    Plan,
+    PlanExists,
+    PlanNotFound,
+    Principal,
+    TenancyUnavailable,
+    Tenant,
+    TenantNotFound,
+    check_name,
+    check_plan_id,
+    check_requests_per_minute,
+    check_whole_number,
+)
 
 log = logging.getLogger("dpp.tenancy")
-
-DEFAULT_PLAN_ID: Final = "default"
-PLAN_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # the plans.id CHECK
-REQUESTS_PER_MINUTE_MAX: Final = 1_000_000
-MAX_CONCURRENT_RUNS_MAX: Final = 100_000
-RETENTION_DAYS_MAX: Final = 3_650
-NAME_LENGTH_MAX: Final = 200
 
 LAST_USED_INTERVAL_S: Final = 60.0
 POOL_ACQUIRE_TIMEOUT_S: Final = 5.0
 LOOKUP_TIMEOUT_S: Final = 5.0  # a request waits no longer for its key (then 503)
-
-
-# --- errors ----------------------------------------------------------------------------
-
-
-class TenancyError(Exception):
-    """An expected tenancy failure; ``str(error)`` is one line, safe to show."""
-
-
-class InvalidField(TenancyError):
-    """A value is malformed or out of range; ``field`` names it (HTTP 422)."""
-
-    def __init__(self, field: str, detail: str) -> None:
-        super().__init__(f"{field}: {detail}")
-        self.field = field
-        self.detail = detail
-
-
-class PlanExists(TenancyError):
-    """A plan with this id exists already (HTTP 409)."""
-
-
-class PlanNotFound(TenancyError):
-    """No plan with this id (HTTP 422 when named in a body)."""
-
-
-class TenantNotFound(TenancyError):
-    """No tenant with this id (HTTP 404)."""
-
-
-class ApiKeyNotFound(TenancyError):
-    """No API key with this id (HTTP 404)."""
-
-
-class TenancyUnavailable(TenancyError):
-    """Postgres did not answer an authentication lookup (HTTP 503, fail closed)."""
-
-
-class InvalidationNotBroadcast(TenancyError):
-    """The change is stored, but telling the other replicas failed (HTTP 503).
-
-    Retrying is safe (revocation is idempotent) and broadcasts again; until
-    then other replicas refuse the key once their cache entry ages out.
-    """
-
-
-# --- validation (shared by the admin API and the CLI) ----------------------------------
-
-
-def check_whole_number(value: object, field: str, low: int, high: int) -> int:
-    """``value`` if it is an int (not a bool) within ``low..high``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidField(field, f"expected a whole number from {low} to {high}")
-    if not low <= value <= high:
-        raise InvalidField(field, f"expected a whole number from {low} to {high}, got {value}")
-    return value
-
-
-def check_plan_id(value: object, field: str = "id") -> str:
-    if not isinstance(value, str) or PLAN_ID_PATTERN.fullmatch(value) is None:
-        raise InvalidField(
-            field, "expected 1-63 of [a-z0-9_-], starting with a lowercase letter or digit"
-        )
-    return value
-
-
-def check_name(value: object, field: str = "name") -> str:
-    """A display name: 1-200 characters, not blank, no control characters."""
-    if not isinstance(value, str):
-        raise InvalidField(field, "expected a string")
-    if not 1 <= len(value) <= NAME_LENGTH_MAX:
-        raise InvalidField(field, f"expected 1 to {NAME_LENGTH_MAX} characters")
-    if not value.strip():
-        raise InvalidField(field, "must not be blank")
-    if any(unicodedata.category(character) in ("Cc", "Cs") for character in value):
-        raise InvalidField(field, "must not contain control characters")
-    return value
-
-
-def check_requests_per_minute(value: object, field: str = "requests_per_minute") -> int:
-    return check_whole_number(value, field, 1, REQUESTS_PER_MINUTE_MAX)
-
-
-# --- records ---------------------------------------------------------------------------
-
-
-def timestamp_text(moment: datetime.datetime | None) -> str | None:
-    """RFC 3339 in UTC with a ``Z``, as every DPP document writes times."""
-    if moment is None:
-        return None
-    assert moment.tzinfo is not None, "timestamps are timezone-aware"
-    return moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    id: str
-    requests_per_minute: int
-    max_concurrent_runs: int
-    retention_days: int
-    created_at: datetime.datetime
-    updated_at: datetime.datetime
-
-    def document(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "requests_per_minute": self.requests_per_minute,
-            "max_concurrent_runs": self.max_concurrent_runs,
-            "retention_days": self.retention_days,
-            "created_at": timestamp_text(self.created_at),
-            "updated_at": timestamp_text(self.updated_at),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Tenant:
-    id: str
-    name: str
-    plan: Plan
-    created_at: datetime.datetime
-
-    @property
-    def plan_id(self) -> str:
-        return self.plan.id
-
-    def document(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "plan_id": self.plan.id,
-            "created_at": timestamp_text(self.created_at),
-            "plan": self.plan.document(),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKey:
-    """A key's stored facts; never the key itself (only its hash is stored)."""
-
-    id: str
-    tenant_id: str
-    name: str
-    key_hint: str
-    requests_per_minute: int | None
-    created_at: datetime.datetime
-    last_used_at: datetime.datetime | None
-    revoked_at: datetime.datetime | None
-
-    def document(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "tenant_id": self.tenant_id,
-            "name": self.name,
-            "key_hint": self.key_hint,
-            "requests_per_minute": self.requests_per_minute,
-            "created_at": timestamp_text(self.created_at),
-            "last_used_at": timestamp_text(self.last_used_at),
-            "revoked_at": timestamp_text(self.revoked_at),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who an authenticated request acts for, and the limits that apply to it."""
-
-    tenant_id: str
-    key_id: str
-    plan_id: str
-    requests_per_minute: int
-    max_concurrent_runs: int
-    retention_days: int
-    key_requests_per_minute: int | None
-
-    def __post_init__(self) -> None:
-        # prefixes only: the columns' CHECKs allow 20-40 characters after them
-        assert self.tenant_id.startswith("ten_") and self.key_id.startswith("key_")
-        assert 1 <= self.requests_per_minute <= REQUESTS_PER_MINUTE_MAX
-        assert self.key_requests_per_minute is None or (
-            1 <= self.key_requests_per_minute <= REQUESTS_PER_MINUTE_MAX
-        )
-
-    def plan_document(self) -> dict[str, Any]:
-        """The ``plan`` member of ``GET /v1/budget`` (SPEC §6 "Plan limits")."""
-        return {
-            "id": self.plan_id,
-            "requests_per_minute": self.requests_per_minute,
-            "max_concurrent_runs": self.max_concurrent_runs,
-            "retention_days": self.retention_days,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +67,7 @@ class TenancyStatistics:
     lookups: int  # authentication lookups that went to Postgres
 
 
-def _plan(row: asyncpg.Record, prefix: str = "") -> Plan:
+def _plan(row: Record, prefix: str = "") -> Plan:
     return Plan(
         id=row["plan_id" if prefix else "id"],
         requests_per_minute=row["requests_per_minute"],
@@ -261,13 +78,13 @@ def _plan(row: asyncpg.Record, prefix: str = "") -> Plan:
     )
 
 
-def _tenant(row: asyncpg.Record) -> Tenant:
+def _tenant(row: Record) -> Tenant:
     return Tenant(
         id=row["id"], name=row["name"], plan=_plan(row, "plan_"), created_at=row["created_at"]
     )
 
 
-def _api_key(row: asyncpg.Record) -> ApiKey:
+def _api_key(row: Record) -> ApiKey:
     return ApiKey(
         id=row["id"],
         tenant_id=row["tenant_id"],
@@ -304,7 +121,7 @@ class Tenancy:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        pool: Pool,
         queries: Queries,
         redis: Redis,
         settings: Settings,
@@ -490,7 +307,7 @@ class Tenancy:
     async def _broadcast(publish: Awaitable[None], what: str) -> None:
         try:
             await publish
-        except (RedisError, OSError) as error:
+        except REDIS_ERRORS as error:
             raise InvalidationNotBroadcast(
                 f"{what} in storage, but the other replicas could not be told "
                 f"({type(error).__name__}); retry to broadcast again"
@@ -547,7 +364,7 @@ class Tenancy:
                     LAST_USED_INTERVAL_S,
                     timeout=LOOKUP_TIMEOUT_S,
                 )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except POSTGRES_ERRORS as error:
             raise TenancyUnavailable(
                 f"authentication storage unavailable ({type(error).__name__})"
             ) from error

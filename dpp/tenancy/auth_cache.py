@@ -30,14 +30,13 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 from anyio.abc import TaskStatus
-from redis.exceptions import RedisError
+
+from dpp.adapters.redis import REDIS_ERRORS, Redis, RedisError
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    from dpp.tenancy.principal import Principal
 
-    from dpp.tenancy import Principal
-
-log = logging.getLogger("dpp.auth_cache")
+log = logging.getLogger("dpp.tenancy.auth_cache")
 
 TTL_S: Final = 30.0
 ENTRIES_MAX: Final = 10_000
@@ -191,7 +190,7 @@ class AuthCache:
             subscriptions_before = self._subscriptions
             try:
                 await self._listen()
-            except (RedisError, OSError) as error:  # TimeoutError is an OSError
+            except REDIS_ERRORS as error:
                 log.warning(
                     "auth invalidation channel lost; key cache off until it is back",
                     extra={"error": type(error).__name__, "retry_in_s": backoff_s},

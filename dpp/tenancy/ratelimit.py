@@ -1,6 +1,6 @@
 """Per-tenant and per-key request rate limits, enforced across replicas in Redis.
 
-One atomic script call per request (``dpp/lua/ratelimit.lua``, GCRA) checks
+One atomic script call per request (``ratelimit.lua`` beside this module, GCRA) checks
 the tenant's plan limit (policy ``"tenant"``) and, when the key carries its
 own lower limit, the key's (policy ``"key"``), and records the request only
 when both allow it. docs/rate-limits.md says why GCRA and how the header
@@ -16,22 +16,19 @@ import asyncio
 import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from redis.exceptions import NoScriptError, RedisError
-
-from dpp.adapters.redis import load_script, tenant_key
+from dpp.adapters.redis import REDIS_ERRORS, NoScriptError, Redis, tenant_key
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
-    from dpp.tenancy import Principal
+    from dpp.tenancy.principal import Principal
 
 WINDOW_S: Final = 60  # every DPP quota is "per minute"
 CHECK_TIMEOUT_S: Final = 2.0  # a request waits no longer than this for a decision
 POLICY_TENANT: Final = "tenant"
 POLICY_KEY: Final = "key"
-SCRIPT: Final = load_script("ratelimit")
+SCRIPT: Final = Path(__file__).with_name("ratelimit.lua").read_text(encoding="utf-8")
 SCRIPT_SHA1: Final = hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest()
 
 
@@ -114,7 +111,7 @@ class RateLimiter:
                 except NoScriptError:
                     # first call on this server (or after SCRIPT FLUSH): EVAL caches it
                     reply = await self._redis.eval(SCRIPT, 2, *keys, *arguments)
-        except (RedisError, OSError) as error:  # TimeoutError is an OSError
+        except REDIS_ERRORS as error:
             raise RateLimitUnavailable(
                 f"rate limiter unavailable ({type(error).__name__})"
             ) from error
