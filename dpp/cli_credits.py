@@ -18,13 +18,14 @@ import asyncpg
 import orjson
 from redis.exceptions import RedisError
 
-from dpp import idempotency, ids
+from dpp import ids
 from dpp.adapters.postgres import Queries, create_pool
 from dpp.adapters.redis import create_redis
 from dpp.config import ConfigError, load_settings, require
 from dpp.limits import CREDIT_USD_MICROS_MAX
 from dpp.money import ledger
 from dpp.money.mirror import BudgetMirror
+from dpp.runs import idempotency
 
 EXIT_REFUSED = 1
 EXIT_CONFIGURATION = 2

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any, assert_never
 import anyio
 from anyio.abc import TaskStatus
 
-from dpp import idempotency
 from dpp.actors.kernel import (
     Actor,
     ActorCrashed,
@@ -57,6 +56,7 @@ from dpp.limits import USD_MICROS_MAX
 from dpp.money import ledger
 from dpp.money.drift import repair_drift
 from dpp.money.rules import Outcome, RunStatus
+from dpp.runs import idempotency
 
 if TYPE_CHECKING:
     import asyncpg

@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from dpp import idempotency, ids
+from dpp import ids
 from dpp.context import AppContext
 from dpp.http.admin import require_admin
 from dpp.http.app import json_response, read_json_body
@@ -16,6 +16,7 @@ from dpp.http.problems import Problem
 from dpp.limits import CREDIT_USD_MICROS_MAX
 from dpp.money import ledger
 from dpp.money.rules import Outcome, RunStatus, is_amount
+from dpp.runs import idempotency
 
 
 def _tenant_not_found() -> Problem:

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from dpp import idempotency, ids
+from dpp import ids
 from dpp.actors.budget import ConcurrencyLimited, InsufficientBudget, Reserved
 from dpp.actors.kernel import ActorCrashed, AskTimeout, MailboxFull
 from dpp.adapters.queue.base import QueuedRun
@@ -23,7 +23,8 @@ from dpp.http.problems import Problem, problem_response, stealth_not_found
 from dpp.metrics import metrics_for
 from dpp.money import ledger
 from dpp.money.rules import ALL_STATUSES, TERMINAL_STATUSES, Outcome, RunStatus
-from dpp.runs import (
+from dpp.runs import idempotency
+from dpp.runs.documents import (
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
     cost_headers,

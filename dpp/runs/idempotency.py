@@ -3,7 +3,7 @@
 The primary key (tenant, method, path, key) is what stops two concurrent
 requests with one key from both proceeding — not a check-then-act. A
 reservation's stored response is written in the reservation's own
-transaction (`ledger.reserve_batch`), so a crash can never leave a run whose
+transaction (`dpp.money.ledger.reserve_batch`), so a crash can never leave a run whose
 key would let a retry create a second one. An in-flight record whose holder
 died is taken over after its lock expires.
 """

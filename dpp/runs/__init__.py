@@ -1,0 +1,1 @@
+"""Runs: the run object and the idempotency keys of submissions."""
