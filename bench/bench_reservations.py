@@ -29,10 +29,10 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dpp.actors.budget import Reserved
 from dpp.adapters.migrate import apply_migrations
 from dpp.adapters.postgres import Queries, create_pool
 from dpp.adapters.redis import create_redis
+from dpp.money.ledger import Reserved
 from dpp.money.mirror import BudgetMirror
 from dpp.money_service import MoneyService
 from tests.moneykit import create_plan, create_tenant, draft

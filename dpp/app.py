@@ -39,6 +39,10 @@ from dpp.metrics import metrics_for
 from dpp.money.mirror import BudgetMirror
 from dpp.money_service import MoneyService
 from dpp.packs import PackRegistry
+from dpp.runs.admission import Admission
+from dpp.runs.idempotency import IdempotencyKeys
+from dpp.runs.service import Runs
+from dpp.runs.store import RunStore
 from dpp.tenancy.ratelimit import RateLimiter
 from dpp.tenancy.service import Tenancy
 
@@ -210,6 +214,16 @@ async def open_runtime(
         open_queue(settings, base.pool, base.queries) as queue,
     ):
         context = dataclasses.replace(_build_services(base), queue=queue)
+        context = dataclasses.replace(
+            context,
+            admission=Admission(
+                keys=IdempotencyKeys(base.pool, base.queries),
+                reserver=context.money,
+                announcer=queue,
+                metrics=metrics_for(base.metrics_registry),
+            ),
+            runs=Runs(RunStore(base.pool, base.queries), base.blobs, context.money),
+        )
         if settings.queue_backend == "sqs":
             readiness = (*context.readiness, ReadinessCheck("sqs", queue.ping))
             context = dataclasses.replace(context, readiness=readiness)

@@ -46,6 +46,7 @@ class AppContext:
     tenancy: Any = None  # dpp.tenancy.Tenancy: plans, tenants, keys, auth cache
     rate_limiter: Any = None  # dpp.tenancy.ratelimit.RateLimiter
     money: Any = None  # dpp.money_service.MoneyService: credit, reserve, settle, audit
-    runs: Any = None  # dpp.runs.RunsService: submit, get, list, cancel, usage
+    admission: Any = None  # dpp.runs.admission.Admission: submit
+    runs: Any = None  # dpp.runs.service.Runs: get, page, cancel, usage, resolve
     reconciler: Any = None  # dpp.actors.reconciler handle: reconcile_once()
     queue: Any = None  # dpp.adapters.queue backend: enqueue() after a reservation commits

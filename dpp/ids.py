@@ -1,4 +1,5 @@
-"""Prefixed random identifiers (``ten_``, ``key_``, ``run_``)."""
+"""Identifiers DPP mints or names: prefixed random ids (``ten_``, ``key_``,
+``run_``) and the stable problem type URIs clients branch on (SPEC §3)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 BITS_PER_CHAR = math.log2(62)
 ID_BODY_LENGTH = 26  # 26 base62 characters: ~154 bits of randomness
 ID_PATTERN = re.compile(r"^(ten|key|run)_[0-9A-Za-z]{26}$")
+# Every problem ``type`` (HTTP answers and a run's stored ``error``) is under it.
+PROBLEM_TYPE_BASE = "https://dpp.dev/problems/"
+PROBLEM_SLUG_PATTERN = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 
 
 def random_base62(length: int) -> str:
@@ -37,3 +41,9 @@ def is_id(value: str, prefix: str) -> bool:
     """Whether ``value`` has the shape of a ``prefix`` id (no storage touched)."""
     match = ID_PATTERN.match(value)
     return match is not None and match.group(1) == prefix
+
+
+def problem_type(slug: str) -> str:
+    """The problem type URI for ``slug`` (``pack-error`` -> ``https://dpp.dev/problems/pack-error``)."""
+    assert PROBLEM_SLUG_PATTERN.fullmatch(slug), slug
+    return PROBLEM_TYPE_BASE + slug

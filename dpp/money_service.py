@@ -19,15 +19,20 @@ from dpp.actors.budget import (
     BudgetMessage,
     Credit,
     Reserve,
-    ReserveOutcome,
     Settle,
 )
+from dpp.actors.kernel import ActorCrashed, AskTimeout, MailboxFull
 from dpp.actors.registry import ActorRegistry
 from dpp.adapters.postgres import Queries
 from dpp.metrics import Metrics
 from dpp.money import ledger
 from dpp.money.audit import AuditReport, run_audit
 from dpp.money.mirror import BudgetMirror
+from dpp.runs.admission import (
+    ReservationBusy,
+    ReservationOutcomeUnknown,
+    ReservationTimedOut,
+)
 
 ASK_TIMEOUT_S = 15.0
 BUDGET_ACTOR_IDLE_S = 60.0
@@ -69,10 +74,18 @@ class MoneyService:
             metrics.budget_actors.set_function(lambda: len(registry))
         return cls(pool, queries, mirror, registry, metrics)
 
-    async def reserve(self, tenant_id: str, draft: ledger.RunDraft) -> ReserveOutcome:
-        return await self.budgets.ask(
-            tenant_id, lambda reply: Reserve(draft, reply), timeout_s=ASK_TIMEOUT_S
-        )
+    async def reserve(self, tenant_id: str, draft: ledger.RunDraft) -> ledger.ReserveOutcome:
+        """``dpp.runs.admission.Reserver``: the kernel's failures as admission's."""
+        try:
+            return await self.budgets.ask(
+                tenant_id, lambda reply: Reserve(draft, reply), timeout_s=ASK_TIMEOUT_S
+            )
+        except MailboxFull as error:
+            raise ReservationBusy(str(error)) from error
+        except AskTimeout as error:
+            raise ReservationTimedOut(str(error)) from error
+        except ActorCrashed as error:
+            raise ReservationOutcomeUnknown(str(error)) from error
 
     async def settle(self, tenant_id: str, request: ledger.SettleRequest) -> ledger.SettleResult:
         result = await self.budgets.ask(

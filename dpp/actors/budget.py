@@ -25,6 +25,7 @@ from dpp.actors.kernel import Actor, ActorCrashed, Reply
 from dpp.faults import crash_point
 from dpp.logs import bind_only
 from dpp.money import ledger
+from dpp.money.ledger import ConcurrencyLimited, InsufficientBudget, Reserved, ReserveOutcome
 from dpp.money.mirror import MirrorBudget, MirrorMissing, MirrorReserve
 from dpp.money.rules import Admission
 
@@ -32,29 +33,6 @@ log = logging.getLogger("dpp.budget")
 
 MAILBOX_SIZE = 1024
 BATCH_MAX = 64  # measured: ~40x the throughput of one transaction per reservation
-
-
-# ----------------------------------------------------------------- replies
-
-
-@dataclass(frozen=True, slots=True)
-class Reserved:
-    run_id: str
-    budget: ledger.TenantBudget
-
-
-@dataclass(frozen=True, slots=True)
-class InsufficientBudget:
-    available_usd_micros: int
-    required_usd_micros: int
-
-
-@dataclass(frozen=True, slots=True)
-class ConcurrencyLimited:
-    max_concurrent_runs: int
-
-
-ReserveOutcome = Reserved | InsufficientBudget | ConcurrencyLimited
 
 
 # ---------------------------------------------------------------- messages

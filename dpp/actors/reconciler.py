@@ -56,7 +56,8 @@ from dpp.limits import USD_MICROS_MAX
 from dpp.money import ledger
 from dpp.money.drift import repair_drift
 from dpp.money.rules import Outcome, RunStatus
-from dpp.runs import idempotency
+from dpp.runs.failures import RunFailure
+from dpp.runs.idempotency import IdempotencyKeys
 
 if TYPE_CHECKING:
     import asyncpg
@@ -84,25 +85,6 @@ SHUTDOWN_S = 5.0
 
 COST_PATTERN = re.compile(r"^[0-9]{1,19}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
-
-LEASE_EXPIRED_PROBLEM = {
-    "type": "https://dpp.dev/problems/lease-expired",
-    "title": "Lease expired",
-    "status": 500,
-    "detail": "The worker running this run stopped renewing its lease.",
-}
-RESULT_MISSING_PROBLEM = {
-    "type": "https://dpp.dev/problems/result-missing",
-    "title": "Result not stored",
-    "status": 500,
-    "detail": "The run finished but its result was never stored.",
-}
-DELIVERY_FAILED_PROBLEM = {
-    "type": "https://dpp.dev/problems/delivery-failed",
-    "title": "Run could not be delivered",
-    "status": 503,
-    "detail": "The run's queue message failed delivery repeatedly.",
-}
 
 
 class ReconcilerUnavailable(Exception):
@@ -408,7 +390,10 @@ class Reconciler:
         self, report: ReconcileReport, run_id: str, tenant_id: str, version: int, reason: str
     ) -> None:
         """Set a run aside for an operator, and raise the alarm (SPEC §1, §6)."""
-        if not await ledger.mark_audit_required(self.pool, self.queries, run_id, version, reason):
+        failure = RunFailure.audit_required(reason)
+        if not await ledger.mark_audit_required(
+            self.pool, self.queries, run_id, version, failure.document()
+        ):
             report.lost_races += 1
             return
         report.audit_required += 1
@@ -435,7 +420,7 @@ class Reconciler:
                 row["id"],
                 Outcome.EXPIRED,
                 from_statuses=frozenset({RunStatus.PROCESSING}),
-                error=LEASE_EXPIRED_PROBLEM,
+                error=RunFailure.lease_expired().document(),
                 expected_version=row["version"],
             )
             if await self._settle(report, row["tenant_id"], request):
@@ -469,7 +454,7 @@ class Reconciler:
                         run_id,
                         Outcome.FAILED,
                         from_statuses=frozenset({RunStatus.CLAIMED}),
-                        error=RESULT_MISSING_PROBLEM,
+                        error=RunFailure.result_missing().document(),
                         expected_version=version,
                     )
                     if await self._settle(report, tenant_id, request):
@@ -495,7 +480,7 @@ class Reconciler:
                     row["id"],
                     Outcome.FAILED,
                     from_statuses=frozenset({RunStatus.QUEUED}),
-                    error=DELIVERY_FAILED_PROBLEM,
+                    error=RunFailure.delivery_failed().document(),
                     expected_version=row["version"],
                 )
                 try:
@@ -537,7 +522,7 @@ class Reconciler:
                 report.results_deleted += 1
 
     async def _sweep_idempotency(self, report: ReconcileReport) -> None:
-        report.idempotency_keys_swept += await idempotency.sweep(self.pool, self.queries)
+        report.idempotency_keys_swept += await IdempotencyKeys(self.pool, self.queries).sweep()
 
 
 class ReconcilerActor(Actor[ReconcilerMessage]):

@@ -42,7 +42,8 @@ from dpp.faults import crash_point
 from dpp.logs import bind
 from dpp.money import ledger
 from dpp.money.rules import Outcome, RunStatus
-from dpp.packs import PACK_ERROR_TYPE, PackContext, PackError, PackOutput, PackRegistry
+from dpp.packs import PackContext, PackError, PackOutput, PackRegistry
+from dpp.runs.failures import RunFailure
 
 if TYPE_CHECKING:
     from dpp.context import AppContext
@@ -62,33 +63,10 @@ RESULT_KEY_PREFIX = "results"
 # to one of them is an orphan.
 ORPHANING_STATUSES = frozenset({RunStatus.FAILED, RunStatus.EXPIRED, RunStatus.CANCELED})
 
-TIMEBOX_EXCEEDED_TYPE = "https://dpp.dev/problems/timebox-exceeded"
-PACK_ERROR_STATUS = 500
-TIMEBOX_EXCEEDED_STATUS = 504
-
 
 def result_key(tenant_id: str, run_id: str) -> str:
     """Where a run's result lives: per tenant, so a prefix lists one tenant's data."""
     return f"{RESULT_KEY_PREFIX}/{tenant_id}/{run_id}"
-
-
-def pack_error_problem(error: PackError) -> dict[str, Any]:
-    return {**error.problem(), "status": PACK_ERROR_STATUS}
-
-
-def pack_fault_problem(title: str, detail: str) -> dict[str, Any]:
-    """A pack that broke its contract or is not offered here: still a pack error to
-    the tenant, worded without internals (exception text may hold secrets)."""
-    return {"type": PACK_ERROR_TYPE, "title": title, "status": PACK_ERROR_STATUS, "detail": detail}
-
-
-def timebox_problem(timebox_sec: int) -> dict[str, Any]:
-    return {
-        "type": TIMEBOX_EXCEEDED_TYPE,
-        "title": "Timebox exceeded",
-        "status": TIMEBOX_EXCEEDED_STATUS,
-        "detail": f"The pack did not finish within the run's timebox of {timebox_sec} s.",
-    }
 
 
 async def mailbox_then_cancel(
@@ -120,9 +98,9 @@ class PackSucceeded:
 
 @dataclass(frozen=True, slots=True)
 class PackFailed:
-    """A pack error, a pack fault, or the timebox: settle FAILED with ``problem``."""
+    """A pack error, a pack fault, or the timebox: settle FAILED for ``failure``."""
 
-    problem: dict[str, Any]
+    failure: RunFailure
 
 
 RunMessage = Beat | PackSucceeded | PackFailed
@@ -236,7 +214,7 @@ class RunActor(Actor[RunMessage]):
                 extra={"pack_type": claimed.pack_type},
             )
             return PackFailed(
-                pack_fault_problem("Pack unavailable", "The pack type is not offered any more.")
+                RunFailure.pack_fault("Pack unavailable", "The pack type is not offered any more.")
             )
         context = PackContext(
             run_id=claimed.run_id,
@@ -250,13 +228,13 @@ class RunActor(Actor[RunMessage]):
             try:
                 output = await pack.execute(claimed.inputs, context)
             except PackError as error:
-                return PackFailed(pack_error_problem(error))
+                return PackFailed(RunFailure.pack_error(error))
             except Exception:
                 log.exception(
                     "pack raised outside its contract", extra={"pack_type": pack.pack_type}
                 )
                 return PackFailed(
-                    pack_fault_problem("Pack failed", "The pack failed unexpectedly.")
+                    RunFailure.pack_fault("Pack failed", "The pack failed unexpectedly.")
                 )
             if not isinstance(output, PackOutput):
                 log.error(
@@ -264,10 +242,10 @@ class RunActor(Actor[RunMessage]):
                     extra={"pack_type": pack.pack_type},
                 )
                 return PackFailed(
-                    pack_fault_problem("Pack failed", "The pack failed unexpectedly.")
+                    RunFailure.pack_fault("Pack failed", "The pack failed unexpectedly.")
                 )
             return PackSucceeded(output)
-        return PackFailed(timebox_problem(claimed.timebox_sec))
+        return PackFailed(RunFailure.timebox_exceeded(claimed.timebox_sec))
 
     async def _heartbeat_timer(self) -> None:
         while True:
@@ -287,8 +265,8 @@ class RunActor(Actor[RunMessage]):
                 await self._renew()
             case PackSucceeded(output=output):
                 await self._finalize(self._complete, output)
-            case PackFailed(problem=problem):
-                await self._finalize(self._fail, problem)
+            case PackFailed(failure=failure):
+                await self._finalize(self._fail, failure)
             case _:
                 assert_never(message)
 
@@ -386,16 +364,15 @@ class RunActor(Actor[RunMessage]):
         except Exception:
             log.warning("could not delete an orphaned result object", exc_info=True)
 
-    async def _fail(self, problem: dict[str, Any]) -> RunEnding:
+    async def _fail(self, failure: RunFailure) -> RunEnding:
         claimed = self.claimed
-        assert {"type", "title", "status", "detail"} <= problem.keys(), problem
-        log.info("run failed", extra={"problem_type": problem["type"]})
+        log.info("run failed", extra={"problem_type": failure.kind.type_uri})
         request = ledger.SettleRequest(
             claimed.run_id,
             Outcome.FAILED,
             from_statuses=frozenset({RunStatus.PROCESSING}),
             lease_token=claimed.lease_token,
-            error=problem,
+            error=failure.document(),
             expected_version=self.version,
         )
         return await self._settle(request, RunEnding.FAILED)

@@ -2,7 +2,9 @@
 
 The settlement receipt travels in the object's metadata
 (``actual-cost-usd-micros``, ``run-id``, ``sha256``) so that reconciliation
-can roll a CLAIMED run forward from the object alone.
+can roll a CLAIMED run forward from the object alone. ``ResultStore`` is the
+port the run actors, the reconciler and the runs service use; ``Blobs`` is its
+S3 implementation.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
@@ -27,6 +29,34 @@ class StoredObject:
     bytes: int
     content_type: str
     metadata: dict[str, str]
+
+
+class ResultStore(Protocol):
+    """Where results and their receipts live (S3 here; SPEC §5 also allows local disk)."""
+
+    presign_expiry_sec: int
+
+    async def ping(self) -> None:
+        """Raise when the store does not answer (readiness)."""
+        ...
+
+    async def put(self, key: str, body: bytes, content_type: str, metadata: dict[str, str]) -> None:
+        """Store ``body`` with its receipt in ``metadata`` (replacing any object at ``key``)."""
+        ...
+
+    async def head(self, key: str) -> StoredObject | None:
+        """The object's size, type and receipt, or None when there is none."""
+        ...
+
+    async def get(self, key: str) -> bytes: ...
+
+    async def delete(self, key: str) -> None:
+        """Remove the object; removing a missing one is not an error."""
+        ...
+
+    async def presigned_get(self, key: str) -> str:
+        """A download link valid for ``presign_expiry_sec``, needing no credentials."""
+        ...
 
 
 class Blobs:

@@ -15,8 +15,9 @@ from dpp.http.app import json_response, read_json_body
 from dpp.http.problems import Problem
 from dpp.limits import CREDIT_USD_MICROS_MAX
 from dpp.money import ledger
-from dpp.money.rules import Outcome, RunStatus, is_amount
+from dpp.money.rules import Outcome, is_amount
 from dpp.runs import idempotency
+from dpp.runs.service import ChargeAboveReservation, RunNotAuditRequired, RunNotFound
 
 
 def _tenant_not_found() -> Problem:
@@ -132,7 +133,7 @@ async def resolve_run(request: Request) -> Response:
     run_id = request.path_params["run_id"]
     body = _body_object(await read_json_body(request), {"outcome", "charged_usd_micros"})
     outcome = body.get("outcome")
-    if outcome not in ("COMPLETED", "FAILED"):
+    if outcome not in (Outcome.COMPLETED, Outcome.FAILED):
         raise Problem(
             422,
             "invalid-request",
@@ -147,52 +148,24 @@ async def resolve_run(request: Request) -> Response:
             "charged_usd_micros must be a non-negative integer.",
             extensions={"field": "charged_usd_micros"},
         )
-    row = None
-    if ids.is_id(run_id, "run"):
-        row = await context.pool.fetchrow(context.queries["run_by_id"], run_id)
-    if row is None:
-        raise Problem(404, "not-found", "No run with this id.")
-    if row["status"] != "AUDIT_REQUIRED":
-        raise Problem(
-            409,
-            "run-not-audit-required",
-            f"Only an AUDIT_REQUIRED run can be resolved; this one is {row['status']}.",
-            extensions={"run_status": row["status"]},
-        )
-    if charged > row["reserved_usd_micros"]:
-        raise Problem(
-            422,
-            "invalid-request",
-            f"charged_usd_micros must be at most the reservation ({row['reserved_usd_micros']}).",
-            extensions={"field": "charged_usd_micros"},
-        )
     try:
-        result = await context.money.settle(
-            row["tenant_id"],
-            ledger.SettleRequest(
-                run_id,
-                Outcome(outcome),
-                actual_cost_usd_micros=charged,
-                from_statuses=frozenset({RunStatus.AUDIT_REQUIRED}),
-                charged_override_usd_micros=charged,
-                error=None
-                if outcome == "COMPLETED"
-                else {
-                    "type": "https://dpp.dev/problems/resolved-by-operator",
-                    "title": "Resolved by an operator",
-                    "status": 500,
-                    "detail": "An operator settled this run after an audit.",
-                },
-            ),
-        )
-    except ledger.SettleRefused as refused:
+        settlement = await context.runs.resolve(run_id, Outcome(outcome), charged)
+    except RunNotFound:
+        raise Problem(404, "not-found", "No run with this id.") from None
+    except RunNotAuditRequired as refused:
         raise Problem(
             409,
             "run-not-audit-required",
             f"Only an AUDIT_REQUIRED run can be resolved; this one is {refused.status}.",
             extensions={"run_status": refused.status},
         ) from None
-    settlement = result.settlement
+    except ChargeAboveReservation as above:
+        raise Problem(
+            422,
+            "invalid-request",
+            f"charged_usd_micros must be at most the reservation ({above.reserved_usd_micros}).",
+            extensions={"field": "charged_usd_micros"},
+        ) from None
     return json_response(
         {
             "id": run_id,

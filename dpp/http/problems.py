@@ -13,7 +13,9 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-PROBLEM_BASE = "https://dpp.dev/problems/"
+from dpp.ids import PROBLEM_TYPE_BASE
+
+PROBLEM_BASE = PROBLEM_TYPE_BASE
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
 TITLES = {

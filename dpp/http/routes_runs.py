@@ -1,47 +1,49 @@
-"""The tenant API's money-bearing routes: runs, budget, usage, packs (SPEC §3, §6)."""
+"""The tenant API's money-bearing routes: runs, budget, usage, packs (SPEC §3, §6).
+
+Each handler parses the request, calls one service (``context.admission``,
+``context.runs``, ``context.money``, ``context.packs``) and renders its answer;
+typed refusals become problems here and nowhere else.
+"""
 
 from __future__ import annotations
 
-import logging
 import re
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from dpp import ids
-from dpp.actors.budget import ConcurrencyLimited, InsufficientBudget, Reserved
-from dpp.actors.kernel import ActorCrashed, AskTimeout, MailboxFull
-from dpp.adapters.queue.base import QueuedRun
 from dpp.context import AppContext
 from dpp.http.app import json_response, read_json_body
 from dpp.http.auth import principal_of
 from dpp.http.problems import Problem, problem_response, stealth_not_found
-from dpp.metrics import metrics_for
-from dpp.money import ledger
-from dpp.money.rules import ALL_STATUSES, TERMINAL_STATUSES, Outcome, RunStatus
-from dpp.runs import idempotency
-from dpp.runs.documents import (
-    LIST_LIMIT_DEFAULT,
-    LIST_LIMIT_MAX,
-    cost_headers,
-    decode_cursor,
-    encode_cursor,
-    parse_submit,
-    queued_row,
-    run_object,
-    timestamp,
+from dpp.limits import (
+    RUNS_PAGE_LIMIT_DEFAULT,
+    RUNS_PAGE_LIMIT_MAX,
+    USAGE_DAYS_DEFAULT,
+    USAGE_DAYS_MAX,
 )
+from dpp.money.rules import ALL_STATUSES, RunStatus
+from dpp.packs import FieldError
+from dpp.runs import idempotency
+from dpp.runs.admission import (
+    Admitted,
+    BudgetShort,
+    ConcurrencyLimit,
+    KeyInFlight,
+    KeyReused,
+    Replayed,
+    ReservationBusy,
+    ReservationOutcomeUnknown,
+    ReservationTimedOut,
+)
+from dpp.runs.documents import cost_headers, decode_cursor, run_object
+from dpp.runs.service import RunGone, RunNotCancelable, RunNotFound
+from dpp.runs.submission import parse_submit
 
-log = logging.getLogger("dpp.runs")
-
-STORED_HEADERS = ("Location", "X-DPP-Cost-Reserved", "X-DPP-Cost-Minimum-Fee", "Content-Type")
 DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-USAGE_DAYS_MAX = 366
-USAGE_DAYS_DEFAULT = 30
+TRACE_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 
 
 def _not_found(request: Request) -> Problem:
@@ -55,7 +57,7 @@ def _busy(detail: str) -> Problem:
     return Problem(503, "unavailable", detail, headers={"Retry-After": "1"})
 
 
-def _field_errors_problem(errors: list[Any]) -> Problem:
+def _field_errors_problem(errors: list[FieldError]) -> Problem:
     first = errors[0]
     return Problem(
         422,
@@ -70,13 +72,21 @@ def _field_errors_problem(errors: list[Any]) -> Problem:
 
 def _trace_id(request: Request) -> str | None:
     value = request.scope.get("state", {}).get("trace_id")
-    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{32}", value) else None
+    return value if isinstance(value, str) and TRACE_ID_PATTERN.fullmatch(value) else None
+
+
+def _not_cancelable(status: str) -> Problem:
+    return Problem(
+        409,
+        "run-not-cancelable",
+        f"Only a QUEUED run can be canceled; this one is {status}.",
+        extensions={"run_status": status},
+    )
 
 
 async def submit_run(request: Request) -> Response:
     context: AppContext = request.app.state.context
     principal = principal_of(request)
-    tenant_id = principal.tenant_id
     raw_key = request.headers.get("idempotency-key")
     if raw_key is not None and not idempotency.valid_key(raw_key):
         raise Problem(
@@ -88,116 +98,41 @@ async def submit_run(request: Request) -> Response:
     parsed = parse_submit(body, context.packs)
     if isinstance(parsed, list):
         raise _field_errors_problem(parsed)
-
-    scope = None
-    if raw_key is not None:
-        scope = idempotency.Scope(tenant_id, "POST", "/v1/runs", raw_key)
-        begun = await idempotency.begin(
-            context.pool, context.queries, scope, idempotency.request_fingerprint(body)
-        )
-        match begun:
-            case idempotency.Replay(status=status, headers=headers, body=stored):
-                replay_headers = {**headers, idempotency.REPLAYED_HEADER: "true"}
-                media_type = replay_headers.pop("Content-Type", "application/json")
-                return Response(stored, status, headers=replay_headers, media_type=media_type)
-            case idempotency.InFlight():
-                raise Problem(
-                    409,
-                    "idempotency-key-in-use",
-                    "A request with this Idempotency-Key is still being processed.",
-                    headers={"Retry-After": "1"},
-                )
-            case idempotency.Mismatch():
-                raise Problem(
-                    422,
-                    "idempotency-key-reused",
-                    "This Idempotency-Key was used with a different request body.",
-                    extensions={"field": "Idempotency-Key"},
-                )
-            case idempotency.Proceed():
-                pass
-
-    run_id = ids.new_id("run")
-    created_at = datetime.now(UTC)
-    row = queued_row(
-        run_id=run_id,
-        pack_type=parsed.pack.pack_type,
-        reserved_usd_micros=parsed.reserved_usd_micros,
-        minimum_fee_usd_micros=parsed.minimum_fee_usd_micros,
-        metadata=parsed.metadata,
-        created_at=created_at,
-    )
-    accepted_body = orjson.dumps(run_object(row))
-    accepted_headers = {"Location": f"/v1/runs/{run_id}", **cost_headers(row)}
-    completion = None
-    if scope is not None:
-        completion = ledger.IdempotencyCompletion(
-            "POST",
-            "/v1/runs",
-            scope.key,
-            202,
-            {**accepted_headers, "Content-Type": "application/json"},
-            accepted_body,
-        )
-    draft = ledger.RunDraft(
-        run_id=run_id,
-        pack_type=parsed.pack.pack_type,
-        inputs=parsed.inputs,
-        metadata=parsed.metadata,
-        reserved_usd_micros=parsed.reserved_usd_micros,
-        minimum_fee_usd_micros=parsed.minimum_fee_usd_micros,
-        timebox_sec=parsed.timebox_sec,
-        trace_id=_trace_id(request),
-        created_at=created_at,
-        idempotency=completion,
-    )
-    metrics = metrics_for(context.metrics_registry)
     try:
-        outcome = await context.money.reserve(tenant_id, draft)
-    except MailboxFull:
-        metrics.mailbox_full_rejections.labels("budget").inc()
-        if scope is not None:
-            await idempotency.abandon(context.pool, context.queries, scope)
+        outcome = await context.admission.submit(
+            principal.tenant_id,
+            parsed,
+            body=body,
+            idempotency_key=raw_key,
+            trace_id=_trace_id(request),
+        )
+    except ReservationBusy:
         raise _busy("This tenant's budget is busy; retry shortly.") from None
-    except AskTimeout:
-        # The reservation may still commit; its idempotency record then says so.
+    except ReservationTimedOut:
         raise _busy("The reservation did not answer in time; retry with the same key.") from None
-    except ActorCrashed:
-        # The budget actor died mid-batch (it is being restarted). Whether this
-        # reservation committed is unknown to us: keep the idempotency record, whose
-        # state the reservation's own transaction decides, so a retry with the same
-        # key replays the run if it exists and proceeds once the lock expires if not.
-        log.error("budget actor crashed during a reservation", extra={"run_id": run_id})
+    except ReservationOutcomeUnknown:
         raise _busy("The reservation's outcome is unknown; retry with the same key.") from None
-    except Exception:
-        if scope is not None:
-            await idempotency.abandon(context.pool, context.queries, scope)
-        raise
-
     match outcome:
-        case Reserved():
-            metrics.reservations.labels("reserved").inc()
-            metrics.runs_submitted.labels(parsed.pack.pack_type).inc()
-            if context.queue is not None:
-                try:
-                    await context.queue.enqueue(
-                        [
-                            QueuedRun(
-                                run_id, tenant_id, parsed.pack.pack_type, draft.trace_id, created_at
-                            )
-                        ]
-                    )
-                except Exception:
-                    # The run is durable and QUEUED; the queue's backstop finds it.
-                    log.warning(
-                        "enqueue failed after admission", extra={"run_id": run_id}, exc_info=True
-                    )
-            log.info("run admitted", extra={"run_id": run_id, "tenant_id": tenant_id})
-            return Response(
-                accepted_body, 202, headers=accepted_headers, media_type="application/json"
+        case Admitted(body=accepted_body, headers=headers):
+            return Response(accepted_body, 202, headers=headers, media_type="application/json")
+        case Replayed(status=status, headers=headers, body=stored, media_type=media_type):
+            replay_headers = {**headers, idempotency.REPLAYED_HEADER: "true"}
+            return Response(stored, status, headers=replay_headers, media_type=media_type)
+        case KeyInFlight():
+            raise Problem(
+                409,
+                "idempotency-key-in-use",
+                "A request with this Idempotency-Key is still being processed.",
+                headers={"Retry-After": "1"},
             )
-        case InsufficientBudget(available_usd_micros=available, required_usd_micros=required):
-            metrics.reservations.labels("insufficient").inc()
+        case KeyReused():
+            raise Problem(
+                422,
+                "idempotency-key-reused",
+                "This Idempotency-Key was used with a different request body.",
+                extensions={"field": "Idempotency-Key"},
+            )
+        case BudgetShort(available_usd_micros=available, required_usd_micros=required):
             problem = Problem(
                 402,
                 "insufficient-budget",
@@ -205,20 +140,11 @@ async def submit_run(request: Request) -> Response:
                 extensions={"available_usd_micros": available, "required_usd_micros": required},
             )
             response = problem_response(problem, request.url.path)
-            if scope is not None:
-                await idempotency.complete(
-                    context.pool,
-                    context.queries,
-                    scope,
-                    402,
-                    {"Content-Type": "application/problem+json"},
-                    bytes(response.body),
-                )
+            await context.admission.remember_refusal(
+                outcome, "application/problem+json", bytes(response.body)
+            )
             return response
-        case ConcurrencyLimited(max_concurrent_runs=limit):
-            metrics.reservations.labels("rejected").inc()
-            if scope is not None:
-                await idempotency.abandon(context.pool, context.queries, scope)
+        case ConcurrencyLimit(max_concurrent_runs=limit):
             raise Problem(
                 429,
                 "concurrency-limit",
@@ -226,58 +152,28 @@ async def submit_run(request: Request) -> Response:
                 extensions={"max_concurrent_runs": limit},
                 headers={"Retry-After": "1"},
             )
-    raise AssertionError(f"unexpected reservation outcome {outcome!r}")
-
-
-async def _owned_run(request: Request, tenant_id: str, run_id: str) -> Any:
-    context: AppContext = request.app.state.context
-    if not ids.is_id(run_id, "run"):
-        raise _not_found(request)
-    row = await context.pool.fetchrow(context.queries["get_run"], run_id, tenant_id)
-    if row is None:
-        raise _not_found(request)
-    return row
-
-
-async def _result_link(context: AppContext, row: Any) -> dict[str, Any] | None:
-    if row["status"] != "COMPLETED" or row["result_key"] is None or row["result_deleted_at"]:
-        return None
-    expires_at = datetime.now(UTC) + timedelta(seconds=context.blobs.presign_expiry_sec)
-    return {
-        "download_url": await context.blobs.presigned_get(row["result_key"]),
-        "expires_at": timestamp(expires_at),
-        "sha256": row["result_sha256"],
-        "bytes": row["result_bytes"],
-        "content_type": row["result_content_type"],
-    }
-
-
-def _gone_if_past_retention(row: Any) -> None:
-    retention = row["retention_until"]
-    if (
-        row["status"] in TERMINAL_STATUSES
-        and retention is not None
-        and retention <= datetime.now(UTC)
-    ):
-        raise Problem(
-            410,
-            "gone",
-            "This run is past its retention period; its result was deleted.",
-            extensions={
-                "run_status": row["status"],
-                "charged_usd_micros": row["charged_usd_micros"],
-                "refunded_usd_micros": row["refunded_usd_micros"],
-            },
-        )
+    raise AssertionError(f"unexpected admission outcome {outcome!r}")
 
 
 async def get_run(request: Request) -> Response:
     context: AppContext = request.app.state.context
     principal = principal_of(request)
-    row = await _owned_run(request, principal.tenant_id, request.path_params["run_id"])
-    _gone_if_past_retention(row)
-    document = run_object(row, await _result_link(context, row))
-    return json_response(document, headers=cost_headers(row))
+    try:
+        view = await context.runs.get(principal.tenant_id, request.path_params["run_id"])
+    except RunNotFound:
+        raise _not_found(request) from None
+    except RunGone as gone:
+        raise Problem(
+            410,
+            "gone",
+            "This run is past its retention period; its result was deleted.",
+            extensions={
+                "run_status": gone.status,
+                "charged_usd_micros": gone.charged_usd_micros,
+                "refunded_usd_micros": gone.refunded_usd_micros,
+            },
+        ) from None
+    return json_response(view.document, headers=cost_headers(view.row))
 
 
 def _query_problem(name: str, detail: str) -> Problem:
@@ -289,67 +185,46 @@ async def list_runs(request: Request) -> Response:
     principal = principal_of(request)
     params = request.query_params
     raw_limit = params.get("limit")
-    limit = LIST_LIMIT_DEFAULT
+    limit = RUNS_PAGE_LIMIT_DEFAULT
     if raw_limit is not None:
-        if not re.fullmatch(r"[0-9]{1,3}", raw_limit) or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
-            raise _query_problem("limit", f"limit must be an integer from 1 to {LIST_LIMIT_MAX}.")
+        if (
+            not re.fullmatch(r"[0-9]{1,3}", raw_limit)
+            or not 1 <= int(raw_limit) <= RUNS_PAGE_LIMIT_MAX
+        ):
+            raise _query_problem(
+                "limit", f"limit must be an integer from 1 to {RUNS_PAGE_LIMIT_MAX}."
+            )
         limit = int(raw_limit)
     statuses = None
     raw_status = params.get("status")
     if raw_status is not None:
-        statuses = [part.strip() for part in raw_status.split(",")]
-        if not statuses or any(status not in ALL_STATUSES for status in statuses):
+        parts = [part.strip() for part in raw_status.split(",")]
+        if not parts or any(part not in ALL_STATUSES for part in parts):
             raise _query_problem(
                 "status", f"status must be one of {', '.join(sorted(ALL_STATUSES))}."
             )
-    after_created, after_id = None, None
+        statuses = [RunStatus(part) for part in parts]
+    after = None
     raw_cursor = params.get("cursor")
     if raw_cursor is not None:
-        decoded = decode_cursor(raw_cursor)
-        if decoded is None:
+        after = decode_cursor(raw_cursor)
+        if after is None:
             raise _query_problem("cursor", "cursor is not one this API returned.")
-        after_created, after_id = decoded
-    rows = await context.pool.fetch(
-        context.queries["list_runs"],
-        principal.tenant_id,
-        statuses,
-        after_created,
-        after_id,
-        limit + 1,
+    page = await context.runs.page(principal.tenant_id, statuses=statuses, after=after, limit=limit)
+    return json_response(
+        {"data": page.documents, "next_cursor": page.next_cursor, "has_more": page.has_more}
     )
-    has_more = len(rows) > limit
-    rows = rows[:limit]
-    data = [run_object(row, await _result_link(context, row)) for row in rows]
-    next_cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if has_more else None
-    return json_response({"data": data, "next_cursor": next_cursor, "has_more": has_more})
 
 
 async def cancel_run(request: Request) -> Response:
     context: AppContext = request.app.state.context
     principal = principal_of(request)
-    row = await _owned_run(request, principal.tenant_id, request.path_params["run_id"])
-    if row["status"] not in ("QUEUED", "CANCELED"):
-        raise Problem(
-            409,
-            "run-not-cancelable",
-            f"Only a QUEUED run can be canceled; this one is {row['status']}.",
-            extensions={"run_status": row["status"]},
-        )
     try:
-        await context.money.settle(
-            principal.tenant_id,
-            ledger.SettleRequest(
-                row["id"], Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
-            ),
-        )
-    except ledger.SettleRefused as refused:
-        raise Problem(
-            409,
-            "run-not-cancelable",
-            f"Only a QUEUED run can be canceled; this one is {refused.status}.",
-            extensions={"run_status": refused.status},
-        ) from None
-    row = await _owned_run(request, principal.tenant_id, row["id"])
+        row = await context.runs.cancel(principal.tenant_id, request.path_params["run_id"])
+    except RunNotFound:
+        raise _not_found(request) from None
+    except RunNotCancelable as refused:
+        raise _not_cancelable(refused.status) from None
     return json_response(run_object(row), headers=cost_headers(row))
 
 
@@ -396,9 +271,7 @@ async def get_usage(request: Request) -> Response:
         raise _query_problem("from", "from must not be after to.")
     if (to_date - from_date).days + 1 > USAGE_DAYS_MAX:
         raise _query_problem("from", f"a usage range covers at most {USAGE_DAYS_MAX} dates.")
-    rows = await context.pool.fetch(
-        context.queries["usage_by_day"], principal.tenant_id, from_date, to_date
-    )
+    rows = await context.runs.usage(principal.tenant_id, from_date, to_date)
     days = [
         {
             "date": row["day"].isoformat(),

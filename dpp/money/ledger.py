@@ -10,7 +10,7 @@ other way round.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -152,6 +152,29 @@ class ReserveBatchResult:
     budget: TenantBudget
 
 
+# What one reservation ended as (the budget actor answers each caller with one).
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    run_id: str
+    budget: TenantBudget
+
+
+@dataclass(frozen=True, slots=True)
+class InsufficientBudget:
+    available_usd_micros: int
+    required_usd_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencyLimited:
+    max_concurrent_runs: int
+
+
+ReserveOutcome = Reserved | InsufficientBudget | ConcurrencyLimited
+
+
 async def reserve_batch(
     pool: Pool, queries: Queries, tenant_id: str, drafts: Sequence[RunDraft]
 ) -> ReserveBatchResult:
@@ -240,7 +263,8 @@ class SettleRequest:
     from_statuses: frozenset[RunStatus] = frozenset({RunStatus.CLAIMED})
     # the worker's lease token: a stale worker's settlement is refused
     lease_token: str | None = None
-    error: dict[str, Any] | None = None
+    # why the run failed or expired: its stored ``error`` problem (dpp.runs.failures)
+    error: Mapping[str, object] | None = None
     result: ResultReceipt | None = None
     # operator resolution of AUDIT_REQUIRED: charge exactly this
     charged_override_usd_micros: int | None = None
@@ -439,15 +463,10 @@ async def settle(pool: Pool, queries: Queries, request: SettleRequest) -> Settle
 
 
 async def mark_audit_required(
-    pool: Pool, queries: Queries, run_id: str, version: int, reason: str
+    pool: Pool, queries: Queries, run_id: str, version: int, error: Mapping[str, object]
 ) -> bool:
-    """Set a run aside for an operator; its reservation stays held. True if it moved."""
-    error = {
-        "type": "https://dpp.dev/problems/audit-required",
-        "title": "Audit required",
-        "status": 500,
-        "detail": reason,
-    }
+    """Set a run aside for an operator, recording ``error`` (why, as the run's
+    stored problem); its reservation stays held. True if it moved."""
     moved = await pool.fetchval(queries["mark_audit_required"], run_id, error, version)
     return moved is not None
 

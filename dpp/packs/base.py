@@ -27,6 +27,7 @@ from jsonschema.exceptions import SchemaError
 
 # SPEC §6 "Timebox" and the BIGINT money columns: a pack declares nothing beyond
 # them. Re-exported here for pack authors; defined once in dpp.limits.
+from dpp.ids import problem_type
 from dpp.limits import TIMEBOX_SEC_MAX, TIMEBOX_SEC_MIN, USD_MICROS_MAX
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 # The problem type a run's `error` carries when its pack failed (SPEC §3).
-PACK_ERROR_TYPE = "https://dpp.dev/problems/pack-error"
+PACK_ERROR_TYPE = problem_type("pack-error")
 
 # Pack types appear in URLs, metrics labels and log lines: keep them boring.
 PACK_TYPE_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")

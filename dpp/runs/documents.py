@@ -1,28 +1,23 @@
-"""Runs as clients see them: submit validation and the run object (SPEC §3, §6).
+"""Runs as clients see them: the run object, its cost headers, page cursors.
 
-Pure apart from ``render_run`` presigning the result link. The HTTP routes
-(`dpp/http/routes_runs.py`) orchestrate; this module decides shapes.
+Pure: every function maps a stored run (a row) to the shapes SPEC §3 and §6
+fix, member for member. The services of this package read and write; the HTTP
+routes render what these functions return.
 """
 
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from dpp.money.rules import ALL_STATUSES, is_amount
-from dpp.packs import FieldError, Pack, PackRegistry, validate_inputs
+from dpp.money.rules import ALL_STATUSES, RunStatus
 
-SUBMIT_MEMBERS = frozenset(
-    {"pack_type", "inputs", "max_cost_usd_micros", "timebox_sec", "metadata"}
-)
-METADATA_BYTES_MAX = 16_384
-METADATA_KEYS_MAX = 50
-LIST_LIMIT_DEFAULT = 20
-LIST_LIMIT_MAX = 100
+# A stored run as the queries return it (an asyncpg Record, or a dict).
+RunRow = Mapping[str, Any]
 
 
 def timestamp(value: datetime | None) -> str | None:
@@ -32,75 +27,7 @@ def timestamp(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-@dataclass(frozen=True, slots=True)
-class SubmitRequest:
-    pack: Pack
-    inputs: Any
-    reserved_usd_micros: int
-    minimum_fee_usd_micros: int
-    timebox_sec: int
-    metadata: dict[str, Any]
-
-
-def parse_submit(body: Any, packs: PackRegistry) -> SubmitRequest | list[FieldError]:
-    """Validate a ``POST /v1/runs`` body; a list of field errors means 422."""
-    if not isinstance(body, dict):
-        return [FieldError("body", "must be a JSON object")]
-    unknown = sorted(set(body) - SUBMIT_MEMBERS)
-    if unknown:
-        return [FieldError(name, "is not a member of a run submission") for name in unknown]
-    pack_type = body.get("pack_type")
-    if not isinstance(pack_type, str) or not pack_type:
-        return [FieldError("pack_type", "is required and must be a string")]
-    pack = packs.get(pack_type)
-    if pack is None:
-        return [FieldError("pack_type", "unknown pack type; see GET /v1/packs")]
-    if "inputs" not in body:
-        return [FieldError("inputs", "is required")]
-    errors: list[FieldError] = []
-    reserved = body.get("max_cost_usd_micros", pack.default_reservation_usd_micros)
-    if not is_amount(reserved):
-        errors.append(FieldError("max_cost_usd_micros", "must be an integer of USD micros"))
-    elif reserved < pack.minimum_fee_usd_micros or reserved <= 0:
-        errors.append(
-            FieldError(
-                "max_cost_usd_micros",
-                f"must be at least the minimum fee ({pack.minimum_fee_usd_micros}) and above 0",
-            )
-        )
-    elif reserved > pack.max_reservation_usd_micros:
-        errors.append(
-            FieldError(
-                "max_cost_usd_micros",
-                f"must be at most the pack's cap ({pack.max_reservation_usd_micros})",
-            )
-        )
-    timebox = body.get("timebox_sec", pack.default_timebox_sec)
-    if not is_amount(timebox) or not 1 <= timebox <= 3600:
-        errors.append(FieldError("timebox_sec", "must be an integer from 1 to 3600"))
-    metadata = body.get("metadata", {})
-    if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, dict):
-        errors.append(FieldError("metadata", "must be a JSON object"))
-    elif len(metadata) > METADATA_KEYS_MAX:
-        errors.append(FieldError("metadata", f"has more than {METADATA_KEYS_MAX} members"))
-    elif len(orjson.dumps(metadata)) > METADATA_BYTES_MAX:
-        errors.append(FieldError("metadata", f"is larger than {METADATA_BYTES_MAX} bytes"))
-    errors.extend(validate_inputs(pack, body["inputs"]))
-    if errors:
-        return errors
-    return SubmitRequest(
-        pack=pack,
-        inputs=body["inputs"],
-        reserved_usd_micros=reserved,
-        minimum_fee_usd_micros=pack.minimum_fee_usd_micros,
-        timebox_sec=timebox,
-        metadata=metadata,
-    )
-
-
-def cost_headers(row: Any) -> dict[str, str]:
+def cost_headers(row: RunRow) -> dict[str, str]:
     headers = {
         "X-DPP-Cost-Reserved": str(row["reserved_usd_micros"]),
         "X-DPP-Cost-Minimum-Fee": str(row["minimum_fee_usd_micros"]),
@@ -110,7 +37,7 @@ def cost_headers(row: Any) -> dict[str, str]:
     return headers
 
 
-def run_object(row: Any, result: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_object(row: RunRow, result: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run object: every member always present, ``null`` until it applies."""
     assert row["status"] in ALL_STATUSES
     return {
@@ -143,7 +70,7 @@ def queued_row(
     """The row a run has the moment it is admitted (the 202 body renders it)."""
     return {
         "id": run_id,
-        "status": "QUEUED",
+        "status": RunStatus.QUEUED,
         "pack_type": pack_type,
         "created_at": created_at,
         "started_at": None,

@@ -15,14 +15,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import orjson
 
-from dpp.adapters.postgres import Queries
+from dpp.adapters.postgres import Pool, Queries
+from dpp.limits import (
+    IDEMPOTENCY_KEY_CHARS_MAX,
+    IDEMPOTENCY_LOCK_S,
+    IDEMPOTENCY_RETENTION_HOURS,
+)
 
-KEY_PATTERN = re.compile(r"^[\x20-\x7e]{1,255}$")
-LOCK_S = 60.0
-RETENTION_HOURS = 24
+# printable ASCII (SPEC §3)
+KEY_PATTERN = re.compile(rf"^[\x20-\x7e]{{1,{IDEMPOTENCY_KEY_CHARS_MAX}}}$")
 REPLAYED_HEADER = "Idempotent-Replayed"
 
 
@@ -68,51 +71,69 @@ class Mismatch:
 Begin = Proceed | Replay | InFlight | Mismatch
 
 
-async def begin(pool: asyncpg.Pool, queries: Queries, scope: Scope, fingerprint: bytes) -> Begin:
-    args = (scope.tenant_id, scope.method, scope.path, scope.key)
-    if await pool.fetchval(queries["idempotency_insert"], *args, fingerprint, LOCK_S):
-        return Proceed()
-    row = await pool.fetchrow(queries["idempotency_get"], *args)
-    if row is None:  # swept between the two statements: try once more
-        if await pool.fetchval(queries["idempotency_insert"], *args, fingerprint, LOCK_S):
+SWEEP_BATCH_MAX = 1_000
+
+
+class IdempotencyKeys:
+    """The ``idempotency_keys`` table: begin, complete, abandon, sweep."""
+
+    def __init__(self, pool: Pool, queries: Queries) -> None:
+        self._pool = pool
+        self._queries = queries
+
+    async def begin(self, scope: Scope, fingerprint: bytes) -> Begin:
+        """Hold the key for this request, or say why not (replay, in flight, mismatch)."""
+        pool, queries = self._pool, self._queries
+        args = (scope.tenant_id, scope.method, scope.path, scope.key)
+        insert = queries["idempotency_insert"]
+        if await pool.fetchval(insert, *args, fingerprint, IDEMPOTENCY_LOCK_S):
+            return Proceed()
+        row = await pool.fetchrow(queries["idempotency_get"], *args)
+        if row is None:  # swept between the two statements: try once more
+            if await pool.fetchval(insert, *args, fingerprint, IDEMPOTENCY_LOCK_S):
+                return Proceed()
+            return InFlight()
+        if bytes(row["request_sha256"]) != fingerprint:
+            return Mismatch()
+        if row["state"] == "done":
+            return Replay(
+                row["response_status"], dict(row["response_headers"]), row["response_body"]
+            )
+        if row["lock_expired"] and await pool.fetchval(
+            queries["idempotency_take_over"], *args, IDEMPOTENCY_LOCK_S
+        ):
             return Proceed()
         return InFlight()
-    if bytes(row["request_sha256"]) != fingerprint:
-        return Mismatch()
-    if row["state"] == "done":
-        return Replay(row["response_status"], dict(row["response_headers"]), row["response_body"])
-    if row["lock_expired"] and await pool.fetchval(queries["idempotency_take_over"], *args, LOCK_S):
-        return Proceed()
-    return InFlight()
 
+    async def complete(
+        self, scope: Scope, status: int, headers: dict[str, str], body: bytes
+    ) -> None:
+        """Store the outcome a retry with this key replays."""
+        await self._pool.fetchval(
+            self._queries["idempotency_complete"],
+            scope.tenant_id,
+            scope.method,
+            scope.path,
+            scope.key,
+            status,
+            headers,
+            body,
+        )
 
-async def complete(
-    pool: asyncpg.Pool,
-    queries: Queries,
-    scope: Scope,
-    status: int,
-    headers: dict[str, str],
-    body: bytes,
-) -> None:
-    await pool.fetchval(
-        queries["idempotency_complete"],
-        scope.tenant_id,
-        scope.method,
-        scope.path,
-        scope.key,
-        status,
-        headers,
-        body,
-    )
+    async def abandon(self, scope: Scope) -> None:
+        """Forget an in-flight key whose outcome is not stored (a retry is safe)."""
+        await self._pool.execute(
+            self._queries["idempotency_abandon"],
+            scope.tenant_id,
+            scope.method,
+            scope.path,
+            scope.key,
+        )
 
-
-async def abandon(pool: asyncpg.Pool, queries: Queries, scope: Scope) -> None:
-    """Forget an in-flight key whose outcome is not stored (a retry is safe)."""
-    await pool.execute(
-        queries["idempotency_abandon"], scope.tenant_id, scope.method, scope.path, scope.key
-    )
-
-
-async def sweep(pool: asyncpg.Pool, queries: Queries, *, batch: int = 1000) -> int:
-    status = await pool.execute(queries["idempotency_sweep"], RETENTION_HOURS, batch)
-    return int(status.split()[-1])
+    async def sweep(self, *, batch: int = SWEEP_BATCH_MAX) -> int:
+        """Delete up to ``batch`` keys past retention; how many went."""
+        assert 1 <= batch <= SWEEP_BATCH_MAX
+        status = await self._pool.execute(
+            self._queries["idempotency_sweep"], IDEMPOTENCY_RETENTION_HOURS, batch
+        )
+        return int(status.split()[-1])

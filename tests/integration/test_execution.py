@@ -27,7 +27,6 @@ from aiobotocore.session import get_session
 from anyio.abc import TaskGroup
 
 from dpp import ids
-from dpp.actors.budget import Reserved
 from dpp.actors.dispatcher import Dispatcher
 from dpp.actors.reconciler import Reconciler
 from dpp.actors.run import RunActor, RunEnding, RunServices, result_key
@@ -38,6 +37,7 @@ from dpp.app import open_context
 from dpp.config import Settings, load_settings
 from dpp.context import AppContext
 from dpp.money import ledger
+from dpp.money.ledger import Reserved
 from dpp.money.mirror import BudgetMirror
 from dpp.money.rules import Outcome, RunStatus
 from dpp.money_service import MoneyService

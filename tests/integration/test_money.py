@@ -6,11 +6,12 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from dpp.actors.budget import ConcurrencyLimited, InsufficientBudget, Reserved
 from dpp.actors.kernel import ActorCrashed
 from dpp.faults import InjectedCrash, armed
 from dpp.money import drift, ledger
+from dpp.money.ledger import ConcurrencyLimited, InsufficientBudget, Reserved
 from dpp.money.rules import Outcome, RunStatus
+from dpp.runs.admission import ReservationOutcomeUnknown
 from tests.moneykit import claim_for_test, create_plan, create_tenant, draft, open_replica
 from tests.services import delete_redis_prefix
 
@@ -204,7 +205,7 @@ async def test_crash_during_reservation_recovers_clean(
         tenant = await create_tenant(replica.pool)
         await replica.money.credit(tenant, 10_000, "credit:seed")
         run = draft(4_000)
-        with armed(point), pytest.raises((ActorCrashed, InjectedCrash)):
+        with armed(point), pytest.raises((ReservationOutcomeUnknown, InjectedCrash)):
             await replica.money.reserve(tenant, run)
         committed = await replica.pool.fetchval(
             "SELECT count(*) FROM runs WHERE id = $1", run.run_id

@@ -11,8 +11,8 @@ import asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpp.actors.budget import Reserved
 from dpp.money import ledger
+from dpp.money.ledger import Reserved
 from dpp.money.rules import Outcome, RunStatus
 from dpp.money.rules import settle as settle_table
 from tests.moneykit import claim_for_test, create_plan, create_tenant, draft, open_replica

@@ -11,6 +11,7 @@ import pytest
 from dpp.app import Runtime, open_runtime
 from dpp.config import Settings
 from dpp.money import ledger
+from dpp.runs.failures import RunFailure
 
 BASE_URL = "http://testserver"
 
@@ -396,8 +397,9 @@ async def test_resolve_audit_required_run(http, admin_headers, runtime) -> None:
     assert missing.status_code == 404
     context = runtime.context
     version = await context.pool.fetchval("SELECT version FROM runs WHERE id=$1", run["id"])
+    failure = RunFailure.audit_required("test: receipt contradicts the ledger")
     assert await ledger.mark_audit_required(
-        context.pool, context.queries, run["id"], version, "test: receipt contradicts the ledger"
+        context.pool, context.queries, run["id"], version, failure.document()
     )
     audit = (await http.get("/admin/audit", headers=admin_headers)).json()
     assert audit["ok"] is False

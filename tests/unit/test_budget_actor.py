@@ -14,18 +14,10 @@ from datetime import UTC, datetime
 import anyio
 import pytest
 
-from dpp.actors.budget import (
-    BudgetActor,
-    BudgetBackend,
-    ConcurrencyLimited,
-    Credit,
-    InsufficientBudget,
-    Reserve,
-    Reserved,
-    Settle,
-)
+from dpp.actors.budget import BudgetActor, BudgetBackend, Credit, Reserve, Settle
 from dpp.actors.kernel import ActorCrashed, Reply
 from dpp.money import ledger
+from dpp.money.ledger import ConcurrencyLimited, InsufficientBudget, Reserved
 from dpp.money.mirror import MirrorBudget, MirrorMissing, MirrorReserve
 from dpp.money.rules import Admission, Budget, Outcome, decide_batch, settle
 

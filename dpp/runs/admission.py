@@ -1,0 +1,274 @@
+"""Admission: from a checked submission to a QUEUED run with its money reserved.
+
+One call per ``POST /v1/runs``: take the Idempotency-Key (or answer its replay),
+draft the run, reserve it through the tenant's budget actor (one transaction
+writes the run row, its reserve entry, the tenant's counter and the stored 202
+for the key), then announce it to the queue. The route parses and renders;
+this module decides, and never builds an HTTP answer except the 202 body it
+must store with the reservation so that a retry replays the very same bytes.
+
+The budget actor lives above this layer, so admission names what it needs from
+it as ``Reserver`` and the composition root wires the budget handle in
+(``dpp.actors.budgets.Budgets``), which raises the ``Reservation*`` errors
+below for what went wrong on its side.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+
+from dpp import ids
+from dpp.adapters.queue.base import QueuedRun
+from dpp.metrics import Metrics
+from dpp.money.ledger import (
+    ConcurrencyLimited,
+    IdempotencyCompletion,
+    InsufficientBudget,
+    Reserved,
+    ReserveOutcome,
+    RunDraft,
+)
+from dpp.runs.documents import cost_headers, queued_row, run_object
+from dpp.runs.idempotency import (
+    IdempotencyKeys,
+    InFlight,
+    Mismatch,
+    Proceed,
+    Replay,
+    Scope,
+    request_fingerprint,
+)
+from dpp.runs.submission import SubmitRequest
+
+log = logging.getLogger("dpp.runs")
+
+SUBMIT_METHOD = "POST"
+SUBMIT_PATH = "/v1/runs"
+JSON_MEDIA_TYPE = "application/json"
+# The headers of a 202 that are stored and replayed with it.
+STORED_HEADERS = ("Location", "X-DPP-Cost-Reserved", "X-DPP-Cost-Minimum-Fee", "Content-Type")
+
+
+# --- what admission needs from above ------------------------------------------------------
+
+
+class ReservationUnavailable(Exception):
+    """The reservation could not be made or answered now (a 503)."""
+
+
+class ReservationBusy(ReservationUnavailable):
+    """The tenant's budget actor refused the message (mailbox full): nothing was sent."""
+
+
+class ReservationTimedOut(ReservationUnavailable):
+    """No answer in time; the reservation may still commit (its key record says so)."""
+
+
+class ReservationOutcomeUnknown(ReservationUnavailable):
+    """The budget actor died mid-batch: whether this reservation committed is unknown."""
+
+
+class Reserver(Protocol):
+    """Reserve one run's money (the budget handle, ``dpp.actors.budgets.Budgets``).
+
+    Answers the reservation's outcome, or raises a ``ReservationUnavailable``.
+    """
+
+    async def reserve(self, tenant_id: str, draft: RunDraft) -> ReserveOutcome: ...
+
+
+class Announcer(Protocol):
+    """Tell workers about runs just committed QUEUED (the run queue)."""
+
+    async def enqueue(self, runs: Sequence[QueuedRun]) -> None: ...
+
+
+# --- outcomes ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """202: the run is QUEUED and its maximum cost reserved."""
+
+    run_id: str
+    body: bytes
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """An earlier request with this key and body: its stored answer, as it was."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    media_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInFlight:
+    """The same key is being processed by another request (409)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyReused:
+    """The key was used with another body (422)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetShort:
+    """402: nothing reserved. Its answer is stored for the key (``remember_refusal``)."""
+
+    available_usd_micros: int
+    required_usd_micros: int
+    key: Scope | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencyLimit:
+    """429: the plan's concurrent-run limit is reached (not stored: a retry is safe)."""
+
+    max_concurrent_runs: int
+
+
+SubmitOutcome = Admitted | Replayed | KeyInFlight | KeyReused | BudgetShort | ConcurrencyLimit
+
+
+class Admission:
+    """Admits runs; one per replica, built by the composition root."""
+
+    def __init__(
+        self,
+        *,
+        keys: IdempotencyKeys,
+        reserver: Reserver,
+        announcer: Announcer | None,
+        metrics: Metrics,
+    ) -> None:
+        self._keys = keys
+        self._reserver = reserver
+        self._announcer = announcer
+        self._metrics = metrics
+
+    async def submit(
+        self,
+        tenant_id: str,
+        request: SubmitRequest,
+        *,
+        body: Any,
+        idempotency_key: str | None,
+        trace_id: str | None,
+    ) -> SubmitOutcome:
+        """Admit one checked submission. ``body`` is the parsed JSON the key's
+        fingerprint is taken from; raises ``ReservationUnavailable``."""
+        key = None
+        if idempotency_key is not None:
+            key = Scope(tenant_id, SUBMIT_METHOD, SUBMIT_PATH, idempotency_key)
+            begun = await self._keys.begin(key, request_fingerprint(body))
+            match begun:
+                case Replay(status=status, headers=headers, body=stored):
+                    headers = dict(headers)
+                    media_type = headers.pop("Content-Type", JSON_MEDIA_TYPE)
+                    return Replayed(status, headers, stored, media_type)
+                case InFlight():
+                    return KeyInFlight()
+                case Mismatch():
+                    return KeyReused()
+                case Proceed():
+                    pass
+
+        run_id = ids.new_id("run")
+        created_at = datetime.now(UTC)
+        row = queued_row(
+            run_id=run_id,
+            pack_type=request.pack.pack_type,
+            reserved_usd_micros=request.reserved_usd_micros,
+            minimum_fee_usd_micros=request.minimum_fee_usd_micros,
+            metadata=request.metadata,
+            created_at=created_at,
+        )
+        accepted_body = orjson.dumps(run_object(row))
+        accepted_headers = {"Location": f"{SUBMIT_PATH}/{run_id}", **cost_headers(row)}
+        completion = None
+        if key is not None:
+            stored_headers = {**accepted_headers, "Content-Type": JSON_MEDIA_TYPE}
+            assert set(stored_headers) == set(STORED_HEADERS)
+            completion = IdempotencyCompletion(
+                SUBMIT_METHOD, SUBMIT_PATH, key.key, 202, stored_headers, accepted_body
+            )
+        draft = RunDraft(
+            run_id=run_id,
+            pack_type=request.pack.pack_type,
+            inputs=request.inputs,
+            metadata=request.metadata,
+            reserved_usd_micros=request.reserved_usd_micros,
+            minimum_fee_usd_micros=request.minimum_fee_usd_micros,
+            timebox_sec=request.timebox_sec,
+            trace_id=trace_id,
+            created_at=created_at,
+            idempotency=completion,
+        )
+        outcome = await self._reserve(tenant_id, draft, key)
+
+        match outcome:
+            case Reserved():
+                self._metrics.reservations.labels("reserved").inc()
+                self._metrics.runs_submitted.labels(request.pack.pack_type).inc()
+                await self._announce(
+                    QueuedRun(run_id, tenant_id, request.pack.pack_type, trace_id, created_at)
+                )
+                log.info("run admitted", extra={"run_id": run_id, "tenant_id": tenant_id})
+                return Admitted(run_id, accepted_body, accepted_headers)
+            case InsufficientBudget(available_usd_micros=available, required_usd_micros=required):
+                self._metrics.reservations.labels("insufficient").inc()
+                return BudgetShort(available, required, key)
+            case ConcurrencyLimited(max_concurrent_runs=limit):
+                self._metrics.reservations.labels("rejected").inc()
+                if key is not None:
+                    await self._keys.abandon(key)
+                return ConcurrencyLimit(limit)
+        raise AssertionError(f"unexpected reservation outcome {outcome!r}")
+
+    async def remember_refusal(self, refusal: BudgetShort, media_type: str, body: bytes) -> None:
+        """Store a 402's answer for its key, so a retry replays it (SPEC §6)."""
+        if refusal.key is not None:
+            await self._keys.complete(refusal.key, 402, {"Content-Type": media_type}, body)
+
+    async def _reserve(self, tenant_id: str, draft: RunDraft, key: Scope | None) -> ReserveOutcome:
+        try:
+            return await self._reserver.reserve(tenant_id, draft)
+        except ReservationBusy:
+            self._metrics.mailbox_full_rejections.labels("budget").inc()
+            if key is not None:
+                await self._keys.abandon(key)
+            raise
+        except ReservationTimedOut:
+            # The reservation may still commit; its idempotency record then says so.
+            raise
+        except ReservationOutcomeUnknown:
+            # Whether it committed is unknown: keep the key's record, whose state the
+            # reservation's own transaction decides, so a retry with the same key
+            # replays the run if it exists and proceeds once the lock expires if not.
+            log.error("budget actor crashed during a reservation", extra={"run_id": draft.run_id})
+            raise
+        except Exception:
+            if key is not None:
+                await self._keys.abandon(key)
+            raise
+
+    async def _announce(self, run: QueuedRun) -> None:
+        if self._announcer is None:
+            return
+        try:
+            await self._announcer.enqueue([run])
+        except Exception:
+            # The run is durable and QUEUED; the queue's backstop finds it.
+            log.warning(
+                "enqueue failed after admission", extra={"run_id": run.run_id}, exc_info=True
+            )

@@ -1,0 +1,78 @@
+"""Run rows in Postgres: the reads the API serves and the reconciler's scans.
+
+Every statement is a named query of ``sql/queries`` (``runs.sql``,
+``execution.sql``). Writes here never move money: the one that changes a row
+(``mark_result_deleted``) is guarded by the row's own state, and money-bearing
+transitions go through the ledger (``dpp.money.ledger``) via the budget actors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date, datetime
+
+from dpp.adapters.postgres import Pool, Queries, Record
+from dpp.money.rules import RunStatus
+
+
+class RunStore:
+    def __init__(self, pool: Pool, queries: Queries) -> None:
+        self._pool = pool
+        self._queries = queries
+
+    # --- the tenant API ----------------------------------------------------------------
+
+    async def owned(self, tenant_id: str, run_id: str) -> Record | None:
+        """The tenant's run, or None when there is none or it is another tenant's."""
+        row: Record | None = await self._pool.fetchrow(self._queries["get_run"], run_id, tenant_id)
+        return row
+
+    async def page(
+        self,
+        tenant_id: str,
+        statuses: Sequence[RunStatus] | None,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[Record]:
+        """Up to ``limit`` runs newest first, after the cursor ``(created_at, id)``."""
+        after_created, after_id = after if after is not None else (None, None)
+        return list(
+            await self._pool.fetch(
+                self._queries["list_runs"],
+                tenant_id,
+                None if statuses is None else [status.value for status in statuses],
+                after_created,
+                after_id,
+                limit,
+            )
+        )
+
+    async def usage(self, tenant_id: str, first: date, last: date) -> list[Record]:
+        """Counts and settled money per UTC creation date and pack, ``first..last``."""
+        return list(await self._pool.fetch(self._queries["usage_by_day"], tenant_id, first, last))
+
+    # --- operators and the reconciler --------------------------------------------------
+
+    async def by_id(self, run_id: str) -> Record | None:
+        """Any tenant's run: id, tenant, status, version, reservation."""
+        row: Record | None = await self._pool.fetchrow(self._queries["run_by_id"], run_id)
+        return row
+
+    async def lapsed_leases(self, limit: int) -> list[Record]:
+        """PROCESSING runs whose lease passed (the reaper's candidates), oldest first."""
+        return list(await self._pool.fetch(self._queries["lapsed_leases"], limit))
+
+    async def stuck_claimed(self, older_than_sec: int, limit: int) -> list[Record]:
+        """CLAIMED runs older than the threshold (finalize died between phases)."""
+        return list(
+            await self._pool.fetch(self._queries["stuck_claimed_runs"], older_than_sec, limit)
+        )
+
+    async def past_retention(self, limit: int) -> list[Record]:
+        """Runs whose result object is due for deletion."""
+        return list(await self._pool.fetch(self._queries["results_past_retention"], limit))
+
+    async def mark_result_deleted(self, run_id: str, result_key: str) -> bool:
+        """After the object is gone; True when this call marked it."""
+        marked = await self._pool.fetchval(self._queries["mark_result_deleted"], run_id, result_key)
+        return marked is not None
