@@ -29,12 +29,12 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dpp.actors.budgets import Budgets
 from dpp.adapters.migrate import apply_migrations
 from dpp.adapters.postgres import Queries, create_pool
 from dpp.adapters.redis import create_redis
-from dpp.money.ledger import Reserved
+from dpp.money.ledger import LedgerStore, Reserved
 from dpp.money.mirror import BudgetMirror
-from dpp.money_service import MoneyService
 from tests.moneykit import create_plan, create_tenant, draft
 from tests.services import delete_redis_prefix, with_database
 
@@ -49,7 +49,7 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def measure(money: MoneyService, tenants: list[str], reservations: int) -> float:
+async def measure(budgets: Budgets, tenants: list[str], reservations: int) -> float:
     remaining = reservations
     accepted = 0
 
@@ -60,7 +60,7 @@ async def measure(money: MoneyService, tenants: list[str], reservations: int) ->
             remaining -= 1
             index += 1
             tenant = tenants[(index * 7919 + id(asyncio.current_task())) % len(tenants)]
-            if isinstance(await money.reserve(tenant, draft(100)), Reserved):
+            if isinstance(await budgets.reserve(tenant, draft(100)), Reserved):
                 accepted += 1
 
     started = time.perf_counter()
@@ -74,16 +74,16 @@ async def measure(money: MoneyService, tenants: list[str], reservations: int) ->
 
 async def scenario(pool, redis, prefix, tenant_count: int, batch_max: int, n: int) -> float:
     queries = Queries.load()
-    money = MoneyService.build(pool, queries, BudgetMirror(redis, prefix), batch_max=batch_max)
+    budgets = Budgets(LedgerStore(pool, queries), BudgetMirror(redis, prefix), batch_max=batch_max)
     tenants = []
     for _ in range(tenant_count):
         tenant = await create_tenant(pool, plan_id="bench")
         await money_credit(pool, queries, tenant)
         tenants.append(tenant)
     async with anyio.create_task_group() as group:
-        await group.start(money.budgets.run)
-        await measure(money, tenants, min(n, 256))  # warm up: actors, mirrors, plans
-        rate = await measure(money, tenants, n)
+        await group.start(budgets.registry.run)
+        await measure(budgets, tenants, min(n, 256))  # warm up: actors, mirrors, plans
+        rate = await measure(budgets, tenants, n)
         group.cancel_scope.cancel()
     return rate
 
@@ -96,25 +96,25 @@ async def money_credit(pool, queries, tenant: str) -> None:
 
 async def actor_memory(pool, redis, prefix: str, count: int) -> tuple[float, float, float]:
     queries = Queries.load()
-    money = MoneyService.build(pool, queries, BudgetMirror(redis, prefix), idle_timeout_s=10.0)
+    budgets = Budgets(LedgerStore(pool, queries), BudgetMirror(redis, prefix), idle_timeout_s=10.0)
     tenants = [await create_tenant(pool, plan_id="bench") for _ in range(count)]
     before = rss_mib()
     async with anyio.create_task_group() as group:
-        await group.start(money.budgets.run)
+        await group.start(budgets.registry.run)
         limiter = anyio.Semaphore(64)
 
         async def touch(tenant: str) -> None:
             async with limiter:
-                await money.budgets.get(tenant)
+                await budgets.registry.get(tenant)
 
         async with anyio.create_task_group() as starters:
             for tenant in tenants:
                 starters.start_soon(touch, tenant)
         started = rss_mib()
-        running = len(money.budgets)
+        running = len(budgets.registry)
         await anyio.sleep(12.0)
         idle = rss_mib()
-        left = len(money.budgets)
+        left = len(budgets.registry)
         group.cancel_scope.cancel()
     print(f"  budget actors started: {running}, still running after idle: {left}")
     return before, started, idle

@@ -1,14 +1,17 @@
 """Composition root: open the adapters, build the AppContext and the supervision tree.
 
-``open_context`` opens Postgres, Redis and object storage for the life of the
-process (the `pools` layer of docs/architecture.md). ``run_server`` (used by
-`dpp serve` / `dpp dev`) builds the tree on top and serves HTTP.
+The only module that knows every layer. ``open_adapters`` opens Postgres,
+Redis, object storage and the run queue for the life of the process;
+``build_budgets``, ``build_run_services``, ``build_reconciler`` and
+``build_context`` wire the ports each layer names (admission's ``Reserver``,
+the runs service's ``Settler``, the actors' stores) to their implementations;
+``open_runtime`` builds the supervision tree on top, and ``run_server`` (used
+by `dpp serve` / `dpp dev`) serves HTTP until SIGTERM.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -16,28 +19,31 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import asyncpg
 import prometheus_client
 from anyio.abc import TaskStatus
-from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from dpp.actors.budgets import Budgets
 from dpp.actors.dispatcher import Dispatcher
 from dpp.actors.reconciler import Reconciler
 from dpp.actors.run import RunServices
 from dpp.actors.supervisor import ChildSpec, Restart, Supervisor, SupervisorSpec
-from dpp.adapters.blobs import open_blobs
-from dpp.adapters.postgres import Queries, connect_postgres
+from dpp.adapters import postgres
+from dpp.adapters.blobs import Blobs, open_blobs
+from dpp.adapters.postgres import Pool, Queries, connect_postgres
 from dpp.adapters.queue import open_queue
-from dpp.adapters.redis import create_redis
-from dpp.config import ConfigError, Settings, StartupError, require
+from dpp.adapters.queue.base import LeaseStore, RunQueue
+from dpp.adapters.redis import Redis, create_redis
+from dpp.config import Settings, StartupError, require
 from dpp.context import AppContext, ReadinessCheck
 from dpp.http.app import create_app
 from dpp.http.auth import ApiAuthMiddleware
 from dpp.metrics import metrics_for
+from dpp.money.accounts import Accounts
+from dpp.money.drift import DriftRepair
+from dpp.money.ledger import LedgerStore
 from dpp.money.mirror import BudgetMirror
-from dpp.money_service import MoneyService
 from dpp.packs import PackRegistry
 from dpp.runs.admission import Admission
 from dpp.runs.idempotency import IdempotencyKeys
@@ -49,6 +55,29 @@ from dpp.tenancy.service import Tenancy
 log = logging.getLogger("dpp.app")
 
 READINESS_TIMEOUT_S = 2.0
+ROOT_INTENSITY = 5
+ROOT_PERIOD_S = 30.0
+
+ActorsTree = Callable[[], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Adapters:
+    """One replica's open connections and what was loaded with them.
+
+    Only the composition root (and tests that reach around the API on purpose)
+    holds these; every layer above gets the ports it needs, never the pool.
+    """
+
+    settings: Settings
+    pool: Pool
+    redis: Redis
+    blobs: Blobs
+    queries: Queries
+    queue: RunQueue
+    mirror: BudgetMirror
+    packs: PackRegistry
+    metrics_registry: prometheus_client.CollectorRegistry
 
 
 def _load_packs(env: dict[str, str]) -> PackRegistry:
@@ -58,21 +87,138 @@ def _load_packs(env: dict[str, str]) -> PackRegistry:
         raise StartupError(str(error)) from error
 
 
-def _readiness(pool: asyncpg.Pool, redis: Redis, blobs: Any) -> tuple[ReadinessCheck, ...]:
-    async def postgres() -> None:
-        async with pool.acquire(timeout=READINESS_TIMEOUT_S) as connection:
-            await connection.fetchval("SELECT 1")
+@contextlib.asynccontextmanager
+async def open_adapters(
+    settings: Settings, *, environment: dict[str, str] | None = None
+) -> AsyncIterator[Adapters]:
+    """Open every adapter; close them in reverse order on the way out."""
+    database_url = require(settings.database_url, "DATABASE_URL")
+    redis_url = require(settings.redis_url, "REDIS_URL")
+    env = dict(os.environ if environment is None else environment)
+    if settings.webhook_url:
+        env["DPP_WEBHOOK_URL"] = settings.webhook_url
+    packs = _load_packs(env)
+    queries = Queries.load()
+    pool = await connect_postgres(database_url)
+    redis = create_redis(redis_url)
+    try:
+        async with (
+            open_blobs(
+                settings.s3_endpoint_url,
+                settings.s3_result_bucket,
+                settings.s3_region,
+                settings.presign_expiry_sec,
+            ) as blobs,
+            open_queue(settings, pool, queries) as queue,
+        ):
+            try:
+                await blobs.ensure_bucket()
+            except Exception as error:
+                raise StartupError(
+                    f"S3_ENDPOINT_URL: cannot reach object storage ({type(error).__name__})"
+                ) from error
+            yield Adapters(
+                settings=settings,
+                pool=pool,
+                redis=redis,
+                blobs=blobs,
+                queries=queries,
+                queue=queue,
+                mirror=BudgetMirror(redis, settings.redis_prefix),
+                packs=packs,
+                metrics_registry=prometheus_client.CollectorRegistry(),
+            )
+    finally:
+        with anyio.CancelScope(shield=True):
+            await redis.aclose()
+            await pool.close()
 
-    async def redis_check() -> None:
+
+def readiness_checks(adapters: Adapters) -> tuple[ReadinessCheck, ...]:
+    """What ``/readyz`` asks: each dependency by the name SPEC §3 gives it."""
+    redis, blobs, queue = adapters.redis, adapters.blobs, adapters.queue
+
+    async def redis_ping() -> None:
         await redis.ping()
 
-    async def object_storage() -> None:
-        await blobs.ping()
+    checks = [
+        ReadinessCheck("postgres", lambda: postgres.ping(adapters.pool, READINESS_TIMEOUT_S)),
+        ReadinessCheck("redis", redis_ping),
+        ReadinessCheck("object_storage", blobs.ping),
+    ]
+    if queue.backend == "sqs":
+        checks.append(ReadinessCheck("sqs", queue.ping))
+    return tuple(checks)
 
-    return (
-        ReadinessCheck("postgres", postgres),
-        ReadinessCheck("redis", redis_check),
-        ReadinessCheck("object_storage", object_storage),
+
+def build_budgets(adapters: Adapters) -> Budgets:
+    """The budget actors' handle (its registry runs under the supervisor)."""
+    return Budgets(
+        LedgerStore(adapters.pool, adapters.queries),
+        adapters.mirror,
+        metrics=metrics_for(adapters.metrics_registry),
+    )
+
+
+def build_run_services(adapters: Adapters, budgets: Budgets) -> RunServices:
+    settings = adapters.settings
+    return RunServices(
+        leases=LeaseStore(adapters.pool, adapters.queries),
+        queue=adapters.queue,
+        results=adapters.blobs,
+        settler=budgets,
+        packs=adapters.packs,
+        lease_sec=settings.lease_sec,
+        heartbeat_sec=settings.heartbeat_sec,
+    )
+
+
+def build_reconciler(adapters: Adapters, budgets: Budgets) -> Reconciler:
+    settings = adapters.settings
+    pool, queries = adapters.pool, adapters.queries
+    return Reconciler(
+        runs=RunStore(pool, queries),
+        ledger=LedgerStore(pool, queries),
+        keys=IdempotencyKeys(pool, queries),
+        drift=DriftRepair(pool, queries, adapters.mirror),
+        results=adapters.blobs,
+        settler=budgets,
+        queue=adapters.queue,
+        reaper_interval_s=settings.reaper_interval_sec,
+        reconcile_interval_s=settings.reconcile_interval_sec,
+        claimed_threshold_sec=settings.reconcile_threshold_sec,
+    )
+
+
+def build_context(
+    adapters: Adapters,
+    budgets: Budgets,
+    *,
+    reconciler: Reconciler | None = None,
+    actors_tree: ActorsTree | None = None,
+) -> AppContext:
+    """The services the HTTP front calls, each wired to the ports it names."""
+    settings = adapters.settings
+    pool, queries, redis = adapters.pool, adapters.queries, adapters.redis
+    metrics = metrics_for(adapters.metrics_registry)
+    return AppContext(
+        settings=settings,
+        packs=adapters.packs,
+        metrics_registry=adapters.metrics_registry,
+        readiness=readiness_checks(adapters),
+        actors_tree=actors_tree or (lambda: {}),
+        tenancy=Tenancy(pool, queries, redis, settings),
+        rate_limiter=RateLimiter(redis, settings.redis_prefix),
+        accounts=Accounts(pool, queries, adapters.mirror),
+        budgets=budgets,
+        admission=Admission(
+            keys=IdempotencyKeys(pool, queries),
+            reserver=budgets,
+            announcer=adapters.queue,
+            metrics=metrics,
+        ),
+        runs=Runs(RunStore(pool, queries), adapters.blobs, budgets),
+        reconciler=reconciler,
     )
 
 
@@ -80,70 +226,23 @@ def _readiness(pool: asyncpg.Pool, redis: Redis, blobs: Any) -> tuple[ReadinessC
 async def open_context(
     settings: Settings,
     *,
-    actors_tree: Callable[[], dict[str, Any]] | None = None,
+    actors_tree: ActorsTree | None = None,
     environment: dict[str, str] | None = None,
 ) -> AsyncIterator[AppContext]:
-    """Open every adapter; close them in reverse order on the way out."""
-    database_url = require(settings.database_url, "DATABASE_URL")
-    redis_url = require(settings.redis_url, "REDIS_URL")
-    pool = await connect_postgres(database_url)
-    redis = create_redis(redis_url)
-    try:
-        async with open_blobs(
-            settings.s3_endpoint_url,
-            settings.s3_result_bucket,
-            settings.s3_region,
-            settings.presign_expiry_sec,
-        ) as blobs:
-            try:
-                await blobs.ensure_bucket()
-            except Exception as error:
-                raise StartupError(
-                    f"S3_ENDPOINT_URL: cannot reach object storage ({type(error).__name__})"
-                ) from error
-            env = dict(os.environ if environment is None else environment)
-            if settings.webhook_url:
-                env["DPP_WEBHOOK_URL"] = settings.webhook_url
-            context = AppContext(
-                settings=settings,
-                pool=pool,
-                redis=redis,
-                blobs=blobs,
-                queries=Queries.load(),
-                packs=_load_packs(env),
-                metrics_registry=prometheus_client.CollectorRegistry(),
-                readiness=_readiness(pool, redis, blobs),
-                actors_tree=actors_tree or (lambda: {}),
-            )
-            yield context
-    finally:
-        with anyio.CancelScope(shield=True):
-            await redis.aclose()
-            await pool.close()
+    """The context over freshly opened adapters, without a supervision tree (tests
+    of the HTTP front that need no actor running)."""
+    async with open_adapters(settings, environment=environment) as adapters:
+        yield build_context(adapters, build_budgets(adapters), actors_tree=actors_tree)
 
 
 @dataclass
 class Runtime:
-    """A live replica: its context, its ASGI app and its supervision tree."""
+    """A live replica: its adapters, context, ASGI app and supervision tree."""
 
+    adapters: Adapters
     context: AppContext
     app: Starlette
     supervisor: Supervisor
-
-
-ROOT_INTENSITY = 5
-ROOT_PERIOD_S = 30.0
-
-
-def _build_services(base: AppContext) -> AppContext:
-    settings = base.settings
-    mirror = BudgetMirror(base.redis, settings.redis_prefix)
-    money = MoneyService.build(
-        base.pool, base.queries, mirror, metrics=metrics_for(base.metrics_registry)
-    )
-    tenancy = Tenancy(base.pool, base.queries, base.redis, settings)
-    rate_limiter = RateLimiter(base.redis, settings.redis_prefix)
-    return dataclasses.replace(base, money=money, tenancy=tenancy, rate_limiter=rate_limiter)
 
 
 def build_app(context: AppContext) -> Starlette:
@@ -166,7 +265,11 @@ def build_app(context: AppContext) -> Starlette:
 
 
 def _children(
-    context: AppContext, dispatcher: Dispatcher | None, http: ChildSpec | None
+    context: AppContext,
+    budgets: Budgets,
+    reconciler: Reconciler,
+    dispatcher: Dispatcher | None,
+    http: ChildSpec | None,
 ) -> list[ChildSpec]:
     """The tree in dependency order (started in order, stopped in reverse):
     the auth listener, budgets (runs in flight settle through them while the
@@ -179,11 +282,11 @@ def _children(
             start=context.tenancy.run_invalidation_listener,
             shutdown_s=2.0,
         ),
-        context.money.budgets.child_spec(id="budgets"),
+        budgets.child_spec(id="budgets"),
     ]
     if dispatcher is not None:
         children.append(dispatcher.child_spec())
-    children.append(context.reconciler.child_spec())
+    children.append(reconciler.child_spec())
     if http is not None:
         children.append(http)
     return children
@@ -209,30 +312,14 @@ async def open_runtime(
         supervisor = holder.get("root")
         return supervisor.statistics() if supervisor is not None else {}
 
-    async with (
-        open_context(settings, actors_tree=tree, environment=environment) as base,
-        open_queue(settings, base.pool, base.queries) as queue,
-    ):
-        context = dataclasses.replace(_build_services(base), queue=queue)
-        context = dataclasses.replace(
-            context,
-            admission=Admission(
-                keys=IdempotencyKeys(base.pool, base.queries),
-                reserver=context.money,
-                announcer=queue,
-                metrics=metrics_for(base.metrics_registry),
-            ),
-            runs=Runs(RunStore(base.pool, base.queries), base.blobs, context.money),
-        )
-        if settings.queue_backend == "sqs":
-            readiness = (*context.readiness, ReadinessCheck("sqs", queue.ping))
-            context = dataclasses.replace(context, readiness=readiness)
-        reconciler = Reconciler.from_context(context, queue)
-        context = dataclasses.replace(context, reconciler=reconciler)
+    async with open_adapters(settings, environment=environment) as adapters:
+        budgets = build_budgets(adapters)
+        reconciler = build_reconciler(adapters, budgets)
+        context = build_context(adapters, budgets, reconciler=reconciler, actors_tree=tree)
         dispatcher = None
         if dispatch:
             dispatcher = Dispatcher(
-                RunServices.from_context(context, queue),
+                build_run_services(adapters, budgets),
                 concurrency=settings.worker_concurrency,
                 shutdown_grace_s=settings.shutdown_grace_sec,
                 on_run_crash=lambda run_id, error: reconciler.trigger(),
@@ -253,14 +340,20 @@ async def open_runtime(
         supervisor = Supervisor(
             "root",
             SupervisorSpec("one_for_one", intensity=ROOT_INTENSITY, period_s=ROOT_PERIOD_S),
-            _children(context, dispatcher, http(app) if http is not None else None),
+            _children(
+                context,
+                budgets,
+                reconciler,
+                dispatcher,
+                http(app) if http is not None else None,
+            ),
             on_child_crash=on_child_crash,
         )
         holder["root"] = supervisor
         async with anyio.create_task_group() as group:
             await group.start(supervisor.run)
             try:
-                yield Runtime(context, app, supervisor)
+                yield Runtime(adapters, context, app, supervisor)
             finally:
                 with anyio.CancelScope(shield=True):
                     await supervisor.shutdown()
@@ -295,6 +388,3 @@ async def run_server(settings: Settings) -> None:
             await runtime.supervisor.shutdown()
     finally:
         undo_signals()
-
-
-__all__ = ["ConfigError", "Runtime", "StartupError", "open_context", "open_runtime", "run_server"]

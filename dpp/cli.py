@@ -125,25 +125,19 @@ def _install_fallback_sigterm() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-def _server_entry() -> Callable[[Settings], Awaitable[None]]:
-    """`dpp.app.run_server` (the supervision tree), or the plain HTTP stand-in."""
-    from dpp import app
-
-    run_server = getattr(app, "run_server", None)
-    if run_server is not None:
-        return run_server  # type: ignore[no-any-return]
-    from dpp.server import serve_forever
-
-    return serve_forever
-
-
 # --- serve ---------------------------------------------------------------------------
+
+
+async def _run_server(settings: Settings) -> None:
+    from dpp.app import run_server  # late: the composition root imports every layer
+
+    await run_server(settings)
 
 
 def command_serve(args: argparse.Namespace) -> int:
     settings = settings_from_environment()
     configure_logging(settings)
-    run_async(_server_entry(), settings)
+    run_async(_run_server, settings)
     return EXIT_OK
 
 
@@ -318,7 +312,7 @@ async def _serve_dev(settings: Settings, seed_directory: Path | None) -> None:
     async with anyio.create_task_group() as group:
         if seed_directory is not None:
             group.start_soon(_announce_dev_api_key, settings, seed_directory)
-        await _server_entry()(settings)
+        await _run_server(settings)
         group.cancel_scope.cancel()
 
 

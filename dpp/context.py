@@ -1,25 +1,28 @@
-"""AppContext: the explicit handles the HTTP front and the actors are built from.
+"""AppContext: the typed handles the HTTP front is built from.
 
-Built once by the composition root (`dpp/app.py`). Nothing reaches for a global:
-a route gets what it needs from here, so tests can build a context over real
-services of their own.
+Built once per replica by the composition root (`dpp/app.py`). Nothing reaches
+for a global, and no handle is an adapter: a route gets the one service it
+calls from here (admission, runs, accounts, budgets, tenancy, ...), so the
+HTTP layer never sees a pool, a Redis client or a bucket.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import asyncpg
-    import prometheus_client
-    from redis.asyncio import Redis
+from prometheus_client import CollectorRegistry
 
-    from dpp.adapters.blobs import Blobs
-    from dpp.adapters.postgres import Queries
-    from dpp.config import Settings
-    from dpp.packs import PackRegistry
+from dpp.actors.budgets import Budgets
+from dpp.actors.reconciler import Reconciler
+from dpp.config import Settings
+from dpp.money.accounts import Accounts
+from dpp.packs import PackRegistry
+from dpp.runs.admission import Admission
+from dpp.runs.service import Runs
+from dpp.tenancy.ratelimit import RateLimiter
+from dpp.tenancy.service import Tenancy
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,20 +36,16 @@ class ReadinessCheck:
 @dataclass(frozen=True, slots=True)
 class AppContext:
     settings: Settings
-    pool: asyncpg.Pool
-    redis: Redis
-    blobs: Blobs
-    queries: Queries
     packs: PackRegistry
-    metrics_registry: prometheus_client.CollectorRegistry
+    metrics_registry: CollectorRegistry
     readiness: tuple[ReadinessCheck, ...]
     # the live supervision tree as JSON-ready nodes (GET /admin/actors)
     actors_tree: Callable[[], dict[str, Any]]
-    # services, each owned by its module (see docs/architecture.md)
-    tenancy: Any = None  # dpp.tenancy.Tenancy: plans, tenants, keys, auth cache
-    rate_limiter: Any = None  # dpp.tenancy.ratelimit.RateLimiter
-    money: Any = None  # dpp.money_service.MoneyService: credit, reserve, settle, audit
-    admission: Any = None  # dpp.runs.admission.Admission: submit
-    runs: Any = None  # dpp.runs.service.Runs: get, page, cancel, usage, resolve
-    reconciler: Any = None  # dpp.actors.reconciler handle: reconcile_once()
-    queue: Any = None  # dpp.adapters.queue backend: enqueue() after a reservation commits
+    tenancy: Tenancy  # plans, tenants, keys; authenticates /v1
+    rate_limiter: RateLimiter
+    accounts: Accounts  # money reads: budgets in both stores, the audit
+    budgets: Budgets  # the one door money moves through (credits here)
+    admission: Admission  # POST /v1/runs
+    runs: Runs  # read, page, cancel, usage, resolve
+    # one reconciliation pass on demand (POST /admin/reconcile); None off the tree
+    reconciler: Reconciler | None = None

@@ -166,21 +166,3 @@ def install_signal_handlers(event: anyio.Event) -> Callable[[], None]:
             signal.signal(signal_number, handler if handler is not None else signal.SIG_DFL)
 
     return undo
-
-
-async def serve_forever(settings: Settings) -> None:
-    """The HTTP front alone over open adapters, until SIGTERM/SIGINT.
-
-    A stand-in for ``dpp.app.run_server`` (the supervision tree) so `dpp serve`
-    and `dpp dev` work before that exists; the CLI prefers run_server.
-    """
-    from dpp.app import open_context
-    from dpp.http.app import create_app
-
-    shutdown = anyio.Event()
-    undo = install_signal_handlers(shutdown)
-    try:
-        async with open_context(settings) as context:
-            await serve_http(create_app(context), settings, shutdown_trigger=shutdown)
-    finally:
-        undo()

@@ -12,21 +12,26 @@ import asyncpg
 from redis.asyncio import Redis
 
 from dpp import ids
+from dpp.actors.budgets import Budgets
 from dpp.adapters.postgres import Queries, create_pool
 from dpp.adapters.redis import create_redis
 from dpp.money import ledger
+from dpp.money.accounts import Accounts
+from dpp.money.ledger import LedgerStore
 from dpp.money.mirror import BudgetMirror
-from dpp.money_service import MoneyService
 
 
 @dataclass
 class Replica:
-    """One replica's money side: its own pool, Redis client and budget actors."""
+    """One replica's money side: its own pool, Redis client and budget actors
+    (``budgets``: the one door money moves through; ``accounts``: the reads)."""
 
     pool: asyncpg.Pool
     redis: Redis
     queries: Queries
-    money: MoneyService
+    mirror: BudgetMirror
+    budgets: Budgets
+    accounts: Accounts
 
 
 @contextlib.asynccontextmanager
@@ -36,14 +41,15 @@ async def open_replica(
     pool = await create_pool(database_url)
     redis = create_redis(redis_url)
     queries = Queries.load()
-    money = MoneyService.build(
-        pool, queries, BudgetMirror(redis, prefix), idle_timeout_s=idle_timeout_s
-    )
+    mirror = BudgetMirror(redis, prefix)
+    budgets = Budgets(LedgerStore(pool, queries), mirror, idle_timeout_s=idle_timeout_s)
     try:
         async with anyio.create_task_group() as group:
-            await group.start(money.budgets.run)
+            await group.start(budgets.registry.run)
             try:
-                yield Replica(pool, redis, queries, money)
+                yield Replica(
+                    pool, redis, queries, mirror, budgets, Accounts(pool, queries, mirror)
+                )
             finally:
                 group.cancel_scope.cancel()
     finally:

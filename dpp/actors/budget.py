@@ -23,6 +23,7 @@ from typing import Any, Protocol, assert_never
 
 from dpp.actors.kernel import Actor, ActorCrashed, Reply
 from dpp.faults import crash_point
+from dpp.limits import BUDGET_BATCH_MAX, BUDGET_MAILBOX_SIZE
 from dpp.logs import bind_only
 from dpp.money import ledger
 from dpp.money.ledger import ConcurrencyLimited, InsufficientBudget, Reserved, ReserveOutcome
@@ -30,9 +31,6 @@ from dpp.money.mirror import MirrorBudget, MirrorMissing, MirrorReserve
 from dpp.money.rules import Admission
 
 log = logging.getLogger("dpp.budget")
-
-MAILBOX_SIZE = 1024
-BATCH_MAX = 64  # measured: ~40x the throughput of one transaction per reservation
 
 
 # ---------------------------------------------------------------- messages
@@ -109,9 +107,11 @@ class BudgetActor(Actor[BudgetMessage]):
     kind = "budget"
 
     def __init__(
-        self, tenant_id: str, backend: BudgetBackend, *, batch_max: int = BATCH_MAX
+        self, tenant_id: str, backend: BudgetBackend, *, batch_max: int = BUDGET_BATCH_MAX
     ) -> None:
-        super().__init__(name=f"budget:{tenant_id}", mailbox_size=MAILBOX_SIZE, batch_max=batch_max)
+        super().__init__(
+            name=f"budget:{tenant_id}", mailbox_size=BUDGET_MAILBOX_SIZE, batch_max=batch_max
+        )
         self.tenant_id = tenant_id
         self.backend = backend
 

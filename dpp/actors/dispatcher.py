@@ -43,7 +43,8 @@ from dpp.actors.run import (
     mailbox_then_cancel,
 )
 from dpp.actors.supervisor import ChildSpec, Restart, actor_child
-from dpp.adapters.queue.base import CLAIM_BATCH_MAX, ClaimedRun
+from dpp.adapters.queue.base import ClaimedRun
+from dpp.limits import CLAIM_BATCH_MAX
 
 log = logging.getLogger("dpp.dispatcher")
 

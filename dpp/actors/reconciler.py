@@ -34,7 +34,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, assert_never
+from typing import Any, assert_never
 
 import anyio
 from anyio.abc import TaskStatus
@@ -50,25 +50,26 @@ from dpp.actors.kernel import (
 )
 from dpp.actors.run import mailbox_then_cancel, result_key
 from dpp.actors.supervisor import ChildSpec, Restart, actor_child
-from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, Blobs, StoredObject
+from dpp.adapters.blobs import (
+    RECEIPT_COST,
+    RECEIPT_RUN,
+    RECEIPT_SHA256,
+    ResultStore,
+    StoredObject,
+)
 from dpp.adapters.queue.base import RunQueue
-from dpp.limits import USD_MICROS_MAX
+from dpp.limits import RECONCILER_MAILBOX_SIZE, USD_MICROS_MAX
 from dpp.money import ledger
-from dpp.money.drift import repair_drift
+from dpp.money.drift import DriftRepair
+from dpp.money.ledger import LedgerStore
 from dpp.money.rules import Outcome, RunStatus
 from dpp.runs.failures import RunFailure
 from dpp.runs.idempotency import IdempotencyKeys
-
-if TYPE_CHECKING:
-    import asyncpg
-
-    from dpp.adapters.postgres import Queries
-    from dpp.context import AppContext
-    from dpp.money_service import MoneyService
+from dpp.runs.service import Settler
+from dpp.runs.store import RunStore
 
 log = logging.getLogger("dpp.reconciler")
 
-MAILBOX_SIZE = 16
 # Per pass limits: a backlog is worked off over several passes, never in one
 # unbounded sweep.
 REAP_BATCH_MAX = 500
@@ -200,10 +201,12 @@ class Reconciler:
     def __init__(
         self,
         *,
-        pool: asyncpg.Pool,
-        queries: Queries,
-        blobs: Blobs,
-        money: MoneyService,
+        runs: RunStore,
+        ledger: LedgerStore,
+        keys: IdempotencyKeys,
+        drift: DriftRepair,
+        results: ResultStore,
+        settler: Settler,
         queue: RunQueue,
         reaper_interval_s: float,
         reconcile_interval_s: float,
@@ -215,10 +218,12 @@ class Reconciler:
         assert reaper_interval_s > 0 and reconcile_interval_s > 0
         assert claimed_threshold_sec >= 1 and unsent_after_sec >= 0
         self.name = name
-        self.pool = pool
-        self.queries = queries
-        self.blobs = blobs
-        self.money = money
+        self.runs = runs
+        self.ledger = ledger
+        self.keys = keys
+        self.drift = drift
+        self.results = results
+        self.settler = settler
         self.queue = queue
         self.reaper_interval_s = reaper_interval_s
         self.reconcile_interval_s = reconcile_interval_s
@@ -238,21 +243,6 @@ class Reconciler:
             self._new_incarnation, id=name, restart=Restart.PERMANENT, shutdown_s=SHUTDOWN_S
         )
         self._spec = dataclasses.replace(spec, statistics=self.tree_node)
-
-    @classmethod
-    def from_context(cls, context: AppContext, queue: RunQueue) -> Reconciler:
-        settings = context.settings
-        assert context.money is not None, "build MoneyService before the reconciler"
-        return cls(
-            pool=context.pool,
-            queries=context.queries,
-            blobs=context.blobs,
-            money=context.money,
-            queue=queue,
-            reaper_interval_s=settings.reaper_interval_sec,
-            reconcile_interval_s=settings.reconcile_interval_sec,
-            claimed_threshold_sec=settings.reconcile_threshold_sec,
-        )
 
     # ----------------------------------------------------------- handles
 
@@ -364,7 +354,7 @@ class Reconciler:
     ) -> bool:
         """Settle once; True when this call moved the money."""
         try:
-            result = await self.money.settle(tenant_id, request)
+            result = await self.settler.settle(tenant_id, request)
         except ledger.SettleRefused as refused:
             log.info(
                 "settlement lost a race", extra={"run_id": request.run_id, "reason": refused.reason}
@@ -391,9 +381,7 @@ class Reconciler:
     ) -> None:
         """Set a run aside for an operator, and raise the alarm (SPEC §1, §6)."""
         failure = RunFailure.audit_required(reason)
-        if not await ledger.mark_audit_required(
-            self.pool, self.queries, run_id, version, failure.document()
-        ):
+        if not await self.ledger.mark_audit_required(run_id, version, failure.document()):
             report.lost_races += 1
             return
         report.audit_required += 1
@@ -409,7 +397,7 @@ class Reconciler:
         )
 
     async def reap(self, report: ReconcileReport) -> None:
-        rows = await self.pool.fetch(self.queries["lapsed_leases"], REAP_BATCH_MAX)
+        rows = await self.runs.lapsed_leases(REAP_BATCH_MAX)
         for row in rows:
             if not row["has_reserve"]:
                 await self._audit(
@@ -427,16 +415,14 @@ class Reconciler:
                 report.expired += 1
 
     async def _resolve_claimed(self, report: ReconcileReport) -> None:
-        rows = await self.pool.fetch(
-            self.queries["stuck_claimed_runs"], self.claimed_threshold_sec, CLAIMED_BATCH_MAX
-        )
+        rows = await self.runs.stuck_claimed(self.claimed_threshold_sec, CLAIMED_BATCH_MAX)
         for row in rows:
             run_id, tenant_id, version = row["id"], row["tenant_id"], row["version"]
             if not row["has_reserve"]:
                 await self._audit(report, run_id, tenant_id, version, "reserve entry missing")
                 continue
             key = result_key(tenant_id, run_id)
-            verdict = judge_claimed(run_id, key, await self.blobs.head(key))
+            verdict = judge_claimed(run_id, key, await self.results.head(key))
             match verdict:
                 case RollForward(actual_cost_usd_micros=cost, receipt=receipt):
                     request = ledger.SettleRequest(
@@ -474,7 +460,7 @@ class Reconciler:
                 await self.queue.delete_dead_letter(letter)
                 continue
             # The row, not the message, says whose run it is and where it stands.
-            row = await self.pool.fetchrow(self.queries["run_by_id"], letter.run_id)
+            row = await self.runs.by_id(letter.run_id)
             if row is not None and row["status"] == "QUEUED":
                 request = ledger.SettleRequest(
                     row["id"],
@@ -484,7 +470,7 @@ class Reconciler:
                     expected_version=row["version"],
                 )
                 try:
-                    settled = await self.money.settle(row["tenant_id"], request)
+                    settled = await self.settler.settle(row["tenant_id"], request)
                 except ledger.SettleRefused:
                     report.lost_races += 1  # claimed or cancelled meanwhile: fine
                 else:
@@ -499,30 +485,20 @@ class Reconciler:
     async def _repair_drift(self, report: ReconcileReport) -> None:
         cursor = self._drift_cursor
         for _ in range(DRIFT_PAGES_MAX):
-            repairs, cursor = await repair_drift(
-                self.pool,
-                self.queries,
-                self.money.mirror,
-                after_tenant_id=cursor,
-                settle_s=self.drift_settle_s,
-            )
+            repairs, cursor = await self.drift.repair_page(cursor, self.drift_settle_s)
             report.drift_repairs += len(repairs)
             if not cursor:
                 break
         self._drift_cursor = cursor  # resume here next pass if the pages ran out
 
     async def _delete_expired_results(self, report: ReconcileReport) -> None:
-        rows = await self.pool.fetch(self.queries["results_past_retention"], RETENTION_BATCH_MAX)
-        for row in rows:
-            await self.blobs.delete(row["result_key"])
-            marked = await self.pool.fetchval(
-                self.queries["mark_result_deleted"], row["id"], row["result_key"]
-            )
-            if marked is not None:
+        for row in await self.runs.past_retention(RETENTION_BATCH_MAX):
+            await self.results.delete(row["result_key"])
+            if await self.runs.mark_result_deleted(row["id"], row["result_key"]):
                 report.results_deleted += 1
 
     async def _sweep_idempotency(self, report: ReconcileReport) -> None:
-        report.idempotency_keys_swept += await IdempotencyKeys(self.pool, self.queries).sweep()
+        report.idempotency_keys_swept += await self.keys.sweep()
 
 
 class ReconcilerActor(Actor[ReconcilerMessage]):
@@ -531,7 +507,7 @@ class ReconcilerActor(Actor[ReconcilerMessage]):
     kind = "reconciler"
 
     def __init__(self, reconciler: Reconciler) -> None:
-        super().__init__(name=reconciler.name, mailbox_size=MAILBOX_SIZE)
+        super().__init__(name=reconciler.name, mailbox_size=RECONCILER_MAILBOX_SIZE)
         self.reconciler = reconciler
 
     async def run(

@@ -30,30 +30,27 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, assert_never
+from typing import Any, TypeVar, assert_never
 
 import anyio
 from anyio.abc import TaskStatus
 
 from dpp.actors.kernel import Actor, ActorRef, ActorStopped, MailboxFull
-from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, Blobs
+from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, ResultStore
 from dpp.adapters.queue.base import ClaimedRun, LeaseStore, RunQueue
 from dpp.faults import crash_point
+from dpp.limits import RUN_MAILBOX_SIZE
 from dpp.logs import bind
 from dpp.money import ledger
 from dpp.money.rules import Outcome, RunStatus
 from dpp.packs import PackContext, PackError, PackOutput, PackRegistry
 from dpp.runs.failures import RunFailure
-
-if TYPE_CHECKING:
-    from dpp.context import AppContext
-    from dpp.money_service import MoneyService
+from dpp.runs.service import Settler
 
 log = logging.getLogger("dpp.run")
 
 T = TypeVar("T")
 
-RUN_MAILBOX_SIZE = 8  # a beat or two and one pack result: never more in practice
 # Finalize and release run shielded from cancellation, so each needs its own bound.
 FINALIZE_DEADLINE_S = 60.0
 RELEASE_DEADLINE_S = 10.0
@@ -125,12 +122,12 @@ class RunEnding(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class RunServices:
-    """What run actors touch. Built once per replica."""
+    """The ports run actors touch, built once per replica by the composition root."""
 
     leases: LeaseStore
     queue: RunQueue
-    blobs: Blobs
-    money: MoneyService
+    results: ResultStore
+    settler: Settler  # the budget handle: every settlement goes through it
     packs: PackRegistry
     lease_sec: int
     heartbeat_sec: float
@@ -140,20 +137,6 @@ class RunServices:
         # Settings make heartbeat_sec < lease_sec; tests may break that on purpose
         # (a worker that stops renewing) so it is not asserted here.
         assert self.heartbeat_sec > 0, self.heartbeat_sec
-
-    @classmethod
-    def from_context(cls, context: AppContext, queue: RunQueue) -> RunServices:
-        assert context.money is not None, "build MoneyService before the run services"
-        settings = context.settings
-        return cls(
-            leases=LeaseStore(context.pool, context.queries),
-            queue=queue,
-            blobs=context.blobs,
-            money=context.money,
-            packs=context.packs,
-            lease_sec=settings.lease_sec,
-            heartbeat_sec=settings.heartbeat_sec,
-        )
 
 
 class RunActor(Actor[RunMessage]):
@@ -331,7 +314,7 @@ class RunActor(Actor[RunMessage]):
             RECEIPT_SHA256: sha256,
         }
         try:
-            await services.blobs.put(key, output.body, output.content_type, receipt)
+            await services.results.put(key, output.body, output.content_type, receipt)
         except AssertionError:
             raise  # a broken invariant is a bug, not an operating error
         except Exception:
@@ -359,7 +342,7 @@ class RunActor(Actor[RunMessage]):
         attempt's result settled) nor AUDIT_REQUIRED (the object is evidence)."""
         try:
             with anyio.move_on_after(RELEASE_DEADLINE_S, shield=True):
-                await self.services.blobs.delete(key)
+                await self.services.results.delete(key)
                 log.info("deleted the result of a run that ended without it")
         except Exception:
             log.warning("could not delete an orphaned result object", exc_info=True)
@@ -379,7 +362,7 @@ class RunActor(Actor[RunMessage]):
 
     async def _settle(self, request: ledger.SettleRequest, settled: RunEnding) -> RunEnding:
         try:
-            result = await self.services.money.settle(self.claimed.tenant_id, request)
+            result = await self.services.settler.settle(self.claimed.tenant_id, request)
         except ledger.SettleRefused as refused:
             # Reaped, reconciled or released first: its settlement stands, ours never happens.
             self.refused_status = refused.status

@@ -112,6 +112,12 @@ async def create_pool(dsn: str, *, max_size: int = POOL_SIZE_MAX) -> asyncpg.Poo
     return pool
 
 
+async def ping(pool: asyncpg.Pool, timeout_s: float) -> None:
+    """Raise unless Postgres answers a trivial query within ``timeout_s`` (readiness)."""
+    async with pool.acquire(timeout=timeout_s) as connection:
+        await connection.fetchval("SELECT 1", timeout=timeout_s)
+
+
 async def connect_postgres(url: str) -> asyncpg.Pool:
     """The pool, retrying with exponential backoff (a database may start after us)."""
     delay_s = CONNECT_BACKOFF_FIRST_S

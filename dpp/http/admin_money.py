@@ -77,7 +77,7 @@ async def add_credits(request: Request) -> Response:
     if not ids.is_id(tenant_id, "ten"):
         raise _tenant_not_found()
     try:
-        result = await context.money.credit(tenant_id, amount, f"credit:{tenant_id}:{key}")
+        result = await context.budgets.credit(tenant_id, amount, f"credit:{tenant_id}:{key}")
     except ledger.TenantNotFound:
         raise _tenant_not_found() from None
     except ledger.CreditConflict:
@@ -100,22 +100,20 @@ async def tenant_budget(request: Request) -> Response:
     if not ids.is_id(tenant_id, "ten"):
         raise _tenant_not_found()
     try:
-        row = await context.money.budget(tenant_id)
+        both = await context.accounts.both_stores(tenant_id)
     except ledger.TenantNotFound:
         raise _tenant_not_found() from None
-    postgres = _budget_view(row["balance_usd_micros"], row["reserved_usd_micros"])
-    mirrored = await context.money.mirror.read(tenant_id)
-    redis = (
-        None
-        if mirrored is None
-        else _budget_view(mirrored.balance_usd_micros, mirrored.reserved_usd_micros)
-    )
+    mirrored = both.redis
     return json_response(
         {
-            "postgres": postgres,
-            "redis": redis,
+            "postgres": _budget_view(
+                both.postgres.balance_usd_micros, both.postgres.reserved_usd_micros
+            ),
+            "redis": None
+            if mirrored is None
+            else _budget_view(mirrored.balance_usd_micros, mirrored.reserved_usd_micros),
             # a tenant not mirrored yet is rebuilt from Postgres before first use
-            "consistent": redis is None or redis == postgres,
+            "consistent": both.consistent,
         }
     )
 
@@ -123,7 +121,7 @@ async def tenant_budget(request: Request) -> Response:
 async def audit(request: Request) -> Response:
     require_admin(request)
     context: AppContext = request.app.state.context
-    report = await context.money.audit()
+    report = await context.accounts.audit()
     return json_response(report.as_json())
 
 

@@ -1,7 +1,7 @@
 """The tenant API's money-bearing routes: runs, budget, usage, packs (SPEC §3, §6).
 
 Each handler parses the request, calls one service (``context.admission``,
-``context.runs``, ``context.money``, ``context.packs``) and renders its answer;
+``context.runs``, ``context.accounts``, ``context.packs``) and renders its answer;
 typed refusals become problems here and nowhere else.
 """
 
@@ -231,7 +231,7 @@ async def cancel_run(request: Request) -> Response:
 async def get_budget(request: Request) -> Response:
     context: AppContext = request.app.state.context
     principal = principal_of(request)
-    row = await context.money.budget(principal.tenant_id)
+    row = await context.accounts.budget(principal.tenant_id)
     return json_response(
         {
             "balance_usd_micros": row["balance_usd_micros"],

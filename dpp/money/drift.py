@@ -98,3 +98,23 @@ async def repair_drift(
             log.warning("budget mirror drift repaired", extra=repair)
             repairs.append(repair)
     return repairs, cursor
+
+
+class DriftRepair:
+    """``repair_drift`` over one pool and mirror, a page at a time (the reconciler's)."""
+
+    def __init__(self, pool: Pool, queries: Queries, mirror: BudgetMirror) -> None:
+        self._pool = pool
+        self._queries = queries
+        self._mirror = mirror
+
+    async def repair_page(
+        self, after_tenant_id: str, settle_s: float
+    ) -> tuple[list[dict[str, object]], str]:
+        return await repair_drift(
+            self._pool,
+            self._queries,
+            self._mirror,
+            after_tenant_id=after_tenant_id,
+            settle_s=settle_s,
+        )

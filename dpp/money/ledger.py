@@ -483,7 +483,8 @@ class StoredBudget:
 
 @dataclass(frozen=True, slots=True)
 class LedgerStore:
-    """The Postgres side of a budget actor (``dpp.actors.budget.BudgetStore``)."""
+    """The ledger over one pool: the Postgres side of a budget actor
+    (``dpp.actors.budget.BudgetStore``), and the reconciler's audit mark."""
 
     pool: Pool
     queries: Queries
@@ -507,3 +508,8 @@ class LedgerStore:
         self, tenant_id: str, amount_usd_micros: int, operation_id: str
     ) -> CreditResult:
         return await credit(self.pool, self.queries, tenant_id, amount_usd_micros, operation_id)
+
+    async def mark_audit_required(
+        self, run_id: str, version: int, error: Mapping[str, object]
+    ) -> bool:
+        return await mark_audit_required(self.pool, self.queries, run_id, version, error)

@@ -71,7 +71,7 @@ async def test_crash_after_finalize_claim_rolls_back_failed_with_the_minimum_fee
         run_id, (dispatcher, _) = await crash_run_at(h, "run.after_finalize_claim")
         assert dispatcher.endings[RunEnding.CRASHED] == 1
         assert (await h.row(run_id))["status"] == "CLAIMED"
-        assert await h.context.blobs.head(result_key(h.tenant_id, run_id)) is None
+        assert await h.adapters.blobs.head(result_key(h.tenant_id, run_id)) is None
         await h.age_claim(run_id)
         report = await (await h.start_reconciler()).reconcile_once()
         assert report["rolled_back"] == 1
@@ -89,7 +89,7 @@ async def test_crash_after_result_put_rolls_forward_charging_the_receipts_cost(
         run_id, _ = await crash_run_at(h, "run.after_result_put")
         assert (await h.row(run_id))["status"] == "CLAIMED"
         key = result_key(h.tenant_id, run_id)
-        stored = await h.context.blobs.head(key)
+        stored = await h.adapters.blobs.head(key)
         assert stored is not None
         assert stored.metadata[RECEIPT_COST] == str(ECHO_COST_USD_MICROS)
         await h.age_claim(run_id)
@@ -129,7 +129,7 @@ async def test_crash_after_the_settlement_commit_leaves_drift_that_repair_fixes(
         row = await h.row(run_id)
         assert row["status"] == "COMPLETED"
         assert row["charged_usd_micros"] == ECHO_COST_USD_MICROS
-        audit = await h.money.audit()
+        audit = await h.context.accounts.audit()
         assert [v["invariant"] for v in audit.violations] == [5], "only the mirror lags"
         report = await (await h.start_reconciler()).reconcile_once()
         assert report["drift_repairs"] == 1

@@ -2,7 +2,9 @@
 
 Each layer is its own fixture so a test (or a later, fuller runtime) can swap
 one: override ``settings_env`` to change configuration, ``context`` to run the
-whole supervision tree, ``app`` to add routes or middleware.
+whole supervision tree, ``app`` to add routes or middleware. ``adapters`` holds
+the open pool, Redis client and bucket, for tests that set up or inspect state
+around the API.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import orjson
 import pytest
 from starlette.applications import Starlette
 
-from dpp.app import open_context
+from dpp.app import Adapters, build_budgets, build_context, open_adapters
 from dpp.config import Settings, load_settings
 from dpp.context import AppContext
 from dpp.http.app import create_app
@@ -50,9 +52,16 @@ def settings(settings_env: dict[str, str]) -> Settings:
 
 
 @pytest.fixture
-async def context(settings: Settings, settings_env: dict[str, str]) -> AsyncIterator[AppContext]:
-    async with open_context(settings, environment=settings_env) as context:
-        yield context
+async def adapters(settings: Settings, settings_env: dict[str, str]) -> AsyncIterator[Adapters]:
+    """The replica's open connections (tests reach around the API through these)."""
+    async with open_adapters(settings, environment=settings_env) as adapters:
+        yield adapters
+
+
+@pytest.fixture
+def context(adapters: Adapters) -> AppContext:
+    """The services over ``adapters``, without a supervision tree (no actor runs)."""
+    return build_context(adapters, build_budgets(adapters))
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ storage path."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +23,6 @@ from dpp.http import admin_tenancy
 from dpp.http.app import create_app, json_response
 from dpp.http.auth import ApiAuthMiddleware, principal_of
 from dpp.ids import new_id
-from dpp.tenancy.ratelimit import RateLimiter
-from dpp.tenancy.service import Tenancy
 
 if TYPE_CHECKING:
     from tests.services import TestServices
@@ -36,12 +33,7 @@ PLAN = {"id": "pro", "requests_per_minute": 1200, "max_concurrent_runs": 20, "re
 
 @pytest.fixture
 async def replica(context: AppContext) -> AsyncIterator[AppContext]:
-    settings = context.settings
-    wired = dataclasses.replace(
-        context,
-        tenancy=Tenancy(context.pool, context.queries, context.redis, settings),
-        rate_limiter=RateLimiter(context.redis, settings.redis_prefix),
-    )
+    wired = context
     async with anyio.create_task_group() as group:
         await group.start(wired.tenancy.run_invalidation_listener)
         await wired.tenancy.wait_listening()

@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from dpp.adapters.postgres import create_pool
 from dpp.adapters.redis import create_redis
+from dpp.app import Adapters
 from dpp.context import AppContext
 from dpp.http import admin_tenancy
 from dpp.http.app import create_app, json_response
@@ -61,13 +62,8 @@ def build_app(context: AppContext) -> Starlette:
 
 
 def with_tenancy(context: AppContext, **overrides: Any) -> AppContext:
-    settings = context.settings
-    tenancy = overrides.get("tenancy") or Tenancy(
-        context.pool, context.queries, context.redis, settings
-    )
-    rate_limiter = overrides.get("rate_limiter") or RateLimiter(
-        context.redis, settings.redis_prefix
-    )
+    tenancy = overrides.get("tenancy") or context.tenancy
+    rate_limiter = overrides.get("rate_limiter") or context.rate_limiter
     return dataclasses.replace(context, tenancy=tenancy, rate_limiter=rate_limiter)
 
 
@@ -208,7 +204,7 @@ async def test_revoked_key_is_refused_at_once(
 
 
 async def test_revocation_on_one_replica_reaches_the_other(
-    context: AppContext, admin_headers: dict[str, str]
+    context: AppContext, adapters: Adapters, admin_headers: dict[str, str]
 ) -> None:
     """Two replicas (own Tenancy, own Redis connection, own cache) over one
     Postgres and Redis; both caches warm; revoke through A; B refuses."""
@@ -216,7 +212,7 @@ async def test_revocation_on_one_replica_reaches_the_other(
     replica_a = with_tenancy(context)
     replica_b = with_tenancy(
         context,
-        tenancy=Tenancy(context.pool, context.queries, redis_b, context.settings),
+        tenancy=Tenancy(adapters.pool, adapters.queries, redis_b, context.settings),
         rate_limiter=RateLimiter(redis_b, context.settings.redis_prefix),
     )
     try:
@@ -271,7 +267,7 @@ async def test_redis_down_fails_closed_with_503(context: AppContext) -> None:
         await dead_redis.aclose()
 
 
-async def test_bad_checksum_is_401_without_storage(context: AppContext) -> None:
+async def test_bad_checksum_is_401_without_storage(context: AppContext, adapters: Adapters) -> None:
     """Postgres and Redis both unreachable for this replica: a malformed key is
     still answered 401 (never 503), so its check touched neither."""
     dead_redis = create_redis("redis://127.0.0.1:1/0")
@@ -281,7 +277,7 @@ async def test_bad_checksum_is_401_without_storage(context: AppContext) -> None:
     try:
         replica = with_tenancy(
             context,
-            tenancy=Tenancy(pool, context.queries, dead_redis, context.settings),
+            tenancy=Tenancy(pool, adapters.queries, dead_redis, context.settings),
             rate_limiter=RateLimiter(dead_redis, context.settings.redis_prefix),
         )
         key = generate_api_key()

@@ -27,20 +27,22 @@ from aiobotocore.session import get_session
 from anyio.abc import TaskGroup
 
 from dpp import ids
+from dpp.actors.budgets import Budgets
 from dpp.actors.dispatcher import Dispatcher
 from dpp.actors.reconciler import Reconciler
 from dpp.actors.run import RunActor, RunEnding, RunServices, result_key
 from dpp.actors.supervisor import Supervisor, SupervisorSpec
 from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256
-from dpp.adapters.queue import QueuedRun, RunQueue, open_queue
-from dpp.app import open_context
+from dpp.adapters.queue import QueuedRun, RunQueue
+from dpp.app import Adapters, build_budgets, build_context, build_run_services, open_adapters
 from dpp.config import Settings, load_settings
 from dpp.context import AppContext
 from dpp.money import ledger
-from dpp.money.ledger import Reserved
-from dpp.money.mirror import BudgetMirror
+from dpp.money.drift import DriftRepair
+from dpp.money.ledger import LedgerStore, Reserved
 from dpp.money.rules import Outcome, RunStatus
-from dpp.money_service import MoneyService
+from dpp.runs.idempotency import IdempotencyKeys
+from dpp.runs.store import RunStore
 from tests.moneykit import create_tenant
 
 if TYPE_CHECKING:
@@ -61,8 +63,9 @@ class Harness:
     """One replica's execution side over the test's own database and bucket."""
 
     settings: Settings
+    adapters: Adapters
     context: AppContext
-    money: MoneyService
+    budgets: Budgets
     queue: RunQueue
     run_services: RunServices
     tenant_id: str
@@ -72,7 +75,7 @@ class Harness:
 
     @property
     def pool(self) -> asyncpg.Pool:
-        return self.context.pool
+        return self.adapters.pool
 
     async def submit(
         self,
@@ -96,7 +99,7 @@ class Harness:
             trace_id=secrets.token_hex(16),
             created_at=datetime.now(UTC),
         )
-        outcome = await self.money.reserve(self.tenant_id, draft)
+        outcome = await self.budgets.reserve(self.tenant_id, draft)
         assert isinstance(outcome, Reserved), outcome
         if announce:
             await self.queue.enqueue(
@@ -145,7 +148,7 @@ class Harness:
         return {row["kind"]: row["amount_usd_micros"] for row in rows}
 
     async def assert_audit_ok(self) -> None:
-        report = await self.money.audit()
+        report = await self.context.accounts.audit()
         assert report.ok, (report.violations, report.audit_required_runs)
 
     async def start_dispatcher(self, **overrides: Any) -> Dispatcher:
@@ -161,10 +164,12 @@ class Harness:
 
     def reconciler(self, **overrides: Any) -> Reconciler:
         options: dict[str, Any] = {
-            "pool": self.pool,
-            "queries": self.context.queries,
-            "blobs": self.context.blobs,
-            "money": self.money,
+            "runs": RunStore(self.pool, self.adapters.queries),
+            "ledger": LedgerStore(self.pool, self.adapters.queries),
+            "keys": IdempotencyKeys(self.pool, self.adapters.queries),
+            "drift": DriftRepair(self.pool, self.adapters.queries, self.adapters.mirror),
+            "results": self.adapters.blobs,
+            "settler": self.budgets,
             "queue": self.queue,
             "reaper_interval_s": 3600.0,
             "reconcile_interval_s": 3600.0,
@@ -235,13 +240,9 @@ async def open_harness(
     env.update(environment)
     settings = load_settings(env)
     async with contextlib.AsyncExitStack() as stack:
-        base = await stack.enter_async_context(open_context(settings, environment=env))
-        money = MoneyService.build(
-            base.pool, base.queries, BudgetMirror(base.redis, settings.redis_prefix)
-        )
-        context = dataclasses.replace(base, money=money)
-        queue = await stack.enter_async_context(open_queue(settings, base.pool, base.queries))
-        context = dataclasses.replace(context, queue=queue)
+        adapters = await stack.enter_async_context(open_adapters(settings, environment=env))
+        budgets = build_budgets(adapters)
+        context = build_context(adapters, budgets)
         sqs = None
         if queue_backend == "sqs":
             sqs = await stack.enter_async_context(
@@ -251,15 +252,16 @@ async def open_harness(
             )
         group = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(group.cancel_scope.cancel)
-        await group.start(money.budgets.run)
-        tenant_id = await create_tenant(base.pool)
-        await money.credit(tenant_id, CREDIT_USD_MICROS, "credit:seed")
+        await group.start(budgets.registry.run)
+        tenant_id = await create_tenant(adapters.pool)
+        await budgets.credit(tenant_id, CREDIT_USD_MICROS, "credit:seed")
         yield Harness(
             settings=settings,
+            adapters=adapters,
             context=context,
-            money=money,
-            queue=queue,
-            run_services=RunServices.from_context(context, queue),
+            budgets=budgets,
+            queue=adapters.queue,
+            run_services=build_run_services(adapters, budgets),
             tenant_id=tenant_id,
             group=group,
             sqs=sqs,
@@ -321,9 +323,9 @@ async def test_echo_run_completes_charging_the_pack_cost_with_its_receipt_in_s3(
         assert row["lease_token"] is None and row["error"] is None
         key = result_key(h.tenant_id, run_id)
         assert row["result_key"] == key
-        body = await h.context.blobs.get(key)
+        body = await h.adapters.blobs.get(key)
         assert orjson.loads(body) == {"payload": {"answer": 42}}
-        stored = await h.context.blobs.head(key)
+        stored = await h.adapters.blobs.head(key)
         assert stored is not None
         assert stored.content_type == "application/json"
         assert stored.metadata[RECEIPT_COST] == str(ECHO_COST_USD_MICROS)
@@ -449,10 +451,10 @@ async def test_worker_paused_past_its_lease_is_reaped_and_cannot_settle(
         row = await h.row(run_id)
         assert row["status"] == "EXPIRED"
         assert row["charged_usd_micros"] == MINIMUM_FEE_USD_MICROS
-        assert await h.context.blobs.head(result_key(h.tenant_id, run_id)) is None
+        assert await h.adapters.blobs.head(result_key(h.tenant_id, run_id)) is None
         # the stale worker's own settlement is refused outright
         with pytest.raises(ledger.SettleRefused):
-            await h.money.settle(
+            await h.budgets.settle(
                 h.tenant_id,
                 ledger.SettleRequest(
                     run_id,
@@ -493,7 +495,7 @@ async def test_a_run_claimed_again_elsewhere_is_settled_once_by_its_new_holder(
         # The first holder's lease is taken from it (a partition, a bug): QUEUED
         # again, claimed by a second worker with a new token.
         released = await h.pool.fetchval(
-            h.context.queries["release_run"], run_id, first.lease_token
+            h.adapters.queries["release_run"], run_id, first.lease_token
         )
         assert released is not None
         second = await h.claim_one()
@@ -612,8 +614,8 @@ async def test_a_result_uploaded_after_a_roll_back_is_deleted_not_orphaned(
     async with open_harness(services, database_url, redis_prefix) as h:
         run_id = await h.submit({"payload": 1})
         claimed = await h.claim_one()
-        gated = GatedBlobs(h.context.blobs)
-        slow = dataclasses.replace(h.run_services, blobs=gated, heartbeat_sec=3600.0)
+        gated = GatedBlobs(h.adapters.blobs)
+        slow = dataclasses.replace(h.run_services, results=gated, heartbeat_sec=3600.0)
         _, ending, done = await run_actor(h, claimed, slow)
         with anyio.fail_after(WAIT_S):
             await gated.entered.wait()  # CLAIMED, about to upload
@@ -626,5 +628,5 @@ async def test_a_result_uploaded_after_a_roll_back_is_deleted_not_orphaned(
         assert ending() is RunEnding.LEASE_LOST
         row = await h.row(run_id)
         assert row["status"] == "FAILED" and row["result_key"] is None
-        assert await h.context.blobs.head(result_key(h.tenant_id, run_id)) is None
+        assert await h.adapters.blobs.head(result_key(h.tenant_id, run_id)) is None
         await h.assert_audit_ok()

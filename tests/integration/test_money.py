@@ -23,7 +23,7 @@ async def _storm(replicas, tenant_id: str, count: int) -> list[object]:
 
     async def one(index: int) -> None:
         replica = replicas[index % len(replicas)]
-        outcomes.append(await replica.money.reserve(tenant_id, draft(RESERVATION)))
+        outcomes.append(await replica.budgets.reserve(tenant_id, draft(RESERVATION)))
 
     async with anyio.create_task_group() as group:
         for index in range(count):
@@ -39,16 +39,16 @@ async def test_exactly_ten_of_a_hundred_concurrent_reservations_fit(
         first = replicas[0]
         await create_plan(first.pool, "wide", max_concurrent_runs=1000)
         tenant = await create_tenant(first.pool, plan_id="wide")
-        await first.money.credit(tenant, 10 * RESERVATION, "credit:seed")
+        await first.budgets.credit(tenant, 10 * RESERVATION, "credit:seed")
         outcomes = await _storm(replicas, tenant, 100)
         accepted = [o for o in outcomes if isinstance(o, Reserved)]
         refused = [o for o in outcomes if isinstance(o, InsufficientBudget)]
         assert len(accepted) == 10
         assert len(refused) == 90
         assert all(o.required_usd_micros == RESERVATION for o in refused)
-        budget = await first.money.budget(tenant)
+        budget = await first.accounts.budget(tenant)
         assert budget["balance_usd_micros"] - budget["reserved_usd_micros"] == 0
-        report = await first.money.audit()
+        report = await first.accounts.audit()
         assert report.ok, report.violations
 
 
@@ -75,10 +75,10 @@ async def test_plan_concurrency_limit_refuses_with_429_outcome(
     async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
         await create_plan(replica.pool, "two", max_concurrent_runs=2)
         tenant = await create_tenant(replica.pool, plan_id="two")
-        await replica.money.credit(tenant, 100 * RESERVATION, "credit:seed")
-        outcomes = [await replica.money.reserve(tenant, draft()) for _ in range(3)]
+        await replica.budgets.credit(tenant, 100 * RESERVATION, "credit:seed")
+        outcomes = [await replica.budgets.reserve(tenant, draft()) for _ in range(3)]
         assert [type(o) for o in outcomes] == [Reserved, Reserved, ConcurrencyLimited]
-        assert (await replica.money.audit()).ok
+        assert (await replica.accounts.audit()).ok
 
 
 async def test_settlement_follows_the_table_exactly_once(
@@ -86,9 +86,9 @@ async def test_settlement_follows_the_table_exactly_once(
 ) -> None:
     async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
         tenant = await create_tenant(replica.pool)
-        await replica.money.credit(tenant, 10_000, "credit:seed")
+        await replica.budgets.credit(tenant, 10_000, "credit:seed")
         run = draft(5_000, minimum_fee_usd_micros=500)
-        assert isinstance(await replica.money.reserve(tenant, run), Reserved)
+        assert isinstance(await replica.budgets.reserve(tenant, run), Reserved)
         token = await claim_for_test(replica.pool, run.run_id)
         request = ledger.SettleRequest(
             run.run_id, Outcome.COMPLETED, actual_cost_usd_micros=9_999_999, lease_token=token
@@ -96,7 +96,7 @@ async def test_settlement_follows_the_table_exactly_once(
         results = []
 
         async def settle_once() -> None:
-            results.append(await replica.money.settle(tenant, request))
+            results.append(await replica.budgets.settle(tenant, request))
 
         async with anyio.create_task_group() as group:
             for _ in range(5):
@@ -106,22 +106,22 @@ async def test_settlement_follows_the_table_exactly_once(
         # actual cost above R is clamped to R
         assert applied[0].settlement.charged_usd_micros == 5_000
         assert applied[0].settlement.refunded_usd_micros == 0
-        budget = await replica.money.budget(tenant)
+        budget = await replica.accounts.budget(tenant)
         assert (budget["balance_usd_micros"], budget["reserved_usd_micros"]) == (5_000, 0)
-        report = await replica.money.audit()
+        report = await replica.accounts.audit()
         assert report.ok, report.violations
 
 
 async def test_stale_lease_token_cannot_settle(database_url, services, redis_prefix) -> None:
     async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
         tenant = await create_tenant(replica.pool)
-        await replica.money.credit(tenant, 10_000, "credit:seed")
+        await replica.budgets.credit(tenant, 10_000, "credit:seed")
         run = draft(2_000, minimum_fee_usd_micros=100)
-        await replica.money.reserve(tenant, run)
+        await replica.budgets.reserve(tenant, run)
         await claim_for_test(replica.pool, run.run_id)
         stale = "00000000-0000-4000-8000-000000000000"
         with pytest.raises(ledger.SettleRefused, match="lease token is stale"):
-            await replica.money.settle(
+            await replica.budgets.settle(
                 tenant,
                 ledger.SettleRequest(
                     run.run_id, Outcome.COMPLETED, actual_cost_usd_micros=1, lease_token=stale
@@ -136,20 +136,20 @@ async def test_cancel_refunds_everything_and_is_idempotent(
 ) -> None:
     async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
         tenant = await create_tenant(replica.pool)
-        await replica.money.credit(tenant, 10_000, "credit:seed")
+        await replica.budgets.credit(tenant, 10_000, "credit:seed")
         run = draft(3_000, minimum_fee_usd_micros=300)
-        await replica.money.reserve(tenant, run)
+        await replica.budgets.reserve(tenant, run)
         cancel = ledger.SettleRequest(
             run.run_id, Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
         )
-        first = await replica.money.settle(tenant, cancel)
-        again = await replica.money.settle(tenant, cancel)
+        first = await replica.budgets.settle(tenant, cancel)
+        again = await replica.budgets.settle(tenant, cancel)
         assert first.applied and not again.applied
         assert first.settlement.charged_usd_micros == 0
         assert first.settlement.refunded_usd_micros == 3_000
-        budget = await replica.money.budget(tenant)
+        budget = await replica.accounts.budget(tenant)
         assert (budget["balance_usd_micros"], budget["reserved_usd_micros"]) == (10_000, 0)
-        assert (await replica.money.audit()).ok
+        assert (await replica.accounts.audit()).ok
 
 
 async def test_credit_replay_adds_nothing_and_conflict_is_refused(
@@ -157,24 +157,24 @@ async def test_credit_replay_adds_nothing_and_conflict_is_refused(
 ) -> None:
     async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
         tenant = await create_tenant(replica.pool)
-        first = await replica.money.credit(tenant, 7_000, "credit:k1")
-        again = await replica.money.credit(tenant, 7_000, "credit:k1")
+        first = await replica.budgets.credit(tenant, 7_000, "credit:k1")
+        again = await replica.budgets.credit(tenant, 7_000, "credit:k1")
         assert not first.replayed and again.replayed
         assert again.budget.balance_usd_micros == 7_000
         with pytest.raises(ledger.CreditConflict):
-            await replica.money.credit(tenant, 8_000, "credit:k1")
-        assert (await replica.money.audit()).ok
+            await replica.budgets.credit(tenant, 8_000, "credit:k1")
+        assert (await replica.accounts.audit()).ok
 
 
 async def test_redis_loss_mid_storm_never_overspends(database_url, services, redis_prefix) -> None:
     async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
         await create_plan(replica.pool, "wide", max_concurrent_runs=1000)
         tenant = await create_tenant(replica.pool, plan_id="wide")
-        await replica.money.credit(tenant, 30 * RESERVATION, "credit:seed")
+        await replica.budgets.credit(tenant, 30 * RESERVATION, "credit:seed")
         outcomes: list[object] = []
 
         async def one() -> None:
-            outcomes.append(await replica.money.reserve(tenant, draft(RESERVATION)))
+            outcomes.append(await replica.budgets.reserve(tenant, draft(RESERVATION)))
 
         async with anyio.create_task_group() as group:
             for index in range(100):
@@ -187,11 +187,11 @@ async def test_redis_loss_mid_storm_never_overspends(database_url, services, red
                     )
         accepted = [o for o in outcomes if isinstance(o, Reserved)]
         assert len(accepted) == 30
-        budget = await replica.money.budget(tenant)
+        budget = await replica.accounts.budget(tenant)
         assert budget["balance_usd_micros"] - budget["reserved_usd_micros"] == 0
         # the mirror was rebuilt from Postgres and agrees once quiet
-        await drift.repair_drift(replica.pool, replica.queries, replica.money.mirror, settle_s=0.05)
-        report = await replica.money.audit()
+        await drift.repair_drift(replica.pool, replica.queries, replica.mirror, settle_s=0.05)
+        report = await replica.accounts.audit()
         assert report.ok, report.violations
 
 
@@ -203,22 +203,22 @@ async def test_crash_during_reservation_recovers_clean(
 ) -> None:
     async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
         tenant = await create_tenant(replica.pool)
-        await replica.money.credit(tenant, 10_000, "credit:seed")
+        await replica.budgets.credit(tenant, 10_000, "credit:seed")
         run = draft(4_000)
         with armed(point), pytest.raises((ReservationOutcomeUnknown, InjectedCrash)):
-            await replica.money.reserve(tenant, run)
+            await replica.budgets.reserve(tenant, run)
         committed = await replica.pool.fetchval(
             "SELECT count(*) FROM runs WHERE id = $1", run.run_id
         )
         assert committed == (1 if point == "reserve.after_commit" else 0)
         # the supervisor restarted the actor; the next reservation works
-        assert isinstance(await replica.money.reserve(tenant, draft(1_000)), Reserved)
+        assert isinstance(await replica.budgets.reserve(tenant, draft(1_000)), Reserved)
         repairs, _ = await drift.repair_drift(
-            replica.pool, replica.queries, replica.money.mirror, settle_s=0.05
+            replica.pool, replica.queries, replica.mirror, settle_s=0.05
         )
         if point == "reserve.after_redis_hold":
             assert repairs, "the leaked hold must be repaired"
-        report = await replica.money.audit()
+        report = await replica.accounts.audit()
         assert report.ok, report.violations
 
 
@@ -228,23 +228,23 @@ async def test_crash_during_settlement_recovers_clean(
 ) -> None:
     async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
         tenant = await create_tenant(replica.pool)
-        await replica.money.credit(tenant, 10_000, "credit:seed")
+        await replica.budgets.credit(tenant, 10_000, "credit:seed")
         run = draft(4_000, minimum_fee_usd_micros=400)
-        await replica.money.reserve(tenant, run)
+        await replica.budgets.reserve(tenant, run)
         token = await claim_for_test(replica.pool, run.run_id)
         request = ledger.SettleRequest(
             run.run_id, Outcome.COMPLETED, actual_cost_usd_micros=1_500, lease_token=token
         )
         with armed(point), pytest.raises((ActorCrashed, InjectedCrash)):
-            await replica.money.settle(tenant, request)
+            await replica.budgets.settle(tenant, request)
         # the retry (worker or reconciler) settles exactly once
-        result = await replica.money.settle(tenant, request)
+        result = await replica.budgets.settle(tenant, request)
         assert result.applied == (point == "settle.before_commit")
         assert result.settlement.charged_usd_micros == 1_500
-        await drift.repair_drift(replica.pool, replica.queries, replica.money.mirror, settle_s=0.05)
-        budget = await replica.money.budget(tenant)
+        await drift.repair_drift(replica.pool, replica.queries, replica.mirror, settle_s=0.05)
+        budget = await replica.accounts.budget(tenant)
         assert (budget["balance_usd_micros"], budget["reserved_usd_micros"]) == (8_500, 0)
-        report = await replica.money.audit()
+        report = await replica.accounts.audit()
         assert report.ok, report.violations
 
 
@@ -253,10 +253,10 @@ async def test_a_settlement_batch_answers_each_request_on_its_own(
 ) -> None:
     async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
         tenant = await create_tenant(replica.pool)
-        await replica.money.credit(tenant, 100_000, "credit:seed")
+        await replica.budgets.credit(tenant, 100_000, "credit:seed")
         good, stale, canceled = draft(5_000), draft(5_000), draft(5_000)
         for run in (good, stale, canceled):
-            await replica.money.reserve(tenant, run)
+            await replica.budgets.reserve(tenant, run)
         good_token = await claim_for_test(replica.pool, good.run_id)
         await claim_for_test(replica.pool, stale.run_id)
         complete = ledger.SettleRequest(
@@ -287,18 +287,18 @@ async def test_a_settlement_batch_answers_each_request_on_its_own(
         assert not replay.applied and replay.settlement == first.settlement
         assert canceled_result.applied and canceled_result.settlement.refunded_usd_micros == 5_000
         assert isinstance(missing, ledger.RunNotFound)
-        budget = await replica.money.budget(tenant)
+        budget = await replica.accounts.budget(tenant)
         # 100,000 - 2,000 charged; the stale run's 5,000 is still reserved
         assert (budget["balance_usd_micros"], budget["reserved_usd_micros"]) == (98_000, 5_000)
-        await replica.money.settle(
+        await replica.budgets.settle(
             tenant,
             ledger.SettleRequest(
                 stale.run_id, Outcome.FAILED, from_statuses=frozenset({RunStatus.CLAIMED})
             ),
         )
         # the mirror missed the direct ledger call above; drift repair brings it back
-        await drift.repair_drift(replica.pool, replica.queries, replica.money.mirror, settle_s=0.05)
-        report = await replica.money.audit()
+        await drift.repair_drift(replica.pool, replica.queries, replica.mirror, settle_s=0.05)
+        report = await replica.accounts.audit()
         assert report.ok, report.violations
 
 
@@ -308,14 +308,14 @@ async def test_concurrent_settlements_of_one_tenant_are_group_committed(
     async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
         await create_plan(replica.pool, "wide", max_concurrent_runs=1000)
         tenant = await create_tenant(replica.pool, plan_id="wide")
-        await replica.money.credit(tenant, 10_000_000, "credit:seed")
+        await replica.budgets.credit(tenant, 10_000_000, "credit:seed")
         runs = [draft(1_000) for _ in range(50)]
         for run in runs:
-            await replica.money.reserve(tenant, run)
+            await replica.budgets.reserve(tenant, run)
         tokens = [await claim_for_test(replica.pool, run.run_id) for run in runs]
 
         async def settle(run, token) -> None:
-            await replica.money.settle(
+            await replica.budgets.settle(
                 tenant,
                 ledger.SettleRequest(
                     run.run_id, Outcome.COMPLETED, actual_cost_usd_micros=600, lease_token=token
@@ -325,8 +325,8 @@ async def test_concurrent_settlements_of_one_tenant_are_group_committed(
         async with anyio.create_task_group() as group:
             for run, token in zip(runs, tokens, strict=True):
                 group.start_soon(settle, run, token)
-        budget = await replica.money.budget(tenant)
+        budget = await replica.accounts.budget(tenant)
         assert budget["balance_usd_micros"] == 10_000_000 - 50 * 600
         assert budget["reserved_usd_micros"] == 0
-        report = await replica.money.audit()
+        report = await replica.accounts.audit()
         assert report.ok, report.violations

@@ -37,7 +37,7 @@ operations = st.lists(
 
 async def _scenario(database_url: str, redis_url: str, prefix: str, steps: list[tuple]) -> None:
     async with open_replica(database_url, redis_url, prefix) as replica:
-        money = replica.money
+        budgets, accounts = replica.budgets, replica.accounts
         if not await replica.pool.fetchval("SELECT 1 FROM plans WHERE id = 'prop'"):
             await create_plan(replica.pool, "prop", max_concurrent_runs=1000)
         tenant = await create_tenant(replica.pool, plan_id="prop")
@@ -47,11 +47,11 @@ async def _scenario(database_url: str, redis_url: str, prefix: str, steps: list[
         for index, step in enumerate(steps):
             match step:
                 case ("credit", amount):
-                    await money.credit(tenant, amount, f"credit:{tenant}:{index}")
+                    await budgets.credit(tenant, amount, f"credit:{tenant}:{index}")
                     credits += amount
                 case ("reserve", amount, minimum_percent):
                     run = draft(amount, minimum_fee_usd_micros=amount * minimum_percent // 100)
-                    if isinstance(await money.reserve(tenant, run), Reserved):
+                    if isinstance(await budgets.reserve(tenant, run), Reserved):
                         runs.append((run, None))
                 case ("settle", pick, outcome, actual):
                     if not runs:
@@ -64,7 +64,7 @@ async def _scenario(database_url: str, redis_url: str, prefix: str, steps: list[
                         actual_cost_usd_micros=actual,
                         lease_token=token,
                     )
-                    result = await money.settle(tenant, request)
+                    result = await budgets.settle(tenant, request)
                     expected = settle_table(
                         Outcome(outcome),
                         reserved_usd_micros=run.reserved_usd_micros,
@@ -81,17 +81,17 @@ async def _scenario(database_url: str, redis_url: str, prefix: str, steps: list[
                     request = ledger.SettleRequest(
                         run.run_id, Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
                     )
-                    await money.settle(tenant, request)
+                    await budgets.settle(tenant, request)
                     settled.append(request)
                 case ("replay", pick):
                     if not settled:
                         continue
-                    again = await money.settle(tenant, settled[pick % len(settled)])
+                    again = await budgets.settle(tenant, settled[pick % len(settled)])
                     assert not again.applied, "a replayed settlement moved money"
-        budget = await money.budget(tenant)
+        budget = await accounts.budget(tenant)
         assert budget["balance_usd_micros"] == credits - charges
         assert budget["reserved_usd_micros"] == sum(run.reserved_usd_micros for run, _ in runs)
-        report = await money.audit(tenant)
+        report = await accounts.audit(tenant)
         assert report.ok, report.violations
 
 

@@ -95,7 +95,7 @@ async def claimed_run(h: Harness, *, receipt: dict[str, str] | None) -> str:
             RECEIPT_SHA256: hashlib.sha256(body).hexdigest(),
             **receipt,
         }
-        await h.context.blobs.put(
+        await h.adapters.blobs.put(
             result_key(h.tenant_id, run_id), body, "application/json", metadata
         )
     await h.age_claim(run_id)
@@ -130,13 +130,13 @@ async def test_contradictory_receipt_sets_the_run_aside_with_a_critical_alert(
         assert len(alerts) == 1
         assert alerts[0].alert_channel == "money" and alerts[0].run_id == run_id
         # The reservation stays held; the audit is consistent but not ok until resolved.
-        audit = await h.money.audit()
+        audit = await h.context.accounts.audit()
         assert audit.violations == []
         assert [r["run_id"] for r in audit.audit_required_runs] == [run_id]
         # A second pass leaves it alone.
         assert (await reconciler.reconcile_once())["audit_required"] == 0
         # An operator resolves it (POST /admin/runs/{id}/resolve): settled once.
-        resolved = await h.money.settle(
+        resolved = await h.budgets.settle(
             h.tenant_id,
             ledger.SettleRequest(
                 run_id,
@@ -169,7 +169,7 @@ async def test_a_run_without_its_reserve_entry_is_never_settled(
         assert report["audit_required"] == 1
         assert (await h.row(run_id))["status"] == "AUDIT_REQUIRED"
         assert await h.entries(run_id) == {}
-        audit = await h.money.audit()
+        audit = await h.context.accounts.audit()
         assert audit.violations == [] and len(audit.audit_required_runs) == 1
 
 
@@ -252,12 +252,12 @@ async def test_retention_deletes_the_object_then_marks_the_row(
         reconciler = await h.start_reconciler()
         assert (await reconciler.reconcile_once())["rolled_forward"] == 1
         key = result_key(h.tenant_id, run_id)
-        assert await h.context.blobs.head(key) is not None
+        assert await h.adapters.blobs.head(key) is not None
         await h.pool.execute(
             "UPDATE runs SET retention_until = now() - interval '1 second' WHERE id = $1", run_id
         )
         assert (await reconciler.reconcile_once())["results_deleted"] == 1
-        assert await h.context.blobs.head(key) is None
+        assert await h.adapters.blobs.head(key) is None
         row = await h.row(run_id)
         assert row["result_deleted_at"] is not None and row["status"] == "COMPLETED"
         assert (await reconciler.reconcile_once())["results_deleted"] == 0
@@ -268,7 +268,7 @@ async def test_drift_repair_and_idempotency_sweep_run_in_each_pass(
     services, database_url, redis_prefix
 ) -> None:
     async with open_harness(services, database_url, redis_prefix) as h:
-        await h.context.redis.hset(h.money.mirror.key(h.tenant_id), "reserved", 777)
+        await h.adapters.redis.hset(h.adapters.mirror.key(h.tenant_id), "reserved", 777)
         await h.pool.execute(
             "INSERT INTO idempotency_keys (tenant_id, method, path, key, request_sha256, state,"
             " response_status, created_at, locked_until)"
@@ -276,7 +276,7 @@ async def test_drift_repair_and_idempotency_sweep_run_in_each_pass(
             " now() - interval '2 days', now() - interval '2 days')",
             h.tenant_id,
         )
-        assert not (await h.money.audit()).ok
+        assert not (await h.context.accounts.audit()).ok
         report = await (await h.start_reconciler()).reconcile_once()
         assert report["drift_repairs"] == 1
         assert report["idempotency_keys_swept"] == 1

@@ -210,7 +210,7 @@ async def test_cancel_refunds_and_is_idempotent(http, admin_headers, runtime) ->
     assert body["retention_until"] is not None and body["finished_at"] is not None
     assert (await http.post(f"/v1/runs/{run['id']}/cancel", headers=key)).status_code == 200
     other = (await http.post("/v1/runs", json=ECHO, headers=key)).json()
-    await runtime.context.pool.execute(
+    await runtime.adapters.pool.execute(
         "UPDATE runs SET status='PROCESSING', lease_token=gen_random_uuid() WHERE id=$1",
         other["id"],
     )
@@ -250,7 +250,7 @@ async def test_owner_gets_410_past_retention(http, admin_headers, runtime) -> No
     _, key = await _tenant(http, admin_headers, 1_000_000)
     run = (await http.post("/v1/runs", json=ECHO, headers=key)).json()
     await http.post(f"/v1/runs/{run['id']}/cancel", headers=key)
-    await runtime.context.pool.execute(
+    await runtime.adapters.pool.execute(
         "UPDATE runs SET retention_until = now() - interval '1 day' WHERE id = $1", run["id"]
     )
     gone = await http.get(f"/v1/runs/{run['id']}", headers=key)
@@ -395,11 +395,11 @@ async def test_resolve_audit_required_run(http, admin_headers, runtime) -> None:
         "/admin/runs/run_00000000000000000000000000/resolve", json=body, headers=admin_headers
     )
     assert missing.status_code == 404
-    context = runtime.context
-    version = await context.pool.fetchval("SELECT version FROM runs WHERE id=$1", run["id"])
+    adapters = runtime.adapters
+    version = await adapters.pool.fetchval("SELECT version FROM runs WHERE id=$1", run["id"])
     failure = RunFailure.audit_required("test: receipt contradicts the ledger")
     assert await ledger.mark_audit_required(
-        context.pool, context.queries, run["id"], version, failure.document()
+        adapters.pool, adapters.queries, run["id"], version, failure.document()
     )
     audit = (await http.get("/admin/audit", headers=admin_headers)).json()
     assert audit["ok"] is False

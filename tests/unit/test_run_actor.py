@@ -110,8 +110,8 @@ def services(**fakes: Any) -> RunServices:
     defaults: dict[str, Any] = {
         "leases": FakeLeases(),
         "queue": FakeQueue(),
-        "blobs": FakeBlobs(),
-        "money": FakeMoney(),
+        "results": FakeBlobs(),
+        "settler": FakeMoney(),
     }
     defaults |= fakes
     return RunServices(packs=PackRegistry.load({}), lease_sec=60, heartbeat_sec=0.05, **defaults)
@@ -126,7 +126,7 @@ async def test_a_finished_pack_claims_uploads_with_its_receipt_then_settles() ->
     run_services = services()
     ending = await serve(claimed({"payload": {"x": 1}}), run_services)
     assert ending is RunEnding.COMPLETED
-    body, content_type, metadata = run_services.blobs.objects[result_key(TENANT, RUN)]
+    body, content_type, metadata = run_services.results.objects[result_key(TENANT, RUN)]
     assert orjson.loads(body) == {"payload": {"x": 1}}
     assert content_type == "application/json"
     assert metadata == {
@@ -134,7 +134,7 @@ async def test_a_finished_pack_claims_uploads_with_its_receipt_then_settles() ->
         RECEIPT_RUN: RUN,
         RECEIPT_SHA256: hashlib.sha256(body).hexdigest(),
     }
-    (request,) = run_services.money.requests
+    (request,) = run_services.settler.requests
     assert request.outcome is Outcome.COMPLETED
     assert request.actual_cost_usd_micros == 1_000
     assert request.lease_token == TOKEN and request.from_statuses == {"CLAIMED"}
@@ -146,8 +146,8 @@ async def test_a_pack_error_settles_failed_from_processing_without_an_upload() -
     run_services = services()
     ending = await serve(claimed({"payload": 1, "fail": True}), run_services)
     assert ending is RunEnding.FAILED
-    assert run_services.blobs.objects == {}
-    (request,) = run_services.money.requests
+    assert run_services.results.objects == {}
+    (request,) = run_services.settler.requests
     assert request.outcome is Outcome.FAILED and request.from_statuses == {"PROCESSING"}
     assert request.error["type"] == "https://dpp.dev/problems/pack-error"
     assert "claim" not in run_services.leases.calls
@@ -159,7 +159,7 @@ async def test_the_timebox_counts_from_the_claim() -> None:
     run = claimed({"payload": 1, "delay_ms": 10_000}, timebox_sec=1, started_ago_s=0.95)
     ending = await serve(run, run_services)
     assert ending is RunEnding.FAILED
-    (request,) = run_services.money.requests
+    (request,) = run_services.settler.requests
     assert request.error["type"] == "https://dpp.dev/problems/timebox-exceeded"
 
 
@@ -167,18 +167,18 @@ async def test_a_lost_heartbeat_stops_the_pack_and_settles_nothing() -> None:
     run_services = services(leases=FakeLeases(lose_lease=True))
     ending = await serve(claimed({"payload": 1, "delay_ms": 60_000}), run_services)
     assert ending is RunEnding.LEASE_LOST
-    assert run_services.money.requests == []
-    assert run_services.blobs.objects == {}
+    assert run_services.settler.requests == []
+    assert run_services.results.objects == {}
 
 
 @pytest.mark.parametrize(("status", "kept"), [("FAILED", False), ("COMPLETED", True)])
 async def test_an_upload_that_lost_to_a_roll_back_is_deleted(status: str, kept: bool) -> None:
-    run_services = services(money=FakeMoney(refuse_with=status))
+    run_services = services(settler=FakeMoney(refuse_with=status))
     ending = await serve(claimed({"payload": 1}), run_services)
     assert ending is RunEnding.LEASE_LOST
     # FAILED never carries a result: ours is deleted. COMPLETED may be another
     # attempt's result under the same key: never touched.
-    assert (result_key(TENANT, RUN) in run_services.blobs.objects) is kept
+    assert (result_key(TENANT, RUN) in run_services.results.objects) is kept
 
 
 async def test_cancellation_while_working_releases_the_run() -> None:
@@ -188,4 +188,4 @@ async def test_cancellation_while_working_releases_the_run() -> None:
         await actor.serve()
     assert run_services.queue.calls == ["release"]
     assert actor.ending is RunEnding.RELEASED
-    assert run_services.money.requests == []
+    assert run_services.settler.requests == []

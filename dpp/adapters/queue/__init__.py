@@ -14,13 +14,12 @@ from collections.abc import AsyncIterator
 import asyncpg
 
 from dpp.adapters.postgres import Queries
-from dpp.adapters.queue.base import CLAIM_BATCH_MAX, ClaimedRun, DeadLetter, QueuedRun, RunQueue
+from dpp.adapters.queue.base import ClaimedRun, DeadLetter, QueuedRun, RunQueue
 from dpp.adapters.queue.postgres import PostgresQueue
 from dpp.adapters.queue.sqs import SqsQueue, open_sqs_queue
 from dpp.config import Settings, require
 
 __all__ = [
-    "CLAIM_BATCH_MAX",
     "ClaimedRun",
     "DeadLetter",
     "PostgresQueue",

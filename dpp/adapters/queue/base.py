@@ -20,11 +20,10 @@ import asyncpg
 from anyio.abc import TaskStatus
 
 from dpp.adapters.postgres import Queries
+from dpp.limits import TIMEBOX_SEC_MAX, TIMEBOX_SEC_MIN
 
 log = logging.getLogger("dpp.adapters.queue")
 
-# One claim never takes more than this many runs, whatever the caller asks.
-CLAIM_BATCH_MAX = 256
 # A claim or release is a short statement; past this, something is wrong and the
 # caller moves on (the run is then either untouched or found by the reaper).
 STATEMENT_DEADLINE_S = 10.0
@@ -76,7 +75,7 @@ class ClaimedRun:
 
     def __post_init__(self) -> None:
         assert self.run_id and self.tenant_id and self.lease_token
-        assert 1 <= self.timebox_sec <= 3600, self.timebox_sec
+        assert TIMEBOX_SEC_MIN <= self.timebox_sec <= TIMEBOX_SEC_MAX, self.timebox_sec
         assert 0 <= self.minimum_fee_usd_micros <= self.reserved_usd_micros
         assert self.version >= 1 and self.attempts >= 1
 

@@ -18,7 +18,6 @@ from anyio.abc import TaskStatus
 
 from dpp.adapters.postgres import Queries
 from dpp.adapters.queue.base import (
-    CLAIM_BATCH_MAX,
     ClaimedRun,
     DeadLetter,
     QueuedRun,
@@ -26,6 +25,7 @@ from dpp.adapters.queue.base import (
     claimed_from_row,
     release_claimed,
 )
+from dpp.limits import CLAIM_BATCH_MAX
 
 log = logging.getLogger("dpp.adapters.queue.postgres")
 

@@ -36,7 +36,6 @@ from anyio.abc import TaskStatus
 
 from dpp.adapters.postgres import Queries
 from dpp.adapters.queue.base import (
-    CLAIM_BATCH_MAX,
     STATEMENT_DEADLINE_S,
     ClaimedRun,
     DeadLetter,
@@ -45,6 +44,7 @@ from dpp.adapters.queue.base import (
     release_claimed,
 )
 from dpp.ids import is_id
+from dpp.limits import CLAIM_BATCH_MAX
 
 log = logging.getLogger("dpp.adapters.queue.sqs")
 

@@ -1,0 +1,52 @@
+"""What the API reads about money: a tenant's budget, both stores, the audit.
+
+Reads only; money moves through the budget actors (``dpp.actors.budgets``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dpp.adapters.postgres import Pool, Queries, Record
+from dpp.money import ledger
+from dpp.money.audit import AuditReport, run_audit
+from dpp.money.mirror import BudgetMirror, MirrorBudget
+
+
+@dataclass(frozen=True, slots=True)
+class BothStores:
+    """A tenant's counters in Postgres (the truth) and in the Redis mirror."""
+
+    postgres: ledger.TenantBudget
+    # None while the tenant is not mirrored: rebuilt from Postgres before first use
+    redis: MirrorBudget | None
+
+    @property
+    def consistent(self) -> bool:
+        return self.redis is None or (
+            self.redis.balance_usd_micros == self.postgres.balance_usd_micros
+            and self.redis.reserved_usd_micros == self.postgres.reserved_usd_micros
+        )
+
+
+class Accounts:
+    def __init__(self, pool: Pool, queries: Queries, mirror: BudgetMirror) -> None:
+        self._pool = pool
+        self._queries = queries
+        self.mirror = mirror
+
+    async def budget(self, tenant_id: str) -> Record:
+        """Balance, reserved and the plan's limits; raises ``ledger.TenantNotFound``."""
+        return await ledger.read_budget(self._pool, self._queries, tenant_id)
+
+    async def both_stores(self, tenant_id: str) -> BothStores:
+        """Raises ``ledger.TenantNotFound``."""
+        row = await ledger.read_budget(self._pool, self._queries, tenant_id)
+        postgres = ledger.TenantBudget(
+            row["balance_usd_micros"], row["reserved_usd_micros"], row["ledger_version"]
+        )
+        return BothStores(postgres, await self.mirror.read(tenant_id))
+
+    async def audit(self, tenant_id: str | None = None) -> AuditReport:
+        """SPEC §1's invariants proven from storage (all tenants, or one)."""
+        return await run_audit(self._pool, self._queries, self.mirror, tenant_id=tenant_id)
