@@ -22,7 +22,6 @@ import anyio
 import prometheus_client
 from anyio.abc import TaskStatus
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 
 from dpp.actors.budgets import Budgets
 from dpp.actors.dispatcher import Dispatcher
@@ -37,8 +36,7 @@ from dpp.adapters.queue.base import LeaseStore, RunQueue
 from dpp.adapters.redis import Redis, create_redis
 from dpp.config import Settings, StartupError, require
 from dpp.context import AppContext, ReadinessCheck
-from dpp.http.app import create_app
-from dpp.http.auth import ApiAuthMiddleware
+from dpp.http.app import build_app
 from dpp.metrics import metrics_for
 from dpp.money.accounts import Accounts
 from dpp.money.drift import DriftRepair
@@ -245,25 +243,6 @@ class Runtime:
     supervisor: Supervisor
 
 
-def build_app(context: AppContext) -> Starlette:
-    from dpp.http import admin_money, admin_tenancy, routes_reconcile, routes_runs
-
-    return create_app(
-        context,
-        extra_routes=[
-            *routes_runs.routes(context),
-            *admin_tenancy.routes(context),
-            *admin_money.routes(context),
-            *routes_reconcile.routes(context),
-        ],
-        inner_middleware=[
-            Middleware(
-                ApiAuthMiddleware, tenancy=context.tenancy, rate_limiter=context.rate_limiter
-            )
-        ],
-    )
-
-
 def _children(
     context: AppContext,
     budgets: Budgets,
@@ -361,7 +340,7 @@ async def open_runtime(
 
 async def run_server(settings: Settings) -> None:
     """`dpp serve`: the whole replica, until SIGTERM/SIGINT (SPEC §5, §6 Shutdown)."""
-    from dpp.server import install_signal_handlers, serve_http
+    from dpp.http.server import install_signal_handlers, serve_http
 
     shutdown = anyio.Event()
 

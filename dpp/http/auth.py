@@ -1,7 +1,8 @@
-"""The ``/v1`` gate: API key authentication, then the rate limit, before routing.
+"""The two gates before routing: API keys (and rate limits) on ``/v1``, the
+admin token on ``/admin``.
 
-Pure ASGI middleware (``create_app(..., inner_middleware=[Middleware(
-ApiAuthMiddleware, tenancy=..., rate_limiter=...)])``). For every path under
+Both are pure ASGI middleware. ``ApiAuthMiddleware`` (``build_app`` installs
+it; tests may install it on a bare ``create_app``). For every path under
 ``/v1`` (SPEC §6 "Routing"):
 
 * a CORS preflight passes (the CORS layer answers it; none reaches here);
@@ -14,22 +15,42 @@ ApiAuthMiddleware, tenancy=..., rate_limiter=...)])``). For every path under
 * otherwise the request goes on with ``scope["state"]["principal"]`` set,
   ``tenant_id`` bound into the log context, and ``RateLimit-Policy`` /
   ``RateLimit`` added to whatever response it gets (404 and 405 included).
+
+``AdminAuthMiddleware``: ``Authorization: Bearer <DPP_ADMIN_TOKEN>``, compared
+in constant time. With no token configured (unset or empty) the whole
+``/admin`` tree answers the same 404 as an unknown path, so a replica without
+admin access does not even reveal that it has an admin API. A missing or
+wrong token is ``401`` with ``WWW-Authenticate: Bearer``. It guards every
+``/admin`` path before routing (so a wrong method or an unknown admin path is
+not answered to strangers either); ``require_admin`` is the same check for a
+handler to call as well.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dpp.http.problems import Problem, problem_response
+from dpp.http.problems import Problem, not_found_problem, problem_response
 from dpp.logs import bind
 from dpp.tenancy.principal import Principal, TenancyUnavailable
 from dpp.tenancy.ratelimit import RateLimiter, RateLimitUnavailable
 from dpp.tenancy.service import Tenancy
 
-__all__ = ["API_PREFIX", "ApiAuthMiddleware", "is_api_path", "principal_of"]
+__all__ = [
+    "ADMIN_PREFIX",
+    "API_PREFIX",
+    "AdminAuthMiddleware",
+    "ApiAuthMiddleware",
+    "admin_problem",
+    "is_admin_path",
+    "is_api_path",
+    "principal_of",
+    "require_admin",
+]
 
 log = logging.getLogger("dpp.http.auth")
 
@@ -148,3 +169,59 @@ class ApiAuthMiddleware:
 
         with bind(tenant_id=principal.tenant_id):
             await self.app(scope, receive, send_with_rate_limit)
+
+
+# --- the admin gate ---------------------------------------------------------------------
+
+ADMIN_PREFIX = "/admin"
+AUTHORIZATION_CHARS_MAX = 4_096  # far above any token; bounds the comparison
+
+
+def is_admin_path(path: str) -> bool:
+    return path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
+
+
+def admin_problem(admin_token: str | None, authorization: str | None) -> Problem | None:
+    """Why this Authorization value may not use the admin API (None when it may)."""
+    if not admin_token:
+        return not_found_problem()
+    unauthorized = Problem(
+        401,
+        "unauthorized",
+        "A valid admin token is required (Authorization: Bearer <token>).",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+    if not authorization or len(authorization) > AUTHORIZATION_CHARS_MAX:
+        return unauthorized
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return unauthorized
+    # header values arrive latin-1 decoded: encoding back gives the bytes as sent
+    presented = credentials.strip().encode("latin-1", "replace")
+    if not hmac.compare_digest(presented, admin_token.encode("utf-8")):
+        return unauthorized
+    return None
+
+
+def require_admin(request: Request) -> None:
+    """Raise the 404 or 401 problem unless the request carries the admin token."""
+    admin_token = request.app.state.context.settings.admin_token
+    problem = admin_problem(admin_token, request.headers.get("authorization"))
+    if problem is not None:
+        raise problem
+
+
+class AdminAuthMiddleware:
+    """Answers every ``/admin`` request that lacks the admin token, before routing."""
+
+    def __init__(self, app: ASGIApp, admin_token: str | None) -> None:
+        self.app = app
+        self.admin_token = admin_token or None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and is_admin_path(scope["path"]):
+            problem = admin_problem(self.admin_token, _authorization(scope))
+            if problem is not None:
+                await problem_response(problem, scope["path"])(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

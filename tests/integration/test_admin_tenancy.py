@@ -19,9 +19,10 @@ from starlette.routing import Route
 
 from dpp import cli_admin
 from dpp.context import AppContext
-from dpp.http import admin_tenancy
-from dpp.http.app import create_app, json_response
+from dpp.http.app import create_app
 from dpp.http.auth import ApiAuthMiddleware, principal_of
+from dpp.http.bodies import json_response
+from dpp.http.routes import admin_tenancy
 from dpp.ids import new_id
 
 if TYPE_CHECKING:

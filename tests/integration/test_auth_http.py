@@ -21,9 +21,10 @@ from dpp.adapters.postgres import create_pool
 from dpp.adapters.redis import create_redis
 from dpp.app import Adapters
 from dpp.context import AppContext
-from dpp.http import admin_tenancy
-from dpp.http.app import create_app, json_response
+from dpp.http.app import create_app
 from dpp.http.auth import ApiAuthMiddleware, principal_of
+from dpp.http.bodies import json_response
+from dpp.http.routes import admin_tenancy
 from dpp.tenancy.keys import generate_api_key
 from dpp.tenancy.ratelimit import RateLimiter
 from dpp.tenancy.service import Tenancy

@@ -21,9 +21,10 @@ import asyncpg
 import httpx
 import pytest
 
-from dpp import cli, server
+from dpp import cli
 from dpp.adapters import migrate
 from dpp.config import ConfigError, Settings, load_settings
+from dpp.http import server
 
 if TYPE_CHECKING:  # imported plainly, pytest would try to collect the class
     from tests.services import TestServices
@@ -192,7 +193,7 @@ def test_admin_token_is_generated_once_and_private(tmp_path: Path) -> None:
     assert mode == 0o600
 
 
-# --- dpp.server: hypercorn from code ------------------------------------------------------
+# --- dpp.http.server: hypercorn from code ------------------------------------------------------
 
 
 def server_settings(port: int = 0, grace_sec: int = 5) -> Settings:

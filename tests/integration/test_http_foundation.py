@@ -24,9 +24,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from dpp.app import open_context
 from dpp.config import ConfigError, Settings, load_settings
 from dpp.context import AppContext, ReadinessCheck
-from dpp.http import ops
-from dpp.http.app import create_app, json_response, read_json_body
+from dpp.http.app import create_app
+from dpp.http.bodies import json_response, read_json_body
 from dpp.http.problems import PROBLEM_BASE, Problem, field_problem, problem_response
+from dpp.http.routes import ops
 from tests.integration.conftest import BASE_URL, CapturedLogs
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")

@@ -16,7 +16,8 @@ from starlette.routing import Route
 
 from dpp.config import Settings
 from dpp.context import AppContext
-from dpp.http.app import create_app, json_response, read_json_body
+from dpp.http.app import create_app
+from dpp.http.bodies import json_response, read_json_body
 from dpp.ids import BASE62
 from dpp.logs import bound_fields, configure_logging
 from tests.integration.conftest import ADMIN_TOKEN, CapturedLogs

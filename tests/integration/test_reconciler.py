@@ -22,8 +22,8 @@ from dpp.actors.reconciler import (
 from dpp.actors.run import result_key
 from dpp.actors.supervisor import Supervisor, SupervisorSpec
 from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, StoredObject
-from dpp.http import routes_reconcile
 from dpp.http.app import create_app
+from dpp.http.routes import admin_reconcile as routes_reconcile
 from dpp.money import ledger
 from dpp.money.rules import Outcome, RunStatus
 from tests.integration.test_execution import (

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 from starlette.types import Receive, Scope, Send
 
 from dpp.config import load_settings
-from dpp.http.admin import admin_problem
+from dpp.http.auth import admin_problem
 from dpp.http.middleware import (
     DEVELOPMENT_ORIGINS,
     AccessLogMiddleware,

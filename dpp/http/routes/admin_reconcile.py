@@ -13,8 +13,8 @@ from starlette.routing import BaseRoute, Route
 
 from dpp.actors.reconciler import ReconcilerUnavailable
 from dpp.context import AppContext
-from dpp.http.admin import require_admin
-from dpp.http.app import json_response
+from dpp.http.auth import require_admin
+from dpp.http.bodies import json_response
 from dpp.http.problems import Problem
 
 
@@ -30,8 +30,7 @@ def _unavailable() -> Problem:
 def routes(context: AppContext) -> list[BaseRoute]:
     async def reconcile(request: Request) -> Response:
         require_admin(request)
-        # Read at request time: the composition root sets it after building routes.
-        reconciler = request.app.state.context.reconciler or context.reconciler
+        reconciler = context.reconciler
         if reconciler is None:
             raise _unavailable()
         try:

@@ -8,7 +8,7 @@ Typed tenancy errors become problems in one place (``tenancy_problem``).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -16,8 +16,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from dpp.context import AppContext
-from dpp.http.admin import require_admin
-from dpp.http.app import json_response, read_json_body
+from dpp.http.auth import require_admin
+from dpp.http.bodies import body_object, json_response, read_json_body
 from dpp.http.problems import Problem, field_problem
 from dpp.tenancy.principal import (
     DEFAULT_PLAN_ID,
@@ -58,21 +58,6 @@ def tenancy_problem(error: TenancyError) -> Problem:
             raise AssertionError(f"unmapped tenancy error {type(error).__name__}")
 
 
-def _object(
-    body: Any, allowed: tuple[str, ...], required: tuple[str, ...] = ()
-) -> Mapping[str, Any]:
-    """``body`` as a JSON object with only ``allowed`` members and all ``required`` ones."""
-    if not isinstance(body, dict):
-        raise field_problem("body", "The body must be a JSON object.")
-    for name in body:
-        if name not in allowed:
-            raise field_problem(name, f"{name}: is not an accepted member.")
-    for name in required:
-        if name not in body:
-            raise field_problem(name, f"{name}: is required.")
-    return body
-
-
 async def _optional_json_body(request: Request) -> Any:
     """``{}`` for a request with no body at all; otherwise the JSON body (or 4xx)."""
     headers = request.headers
@@ -104,7 +89,7 @@ def _handler(
 
 
 async def create_plan(request: Request, tenancy: Tenancy) -> Response:
-    body = _object(await read_json_body(request), PLAN_MEMBERS, PLAN_MEMBERS)
+    body = body_object(await read_json_body(request), PLAN_MEMBERS, PLAN_MEMBERS)
     plan = await tenancy.create_plan(
         body["id"], body["requests_per_minute"], body["max_concurrent_runs"], body["retention_days"]
     )
@@ -112,7 +97,7 @@ async def create_plan(request: Request, tenancy: Tenancy) -> Response:
 
 
 async def create_tenant(request: Request, tenancy: Tenancy) -> Response:
-    body = _object(await read_json_body(request), TENANT_MEMBERS, ("name",))
+    body = body_object(await read_json_body(request), TENANT_MEMBERS, ("name",))
     plan_id = body.get("plan_id")
     tenant = await tenancy.create_tenant(
         body["name"], DEFAULT_PLAN_ID if plan_id is None else plan_id
@@ -128,7 +113,7 @@ async def get_tenant(request: Request, tenancy: Tenancy) -> Response:
 
 
 async def issue_key(request: Request, tenancy: Tenancy) -> Response:
-    body = _object(await _optional_json_body(request), KEY_MEMBERS)
+    body = body_object(await _optional_json_body(request), KEY_MEMBERS)
     record, key = await tenancy.issue_key_record(
         request.path_params["tenant_id"], body.get("name"), body.get("requests_per_minute")
     )

@@ -15,8 +15,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from dpp.context import AppContext
-from dpp.http.app import json_response, read_json_body
 from dpp.http.auth import principal_of
+from dpp.http.bodies import json_response, read_json_body
 from dpp.http.problems import Problem, problem_response, stealth_not_found
 from dpp.limits import (
     RUNS_PAGE_LIMIT_DEFAULT,

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from dpp import ids
 from dpp.context import AppContext
-from dpp.http.admin import require_admin
-from dpp.http.app import json_response, read_json_body
+from dpp.http.auth import require_admin
+from dpp.http.bodies import body_object, json_response, read_json_body
 from dpp.http.problems import Problem
 from dpp.limits import CREDIT_USD_MICROS_MAX
 from dpp.money import ledger
@@ -32,22 +30,6 @@ def _budget_view(balance: int, reserved: int) -> dict[str, int]:
     }
 
 
-def _body_object(body: Any, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise Problem(
-            422, "invalid-request", "The body must be a JSON object.", extensions={"field": "body"}
-        )
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise Problem(
-            422,
-            "invalid-request",
-            f"{unknown[0]}: is not an accepted member.",
-            extensions={"field": unknown[0]},
-        )
-    return body
-
-
 async def add_credits(request: Request) -> Response:
     require_admin(request)
     context: AppContext = request.app.state.context
@@ -65,7 +47,7 @@ async def add_credits(request: Request) -> Response:
             "invalid-idempotency-key",
             "Idempotency-Key must be 1-255 printable ASCII characters.",
         )
-    body = _body_object(await read_json_body(request), {"amount_usd_micros"})
+    body = body_object(await read_json_body(request), {"amount_usd_micros"})
     amount = body.get("amount_usd_micros")
     if not is_amount(amount) or not 0 < amount <= CREDIT_USD_MICROS_MAX:
         raise Problem(
@@ -129,7 +111,7 @@ async def resolve_run(request: Request) -> Response:
     require_admin(request)
     context: AppContext = request.app.state.context
     run_id = request.path_params["run_id"]
-    body = _body_object(await read_json_body(request), {"outcome", "charged_usd_micros"})
+    body = body_object(await read_json_body(request), {"outcome", "charged_usd_micros"})
     outcome = body.get("outcome")
     if outcome not in (Outcome.COMPLETED, Outcome.FAILED):
         raise Problem(

@@ -37,7 +37,7 @@ from dpp.config import StartupError
 if TYPE_CHECKING:
     from dpp.config import Settings
 
-log = logging.getLogger("dpp.server")
+log = logging.getLogger("dpp.http.server")
 
 # Connections the kernel queues while the app is busy or still starting.
 LISTEN_BACKLOG = 1024
@@ -100,7 +100,7 @@ def hypercorn_config(bound: socket.socket, settings: Settings) -> Config:
     config.include_server_header = False
     # Through DPP's own logging (JSON, redaction); the HTTP front logs each
     # request itself, with request ids, so hypercorn's access log stays off.
-    config.errorlog = logging.getLogger("dpp.server.hypercorn")
+    config.errorlog = logging.getLogger("dpp.http.server.hypercorn")
     config.accesslog = None
     return config
 

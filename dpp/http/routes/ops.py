@@ -23,7 +23,7 @@ from dpp.http.problems import Problem
 
 __all__ = ["METRICS_CONTENT_TYPE", "READINESS_TIMEOUT_S", "check_readiness", "routes"]
 
-log = logging.getLogger("dpp.http.ops")
+log = logging.getLogger("dpp.http.routes.ops")
 
 READINESS_TIMEOUT_S = 2.0
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
