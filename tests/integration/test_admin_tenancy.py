@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from dpp import cli_admin
+from dpp.cli import tenancy as cli_tenancy
 from dpp.context import AppContext
 from dpp.http.app import create_app
 from dpp.http.auth import ApiAuthMiddleware, principal_of
@@ -294,7 +294,7 @@ def cli_env(
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:
     parser = argparse.ArgumentParser(prog="dpp")
-    cli_admin.register(parser.add_subparsers(dest="command", required=True))
+    cli_tenancy.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     status = args.handler(args)
     out, err = capsys.readouterr()

@@ -21,8 +21,8 @@ import asyncpg
 import httpx
 import pytest
 
-from dpp import cli
 from dpp.adapters import migrate
+from dpp.cli import main as cli
 from dpp.config import ConfigError, Settings, load_settings
 from dpp.http import server
 

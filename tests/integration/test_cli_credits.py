@@ -8,7 +8,7 @@ import asyncpg
 import orjson
 import pytest
 
-from dpp.cli import main
+from dpp.cli.main import main
 from tests.moneykit import create_tenant
 
 

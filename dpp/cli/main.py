@@ -3,8 +3,8 @@
 Each subcommand is one ``register_<name>(subparsers)`` function that adds its
 parser and sets ``handler``: a callable ``(args) -> int`` (the exit status).
 Other modules add commands the same way through a module-level
-``register(subparsers)``: `dpp.cli_admin` (tenant/key/plan/credits) and
-`dpp.cli_audit` are picked up when they exist.
+``register(subparsers)``: `dpp.cli.tenancy` (plan/tenant/key) and
+`dpp.cli.credits` are picked up when they exist.
 
 Failures an operator causes or can fix (bad configuration, a dependency that
 does not answer, the port in use, migrations that disagree) end as ONE line
@@ -45,7 +45,7 @@ EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells expect after Ctrl-C
 
 # Modules that may add subcommands with `register(subparsers)`, in help order.
-COMMAND_MODULES = ("dpp.cli_admin", "dpp.cli_audit", "dpp.cli_credits")
+COMMAND_MODULES = ("dpp.cli.tenancy", "dpp.cli.credits")
 # Exception classes (by name, in the module that defines them) that are an
 # operator-facing outcome rather than a bug. Looked up in sys.modules only:
 # an error of a class never imported cannot have been raised.
