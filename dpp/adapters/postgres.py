@@ -118,12 +118,12 @@ async def ping(pool: asyncpg.Pool, timeout_s: float) -> None:
         await connection.fetchval("SELECT 1", timeout=timeout_s)
 
 
-async def connect_postgres(url: str) -> asyncpg.Pool:
+async def connect_postgres(url: str, *, max_size: int = POOL_SIZE_MAX) -> asyncpg.Pool:
     """The pool, retrying with exponential backoff (a database may start after us)."""
     delay_s = CONNECT_BACKOFF_FIRST_S
     for attempt in range(1, CONNECT_ATTEMPTS_MAX + 1):
         try:
-            return await create_pool(url)
+            return await create_pool(url, max_size=max_size)
         except (OSError, asyncpg.PostgresError, TimeoutError) as error:
             if attempt == CONNECT_ATTEMPTS_MAX:
                 raise StartupError(

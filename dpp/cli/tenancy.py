@@ -7,8 +7,8 @@ is one JSON document on stdout; an error is one line on stderr and a
 non-zero exit status (1 for a refused operation or an unreachable service,
 2 for bad configuration).
 
-``dpp.cli`` calls ``register(subparsers)``; each command's parser carries
-``handler(args) -> int`` (also as ``func``) for the dispatcher to call.
+``dpp.cli.main`` calls ``register(subparsers)``; each command's parser carries
+``handler(args) -> int`` for it to call.
 """
 
 from __future__ import annotations
@@ -16,27 +16,21 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import asyncpg
-import orjson
-from redis.exceptions import RedisError
 
-from dpp.adapters.postgres import Queries, create_pool
-from dpp.adapters.redis import create_redis
-from dpp.config import ConfigError, load_settings, require
+from dpp.adapters.postgres import POSTGRES_ERRORS
+from dpp.adapters.redis import REDIS_ERRORS
+from dpp.cli.common import EXIT_CONFIG, EXIT_FAILURE, fail, open_stores, print_json
+from dpp.config import ConfigError, load_settings
 from dpp.tenancy.principal import DEFAULT_PLAN_ID, InvalidField, TenancyError
 from dpp.tenancy.service import Tenancy
 
 __all__ = ["register"]
 
-EXIT_REFUSED = 1
-EXIT_CONFIGURATION = 2
 WHOLE_NUMBER = re.compile(r"[0-9]{1,9}")
-CLI_POOL_SIZE_MAX = 2  # one command, one connection (plus one spare)
 
 Command = Callable[[Tenancy, argparse.Namespace], Awaitable[Any]]
 
@@ -50,25 +44,11 @@ def _whole_number(text: str | None, field: str) -> int | None:
     return int(text)
 
 
-def _fail(message: str, status: int) -> int:
-    # one line, whatever the message held
-    print("dpp: " + " ".join(message.split()), file=sys.stderr)
-    return status
-
-
 async def _with_tenancy(command: Command, args: argparse.Namespace) -> Any:
     settings = load_settings(os.environ)
-    database_url = require(settings.database_url, "DATABASE_URL")
-    redis_url = require(settings.redis_url, "REDIS_URL")
-    pool = await create_pool(database_url, max_size=CLI_POOL_SIZE_MAX)
-    redis = create_redis(redis_url)
-    try:
-        tenancy = Tenancy(pool, Queries.load(), redis, settings)
+    async with open_stores(settings) as stores:
+        tenancy = Tenancy(stores.pool, stores.queries, stores.redis, settings)
         return await command(tenancy, args)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await redis.aclose()
-            await pool.close()
 
 
 def _runner(command: Command) -> Callable[[argparse.Namespace], int]:
@@ -76,12 +56,12 @@ def _runner(command: Command) -> Callable[[argparse.Namespace], int]:
         try:
             document = anyio.run(_with_tenancy, command, args, backend="asyncio")
         except ConfigError as error:
-            return _fail(str(error), EXIT_CONFIGURATION)
+            return fail(str(error), EXIT_CONFIG)
         except TenancyError as error:
-            return _fail(str(error), EXIT_REFUSED)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError) as error:
-            return _fail(f"storage unavailable: {type(error).__name__}: {error}", EXIT_REFUSED)
-        sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+            return fail(str(error), EXIT_FAILURE)
+        except (*POSTGRES_ERRORS, *REDIS_ERRORS) as error:
+            return fail(f"storage unavailable: {type(error).__name__}: {error}", EXIT_FAILURE)
+        print_json(document)
         return 0
 
     return handler
@@ -124,7 +104,7 @@ def _command(
 ) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(name, help=help_text)
     handler = _runner(command)
-    parser.set_defaults(handler=handler, func=handler)
+    parser.set_defaults(handler=handler)
     return parser
 
 

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from dpp.adapters import migrate
+from dpp.cli import common, dev
 from dpp.cli import main as cli
 from dpp.config import ConfigError, Settings, load_settings
 from dpp.http import server
@@ -173,23 +174,23 @@ def test_no_command_prints_usage_and_exits_2(capsys: pytest.CaptureFixture[str])
 
 def test_a_startup_error_inside_a_task_group_is_still_one_line() -> None:
     error = BaseExceptionGroup("tree", [ExceptionGroup("child", [ConfigError("PORT: bad")])])
-    assert cli._one_line_failure(error) == (2, "PORT: bad")
-    assert cli._one_line_failure(ValueError("a bug")) is None
+    assert cli.one_line_failure(error) == (2, "PORT: bad")
+    assert cli.one_line_failure(ValueError("a bug")) is None
 
 
 def test_redacted_url_hides_only_the_password() -> None:
     assert (
-        cli.redacted_url("postgresql://dpp:s3cret@db:5432/dpp?sslmode=require")
+        common.redacted_url("postgresql://dpp:s3cret@db:5432/dpp?sslmode=require")
         == "postgresql://dpp:***@db:5432/dpp?sslmode=require"
     )
-    assert cli.redacted_url("redis://cache:6379/0") == "redis://cache:6379/0"
+    assert common.redacted_url("redis://cache:6379/0") == "redis://cache:6379/0"
 
 
 def test_admin_token_is_generated_once_and_private(tmp_path: Path) -> None:
-    token = cli.admin_token(tmp_path)
+    token = dev.admin_token(tmp_path)
     assert len(token) >= 40
-    assert cli.admin_token(tmp_path) == token
-    mode = stat.S_IMODE((tmp_path / cli.ADMIN_TOKEN_FILE).stat().st_mode)
+    assert dev.admin_token(tmp_path) == token
+    mode = stat.S_IMODE((tmp_path / dev.ADMIN_TOKEN_FILE).stat().st_mode)
     assert mode == 0o600
 
 
