@@ -345,7 +345,7 @@ async def run_server(settings: Settings) -> None:
     shutdown = anyio.Event()
 
     def http_child(app: Starlette) -> ChildSpec:
-        async def start(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async def start(*, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
             await serve_http(app, settings, shutdown_trigger=shutdown, task_status=task_status)
 
         return ChildSpec(

@@ -141,23 +141,26 @@ class BudgetActor(Actor[BudgetMessage]):
     async def handle_batch(self, messages: list[BudgetMessage]) -> None:
         """Group consecutive reservations, and consecutive settlements, into one
         commit each; keep the order of everything else."""
-        run: list[Reserve] | list[Settle] = []
+        reserves: list[Reserve] = []
+        settles: list[Settle] = []
         for message in messages:
-            if run and type(message) is not type(run[0]):
-                await self._flush(run)
-                run = []
-            if isinstance(message, Reserve | Settle):
-                run.append(message)  # type: ignore[arg-type]
-                continue
-            await self._handle_one(message)
-        if run:
-            await self._flush(run)
-
-    async def _flush(self, messages: list[Reserve] | list[Settle]) -> None:
-        if isinstance(messages[0], Reserve):
-            await self._reserve(messages)  # type: ignore[arg-type]
-        else:
-            await self._settle(messages)  # type: ignore[arg-type]
+            if reserves and not isinstance(message, Reserve):
+                await self._reserve(reserves)
+                reserves = []
+            if settles and not isinstance(message, Settle):
+                await self._settle(settles)
+                settles = []
+            if isinstance(message, Reserve):
+                reserves.append(message)
+            elif isinstance(message, Settle):
+                settles.append(message)
+            else:
+                await self._handle_one(message)
+        if reserves:
+            await self._reserve(reserves)
+        if settles:
+            await self._settle(settles)
+        assert not (reserves and settles), "one run of messages at a time"
 
     async def _handle_one(self, message: Credit) -> None:
         match message:

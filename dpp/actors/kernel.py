@@ -322,7 +322,8 @@ class ActorRef(Generic[M]):
         # (e.g. a database timeout passed through reply.fail) must not turn into
         # AskTimeout.
         with anyio.move_on_after(timeout_s):
-            return await reply.wait()
+            answer: T = await reply.wait()
+            return answer
         raise AskTimeout(f"{self.kind}:{self.name}: no reply within {timeout_s}s")
 
 

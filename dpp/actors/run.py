@@ -209,7 +209,8 @@ class RunActor(Actor[RunMessage]):
         )
         with anyio.move_on_at(self.deadline):
             try:
-                output = await pack.execute(claimed.inputs, context)
+                # object: a third-party pack may break its contract (checked below)
+                output: object = await pack.execute(claimed.inputs, context)
             except PackError as error:
                 return PackFailed(RunFailure.pack_error(error))
             except Exception:

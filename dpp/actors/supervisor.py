@@ -30,7 +30,7 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar, assert_never
+from typing import Any, Generic, Literal, TypeVar, assert_never, cast
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -407,7 +407,8 @@ class Supervisor:
         if child.state != "restarting":
             child.state = "starting"
         child.value = await self._tg.start(self._host_child, child)
-        assert child.scope is not None
+        # _host_child set it before reporting started (mypy cannot see across the await)
+        assert cast("anyio.CancelScope | None", child.scope) is not None
         child.state = "running"
 
     async def _host_child(self, child: _Child, *, task_status: TaskStatus[Any]) -> None:

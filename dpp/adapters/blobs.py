@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
 
 RECEIPT_COST = "actual-cost-usd-micros"
 RECEIPT_RUN = "run-id"
@@ -62,7 +65,7 @@ class ResultStore(Protocol):
 class Blobs:
     """The result bucket. One S3 client for the life of the process."""
 
-    def __init__(self, client: Any, bucket: str, presign_expiry_sec: int) -> None:
+    def __init__(self, client: S3Client, bucket: str, presign_expiry_sec: int) -> None:
         self._client = client
         self.bucket = bucket
         self.presign_expiry_sec = presign_expiry_sec

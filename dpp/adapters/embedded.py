@@ -96,7 +96,9 @@ def start_postgres(directory: Path) -> EmbeddedPostgres:
     _forget_dead_handles(directory)
     try:
         # "stop": data stays in the directory between runs; the server stops with us.
-        server = pgserver.get_server(str(directory), cleanup_mode="stop")
+        server = pgserver.get_server(  # type: ignore[attr-defined]  # exported, untyped
+            str(directory), cleanup_mode="stop"
+        )
         url = server.get_uri()
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         raise EmbeddedError(
@@ -175,7 +177,7 @@ def create_queue(endpoint_url: str, region: str, name: str = SQS_QUEUE_NAME) -> 
     """Create (or find) an SQS queue on the embedded endpoint; return its URL."""
     import botocore.session  # comes with aiobotocore
 
-    client = botocore.session.get_session().create_client(
+    client: Any = botocore.session.get_session().create_client(
         "sqs",
         endpoint_url=endpoint_url,
         region_name=region,
@@ -221,8 +223,8 @@ def deferred_signals() -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-        for number in dict.fromkeys(held):
-            signal.raise_signal(number)
+        for held_number in dict.fromkeys(held):
+            signal.raise_signal(held_number)
 
 
 @contextlib.contextmanager

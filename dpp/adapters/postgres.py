@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 import anyio
 import asyncpg
@@ -37,8 +38,16 @@ POSTGRES_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.InterfaceError,
 )
 
-Pool = asyncpg.Pool
-Connection = asyncpg.Connection
+# The driver's types under the names the layers above use. A pooled
+# connection is a proxy of a Connection, with the same methods.
+if TYPE_CHECKING:
+    Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
+    Connection: TypeAlias = (
+        asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
+    )
+else:
+    Pool = asyncpg.Pool
+    Connection = asyncpg.Connection
 Record = asyncpg.Record
 
 

@@ -104,7 +104,8 @@ def _authorization(scope: Scope) -> str | None:
     values = [value for name, value in scope["headers"] if name.lower() == b"authorization"]
     if len(values) != 1:
         return None
-    return values[0].decode("latin-1")
+    value: str = values[0].decode("latin-1")
+    return value
 
 
 class ApiAuthMiddleware:

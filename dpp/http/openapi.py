@@ -83,11 +83,13 @@ RUN_STATUSES = [
 ]
 
 
-def _object(properties: Mapping[str, Any], required: Iterable[str] = (), **more: Any) -> dict:
+def _object(
+    properties: Mapping[str, Any], required: Iterable[str] = (), **more: Any
+) -> dict[str, Any]:
     return {"type": "object", "properties": dict(properties), "required": list(required), **more}
 
 
-def _all_required(properties: Mapping[str, Any], **more: Any) -> dict:
+def _all_required(properties: Mapping[str, Any], **more: Any) -> dict[str, Any]:
     return _object(properties, properties.keys(), **more)
 
 

@@ -96,6 +96,7 @@ async def credit(
             ):
                 raise CreditConflict(operation_id)
             row = await connection.fetchrow(queries["tenant_budget"], tenant_id)
+            assert row is not None, "tenant row vanished under its lock"
             return CreditResult(_tenant_budget(row), replayed=True)
         row = await connection.fetchrow(queries["credit_tenant"], tenant_id, amount_usd_micros)
         assert row is not None, "tenant row vanished under its lock"
@@ -360,6 +361,7 @@ async def settle_batch(
             run = runs.get(request.run_id)
             earlier = decided.get(request.run_id)
             if earlier is not None:
+                assert run is not None, "a decided run was locked"
                 outcomes[index] = (
                     SettleResult(request.run_id, run["tenant_id"], earlier, False, None)
                     if earlier.outcome is request.outcome
@@ -373,6 +375,7 @@ async def settle_batch(
             )
             decision = _decide_settlement(request, run, has_reserve)
             if isinstance(decision, Settlement):
+                assert run is not None, "only a locked run is settled"
                 decided[request.run_id] = decision
                 writes.append((index, request, run, decision))
             else:

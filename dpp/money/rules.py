@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 
 class RunStatus(enum.StrEnum):
@@ -63,7 +64,7 @@ class Settlement:
         assert self.charged_usd_micros + self.refunded_usd_micros == self.reserved_usd_micros
 
 
-def is_amount(value: object) -> bool:
+def is_amount(value: object) -> TypeGuard[int]:
     """A JSON integer amount (bools are not integers here)."""
     return isinstance(value, int) and not isinstance(value, bool)
 

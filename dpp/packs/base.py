@@ -19,7 +19,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import orjson
 from jsonschema import Draft202012Validator
@@ -251,9 +251,9 @@ def check_pack(pack: object) -> None:
             "max_reservation_usd_micros",
         )
     ]
-    if not all(_is_int(price) for price in prices):
-        raise PackDefinitionError(f"{where}: prices must be int USD micros (no floats, no bools)")
     minimum_fee, default_reservation, max_reservation = prices
+    if not (_is_int(minimum_fee) and _is_int(default_reservation) and _is_int(max_reservation)):
+        raise PackDefinitionError(f"{where}: prices must be int USD micros (no floats, no bools)")
     if not 0 <= minimum_fee <= default_reservation <= max_reservation <= USD_MICROS_MAX:
         raise PackDefinitionError(
             f"{where}: need 0 <= minimum_fee ({minimum_fee}) <= default_reservation "
@@ -271,6 +271,6 @@ def check_pack(pack: object) -> None:
         raise PackDefinitionError(f"{where}: execute must be an `async def` method")
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     """True for a real int; `bool` is an int subclass but never an amount."""
     return isinstance(value, int) and not isinstance(value, bool)

@@ -191,7 +191,8 @@ def _instantiate(entry_point: metadata.EntryPoint, env: Mapping[str, str]) -> Pa
     except PackDefinitionError as error:
         logger.error("skipping pack entry point [%s]: %s", origin, error)
         return None
-    return pack
+    checked: Pack = pack
+    return checked
 
 
 def _validator_for(pack: Pack) -> Draft202012Validator:

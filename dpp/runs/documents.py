@@ -8,16 +8,18 @@ routes render what these functions return.
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from dpp.money.rules import ALL_STATUSES, RunStatus
 
-# A stored run as the queries return it (an asyncpg Record, or a dict).
-RunRow = Mapping[str, Any]
+
+class RunRow(Protocol):
+    """A stored run as the queries return it (a Record), or a dict of its columns."""
+
+    def __getitem__(self, column: str, /) -> Any: ...
 
 
 def timestamp(value: datetime | None) -> str | None:

@@ -195,7 +195,7 @@ class LeaseStore:
     async def renew(self, run: ClaimedRun, version: int, lease_sec: int) -> int | None:
         """Push the lease out by ``lease_sec``; None when the heartbeat lost."""
         assert lease_sec >= 1
-        renewed = await self._pool.fetchval(
+        renewed: int | None = await self._pool.fetchval(
             self._queries["renew_lease"], run.run_id, run.lease_token, version, lease_sec
         )
         assert renewed is None or renewed == version + 1, (renewed, version)
@@ -203,7 +203,7 @@ class LeaseStore:
 
     async def claim_for_finalize(self, run: ClaimedRun, version: int) -> int | None:
         """Finalize phase 1, PROCESSING -> CLAIMED; None when the lease was lost."""
-        claimed = await self._pool.fetchval(
+        claimed: int | None = await self._pool.fetchval(
             self._queries["claim_for_finalize"], run.run_id, run.lease_token, version
         )
         assert claimed is None or claimed == version + 1, (claimed, version)

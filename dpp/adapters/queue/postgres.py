@@ -108,9 +108,7 @@ class PostgresQueue:
         started = False
         backoff_s = RECONNECT_BACKOFF_FIRST_S
 
-        def on_notify(
-            connection: asyncpg.Connection, pid: int, channel: str, payload: object
-        ) -> None:
+        def on_notify(connection: object, pid: int, channel: str, payload: object) -> None:
             wake()
 
         while True:
