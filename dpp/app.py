@@ -59,6 +59,19 @@ ROOT_PERIOD_S = 30.0
 ActorsTree = Callable[[], dict[str, Any]]
 
 
+def no_tree() -> dict[str, Any]:
+    """The /admin/actors node of a context without a supervision tree (tests of the
+    HTTP front alone, or a replica still starting): a root that is not running."""
+    return {
+        "name": "root",
+        "kind": "supervisor",
+        "state": "stopped",
+        "mailbox_depth": 0,
+        "restarts": 0,
+        "children": [],
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class Adapters:
     """One replica's open connections and what was loaded with them.
@@ -204,7 +217,7 @@ def build_context(
         packs=adapters.packs,
         metrics_registry=adapters.metrics_registry,
         readiness=readiness_checks(adapters),
-        actors_tree=actors_tree or (lambda: {}),
+        actors_tree=actors_tree or no_tree,
         tenancy=Tenancy(pool, queries, redis, settings),
         rate_limiter=RateLimiter(redis, settings.redis_prefix),
         accounts=Accounts(pool, queries, adapters.mirror),
@@ -289,7 +302,7 @@ async def open_runtime(
 
     def tree() -> dict[str, Any]:
         supervisor = holder.get("root")
-        return supervisor.statistics() if supervisor is not None else {}
+        return supervisor.statistics() if supervisor is not None else no_tree()
 
     async with open_adapters(settings, environment=environment) as adapters:
         budgets = build_budgets(adapters)

@@ -18,6 +18,9 @@ from tests.services import (
     drop_database,
 )
 
+# Every in-process HTTP response is checked against the OpenAPI document.
+pytest_plugins = ["tests.openapi_contract_plugin"]
+
 
 @pytest.fixture(scope="session")
 def services() -> Iterator[TestServices]:

@@ -67,6 +67,7 @@ from dpp.runs.failures import RunFailure
 from dpp.runs.idempotency import IdempotencyKeys
 from dpp.runs.service import Settler
 from dpp.runs.store import RunStore
+from dpp.schemas import COUNT, Schema, all_required
 
 log = logging.getLogger("dpp.reconciler")
 
@@ -157,6 +158,26 @@ class ReconcileReport:
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @staticmethod
+    def schema() -> Schema:
+        """The report's JSON shape, read off the dataclass itself: a new counter is
+        documented the moment it exists."""
+        properties: dict[str, Any] = {}
+        for report_field in dataclasses.fields(ReconcileReport):
+            if report_field.name == "errors":
+                properties["errors"] = {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "Steps (or settle:<run_id>) that failed; the next pass retries.",
+                }
+            else:
+                assert report_field.type in (int, "int"), report_field
+                properties[report_field.name] = COUNT
+        return Schema(
+            "ReconcileReport",
+            all_required(properties, description="What one reconciliation pass did, by kind."),
+        )
 
     def moved_anything(self) -> bool:
         return any(

@@ -36,6 +36,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from dpp.actors.kernel import Actor, ActorRef, Mailbox
+from dpp.schemas import COUNT, Schema, all_required
 
 __all__ = [
     "CHILDREN_MAX",
@@ -63,6 +64,23 @@ NESTED_SHUTDOWN_MARGIN_S = 1.0
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 ChildState = Literal["starting", "running", "restarting", "stopping", "stopped", "crashed"]
 SupervisorState = Literal["starting", "running", "stopping", "stopped", "crashed"]
+
+# A node of GET /admin/actors (SPEC §3, §6): these members on every node; each
+# kind adds its own (a dispatcher its runs in flight, a registry its actors).
+ACTOR_NODE = Schema(
+    "ActorNode",
+    all_required(
+        {
+            "name": {"type": "string"},
+            "kind": {"type": "string"},
+            "state": {"type": "string"},
+            "mailbox_depth": COUNT,
+            "restarts": COUNT,
+            "children": {"type": "array", "items": {"$ref": "#/components/schemas/ActorNode"}},
+        },
+        closed=False,
+    ),
+)
 
 
 class Restart(enum.Enum):
@@ -473,7 +491,7 @@ class Supervisor:
     # -- statistics --------------------------------------------------------
 
     def statistics(self) -> dict[str, Any]:
-        """This supervisor's node of the live tree (JSON types only).
+        """This supervisor's node of the live tree (JSON types only; ``ACTOR_NODE``).
 
         `restarts` on every node counts how often that node was restarted by
         its parent (for a supervisor: its runs beyond the first).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -47,7 +48,7 @@ def build_app(context: AppContext) -> Starlette:
     """The whole HTTP front of a replica (SPEC §3): every route, the /v1 gate."""
     return create_app(
         context,
-        extra_routes=route_table.api_routes(context),
+        extra_routes=route_table.api_routes(),
         inner_middleware=[
             Middleware(
                 ApiAuthMiddleware, tenancy=context.tenancy, rate_limiter=context.rate_limiter
@@ -66,7 +67,7 @@ def create_app(
     ``extra_routes``. ``inner_middleware`` runs after CORS and the error layer
     but before routing: the place for the /v1 gate."""
     settings = context.settings
-    routes = [*route_table.frame_routes(context), *extra_routes]
+    routes = [*route_table.frame_routes(), *extra_routes]
     middleware = [
         Middleware(RequestContextMiddleware),
         Middleware(AccessLogMiddleware, metrics=metrics_for(context.metrics_registry)),
@@ -89,6 +90,8 @@ def create_app(
     # "/health/" is an unknown path (404), not a redirect: one URL per resource.
     app.router.redirect_slashes = False
     app.state.context = context
+    # /openapi.json: every endpoint of DPP (whatever this app mounts), rendered once
+    app.state.openapi_body = orjson.dumps(route_table.openapi_document())
     return app
 
 

@@ -14,9 +14,26 @@ import orjson
 from starlette.responses import Response
 
 from dpp.ids import PROBLEM_TYPE_BASE
+from dpp.schemas import Schema, obj
 
 PROBLEM_BASE = PROBLEM_TYPE_BASE
 PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+PROBLEM = Schema(
+    "Problem",
+    obj(
+        {
+            "type": {"type": "string", "format": "uri"},
+            "title": {"type": "string"},
+            "status": {"type": "integer", "minimum": 400, "maximum": 599},
+            "detail": {"type": "string"},
+            "instance": {"type": "string"},
+        },
+        required=("type", "title", "status", "detail", "instance"),
+        closed=False,
+        description="RFC 9457 problem details; extension members vary by type.",
+    ),
+)
 
 TITLES = {
     400: "Bad Request",

@@ -11,6 +11,29 @@ from dpp.adapters.postgres import Pool, Queries, Record
 from dpp.money import ledger
 from dpp.money.audit import AuditReport, run_audit
 from dpp.money.mirror import BudgetMirror, MirrorBudget
+from dpp.schemas import USD_MICROS, Schema, all_required
+
+BUDGET_VIEW = Schema(
+    "BudgetView",
+    all_required(
+        {
+            "balance_usd_micros": {**USD_MICROS, "description": "Credits minus charges."},
+            "reserved_usd_micros": {**USD_MICROS, "description": "Held by open runs."},
+            "available_usd_micros": {**USD_MICROS, "description": "balance - reserved."},
+        }
+    ),
+)
+
+
+def budget_view(balance_usd_micros: int, reserved_usd_micros: int) -> dict[str, int]:
+    """A tenant's counters as every budget document shows them (SPEC §6)."""
+    available = balance_usd_micros - reserved_usd_micros
+    assert reserved_usd_micros >= 0 and available >= 0, "SPEC §1 invariant 3"
+    return {
+        "balance_usd_micros": balance_usd_micros,
+        "reserved_usd_micros": reserved_usd_micros,
+        "available_usd_micros": available,
+    }
 
 
 @dataclass(frozen=True, slots=True)

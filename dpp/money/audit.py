@@ -19,9 +19,45 @@ from typing import Any
 
 from dpp.adapters.postgres import Pool, Queries
 from dpp.money.mirror import BudgetMirror
+from dpp.schemas import COUNT, TIMESTAMP, USD_MICROS, Schema, all_required, obj
 
 VIOLATIONS_MAX = 1000
 TENANT_PAGE = 500
+
+AUDIT_REPORT = Schema(
+    "AuditReport",
+    all_required(
+        {
+            "ok": {
+                "type": "boolean",
+                "description": "False while any violation or AUDIT_REQUIRED run exists.",
+            },
+            "violations": {
+                "type": "array",
+                "maxItems": VIOLATIONS_MAX,
+                "items": obj(
+                    {"invariant": {"type": "integer", "minimum": 1}},
+                    required=("invariant",),
+                    closed=False,
+                    description="Which SPEC §1 invariant, and the numbers that break it.",
+                ),
+            },
+            "audit_required_runs": {
+                "type": "array",
+                "items": all_required(
+                    {
+                        "run_id": {"type": "string"},
+                        "tenant_id": {"type": "string"},
+                        "reserved_usd_micros": USD_MICROS,
+                        "reason": {"type": ["string", "null"]},
+                        "created_at": TIMESTAMP,
+                    }
+                ),
+            },
+            "tenants_checked": COUNT,
+        }
+    ),
+)
 
 
 @dataclass(slots=True)
@@ -40,12 +76,14 @@ class AuditReport:
             self.violations.append({"invariant": invariant, **details})
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        document = {
             "ok": self.ok,
             "violations": self.violations,
             "audit_required_runs": self.audit_required_runs,
             "tenants_checked": self.tenants_checked,
         }
+        assert document.keys() == AUDIT_REPORT.members
+        return document
 
 
 async def run_audit(

@@ -22,6 +22,9 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from dpp.packs.base import (
+    PACK_TYPE_PATTERN,
+    TIMEBOX_SEC_MAX,
+    TIMEBOX_SEC_MIN,
     FieldError,
     Pack,
     PackConfigError,
@@ -29,11 +32,14 @@ from dpp.packs.base import (
     check_pack,
     field_path,
 )
+from dpp.schemas import USD_MICROS, Schema, all_required, integer
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "FIELD_ERRORS_MAX",
     "INPUT_DEPTH_MAX",
+    "PACK",
+    "PACK_CATALOG",
     "DuplicatePackTypeError",
     "PackRegistry",
     "validate_inputs",
@@ -59,6 +65,25 @@ logger = logging.getLogger("dpp.packs")
 # id(pack) -> (pack, validator). Holding the pack keeps its id from being
 # reused by another object while the entry lives; LRU-bounded like any cache.
 _validators: OrderedDict[int, tuple[Pack, Draft202012Validator]] = OrderedDict()
+
+
+# One entry of GET /v1/packs (SPEC §3 "Budget, usage, packs"), beside ``catalog``.
+PACK = Schema(
+    "Pack",
+    all_required(
+        {
+            "pack_type": {"type": "string", "pattern": f"^{PACK_TYPE_PATTERN.pattern}$"},
+            "description": {"type": "string"},
+            "input_schema": {"type": "object", "description": "A JSON Schema (2020-12)."},
+            "minimum_fee_usd_micros": USD_MICROS,
+            "default_reservation_usd_micros": USD_MICROS,
+            "max_reservation_usd_micros": USD_MICROS,
+            "default_timebox_sec": integer(TIMEBOX_SEC_MIN, TIMEBOX_SEC_MAX),
+            "pricing": {"type": "object", "description": "How the actual cost is computed."},
+        }
+    ),
+)
+PACK_CATALOG = Schema("PackCatalog", all_required({"packs": {"type": "array", "items": PACK}}))
 
 
 class DuplicatePackTypeError(ValueError):
@@ -122,7 +147,7 @@ class PackRegistry:
         Copies, so a caller that decorates the documents cannot alter the
         schema or the prices the registry validates and charges with.
         """
-        return [
+        catalog = [
             {
                 "pack_type": pack.pack_type,
                 "description": pack.description,
@@ -135,6 +160,8 @@ class PackRegistry:
             }
             for pack in self._packs.values()
         ]
+        assert all(entry.keys() == PACK.members for entry in catalog)
+        return catalog
 
 
 def validate_inputs(pack: Pack, inputs: Any) -> list[FieldError]:

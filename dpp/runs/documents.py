@@ -1,19 +1,101 @@
-"""Runs as clients see them: the run object, its cost headers, page cursors.
+"""Runs as clients see them: the run object, pages, usage, cost headers, cursors.
 
-Pure: every function maps a stored run (a row) to the shapes SPEC §3 and §6
-fix, member for member. The services of this package read and write; the HTTP
-routes render what these functions return.
+Pure: every function maps stored runs (rows) to the shapes SPEC §3 and §6
+fix, member for member, and each shape's schema sits beside its function (the
+OpenAPI document renders them; the renderers assert they stay within them).
+The services of this package read and write; the HTTP routes send what these
+functions return.
 """
 
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
 import orjson
 
+from dpp.limits import RUNS_PAGE_LIMIT_MAX
 from dpp.money.rules import ALL_STATUSES, RunStatus
+from dpp.runs.failures import RUN_ERROR
+from dpp.schemas import (
+    COUNT,
+    DATE,
+    TIMESTAMP,
+    TIMESTAMP_OR_NULL,
+    USD_MICROS,
+    USD_MICROS_OR_NULL,
+    Schema,
+    all_required,
+    id_pattern,
+    nullable,
+)
+
+RUN_RESULT = Schema(
+    "RunResult",
+    all_required(
+        {
+            "download_url": {"type": "string", "format": "uri"},
+            "expires_at": TIMESTAMP,
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "bytes": COUNT,
+            "content_type": {"type": "string"},
+        },
+        description="Where a COMPLETED run's result can be downloaded, and what it is.",
+    ),
+)
+RUN = Schema(
+    "Run",
+    all_required(
+        {
+            "id": id_pattern("run"),
+            "status": {"enum": [status.value for status in RunStatus]},
+            "pack_type": {"type": "string"},
+            "created_at": TIMESTAMP,
+            "started_at": TIMESTAMP_OR_NULL,
+            "finished_at": TIMESTAMP_OR_NULL,
+            "reserved_usd_micros": USD_MICROS,
+            "minimum_fee_usd_micros": USD_MICROS,
+            "charged_usd_micros": USD_MICROS_OR_NULL,
+            "refunded_usd_micros": USD_MICROS_OR_NULL,
+            "metadata": {"type": "object"},
+            "result": nullable(RUN_RESULT),
+            "error": nullable(RUN_ERROR),
+            "retention_until": TIMESTAMP_OR_NULL,
+        },
+        description="Every member is always present; null until it applies (SPEC §6).",
+    ),
+)
+RUN_PAGE = Schema(
+    "RunList",
+    all_required(
+        {
+            "data": {"type": "array", "items": RUN, "maxItems": RUNS_PAGE_LIMIT_MAX},
+            "next_cursor": {"type": ["string", "null"]},
+            "has_more": {"type": "boolean"},
+        }
+    ),
+)
+USAGE_DAY = Schema(
+    "UsageDay",
+    all_required(
+        {
+            "date": DATE,
+            "pack_type": {"type": "string"},
+            "runs": COUNT,
+            "completed": COUNT,
+            "failed": COUNT,
+            "expired": COUNT,
+            "canceled": COUNT,
+            "charged_usd_micros": USD_MICROS,
+            "refunded_usd_micros": USD_MICROS,
+        }
+    ),
+)
+USAGE = Schema(
+    "Usage", all_required({"from": DATE, "to": DATE, "days": {"type": "array", "items": USAGE_DAY}})
+)
 
 
 class RunRow(Protocol):
@@ -42,7 +124,7 @@ def cost_headers(row: RunRow) -> dict[str, str]:
 def run_object(row: RunRow, result: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run object: every member always present, ``null`` until it applies."""
     assert row["status"] in ALL_STATUSES
-    return {
+    document = {
         "id": row["id"],
         "status": row["status"],
         "pack_type": row["pack_type"],
@@ -58,6 +140,37 @@ def run_object(row: RunRow, result: dict[str, Any] | None = None) -> dict[str, A
         "error": row["error"],
         "retention_until": timestamp(row["retention_until"]),
     }
+    assert document.keys() == RUN.members
+    return document
+
+
+def page_document(
+    documents: list[dict[str, Any]], next_cursor: str | None, has_more: bool
+) -> dict[str, Any]:
+    """A page of ``GET /v1/runs`` (SPEC §6 "Listing runs")."""
+    assert len(documents) <= RUNS_PAGE_LIMIT_MAX
+    assert (next_cursor is not None) == has_more
+    return {"data": documents, "next_cursor": next_cursor, "has_more": has_more}
+
+
+def usage_document(first: date, last: date, rows: Sequence[RunRow]) -> dict[str, Any]:
+    """``GET /v1/usage``: per UTC creation date and pack (SPEC §6 "Usage")."""
+    days = [
+        {
+            "date": row["day"].isoformat(),
+            "pack_type": row["pack_type"],
+            "runs": row["runs"],
+            "completed": row["completed"],
+            "failed": row["failed"],
+            "expired": row["expired"],
+            "canceled": row["canceled"],
+            "charged_usd_micros": row["charged_usd_micros"],
+            "refunded_usd_micros": row["refunded_usd_micros"],
+        }
+        for row in rows
+    ]
+    assert all(day.keys() == USAGE_DAY.members for day in days)
+    return {"from": first.isoformat(), "to": last.isoformat(), "days": days}
 
 
 def queued_row(

@@ -18,6 +18,22 @@ from dataclasses import dataclass
 
 from dpp.ids import problem_type
 from dpp.packs import PACK_ERROR_TYPE, PackError
+from dpp.schemas import Schema, obj
+
+RUN_ERROR = Schema(
+    "RunError",
+    obj(
+        {
+            "type": {"type": "string", "format": "uri"},
+            "title": {"type": "string"},
+            "status": {"type": "integer", "minimum": 400, "maximum": 599},
+            "detail": {"type": "string"},
+        },
+        required=("type", "title", "status", "detail"),
+        closed=False,
+        description="Why a run FAILED, EXPIRED or waits for an audit: a problem object.",
+    ),
+)
 
 
 class FailureKind(enum.Enum):
@@ -51,12 +67,14 @@ class RunFailure:
 
     def document(self) -> dict[str, object]:
         """The stored problem object (SPEC §3 run ``error``)."""
-        return {
+        document: dict[str, object] = {
             "type": self.kind.type_uri,
             "title": self.title,
             "status": self.kind.status,
             "detail": self.detail,
         }
+        assert document.keys() == RUN_ERROR.members
+        return document
 
     # --- the failures there are ------------------------------------------------------
 

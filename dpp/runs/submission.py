@@ -1,8 +1,11 @@
 """A run submission (``POST /v1/runs``): parse and check it (SPEC §3, §6).
 
 Pure. ``parse_submit`` answers the request a route may admit, or every field
-error at once (a 422 names the first and lists them all). The limits come from
-``dpp.limits``, the same names the OpenAPI document states them with.
+error at once (a 422 names the first and lists them all). ``SUBMISSION`` is the
+body's schema: ``parse_submit`` takes its member list from it and its limits
+from ``dpp.limits``, as the schema does, and the OpenAPI document renders it.
+What no static schema can say (the pack's own input schema, its minimum fee
+and cap) is checked here and described there.
 """
 
 from __future__ import annotations
@@ -12,12 +15,51 @@ from typing import Any
 
 import orjson
 
-from dpp.limits import METADATA_BYTES_MAX, METADATA_KEYS_MAX, TIMEBOX_SEC_MAX, TIMEBOX_SEC_MIN
+from dpp.limits import (
+    METADATA_BYTES_MAX,
+    METADATA_KEYS_MAX,
+    TIMEBOX_SEC_MAX,
+    TIMEBOX_SEC_MIN,
+    USD_MICROS_MAX,
+)
 from dpp.money.rules import is_amount
 from dpp.packs import FieldError, Pack, PackRegistry, validate_inputs
+from dpp.schemas import Schema, integer, obj
 
-SUBMIT_MEMBERS = frozenset(
-    {"pack_type", "inputs", "max_cost_usd_micros", "timebox_sec", "metadata"}
+SUBMISSION = Schema(
+    "RunSubmission",
+    obj(
+        {
+            "pack_type": {
+                "type": "string",
+                "minLength": 1,
+                "description": "A pack of the catalog (GET /v1/packs).",
+            },
+            "inputs": {"description": "Checked against the pack's input_schema."},
+            "max_cost_usd_micros": integer(
+                1,
+                USD_MICROS_MAX,
+                description=(
+                    "The reservation in USD micros: at least the pack's minimum fee, at most "
+                    "its max_reservation_usd_micros; the pack's default when omitted."
+                ),
+            ),
+            "timebox_sec": integer(
+                TIMEBOX_SEC_MIN,
+                TIMEBOX_SEC_MAX,
+                description="Counted from the claim; the pack's default when omitted.",
+            ),
+            "metadata": {
+                "type": ["object", "null"],
+                "maxProperties": METADATA_KEYS_MAX,
+                "description": (
+                    f"Stored and echoed; {{}} when omitted or null; at most "
+                    f"{METADATA_BYTES_MAX} bytes as JSON."
+                ),
+            },
+        },
+        required=("pack_type", "inputs"),
+    ),
 )
 
 
@@ -35,7 +77,7 @@ def parse_submit(body: Any, packs: PackRegistry) -> SubmitRequest | list[FieldEr
     """Validate a ``POST /v1/runs`` body; a list of field errors means 422."""
     if not isinstance(body, dict):
         return [FieldError("body", "must be a JSON object")]
-    unknown = sorted(set(body) - SUBMIT_MEMBERS)
+    unknown = sorted(set(body) - SUBMISSION.members)
     if unknown:
         return [FieldError(name, "is not a member of a run submission") for name in unknown]
     pack_type = body.get("pack_type")

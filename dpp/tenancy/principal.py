@@ -16,14 +16,109 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from dpp.limits import (
+    MAX_CONCURRENT_RUNS_MAX,
     NAME_CHARS_MAX,
     PLAN_ID_CHARS_MAX,
     REQUESTS_PER_MINUTE_MAX,
+    RETENTION_DAYS_MAX,
 )
+from dpp.schemas import TIMESTAMP, TIMESTAMP_OR_NULL, Schema, all_required, id_pattern, integer, obj
+from dpp.tenancy.keys import KEY_HINT_LENGTH, KEY_PATTERN
 
 DEFAULT_PLAN_ID: Final = "default"
 # the plans.id CHECK
 PLAN_ID_PATTERN = re.compile(rf"[a-z0-9][a-z0-9_-]{{0,{PLAN_ID_CHARS_MAX - 1}}}")
+KEY_HINT_PATTERN = f"^[0-9A-Za-z]{{{KEY_HINT_LENGTH}}}$"
+
+# --- the shapes (dpp.schemas): bodies the admin API takes, documents it answers ----------
+
+PLAN_ID: dict[str, Any] = {"type": "string", "pattern": f"^{PLAN_ID_PATTERN.pattern}$"}
+NAME: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": NAME_CHARS_MAX,
+    # not blank (some non-space character), no control character (check_name)
+    "pattern": r"^(?=[\s\S]*\S)[^\x00-\x1f\x7f-\x9f]*$",
+    "description": "Not blank; no control characters.",
+}
+REQUESTS_PER_MINUTE = integer(1, REQUESTS_PER_MINUTE_MAX)
+_PLAN_LIMITS: dict[str, Any] = {
+    "id": PLAN_ID,
+    "requests_per_minute": REQUESTS_PER_MINUTE,
+    "max_concurrent_runs": integer(1, MAX_CONCURRENT_RUNS_MAX),
+    "retention_days": integer(1, RETENTION_DAYS_MAX),
+}
+PLAN_CREATE = Schema("PlanCreate", all_required(_PLAN_LIMITS))
+PLAN_LIMITS = Schema(
+    "PlanLimits",
+    all_required(_PLAN_LIMITS, description="The limits of the tenant's plan (SPEC §6)."),
+)
+PLAN = Schema(
+    "Plan", all_required({**_PLAN_LIMITS, "created_at": TIMESTAMP, "updated_at": TIMESTAMP})
+)
+TENANT_CREATE = Schema(
+    "TenantCreate",
+    obj(
+        {
+            "name": NAME,
+            "plan_id": {**PLAN_ID, "type": ["string", "null"], "description": "default plan"},
+        },
+        required=("name",),
+    ),
+)
+TENANT = Schema(
+    "Tenant",
+    all_required(
+        {
+            "id": id_pattern("ten"),
+            "name": {"type": "string"},
+            "plan_id": PLAN_ID,
+            "created_at": TIMESTAMP,
+            "plan": PLAN,
+        }
+    ),
+)
+API_KEY_CREATE = Schema(
+    "ApiKeyCreate",
+    obj(
+        {
+            "name": {**NAME, "type": ["string", "null"]},
+            "requests_per_minute": {
+                **REQUESTS_PER_MINUTE,
+                "type": ["integer", "null"],
+                "description": "The key's own limit; binds below the plan's (policy \"key\").",
+            },
+        }
+    ),
+)
+_API_KEY: dict[str, Any] = {
+    "id": id_pattern("key"),
+    "tenant_id": id_pattern("ten"),
+    "name": {"type": "string"},
+    "key_hint": {
+        "type": "string",
+        "pattern": KEY_HINT_PATTERN,
+        "description": "The last characters of the key, to tell keys apart.",
+    },
+    "requests_per_minute": {**REQUESTS_PER_MINUTE, "type": ["integer", "null"]},
+    "created_at": TIMESTAMP,
+    "last_used_at": TIMESTAMP_OR_NULL,
+    "revoked_at": TIMESTAMP_OR_NULL,
+}
+API_KEY = Schema("ApiKey", all_required(_API_KEY))
+API_KEY_CREATED = Schema(
+    "ApiKeyCreated",
+    all_required(
+        {
+            **_API_KEY,
+            "api_key": {
+                "type": "string",
+                "pattern": f"^{KEY_PATTERN.pattern}$",
+                "description": "Shown only in this response; only its SHA-256 is stored.",
+            },
+        }
+    ),
+)
 
 
 # --- errors ----------------------------------------------------------------------------
@@ -118,6 +213,18 @@ def timestamp_text(moment: datetime.datetime | None) -> str | None:
     return moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
+def plan_limits(
+    plan_id: str, requests_per_minute: int, max_concurrent_runs: int, retention_days: int
+) -> dict[str, Any]:
+    """A plan's limits as documents carry them (``PLAN_LIMITS``)."""
+    return {
+        "id": plan_id,
+        "requests_per_minute": requests_per_minute,
+        "max_concurrent_runs": max_concurrent_runs,
+        "retention_days": retention_days,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     id: str
@@ -128,14 +235,15 @@ class Plan:
     updated_at: datetime.datetime
 
     def document(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "requests_per_minute": self.requests_per_minute,
-            "max_concurrent_runs": self.max_concurrent_runs,
-            "retention_days": self.retention_days,
+        document = {
+            **plan_limits(
+                self.id, self.requests_per_minute, self.max_concurrent_runs, self.retention_days
+            ),
             "created_at": timestamp_text(self.created_at),
             "updated_at": timestamp_text(self.updated_at),
         }
+        assert document.keys() == PLAN.members
+        return document
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,13 +258,15 @@ class Tenant:
         return self.plan.id
 
     def document(self) -> dict[str, Any]:
-        return {
+        document = {
             "id": self.id,
             "name": self.name,
             "plan_id": self.plan.id,
             "created_at": timestamp_text(self.created_at),
             "plan": self.plan.document(),
         }
+        assert document.keys() == TENANT.members
+        return document
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +283,7 @@ class ApiKey:
     revoked_at: datetime.datetime | None
 
     def document(self) -> dict[str, Any]:
-        return {
+        document = {
             "id": self.id,
             "tenant_id": self.tenant_id,
             "name": self.name,
@@ -183,6 +293,8 @@ class ApiKey:
             "last_used_at": timestamp_text(self.last_used_at),
             "revoked_at": timestamp_text(self.revoked_at),
         }
+        assert document.keys() == API_KEY.members
+        return document
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,9 +319,6 @@ class Principal:
 
     def plan_document(self) -> dict[str, Any]:
         """The ``plan`` member of ``GET /v1/budget`` (SPEC §6 "Plan limits")."""
-        return {
-            "id": self.plan_id,
-            "requests_per_minute": self.requests_per_minute,
-            "max_concurrent_runs": self.max_concurrent_runs,
-            "retention_days": self.retention_days,
-        }
+        return plan_limits(
+            self.plan_id, self.requests_per_minute, self.max_concurrent_runs, self.retention_days
+        )

@@ -22,6 +22,7 @@ from dpp.context import AppContext
 from dpp.http.app import create_app
 from dpp.http.auth import ApiAuthMiddleware, principal_of
 from dpp.http.bodies import json_response
+from dpp.http.endpoints import routes_for
 from dpp.http.routes import admin_tenancy
 from dpp.ids import new_id
 
@@ -50,7 +51,7 @@ def app(replica: AppContext) -> Starlette:
 
     return create_app(
         replica,
-        extra_routes=[*admin_tenancy.routes(replica), Route("/v1/whoami", whoami)],
+        extra_routes=[*routes_for(admin_tenancy.ENDPOINTS), Route("/v1/whoami", whoami)],
         inner_middleware=[
             Middleware(
                 ApiAuthMiddleware, tenancy=replica.tenancy, rate_limiter=replica.rate_limiter

@@ -24,6 +24,7 @@ from dpp.context import AppContext
 from dpp.http.app import create_app
 from dpp.http.auth import ApiAuthMiddleware, principal_of
 from dpp.http.bodies import json_response
+from dpp.http.endpoints import routes_for
 from dpp.http.routes import admin_tenancy
 from dpp.tenancy.keys import generate_api_key
 from dpp.tenancy.ratelimit import RateLimiter
@@ -53,7 +54,7 @@ def v1_routes() -> list[BaseRoute]:
 def build_app(context: AppContext) -> Starlette:
     return create_app(
         context,
-        extra_routes=[*admin_tenancy.routes(context), *v1_routes()],
+        extra_routes=[*routes_for(admin_tenancy.ENDPOINTS), *v1_routes()],
         inner_middleware=[
             Middleware(
                 ApiAuthMiddleware, tenancy=context.tenancy, rate_limiter=context.rate_limiter

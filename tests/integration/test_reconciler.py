@@ -23,7 +23,8 @@ from dpp.actors.run import result_key
 from dpp.actors.supervisor import Supervisor, SupervisorSpec
 from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, StoredObject
 from dpp.http.app import create_app
-from dpp.http.routes import admin_reconcile as routes_reconcile
+from dpp.http.endpoints import routes_for
+from dpp.http.routes import admin_reconcile
 from dpp.money import ledger
 from dpp.money.rules import Outcome, RunStatus
 from tests.integration.test_execution import (
@@ -313,7 +314,7 @@ async def test_post_admin_reconcile_answers_the_pass_report(
         await expired_run(h)
         reconciler = await h.start_reconciler()
         context = dataclasses.replace(h.context, reconciler=reconciler)
-        app = create_app(context, extra_routes=routes_reconcile.routes(context))
+        app = create_app(context, extra_routes=routes_for(admin_reconcile.ENDPOINTS))
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             denied = await client.post("/admin/reconcile")

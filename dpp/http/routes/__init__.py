@@ -1,14 +1,20 @@
-"""The route table: one module per group of endpoints, each ``routes(context)``.
+"""The route table: every endpoint of the HTTP front, as data.
 
-Each handler parses the request, calls one service of the ``AppContext`` and
-renders its answer; none holds SQL or reaches an adapter.
+Each module declares its ``ENDPOINTS`` (``dpp.http.endpoints``) beside its
+handlers; each handler parses the request, calls one service of the
+``AppContext`` and renders its answer, holding no SQL and reaching no adapter.
+``ENDPOINTS`` here is all of them: what ``build_app`` routes and what
+``openapi_document`` describes, the same objects.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.routing import BaseRoute
 
-from dpp.context import AppContext
+from dpp.http import openapi
+from dpp.http.endpoints import Endpoint, routes_for
 from dpp.http.routes import (
     admin_actors,
     admin_money,
@@ -18,18 +24,27 @@ from dpp.http.routes import (
     runs,
 )
 
+# What every app built by ``create_app`` serves: probes, metrics, the OpenAPI
+# document, and the supervision tree.
+FRAME_ENDPOINTS: tuple[Endpoint, ...] = (*ops.ENDPOINTS, *admin_actors.ENDPOINTS)
+# The tenant API and the rest of the admin API (``build_app`` adds them).
+API_ENDPOINTS: tuple[Endpoint, ...] = (
+    *runs.ENDPOINTS,
+    *admin_tenancy.ENDPOINTS,
+    *admin_money.ENDPOINTS,
+    *admin_reconcile.ENDPOINTS,
+)
+ENDPOINTS: tuple[Endpoint, ...] = (*FRAME_ENDPOINTS, *API_ENDPOINTS)
 
-def frame_routes(context: AppContext) -> list[BaseRoute]:
-    """What every app built by ``create_app`` serves: probes, metrics, the
-    OpenAPI document, and the supervision tree."""
-    return [*ops.routes(context), *admin_actors.routes(context)]
+
+def frame_routes() -> list[BaseRoute]:
+    return routes_for(FRAME_ENDPOINTS)
 
 
-def api_routes(context: AppContext) -> list[BaseRoute]:
-    """The tenant API and the rest of the admin API."""
-    return [
-        *runs.routes(context),
-        *admin_tenancy.routes(context),
-        *admin_money.routes(context),
-        *admin_reconcile.routes(context),
-    ]
+def api_routes() -> list[BaseRoute]:
+    return routes_for(API_ENDPOINTS)
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every endpoint (a fresh dict each call)."""
+    return openapi.document(ENDPOINTS)

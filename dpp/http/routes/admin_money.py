@@ -4,30 +4,76 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from dpp import ids
 from dpp.context import AppContext
 from dpp.http.auth import require_admin
 from dpp.http.bodies import body_object, json_response, read_json_body
+from dpp.http.endpoints import (
+    ADMIN_TOKEN,
+    IDEMPOTENCY_KEY_REQUIRED,
+    RUN_ID,
+    TENANT_ID,
+    Endpoint,
+    Reply,
+    problem,
+)
 from dpp.http.problems import Problem
 from dpp.limits import CREDIT_USD_MICROS_MAX
 from dpp.money import ledger
+from dpp.money.accounts import BUDGET_VIEW, budget_view
+from dpp.money.audit import AUDIT_REPORT
 from dpp.money.rules import Outcome, is_amount
 from dpp.runs import idempotency
+from dpp.runs.documents import RUN
 from dpp.runs.service import ChargeAboveReservation, RunNotAuditRequired, RunNotFound
+from dpp.schemas import USD_MICROS, Schema, all_required, integer, nullable
+
+CREDIT_CREATE = Schema(
+    "CreditCreate", all_required({"amount_usd_micros": integer(1, CREDIT_USD_MICROS_MAX)})
+)
+BOTH_STORES = Schema(
+    "BudgetConsistency",
+    all_required(
+        {
+            "postgres": BUDGET_VIEW,
+            "redis": {
+                **nullable(BUDGET_VIEW),
+                "description": "null while the tenant is not mirrored yet.",
+            },
+            "consistent": {"type": "boolean"},
+        }
+    ),
+)
+RESOLVE_OUTCOMES = (Outcome.COMPLETED, Outcome.FAILED)
+RESOLVE_REQUEST = Schema(
+    "ResolveRequest",
+    all_required(
+        {
+            "outcome": {"enum": [outcome.value for outcome in RESOLVE_OUTCOMES]},
+            "charged_usd_micros": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "0 <= charged <= the run's reservation.",
+            },
+        }
+    ),
+)
+RESOLVE_RESULT = Schema(
+    "ResolveResult",
+    all_required(
+        {
+            "id": RUN.properties["id"],
+            "status": {"enum": [outcome.value for outcome in RESOLVE_OUTCOMES]},
+            "charged_usd_micros": USD_MICROS,
+            "refunded_usd_micros": USD_MICROS,
+        }
+    ),
+)
 
 
 def _tenant_not_found() -> Problem:
     return Problem(404, "not-found", "No tenant with this id.")
-
-
-def _budget_view(balance: int, reserved: int) -> dict[str, int]:
-    return {
-        "balance_usd_micros": balance,
-        "reserved_usd_micros": reserved,
-        "available_usd_micros": balance - reserved,
-    }
 
 
 async def add_credits(request: Request) -> Response:
@@ -47,7 +93,7 @@ async def add_credits(request: Request) -> Response:
             "invalid-idempotency-key",
             "Idempotency-Key must be 1-255 printable ASCII characters.",
         )
-    body = body_object(await read_json_body(request), {"amount_usd_micros"})
+    body = body_object(await read_json_body(request), CREDIT_CREATE.members)
     amount = body.get("amount_usd_micros")
     if not is_amount(amount) or not 0 < amount <= CREDIT_USD_MICROS_MAX:
         raise Problem(
@@ -69,7 +115,7 @@ async def add_credits(request: Request) -> Response:
             "This Idempotency-Key was used with a different amount.",
             extensions={"field": "Idempotency-Key"},
         ) from None
-    view = _budget_view(result.budget.balance_usd_micros, result.budget.reserved_usd_micros)
+    view = budget_view(result.budget.balance_usd_micros, result.budget.reserved_usd_micros)
     if result.replayed:
         return json_response(view, status=200, headers={idempotency.REPLAYED_HEADER: "true"})
     return json_response(view, status=201)
@@ -88,12 +134,12 @@ async def tenant_budget(request: Request) -> Response:
     mirrored = both.redis
     return json_response(
         {
-            "postgres": _budget_view(
+            "postgres": budget_view(
                 both.postgres.balance_usd_micros, both.postgres.reserved_usd_micros
             ),
             "redis": None
             if mirrored is None
-            else _budget_view(mirrored.balance_usd_micros, mirrored.reserved_usd_micros),
+            else _mirror_view(mirrored.balance_usd_micros, mirrored.reserved_usd_micros),
             # a tenant not mirrored yet is rebuilt from Postgres before first use
             "consistent": both.consistent,
         }
@@ -111,9 +157,9 @@ async def resolve_run(request: Request) -> Response:
     require_admin(request)
     context: AppContext = request.app.state.context
     run_id = request.path_params["run_id"]
-    body = body_object(await read_json_body(request), {"outcome", "charged_usd_micros"})
+    body = body_object(await read_json_body(request), RESOLVE_REQUEST.members)
     outcome = body.get("outcome")
-    if outcome not in (Outcome.COMPLETED, Outcome.FAILED):
+    if outcome not in RESOLVE_OUTCOMES:
         raise Problem(
             422,
             "invalid-request",
@@ -156,10 +202,82 @@ async def resolve_run(request: Request) -> Response:
     )
 
 
-def routes(context: AppContext) -> list[BaseRoute]:
-    return [
-        Route("/admin/tenants/{tenant_id}/credits", add_credits, methods=["POST"]),
-        Route("/admin/tenants/{tenant_id}/budget", tenant_budget, methods=["GET"]),
-        Route("/admin/audit", audit, methods=["GET"]),
-        Route("/admin/runs/{run_id}/resolve", resolve_run, methods=["POST"]),
-    ]
+def _mirror_view(balance: int, reserved: int) -> dict[str, int]:
+    """The mirror's counters, shown as they are: a drifted mirror is what an
+    operator asks this route to see, so nothing is asserted of them."""
+    return {
+        "balance_usd_micros": balance,
+        "reserved_usd_micros": reserved,
+        "available_usd_micros": balance - reserved,
+    }
+
+
+ENDPOINTS = (
+    Endpoint(
+        "POST",
+        "/admin/tenants/{tenant_id}/credits",
+        add_credits,
+        "addCredits",
+        "Top up a tenant's budget",
+        "admin",
+        ADMIN_TOKEN,
+        (
+            Reply(201, "Credited: the budget.", BUDGET_VIEW),
+            Reply(
+                200,
+                "A replay: nothing added, the original body.",
+                BUDGET_VIEW,
+                ("Idempotent-Replayed",),
+            ),
+            problem(404, "No such tenant."),
+            problem(422, "An invalid amount, or the key reused with another amount."),
+        ),
+        parameters=(TENANT_ID, IDEMPOTENCY_KEY_REQUIRED),
+        request=CREDIT_CREATE,
+    ),
+    Endpoint(
+        "GET",
+        "/admin/tenants/{tenant_id}/budget",
+        tenant_budget,
+        "getTenantBudget",
+        "A tenant's budget in Postgres and Redis",
+        "admin",
+        ADMIN_TOKEN,
+        (
+            Reply(200, "Both views and whether they agree.", BOTH_STORES),
+            problem(404, "No such tenant."),
+        ),
+        parameters=(TENANT_ID,),
+    ),
+    Endpoint(
+        "GET",
+        "/admin/audit",
+        audit,
+        "audit",
+        "Prove the money invariants from storage",
+        "admin",
+        ADMIN_TOKEN,
+        (
+            Reply(
+                200, "ok is false while any violation or AUDIT_REQUIRED run exists.", AUDIT_REPORT
+            ),
+        ),
+    ),
+    Endpoint(
+        "POST",
+        "/admin/runs/{run_id}/resolve",
+        resolve_run,
+        "resolveRun",
+        "Settle an AUDIT_REQUIRED run once",
+        "admin",
+        ADMIN_TOKEN,
+        (
+            Reply(200, "The settlement: charged and refunded.", RESOLVE_RESULT),
+            problem(404, "No such run."),
+            problem(409, "The run is not AUDIT_REQUIRED."),
+            problem(422, "An invalid outcome or charged amount (0 <= charged <= reserved)."),
+        ),
+        parameters=(RUN_ID,),
+        request=RESOLVE_REQUEST,
+    ),
+)

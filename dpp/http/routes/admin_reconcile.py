@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
-from dpp.actors.reconciler import ReconcilerUnavailable
+from dpp.actors.reconciler import ReconcileReport, ReconcilerUnavailable
 from dpp.context import AppContext
 from dpp.http.auth import require_admin
 from dpp.http.bodies import json_response
+from dpp.http.endpoints import ADMIN_TOKEN, Endpoint, Reply, problem
 from dpp.http.problems import Problem
 
 
@@ -27,16 +27,31 @@ def _unavailable() -> Problem:
     )
 
 
-def routes(context: AppContext) -> list[BaseRoute]:
-    async def reconcile(request: Request) -> Response:
-        require_admin(request)
-        reconciler = context.reconciler
-        if reconciler is None:
-            raise _unavailable()
-        try:
-            report = await reconciler.reconcile_once()
-        except ReconcilerUnavailable:
-            raise _unavailable() from None
-        return json_response(report, headers={"Cache-Control": "no-store"})
+async def reconcile(request: Request) -> Response:
+    require_admin(request)
+    context: AppContext = request.app.state.context
+    if context.reconciler is None:
+        raise _unavailable()
+    try:
+        report = await context.reconciler.reconcile_once()
+    except ReconcilerUnavailable:
+        raise _unavailable() from None
+    return json_response(report, headers={"Cache-Control": "no-store"})
 
-    return [Route("/admin/reconcile", reconcile, methods=["POST"], name="admin_reconcile")]
+
+ENDPOINTS = (
+    Endpoint(
+        "POST",
+        "/admin/reconcile",
+        reconcile,
+        "reconcile",
+        "Run one reconciliation pass",
+        "admin",
+        ADMIN_TOKEN,
+        (
+            Reply(200, "What the pass did.", ReconcileReport.schema()),
+            problem(503, "The reconciler is not running or did not answer.", "Retry-After"),
+        ),
+        name="admin_reconcile",
+    ),
+)

@@ -13,14 +13,28 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from dpp.context import AppContext
 from dpp.http.auth import require_admin
 from dpp.http.bodies import body_object, json_response, read_json_body
+from dpp.http.endpoints import (
+    ADMIN_TOKEN,
+    KEY_ID,
+    TENANT_ID,
+    Endpoint,
+    Handler,
+    Reply,
+    problem,
+)
 from dpp.http.problems import Problem, field_problem
 from dpp.tenancy.principal import (
+    API_KEY_CREATE,
+    API_KEY_CREATED,
     DEFAULT_PLAN_ID,
+    PLAN,
+    PLAN_CREATE,
+    TENANT,
+    TENANT_CREATE,
     ApiKeyNotFound,
     InvalidationNotBroadcast,
     InvalidField,
@@ -31,11 +45,8 @@ from dpp.tenancy.principal import (
 )
 from dpp.tenancy.service import Tenancy
 
-__all__ = ["routes", "tenancy_problem"]
+__all__ = ["ENDPOINTS", "tenancy_problem"]
 
-PLAN_MEMBERS = ("id", "requests_per_minute", "max_concurrent_runs", "retention_days")
-TENANT_MEMBERS = ("name", "plan_id")
-KEY_MEMBERS = ("name", "requests_per_minute")
 NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -70,17 +81,14 @@ async def _optional_json_body(request: Request) -> Any:
     return await read_json_body(request)
 
 
-def _handler(
-    context: AppContext, call: Callable[[Request, Tenancy], Awaitable[Response]]
-) -> Callable[[Request], Awaitable[Response]]:
+def _with_tenancy(call: Callable[[Request, Tenancy], Awaitable[Response]]) -> Handler:
     """Admin check, then the call, with tenancy errors rendered as problems."""
 
     async def endpoint(request: Request) -> Response:
         require_admin(request)
-        tenancy = context.tenancy
-        assert isinstance(tenancy, Tenancy), "AppContext.tenancy is not wired"
+        context: AppContext = request.app.state.context
         try:
-            response: Response = await call(request, tenancy)
+            response: Response = await call(request, context.tenancy)
         except TenancyError as error:
             raise tenancy_problem(error) from None
         return response
@@ -89,7 +97,7 @@ def _handler(
 
 
 async def create_plan(request: Request, tenancy: Tenancy) -> Response:
-    body = body_object(await read_json_body(request), PLAN_MEMBERS, PLAN_MEMBERS)
+    body = body_object(await read_json_body(request), PLAN_CREATE.members, PLAN_CREATE.required)
     plan = await tenancy.create_plan(
         body["id"], body["requests_per_minute"], body["max_concurrent_runs"], body["retention_days"]
     )
@@ -97,7 +105,7 @@ async def create_plan(request: Request, tenancy: Tenancy) -> Response:
 
 
 async def create_tenant(request: Request, tenancy: Tenancy) -> Response:
-    body = body_object(await read_json_body(request), TENANT_MEMBERS, ("name",))
+    body = body_object(await read_json_body(request), TENANT_CREATE.members, TENANT_CREATE.required)
     plan_id = body.get("plan_id")
     tenant = await tenancy.create_tenant(
         body["name"], DEFAULT_PLAN_ID if plan_id is None else plan_id
@@ -113,7 +121,7 @@ async def get_tenant(request: Request, tenancy: Tenancy) -> Response:
 
 
 async def issue_key(request: Request, tenancy: Tenancy) -> Response:
-    body = body_object(await _optional_json_body(request), KEY_MEMBERS)
+    body = body_object(await _optional_json_body(request), API_KEY_CREATE.members)
     record, key = await tenancy.issue_key_record(
         request.path_params["tenant_id"], body.get("name"), body.get("requests_per_minute")
     )
@@ -127,38 +135,86 @@ async def revoke_key(request: Request, tenancy: Tenancy) -> Response:
     return Response(status_code=204)
 
 
-def routes(context: AppContext) -> list[BaseRoute]:
-    """The tenancy admin routes; ``context.tenancy`` must be a ``Tenancy``."""
-    assert isinstance(context.tenancy, Tenancy), "AppContext.tenancy is not wired"
-    return [
-        Route(
-            "/admin/plans",
-            _handler(context, create_plan),
-            methods=["POST"],
-            name="admin_create_plan",
+ENDPOINTS = (
+    Endpoint(
+        "POST",
+        "/admin/plans",
+        _with_tenancy(create_plan),
+        "createPlan",
+        "Create a plan",
+        "admin",
+        ADMIN_TOKEN,
+        (
+            Reply(201, "The plan.", PLAN),
+            problem(409, "A plan with this id exists."),
+            problem(422, "An invalid member."),
         ),
-        Route(
-            "/admin/tenants",
-            _handler(context, create_tenant),
-            methods=["POST"],
-            name="admin_create_tenant",
+        request=PLAN_CREATE,
+        name="admin_create_plan",
+    ),
+    Endpoint(
+        "POST",
+        "/admin/tenants",
+        _with_tenancy(create_tenant),
+        "createTenant",
+        "Create a tenant",
+        "admin",
+        ADMIN_TOKEN,
+        (
+            Reply(201, "The tenant.", TENANT, ("Location",)),
+            problem(422, "An invalid member or unknown plan_id."),
         ),
-        Route(
-            "/admin/tenants/{tenant_id}",
-            _handler(context, get_tenant),
-            methods=["GET"],
-            name="admin_get_tenant",
+        request=TENANT_CREATE,
+        name="admin_create_tenant",
+    ),
+    Endpoint(
+        "GET",
+        "/admin/tenants/{tenant_id}",
+        _with_tenancy(get_tenant),
+        "getTenant",
+        "A tenant and its plan",
+        "admin",
+        ADMIN_TOKEN,
+        (Reply(200, "The tenant.", TENANT), problem(404, "No such tenant.")),
+        parameters=(TENANT_ID,),
+        name="admin_get_tenant",
+    ),
+    Endpoint(
+        "POST",
+        "/admin/tenants/{tenant_id}/api-keys",
+        _with_tenancy(issue_key),
+        "createApiKey",
+        "Issue an API key",
+        "admin",
+        ADMIN_TOKEN,
+        (
+            Reply(201, "The key, shown only here.", API_KEY_CREATED),
+            problem(404, "No such tenant."),
+            problem(422, "An invalid member."),
         ),
-        Route(
-            "/admin/tenants/{tenant_id}/api-keys",
-            _handler(context, issue_key),
-            methods=["POST"],
-            name="admin_issue_api_key",
+        parameters=(TENANT_ID,),
+        request=API_KEY_CREATE,
+        request_required=False,
+        name="admin_issue_api_key",
+    ),
+    Endpoint(
+        "DELETE",
+        "/admin/api-keys/{key_id}",
+        _with_tenancy(revoke_key),
+        "revokeApiKey",
+        "Revoke an API key",
+        "admin",
+        ADMIN_TOKEN,
+        (
+            Reply(204, "Revoked; the key fails at once on every replica."),
+            problem(404, "No such API key."),
+            problem(
+                503,
+                "Revoked in storage, but the other replicas could not be told; retry.",
+                "Retry-After",
+            ),
         ),
-        Route(
-            "/admin/api-keys/{key_id}",
-            _handler(context, revoke_key),
-            methods=["DELETE"],
-            name="admin_revoke_api_key",
-        ),
-    ]
+        parameters=(KEY_ID,),
+        name="admin_revoke_api_key",
+    ),
+)

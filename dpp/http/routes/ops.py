@@ -15,13 +15,13 @@ import orjson
 from prometheus_client import generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from dpp.context import AppContext, ReadinessCheck
-from dpp.http import openapi
+from dpp.http.endpoints import Endpoint, Reply, problem
 from dpp.http.problems import Problem
+from dpp.schemas import Schema, all_required
 
-__all__ = ["METRICS_CONTENT_TYPE", "READINESS_TIMEOUT_S", "check_readiness", "routes"]
+__all__ = ["ENDPOINTS", "METRICS_CONTENT_TYPE", "READINESS_TIMEOUT_S", "check_readiness"]
 
 log = logging.getLogger("dpp.http.routes.ops")
 
@@ -62,40 +62,108 @@ async def check_readiness(checks: Sequence[ReadinessCheck], timeout_s: float) ->
     return results
 
 
-def routes(context: AppContext) -> list[BaseRoute]:
-    # The document never changes while the process runs: serialize it once.
-    openapi_body = orjson.dumps(openapi.document())
+def _context(request: Request) -> AppContext:
+    context: AppContext = request.app.state.context
+    return context
 
-    async def health(request: Request) -> Response:
-        return Response(b'{"status":"ok"}', media_type="application/json", headers=NO_STORE)
 
-    async def readyz(request: Request) -> Response:
-        # the module constant is read per call, so a test can shorten it
-        results = await check_readiness(context.readiness, READINESS_TIMEOUT_S)
-        checks = {name: "ok" if up else "down" for name, up in results.items()}
-        down = [name for name, up in results.items() if not up]
-        if down:
-            raise Problem(
-                503,
-                "not-ready",
-                f"Not ready: {', '.join(down)} {'is' if len(down) == 1 else 'are'} down.",
-                title="Not Ready",
-                extensions={"checks": checks},
-                headers=NO_STORE,
-            )
-        body = orjson.dumps({"status": "ready", "checks": checks})
-        return Response(body, media_type="application/json", headers=NO_STORE)
+async def health(request: Request) -> Response:
+    return Response(b'{"status":"ok"}', media_type="application/json", headers=NO_STORE)
 
-    async def metrics(request: Request) -> Response:
-        body = generate_latest(context.metrics_registry)
-        return Response(body, headers={"Content-Type": METRICS_CONTENT_TYPE, **NO_STORE})
 
-    async def openapi_json(request: Request) -> Response:
-        return Response(openapi_body, media_type="application/json")
+async def readyz(request: Request) -> Response:
+    # the module constant is read per call, so a test can shorten it
+    results = await check_readiness(_context(request).readiness, READINESS_TIMEOUT_S)
+    checks = {name: "ok" if up else "down" for name, up in results.items()}
+    down = [name for name, up in results.items() if not up]
+    if down:
+        raise Problem(
+            503,
+            "not-ready",
+            f"Not ready: {', '.join(down)} {'is' if len(down) == 1 else 'are'} down.",
+            title="Not Ready",
+            extensions={"checks": checks},
+            headers=NO_STORE,
+        )
+    body = orjson.dumps({"status": "ready", "checks": checks})
+    return Response(body, media_type="application/json", headers=NO_STORE)
 
-    return [
-        Route("/health", health, methods=["GET"], name="health"),
-        Route("/readyz", readyz, methods=["GET"], name="readyz"),
-        Route("/metrics", metrics, methods=["GET"], name="metrics"),
-        Route("/openapi.json", openapi_json, methods=["GET"], name="openapi"),
-    ]
+
+async def metrics(request: Request) -> Response:
+    body = generate_latest(_context(request).metrics_registry)
+    return Response(body, headers={"Content-Type": METRICS_CONTENT_TYPE, **NO_STORE})
+
+
+async def openapi_json(request: Request) -> Response:
+    # rendered once by create_app: the document never changes while the process runs
+    body: bytes = request.app.state.openapi_body
+    return Response(body, media_type="application/json")
+
+
+HEALTH = Schema("Health", all_required({"status": {"const": "ok"}}))
+READINESS = Schema(
+    "Readiness",
+    all_required(
+        {
+            "status": {"const": "ready"},
+            "checks": {
+                "type": "object",
+                "additionalProperties": {"enum": ["ok", "down"]},
+                "description": "Each dependency by name: postgres, redis, object_storage, sqs.",
+            },
+        }
+    ),
+)
+OPENAPI_DOCUMENT = Schema(
+    "OpenApiDocument", {"type": "object", "description": "This document (OpenAPI 3.1)."}
+)
+
+ENDPOINTS = (
+    Endpoint(
+        "GET",
+        "/health",
+        health,
+        "health",
+        "Liveness",
+        "operations",
+        None,
+        (Reply(200, "Serving.", HEALTH),),
+        name="health",
+    ),
+    Endpoint(
+        "GET",
+        "/readyz",
+        readyz,
+        "readiness",
+        "Readiness of every dependency",
+        "operations",
+        None,
+        (
+            Reply(200, "Every dependency answers.", READINESS),
+            problem(503, "Not ready: `checks` names each dependency ok or down."),
+        ),
+        name="readyz",
+    ),
+    Endpoint(
+        "GET",
+        "/metrics",
+        metrics,
+        "metrics",
+        "Prometheus text exposition",
+        "operations",
+        None,
+        (Reply(200, "Metrics (text format 0.0.4).", None, (), "text/plain"),),
+        name="metrics",
+    ),
+    Endpoint(
+        "GET",
+        "/openapi.json",
+        openapi_json,
+        "openapi",
+        "This document",
+        "operations",
+        None,
+        (Reply(200, "OpenAPI 3.1.", OPENAPI_DOCUMENT),),
+        name="openapi",
+    ),
+)

@@ -12,11 +12,19 @@ from datetime import UTC, date, datetime, timedelta
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from dpp.context import AppContext
 from dpp.http.auth import principal_of
 from dpp.http.bodies import json_response, read_json_body
+from dpp.http.endpoints import (
+    API_KEY,
+    IDEMPOTENCY_KEY,
+    RUN_ID,
+    Endpoint,
+    Parameter,
+    Reply,
+    problem,
+)
 from dpp.http.problems import Problem, problem_response, stealth_not_found
 from dpp.limits import (
     RUNS_PAGE_LIMIT_DEFAULT,
@@ -24,8 +32,9 @@ from dpp.limits import (
     USAGE_DAYS_DEFAULT,
     USAGE_DAYS_MAX,
 )
+from dpp.money.accounts import BUDGET_VIEW, budget_view
 from dpp.money.rules import ALL_STATUSES, RunStatus
-from dpp.packs import FieldError
+from dpp.packs import PACK_CATALOG, FieldError
 from dpp.runs import idempotency
 from dpp.runs.admission import (
     Admitted,
@@ -38,9 +47,20 @@ from dpp.runs.admission import (
     ReservationOutcomeUnknown,
     ReservationTimedOut,
 )
-from dpp.runs.documents import cost_headers, decode_cursor, run_object
+from dpp.runs.documents import (
+    RUN,
+    RUN_PAGE,
+    USAGE,
+    cost_headers,
+    decode_cursor,
+    page_document,
+    run_object,
+    usage_document,
+)
 from dpp.runs.service import RunGone, RunNotCancelable, RunNotFound
-from dpp.runs.submission import parse_submit
+from dpp.runs.submission import SUBMISSION, parse_submit
+from dpp.schemas import DATE, Schema, all_required, integer
+from dpp.tenancy.principal import PLAN_LIMITS, plan_limits
 
 DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 TRACE_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
@@ -211,9 +231,7 @@ async def list_runs(request: Request) -> Response:
         if after is None:
             raise _query_problem("cursor", "cursor is not one this API returned.")
     page = await context.runs.page(principal.tenant_id, statuses=statuses, after=after, limit=limit)
-    return json_response(
-        {"data": page.documents, "next_cursor": page.next_cursor, "has_more": page.has_more}
-    )
+    return json_response(page_document(page.documents, page.next_cursor, page.has_more))
 
 
 async def cancel_run(request: Request) -> Response:
@@ -232,19 +250,15 @@ async def get_budget(request: Request) -> Response:
     context: AppContext = request.app.state.context
     principal = principal_of(request)
     row = await context.accounts.budget(principal.tenant_id)
-    return json_response(
-        {
-            "balance_usd_micros": row["balance_usd_micros"],
-            "reserved_usd_micros": row["reserved_usd_micros"],
-            "available_usd_micros": row["balance_usd_micros"] - row["reserved_usd_micros"],
-            "plan": {
-                "id": row["plan_id"],
-                "requests_per_minute": row["requests_per_minute"],
-                "max_concurrent_runs": row["max_concurrent_runs"],
-                "retention_days": row["retention_days"],
-            },
-        }
+    plan = plan_limits(
+        row["plan_id"],
+        row["requests_per_minute"],
+        row["max_concurrent_runs"],
+        row["retention_days"],
     )
+    document = {**budget_view(row["balance_usd_micros"], row["reserved_usd_micros"]), "plan": plan}
+    assert document.keys() == BUDGET.members
+    return json_response(document)
 
 
 def _parse_date(name: str, value: str) -> date:
@@ -272,21 +286,7 @@ async def get_usage(request: Request) -> Response:
     if (to_date - from_date).days + 1 > USAGE_DAYS_MAX:
         raise _query_problem("from", f"a usage range covers at most {USAGE_DAYS_MAX} dates.")
     rows = await context.runs.usage(principal.tenant_id, from_date, to_date)
-    days = [
-        {
-            "date": row["day"].isoformat(),
-            "pack_type": row["pack_type"],
-            "runs": row["runs"],
-            "completed": row["completed"],
-            "failed": row["failed"],
-            "expired": row["expired"],
-            "canceled": row["canceled"],
-            "charged_usd_micros": row["charged_usd_micros"],
-            "refunded_usd_micros": row["refunded_usd_micros"],
-        }
-        for row in rows
-    ]
-    return json_response({"from": from_date.isoformat(), "to": to_date.isoformat(), "days": days})
+    return json_response(usage_document(from_date, to_date, rows))
 
 
 async def list_packs(request: Request) -> Response:
@@ -295,19 +295,147 @@ async def list_packs(request: Request) -> Response:
     return json_response({"packs": context.packs.catalog()})
 
 
-async def runs_collection(request: Request) -> Response:
-    # one route per path, so a wrong method's 405 lists every allowed one
-    if request.method == "POST":
-        return await submit_run(request)
-    return await list_runs(request)
+BUDGET = Schema("Budget", all_required({**BUDGET_VIEW.properties, "plan": PLAN_LIMITS}))
+_STATUS_NAMES = "|".join(status.value for status in RunStatus)
+LIMIT = Parameter(
+    "limit",
+    "query",
+    integer(1, RUNS_PAGE_LIMIT_MAX, default=RUNS_PAGE_LIMIT_DEFAULT),
+    "Page size.",
+)
+CURSOR = Parameter("cursor", "query", {"type": "string"}, "next_cursor of the previous page.")
+STATUS = Parameter(
+    "status",
+    "query",
+    {"type": "string", "pattern": f"^ *({_STATUS_NAMES}) *(, *({_STATUS_NAMES}) *)*$"},
+    "Only runs in these states: one status, or several separated by commas.",
+)
+FROM = Parameter(
+    "from", "query", DATE, f"First UTC date (default: {USAGE_DAYS_DEFAULT - 1} days before to)."
+)
+TO = Parameter(
+    "to", "query", DATE, f"Last UTC date (default today); at most {USAGE_DAYS_MAX} dates."
+)
+RUN_COSTS = ("X-DPP-Cost-Reserved", "X-DPP-Cost-Minimum-Fee")
 
-
-def routes(context: AppContext) -> list[BaseRoute]:
-    return [
-        Route("/v1/runs", runs_collection, methods=["GET", "POST"]),
-        Route("/v1/runs/{run_id}", get_run, methods=["GET"]),
-        Route("/v1/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
-        Route("/v1/budget", get_budget, methods=["GET"]),
-        Route("/v1/usage", get_usage, methods=["GET"]),
-        Route("/v1/packs", list_packs, methods=["GET"]),
-    ]
+ENDPOINTS = (
+    Endpoint(
+        "POST",
+        "/v1/runs",
+        submit_run,
+        "submitRun",
+        "Submit a run",
+        "runs",
+        API_KEY,
+        (
+            Reply(
+                202,
+                "Accepted: the maximum cost is reserved.",
+                RUN,
+                ("Location", *RUN_COSTS, "Idempotent-Replayed"),
+            ),
+            problem(402, "Budget short: nothing reserved (available/required members)."),
+            problem(
+                409, "The same Idempotency-Key is being processed concurrently.", "Retry-After"
+            ),
+            problem(
+                422, "Unknown pack, invalid inputs or reservation, or key reuse with another body."
+            ),
+            problem(
+                429,
+                "Over the rate limit or the plan's concurrent-run limit.",
+                "Retry-After",
+            ),
+            problem(
+                503,
+                "Overloaded (a mailbox is full) or the reservation did not answer; retry.",
+                "Retry-After",
+            ),
+        ),
+        parameters=(IDEMPOTENCY_KEY,),
+        request=SUBMISSION,
+    ),
+    Endpoint(
+        "GET",
+        "/v1/runs",
+        list_runs,
+        "listRuns",
+        "List the tenant's runs, newest first",
+        "runs",
+        API_KEY,
+        (
+            Reply(200, "A page of runs.", RUN_PAGE),
+            problem(422, "An invalid limit, cursor or status."),
+        ),
+        parameters=(LIMIT, CURSOR, STATUS),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/runs/{run_id}",
+        get_run,
+        "getRun",
+        "A run's state, costs and result link",
+        "runs",
+        API_KEY,
+        (
+            Reply(200, "The run.", RUN, (*RUN_COSTS, "X-DPP-Cost-Actual")),
+            problem(404, "No such run for this tenant (the same bytes either way)."),
+            problem(410, "Past retention (run_status, charged and refunded members)."),
+        ),
+        parameters=(RUN_ID,),
+    ),
+    Endpoint(
+        "POST",
+        "/v1/runs/{run_id}/cancel",
+        cancel_run,
+        "cancelRun",
+        "Cancel a QUEUED run (full refund)",
+        "runs",
+        API_KEY,
+        (
+            Reply(
+                200,
+                "The canceled run (also when it was already canceled).",
+                RUN,
+                (*RUN_COSTS, "X-DPP-Cost-Actual"),
+            ),
+            problem(404, "No such run for this tenant."),
+            problem(409, "The run is not QUEUED."),
+        ),
+        parameters=(RUN_ID,),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/budget",
+        get_budget,
+        "getBudget",
+        "Balance, reserved, available and plan limits",
+        "budget",
+        API_KEY,
+        (Reply(200, "The tenant's budget.", BUDGET),),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/usage",
+        get_usage,
+        "getUsage",
+        "Per-day, per-pack counts and money",
+        "usage",
+        API_KEY,
+        (
+            Reply(200, "Usage by UTC date of creation.", USAGE),
+            problem(422, f"A bad date, from after to, or more than {USAGE_DAYS_MAX} dates."),
+        ),
+        parameters=(FROM, TO),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/packs",
+        list_packs,
+        "listPacks",
+        "The pack catalog: input schemas and prices",
+        "packs",
+        API_KEY,
+        (Reply(200, "Every pack this deployment offers.", PACK_CATALOG),),
+    ),
+)
