@@ -21,7 +21,7 @@ import orjson
 import pytest
 from starlette.applications import Starlette
 
-from dpp.app import Adapters, build_budgets, build_context, open_adapters
+from dpp.app import Adapters, Runtime, build_budgets, build_context, open_adapters, open_runtime
 from dpp.config import Settings, load_settings
 from dpp.context import AppContext
 from dpp.http.app import create_app
@@ -62,6 +62,22 @@ async def adapters(settings: Settings, settings_env: dict[str, str]) -> AsyncIte
 def context(adapters: Adapters) -> AppContext:
     """The services over ``adapters``, without a supervision tree (no actor runs)."""
     return build_context(adapters, build_budgets(adapters))
+
+
+@pytest.fixture
+async def runtime(settings: Settings, settings_env: dict[str, str]) -> AsyncIterator[Runtime]:
+    """A whole replica (supervision tree, every route) in-process; nothing claims
+    runs, so the API's runs stay QUEUED."""
+    async with open_runtime(settings, environment=settings_env, dispatch=False) as runtime:
+        yield runtime
+
+
+@pytest.fixture
+async def http(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of ``runtime``'s app."""
+    transport = httpx.ASGITransport(app=runtime.app)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
+        yield client
 
 
 @pytest.fixture

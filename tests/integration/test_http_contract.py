@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import pytest
 from jsonschema import Draft202012Validator
 
-from dpp.app import Runtime, open_runtime
-from dpp.config import Settings
+from dpp.app import Runtime
 from dpp.http.endpoints import ADMIN_TOKEN, API_KEY, Endpoint
 from dpp.http.routes import ENDPOINTS, admin_money, admin_tenancy, openapi_document
 from dpp.http.routes import runs as run_routes
@@ -31,19 +29,6 @@ from dpp.schemas import Components, Schema
 
 BASE_URL = "http://testserver"
 _counter = itertools.count()
-
-
-@pytest.fixture
-async def runtime(settings: Settings, settings_env: dict[str, str]) -> AsyncIterator[Runtime]:
-    async with open_runtime(settings, environment=settings_env, dispatch=False) as runtime:
-        yield runtime
-
-
-@pytest.fixture
-async def http(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=runtime.app)
-    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
-        yield client
 
 
 @dataclass(frozen=True, slots=True)

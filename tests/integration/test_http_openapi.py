@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
 from jsonschema import Draft202012Validator
 from starlette.applications import Starlette
 
-from dpp.app import Runtime, open_runtime
-from dpp.config import Settings
+from dpp.app import Runtime
 from dpp.http import openapi
 from dpp.http.routes import openapi_document
 from tests.integration.conftest import BASE_URL
@@ -46,12 +43,6 @@ SPEC_SURFACE = {
     ("GET", "/admin/audit"),
     ("POST", "/admin/runs/{run_id}/resolve"),
 }
-
-
-@pytest.fixture
-async def runtime(settings: Settings, settings_env: dict[str, str]) -> AsyncIterator[Runtime]:
-    async with open_runtime(settings, environment=settings_env, dispatch=False) as runtime:
-        yield runtime
 
 
 async def test_every_served_route_is_documented(runtime: Runtime) -> None:

@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import anyio
 import httpx
-import pytest
 
-from dpp.app import Runtime, open_runtime
+from dpp.app import open_runtime
 from dpp.config import Settings
 from dpp.money import ledger
 from dpp.runs.failures import RunFailure
 
 BASE_URL = "http://testserver"
-
-
-@pytest.fixture
-async def runtime(settings: Settings, settings_env: dict[str, str]) -> AsyncIterator[Runtime]:
-    # nothing claims runs here: these tests need them to stay QUEUED
-    async with open_runtime(settings, environment=settings_env, dispatch=False) as runtime:
-        yield runtime
-
-
-@pytest.fixture
-async def http(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=runtime.app)
-    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
-        yield client
 
 
 async def _tenant(http: httpx.AsyncClient, admin_headers, credit: int, plan_id: str | None = None):
