@@ -184,9 +184,16 @@ def build_run_services(adapters: Adapters, budgets: Budgets) -> RunServices:
     )
 
 
-def build_reconciler(adapters: Adapters, budgets: Budgets) -> Reconciler:
+def build_reconciler(adapters: Adapters, budgets: Budgets, **timing: Any) -> Reconciler:
+    """The reconciler over the replica's stores; ``timing`` overrides its intervals
+    and thresholds (tests age runs faster than the settings would)."""
     settings = adapters.settings
     pool, queries = adapters.pool, adapters.queries
+    intervals: dict[str, Any] = {
+        "reaper_interval_s": settings.reaper_interval_sec,
+        "reconcile_interval_s": settings.reconcile_interval_sec,
+        "claimed_threshold_sec": settings.reconcile_threshold_sec,
+    }
     return Reconciler(
         runs=RunStore(pool, queries),
         ledger=LedgerStore(pool, queries),
@@ -195,9 +202,7 @@ def build_reconciler(adapters: Adapters, budgets: Budgets) -> Reconciler:
         results=adapters.blobs,
         settler=budgets,
         queue=adapters.queue,
-        reaper_interval_s=settings.reaper_interval_sec,
-        reconcile_interval_s=settings.reconcile_interval_sec,
-        claimed_threshold_sec=settings.reconcile_threshold_sec,
+        **(intervals | timing),
     )
 
 

@@ -156,11 +156,11 @@ class BudgetActor(Actor[BudgetMessage]):
                 settles.append(message)
             else:
                 await self._handle_one(message)
+            assert not (reserves and settles), "one run of messages at a time"
         if reserves:
             await self._reserve(reserves)
         if settles:
             await self._settle(settles)
-        assert not (reserves and settles), "one run of messages at a time"
 
     async def _handle_one(self, message: Credit) -> None:
         match message:

@@ -26,6 +26,7 @@ from dpp.adapters.postgres import POSTGRES_ERRORS, Pool, Queries, connect_postgr
 from dpp.adapters.redis import Redis, create_redis
 from dpp.config import Settings, load_settings, require
 from dpp.logs import configure_logging as configure_dpp_logging
+from dpp.money.mirror import BudgetMirror
 
 T = TypeVar("T")
 
@@ -101,16 +102,14 @@ def print_json(document: Any) -> None:
 class Stores:
     """Postgres and Redis for a command that works on them directly."""
 
-    settings: Settings
     pool: Pool
     redis: Redis
     queries: Queries
+    mirror: BudgetMirror
 
 
 @contextlib.asynccontextmanager
-async def open_stores(
-    settings: Settings, *, pool_size: int = CLI_POOL_SIZE_MAX, patient: bool = False
-) -> AsyncIterator[Stores]:
+async def open_stores(settings: Settings, *, patient: bool = False) -> AsyncIterator[Stores]:
     """Open Postgres and Redis for one command; close both however it ends.
 
     ``patient`` retries an unreachable Postgres with backoff (a StartupError
@@ -119,12 +118,12 @@ async def open_stores(
     database_url = require(settings.database_url, "DATABASE_URL")
     redis_url = require(settings.redis_url, "REDIS_URL")
     if patient:
-        pool = await connect_postgres(database_url, max_size=pool_size)
+        pool = await connect_postgres(database_url, max_size=CLI_POOL_SIZE_MAX)
     else:
-        pool = await create_pool(database_url, max_size=pool_size)
+        pool = await create_pool(database_url, max_size=CLI_POOL_SIZE_MAX)
     redis = create_redis(redis_url)
     try:
-        yield Stores(settings, pool, redis, Queries.load())
+        yield Stores(pool, redis, Queries.load(), BudgetMirror(redis, settings.redis_prefix))
     finally:
         with anyio.CancelScope(shield=True):
             await redis.aclose()

@@ -23,7 +23,6 @@ from dpp.config import ConfigError, load_settings
 from dpp.limits import CREDIT_USD_MICROS_MAX
 from dpp.money import ledger
 from dpp.money.ledger import LedgerStore
-from dpp.money.mirror import BudgetMirror
 from dpp.runs import idempotency
 
 
@@ -34,10 +33,7 @@ class CreditRefused(Exception):
 async def add_credits(tenant_id: str, amount_usd_micros: int, key: str) -> dict[str, Any]:
     settings = load_settings(os.environ)
     async with open_stores(settings) as stores:
-        budgets = Budgets(
-            LedgerStore(stores.pool, stores.queries),
-            BudgetMirror(stores.redis, settings.redis_prefix),
-        )
+        budgets = Budgets(LedgerStore(stores.pool, stores.queries), stores.mirror)
         outcome: ledger.CreditResult | Exception
         async with anyio.create_task_group() as group:
             await group.start(budgets.registry.run)

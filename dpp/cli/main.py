@@ -41,7 +41,6 @@ from dpp.cli.common import (
 )
 from dpp.config import ConfigError, Settings, StartupError, require
 from dpp.money.audit import run_audit
-from dpp.money.mirror import BudgetMirror
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -117,8 +116,7 @@ def register_migrate(subparsers: Any) -> None:
 
 async def _audit(settings: Settings, tenant_id: str | None) -> dict[str, Any]:
     async with open_stores(settings, patient=True) as stores:
-        mirror = BudgetMirror(stores.redis, settings.redis_prefix)
-        report = await run_audit(stores.pool, stores.queries, mirror, tenant_id=tenant_id)
+        report = await run_audit(stores.pool, stores.queries, stores.mirror, tenant_id=tenant_id)
         return report.as_json()
 
 

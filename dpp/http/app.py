@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -91,7 +90,7 @@ def create_app(
     app.router.redirect_slashes = False
     app.state.context = context
     # /openapi.json: every endpoint of DPP (whatever this app mounts), rendered once
-    app.state.openapi_body = orjson.dumps(route_table.openapi_document())
+    app.state.openapi_body = route_table.openapi_body()
     return app
 
 

@@ -26,13 +26,15 @@ BUDGET_VIEW = Schema(
 
 
 def budget_view(balance_usd_micros: int, reserved_usd_micros: int) -> dict[str, int]:
-    """A tenant's counters as every budget document shows them (SPEC §6)."""
-    available = balance_usd_micros - reserved_usd_micros
-    assert reserved_usd_micros >= 0 and available >= 0, "SPEC §1 invariant 3"
+    """A tenant's counters as every budget document shows them (SPEC §6).
+
+    Shown as given: the ledger asserts SPEC §1's invariants on every row it
+    reads (``ledger.tenant_budget``), and a drifted Redis mirror is exactly what
+    an operator asks ``GET /admin/tenants/{id}/budget`` to see."""
     return {
         "balance_usd_micros": balance_usd_micros,
         "reserved_usd_micros": reserved_usd_micros,
-        "available_usd_micros": available,
+        "available_usd_micros": balance_usd_micros - reserved_usd_micros,
     }
 
 
@@ -65,10 +67,7 @@ class Accounts:
     async def both_stores(self, tenant_id: str) -> BothStores:
         """Raises ``ledger.TenantNotFound``."""
         row = await ledger.read_budget(self._pool, self._queries, tenant_id)
-        postgres = ledger.TenantBudget(
-            row["balance_usd_micros"], row["reserved_usd_micros"], row["ledger_version"]
-        )
-        return BothStores(postgres, await self.mirror.read(tenant_id))
+        return BothStores(ledger.tenant_budget(row), await self.mirror.read(tenant_id))
 
     async def audit(self, tenant_id: str | None = None) -> AuditReport:
         """SPEC §1's invariants proven from storage (all tenants, or one)."""

@@ -58,7 +58,8 @@ class TenantBudget:
         return Budget(self.balance_usd_micros, self.reserved_usd_micros)
 
 
-def _tenant_budget(row: Record) -> TenantBudget:
+def tenant_budget(row: Record) -> TenantBudget:
+    """A tenant row's counters, asserted (the read-side twin of the schema's CHECK)."""
     budget = TenantBudget(
         row["balance_usd_micros"], row["reserved_usd_micros"], row["ledger_version"]
     )
@@ -97,17 +98,17 @@ async def credit(
                 raise CreditConflict(operation_id)
             row = await connection.fetchrow(queries["tenant_budget"], tenant_id)
             assert row is not None, "tenant row vanished under its lock"
-            return CreditResult(_tenant_budget(row), replayed=True)
+            return CreditResult(tenant_budget(row), replayed=True)
         row = await connection.fetchrow(queries["credit_tenant"], tenant_id, amount_usd_micros)
         assert row is not None, "tenant row vanished under its lock"
-        return CreditResult(_tenant_budget(row), replayed=False)
+        return CreditResult(tenant_budget(row), replayed=False)
 
 
 async def read_budget(pool: Pool, queries: Queries, tenant_id: str) -> Record:
     row = await pool.fetchrow(queries["tenant_budget"], tenant_id)
     if row is None:
         raise TenantNotFound(tenant_id)
-    _tenant_budget(row)
+    tenant_budget(row)
     return row
 
 
@@ -204,7 +205,7 @@ async def reserve_batch(
             if decision.admission is Admission.ACCEPTED
         ]
         if not accepted:
-            return ReserveBatchResult(decisions, _tenant_budget(locked))
+            return ReserveBatchResult(decisions, tenant_budget(locked))
         total = sum(draft.reserved_usd_micros for draft in accepted)
         row = await connection.fetchrow(queries["reserve_on_tenant"], tenant_id, total)
         assert row is not None, "admission decided a reservation the guard refuses"
@@ -241,7 +242,7 @@ async def reserve_batch(
                 [c.body for c in completions],
             )
         await crash_point("reserve.before_commit")
-        return ReserveBatchResult(decisions, _tenant_budget(row))
+        return ReserveBatchResult(decisions, tenant_budget(row))
 
 
 # ------------------------------------------------------------ settlement
@@ -453,7 +454,7 @@ async def _release_reservations(
     for tenant_id, (charged, reserved) in sorted(totals.items()):
         row = await connection.fetchrow(queries["settle_on_tenant"], tenant_id, charged, reserved)
         assert row is not None, "tenant counters disagree with the runs' reservations"
-        budgets[tenant_id] = _tenant_budget(row)
+        budgets[tenant_id] = tenant_budget(row)
     return budgets
 
 

@@ -34,15 +34,19 @@ from dpp.actors.run import RunActor, RunEnding, RunServices, result_key
 from dpp.actors.supervisor import Supervisor, SupervisorSpec
 from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256
 from dpp.adapters.queue import QueuedRun, RunQueue
-from dpp.app import Adapters, build_budgets, build_context, build_run_services, open_adapters
+from dpp.app import (
+    Adapters,
+    build_budgets,
+    build_context,
+    build_reconciler,
+    build_run_services,
+    open_adapters,
+)
 from dpp.config import Settings, load_settings
 from dpp.context import AppContext
 from dpp.money import ledger
-from dpp.money.drift import DriftRepair
-from dpp.money.ledger import LedgerStore, Reserved
+from dpp.money.ledger import Reserved
 from dpp.money.rules import Outcome, RunStatus
-from dpp.runs.idempotency import IdempotencyKeys
-from dpp.runs.store import RunStore
 from tests.moneykit import create_tenant
 
 if TYPE_CHECKING:
@@ -163,21 +167,13 @@ class Harness:
         return dispatcher
 
     def reconciler(self, **overrides: Any) -> Reconciler:
-        options: dict[str, Any] = {
-            "runs": RunStore(self.pool, self.adapters.queries),
-            "ledger": LedgerStore(self.pool, self.adapters.queries),
-            "keys": IdempotencyKeys(self.pool, self.adapters.queries),
-            "drift": DriftRepair(self.pool, self.adapters.queries, self.adapters.mirror),
-            "results": self.adapters.blobs,
-            "settler": self.budgets,
-            "queue": self.queue,
+        # its timers idle unless a test asks; drift seen twice 0.2 s apart
+        timing: dict[str, Any] = {
             "reaper_interval_s": 3600.0,
             "reconcile_interval_s": 3600.0,
-            "claimed_threshold_sec": self.settings.reconcile_threshold_sec,
             "drift_settle_s": 0.2,
         }
-        options.update(overrides)
-        return Reconciler(**options)
+        return build_reconciler(self.adapters, self.budgets, **(timing | overrides))
 
     async def start_reconciler(self, **overrides: Any) -> Reconciler:
         reconciler = self.reconciler(**overrides)

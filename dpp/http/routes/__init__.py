@@ -9,8 +9,10 @@ handlers; each handler parses the request, calls one service of the
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import orjson
 from starlette.routing import BaseRoute
 
 from dpp.http import openapi
@@ -48,3 +50,9 @@ def api_routes() -> list[BaseRoute]:
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of every endpoint (a fresh dict each call)."""
     return openapi.document(ENDPOINTS)
+
+
+@functools.cache
+def openapi_body() -> bytes:
+    """``/openapi.json``'s bytes: the endpoints never change while the process runs."""
+    return orjson.dumps(openapi_document())

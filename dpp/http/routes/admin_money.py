@@ -139,7 +139,7 @@ async def tenant_budget(request: Request) -> Response:
             ),
             "redis": None
             if mirrored is None
-            else _mirror_view(mirrored.balance_usd_micros, mirrored.reserved_usd_micros),
+            else budget_view(mirrored.balance_usd_micros, mirrored.reserved_usd_micros),
             # a tenant not mirrored yet is rebuilt from Postgres before first use
             "consistent": both.consistent,
         }
@@ -200,16 +200,6 @@ async def resolve_run(request: Request) -> Response:
             "refunded_usd_micros": settlement.refunded_usd_micros,
         }
     )
-
-
-def _mirror_view(balance: int, reserved: int) -> dict[str, int]:
-    """The mirror's counters, shown as they are: a drifted mirror is what an
-    operator asks this route to see, so nothing is asserted of them."""
-    return {
-        "balance_usd_micros": balance,
-        "reserved_usd_micros": reserved,
-        "available_usd_micros": balance - reserved,
-    }
 
 
 ENDPOINTS = (
