@@ -60,3 +60,19 @@ assert BUDGET_BATCH_MAX <= LEDGER_BATCH_MAX
 CLAIM_BATCH_MAX: Final = 256
 RUN_MAILBOX_SIZE: Final = 8  # a beat or two and one pack result: never more in practice
 RECONCILER_MAILBOX_SIZE: Final = 16
+
+# --- repairs (the reconciler; docs/money.md) ----------------------------------------------
+
+# A Redis hold whose Postgres commit was not reported back for this long (its
+# budget actor crashed between the two writes) is taken for abandoned by drift
+# repair and dropped. Far above any commit: a slower one is mirrored late, and
+# drift repair puts it back once it is committed; Postgres guards meanwhile.
+PENDING_HOLD_ABANDONED_S: Final = 900.0
+# Consecutive reconcile passes in which a stuck CLAIMED run's evidence (its
+# result object) could not be read before the run is set aside AUDIT_REQUIRED
+# with a critical alert: missing evidence is never guessed (SPEC §1).
+EVIDENCE_READ_FAILURES_MAX: Final = 10
+# A QUEUED run announced on SQS this long ago that nothing claimed is announced
+# again: its message may be lost (retention, purge, dead-letter expiry). A
+# duplicate is harmless: claims are guarded, and the spare message is deleted.
+QUEUED_MESSAGE_LOST_AFTER_SEC: Final = 900

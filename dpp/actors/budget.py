@@ -7,11 +7,15 @@ credits go through the same actor so this replica applies a tenant's money
 movements in one order.
 
 Write order for a reservation (docs/money.md has the crash table):
-  1. Redis hold (script, keyed by ``reserve:<run_id>``)       crash → mirror over-holds
+  1. Redis hold (script, keyed by ``reserve:<run_id>``, recorded pending)
+                                                              crash → mirror over-holds
   2. Postgres: run rows + reserve entries + tenant counter    crash → rolled back
-  3. reply 202                                                crash → idempotent retry
-Holds that Postgres refuses are released at once; holds leaked by a crash
-between 1 and 2 are repaired by drift repair (the reconciler).
+  3. Redis: resolve the holds (committed ones stop being pending, refused ones
+     are given back)                                          crash → drift repair
+  4. reply 202                                                crash → idempotent retry
+A pending hold is never taken for drift, however long its commit takes; one
+leaked by a crash between 1 and 3 is settled by drift repair (the reconciler):
+dropped once abandoned, forgotten once found committed.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dpp.limits import BUDGET_BATCH_MAX, BUDGET_MAILBOX_SIZE
 from dpp.logs import bind_only
 from dpp.money import ledger
 from dpp.money.ledger import ConcurrencyLimited, InsufficientBudget, Reserved, ReserveOutcome
-from dpp.money.mirror import MirrorBudget, MirrorMissing, MirrorReserve
+from dpp.money.mirror import MirrorBudget, MirrorMissing, MirrorReserve, hold_id
 from dpp.money.rules import Admission
 
 log = logging.getLogger("dpp.budget")
@@ -81,11 +85,17 @@ class MirrorStore(Protocol):
 
     async def reserve(self, tenant_id: str, items: Sequence[tuple[str, int]]) -> MirrorReserve: ...
 
-    async def release(self, tenant_id: str, items: Sequence[tuple[str, int]]) -> None: ...
+    async def resolve_holds(
+        self, tenant_id: str, kept: Sequence[str], released: Sequence[tuple[str, int]]
+    ) -> None: ...
 
-    async def settle_many(self, tenant_id: str, items: Sequence[tuple[str, int, int]]) -> None: ...
+    async def settle_many(
+        self, tenant_id: str, items: Sequence[tuple[str, int, int]], ledger_version: int
+    ) -> bool: ...
 
-    async def credit(self, tenant_id: str, operation_id: str, amount_usd_micros: int) -> None: ...
+    async def credit(
+        self, tenant_id: str, operation_id: str, amount_usd_micros: int, ledger_version: int
+    ) -> bool: ...
 
     async def load(self, tenant_id: str, balance: int, reserved: int, version: int) -> bool: ...
 
@@ -179,7 +189,7 @@ class BudgetActor(Actor[BudgetMessage]):
             return await self.backend.mirror.reserve(self.tenant_id, items)
 
     async def _reserve(self, messages: list[Reserve]) -> None:
-        items = [(f"reserve:{m.draft.run_id}", m.draft.reserved_usd_micros) for m in messages]
+        items = [(hold_id(m.draft.run_id), m.draft.reserved_usd_micros) for m in messages]
         try:
             held = await self._mirror_reserve(items)
         except Exception as error:
@@ -215,13 +225,11 @@ class BudgetActor(Actor[BudgetMessage]):
                     crashed.__cause__ = error
                     message.reply.fail(crashed)
             raise
-        refused = [
-            m
-            for m, d in zip(pending, result.decisions, strict=True)
-            if d.admission is not Admission.ACCEPTED
-        ]
-        if refused:
-            await self._release_quietly(refused)
+        kept: list[Reserve] = []
+        refused: list[Reserve] = []
+        for message, decision in zip(pending, result.decisions, strict=True):
+            (kept if decision.admission is Admission.ACCEPTED else refused).append(message)
+        await self._resolve_holds_quietly(kept, refused)
         await crash_point("reserve.after_commit")
         admitted = []
         for message, decision in zip(pending, result.decisions, strict=True):
@@ -244,13 +252,22 @@ class BudgetActor(Actor[BudgetMessage]):
             self.backend.on_admitted(admitted)
 
     async def _release_quietly(self, messages: list[Reserve]) -> None:
-        items = [(f"release:{m.draft.run_id}", m.draft.reserved_usd_micros) for m in messages]
+        await self._resolve_holds_quietly([], messages)
+
+    async def _resolve_holds_quietly(self, kept: list[Reserve], released: list[Reserve]) -> None:
+        """Report the commit back to the mirror: kept holds stop being pending,
+        released ones are given back."""
         try:
-            await self.backend.mirror.release(self.tenant_id, items)
+            await self.backend.mirror.resolve_holds(
+                self.tenant_id,
+                [hold_id(m.draft.run_id) for m in kept],
+                [(hold_id(m.draft.run_id), m.draft.reserved_usd_micros) for m in released],
+            )
         except Exception:
-            # The mirror over-holds (conservative); drift repair gives it back.
+            # Pending holds stay pending: the mirror over-holds (conservative)
+            # until drift repair finds them committed or abandoned.
             log.warning(
-                "could not release redis holds", extra={"tenant_id": self.tenant_id}, exc_info=True
+                "could not resolve redis holds", extra={"tenant_id": self.tenant_id}, exc_info=True
             )
 
     # ------------------------------------------------------------- settle
@@ -276,9 +293,16 @@ class BudgetActor(Actor[BudgetMessage]):
                 message.reply.set(outcome)
 
     async def _mirror_settle(self, results: list[ledger.SettleResult]) -> None:
-        """Mirror committed settlements, replays included: the marker of each makes a
-        second application a no-op, and a replay after a crash between Postgres and
-        Redis is what finally mirrors it."""
+        """Mirror what Postgres applied *this time*, never a replay: a replay moved
+        nothing in Postgres, and its operation marker may be gone (expired, flushed,
+        evicted), so re-applying it would count it twice. A settlement whose mirror
+        write is lost (a crash between the two writes) leaves the mirror over-holding
+        — conservative — until drift repair."""
+        applied = [result for result in results if result.applied]
+        if not applied:
+            return
+        versions = {result.budget.ledger_version for result in applied if result.budget}
+        assert len(versions) == 1 and all(r.budget for r in applied), "one commit, one version"
         try:
             await self.backend.mirror.settle_many(
                 self.tenant_id,
@@ -288,8 +312,9 @@ class BudgetActor(Actor[BudgetMessage]):
                         result.settlement.reserved_usd_micros,
                         result.settlement.charged_usd_micros,
                     )
-                    for result in results
+                    for result in applied
                 ],
+                versions.pop(),
             )
         except Exception:
             log.warning(
@@ -308,8 +333,15 @@ class BudgetActor(Actor[BudgetMessage]):
         except Exception as error:
             reply.fail(error)
             return
+        if result.replayed:
+            # Postgres added nothing this time: neither does the mirror (its
+            # marker for the first application may be long gone).
+            reply.set(result)
+            return
         try:
-            await self.backend.mirror.credit(self.tenant_id, operation_id, amount)
+            await self.backend.mirror.credit(
+                self.tenant_id, operation_id, amount, result.budget.ledger_version
+            )
         except Exception:
             log.warning(
                 "could not mirror a credit; drift repair will",

@@ -5,7 +5,9 @@ version it observed, the status it expects), so two replicas reconciling the
 same runs at once settle each exactly once: the loser's guard fails and it
 counts a lost race, never a second movement of money.
 
-Each pass, in order (one failing step does not stop the others):
+Each pass, in order (one failing step does not stop the others, and within a
+step one failing item — a run, an object, a letter, a tenant — does not stop
+the items after it; the next pass retries it):
 
 - **reaper** (also every ``reaper_interval_s`` on its own): PROCESSING runs
   whose lease passed → EXPIRED, minimum fee. The settlement carries the
@@ -15,6 +17,9 @@ Each pass, in order (one failing step does not stop the others):
   receipt's cost (clamped by the settlement); no object rolls back to FAILED
   (minimum fee); an object without a valid receipt, or a run whose reserve
   entry is missing, is never guessed: AUDIT_REQUIRED plus a critical alert.
+  An object that cannot be read (any error but "not there") is retried each
+  pass; after ``EVIDENCE_READ_FAILURES_MAX`` consecutive failed passes the
+  evidence counts as missing: AUDIT_REQUIRED plus a critical alert.
 - **queue repairs** (SQS): re-announce committed QUEUED runs whose message was
   never sent; settle dead-lettered runs FAILED (minimum fee).
 - **Redis drift repair**, paging through tenants with drift's cursor.
@@ -34,6 +39,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, assert_never
 
 import anyio
@@ -57,8 +63,8 @@ from dpp.adapters.blobs import (
     ResultStore,
     StoredObject,
 )
-from dpp.adapters.queue.base import RunQueue
-from dpp.limits import RECONCILER_MAILBOX_SIZE, USD_MICROS_MAX
+from dpp.adapters.queue.base import DeadLetter, RunQueue
+from dpp.limits import EVIDENCE_READ_FAILURES_MAX, RECONCILER_MAILBOX_SIZE, USD_MICROS_MAX
 from dpp.money import ledger
 from dpp.money.drift import DriftRepair
 from dpp.money.ledger import LedgerStore
@@ -115,6 +121,14 @@ class NeedsAudit:
 Verdict = RollForward | RollBack | NeedsAudit
 
 
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """The result object could not be read (any error but "not there")."""
+
+    failures: int  # consecutive passes, this one included
+    error: str
+
+
 def judge_claimed(run_id: str, key: str, stored: StoredObject | None) -> Verdict:
     """What a stuck CLAIMED run's result object proves (pure)."""
     if stored is None:
@@ -151,6 +165,8 @@ class ReconcileReport:
     idempotency_keys_swept: int = 0
     requeued: int = 0
     dead_lettered: int = 0
+    # stuck CLAIMED runs whose result object could not be read this pass
+    evidence_unreadable: int = 0
     # another settler (a heartbeat, a worker, another replica) got there first
     lost_races: int = 0
     errors: list[str] = field(default_factory=list)
@@ -190,6 +206,7 @@ class ReconcileReport:
                 self.results_deleted,
                 self.requeued,
                 self.dead_lettered,
+                self.evidence_unreadable,
                 self.errors,
             )
         )
@@ -255,6 +272,9 @@ class Reconciler:
         self.last_report: dict[str, Any] | None = None
         self.incarnations = 0
         self._drift_cursor = ""
+        # stuck CLAIMED run id -> consecutive passes its evidence could not be
+        # read; pruned to the runs still stuck, so never larger than a batch
+        self._evidence_failures: dict[str, int] = {}
         # A Reconcile (without reply) or a Reap is queued: the mailbox survives
         # incarnations, so these flags live here too.
         self.reconcile_pending = False
@@ -370,6 +390,21 @@ class Reconciler:
             )
             report.errors.append(name)
 
+    async def isolated(
+        self, report: ReconcileReport, item: str, work: Callable[[], Awaitable[None]]
+    ) -> None:
+        """One item of a step: its failure is logged and counted, and the step goes
+        on with the next item (one bad run, object or letter never blocks the rest)."""
+        try:
+            await work()
+        except AssertionError:
+            raise
+        except Exception:
+            log.warning(
+                "reconcile item failed; the next pass retries", extra={"item": item}, exc_info=True
+            )
+            report.errors.append(item)
+
     async def _settle(
         self, report: ReconcileReport, tenant_id: str, request: ledger.SettleRequest
     ) -> bool:
@@ -418,90 +453,143 @@ class Reconciler:
         )
 
     async def reap(self, report: ReconcileReport) -> None:
-        rows = await self.runs.lapsed_leases(REAP_BATCH_MAX)
-        for row in rows:
-            if not row["has_reserve"]:
-                await self._audit(
-                    report, row["id"], row["tenant_id"], row["version"], "reserve entry missing"
-                )
-                continue
-            request = ledger.SettleRequest(
-                row["id"],
-                Outcome.EXPIRED,
-                from_statuses=frozenset({RunStatus.PROCESSING}),
-                error=RunFailure.lease_expired().document(),
-                expected_version=row["version"],
+        for row in await self.runs.lapsed_leases(REAP_BATCH_MAX):
+            await self.isolated(report, f"reap:{row['id']}", partial(self._reap_one, report, row))
+
+    async def _reap_one(self, report: ReconcileReport, row: Any) -> None:
+        if not row["has_reserve"]:
+            await self._audit(
+                report, row["id"], row["tenant_id"], row["version"], "reserve entry missing"
             )
-            if await self._settle(report, row["tenant_id"], request):
-                report.expired += 1
+            return
+        request = ledger.SettleRequest(
+            row["id"],
+            Outcome.EXPIRED,
+            from_statuses=frozenset({RunStatus.PROCESSING}),
+            error=RunFailure.lease_expired().document(),
+            expected_version=row["version"],
+        )
+        if await self._settle(report, row["tenant_id"], request):
+            report.expired += 1
 
     async def _resolve_claimed(self, report: ReconcileReport) -> None:
         rows = await self.runs.stuck_claimed(self.claimed_threshold_sec, CLAIMED_BATCH_MAX)
+        stuck = {row["id"] for row in rows}
+        for run_id in [r for r in self._evidence_failures if r not in stuck]:
+            del self._evidence_failures[run_id]  # resolved elsewhere, or by an operator
         for row in rows:
-            run_id, tenant_id, version = row["id"], row["tenant_id"], row["version"]
-            if not row["has_reserve"]:
-                await self._audit(report, run_id, tenant_id, version, "reserve entry missing")
-                continue
-            key = result_key(tenant_id, run_id)
-            verdict = judge_claimed(run_id, key, await self.results.head(key))
-            match verdict:
-                case RollForward(actual_cost_usd_micros=cost, receipt=receipt):
-                    request = ledger.SettleRequest(
-                        run_id,
-                        Outcome.COMPLETED,
-                        actual_cost_usd_micros=cost,
-                        from_statuses=frozenset({RunStatus.CLAIMED}),
-                        result=receipt,
-                        expected_version=version,
-                    )
-                    if await self._settle(report, tenant_id, request):
-                        report.rolled_forward += 1
-                case RollBack():
-                    request = ledger.SettleRequest(
-                        run_id,
-                        Outcome.FAILED,
-                        from_statuses=frozenset({RunStatus.CLAIMED}),
-                        error=RunFailure.result_missing().document(),
-                        expected_version=version,
-                    )
-                    if await self._settle(report, tenant_id, request):
-                        report.rolled_back += 1
-                case NeedsAudit(reason=reason):
-                    await self._audit(report, run_id, tenant_id, version, reason)
-                case _:
-                    assert_never(verdict)
+            await self.isolated(
+                report, f"claimed:{row['id']}", partial(self._resolve_one, report, row)
+            )
+
+    async def _read_evidence(
+        self, report: ReconcileReport, run_id: str, key: str
+    ) -> StoredObject | Unreadable | None:
+        """The run's result object, or ``Unreadable`` (counted per run across passes)."""
+        try:
+            stored = await self.results.head(key)
+        except AssertionError:
+            raise
+        except Exception as error:
+            failures = self._evidence_failures.get(run_id, 0) + 1
+            self._evidence_failures[run_id] = failures
+            report.evidence_unreadable += 1
+            report.errors.append(f"evidence:{run_id}")
+            log.warning(
+                "could not read a stuck run's result object",
+                extra={"run_id": run_id, "failures": failures},
+                exc_info=True,
+            )
+            return Unreadable(failures, type(error).__name__)
+        self._evidence_failures.pop(run_id, None)
+        return stored
+
+    async def _resolve_one(self, report: ReconcileReport, row: Any) -> None:
+        run_id, tenant_id, version = row["id"], row["tenant_id"], row["version"]
+        if not row["has_reserve"]:
+            await self._audit(report, run_id, tenant_id, version, "reserve entry missing")
+            return
+        key = result_key(tenant_id, run_id)
+        evidence = await self._read_evidence(report, run_id, key)
+        if isinstance(evidence, Unreadable):
+            if evidence.failures >= EVIDENCE_READ_FAILURES_MAX:
+                # Missing evidence is never guessed (SPEC §1): set aside for an operator.
+                await self._audit(
+                    report,
+                    run_id,
+                    tenant_id,
+                    version,
+                    f"result object unreadable in {evidence.failures} consecutive passes"
+                    f" ({evidence.error})",
+                )
+                self._evidence_failures.pop(run_id, None)
+            return
+        verdict = judge_claimed(run_id, key, evidence)
+        match verdict:
+            case RollForward(actual_cost_usd_micros=cost, receipt=receipt):
+                request = ledger.SettleRequest(
+                    run_id,
+                    Outcome.COMPLETED,
+                    actual_cost_usd_micros=cost,
+                    from_statuses=frozenset({RunStatus.CLAIMED}),
+                    result=receipt,
+                    expected_version=version,
+                )
+                if await self._settle(report, tenant_id, request):
+                    report.rolled_forward += 1
+            case RollBack():
+                request = ledger.SettleRequest(
+                    run_id,
+                    Outcome.FAILED,
+                    from_statuses=frozenset({RunStatus.CLAIMED}),
+                    error=RunFailure.result_missing().document(),
+                    expected_version=version,
+                )
+                if await self._settle(report, tenant_id, request):
+                    report.rolled_back += 1
+            case NeedsAudit(reason=reason):
+                await self._audit(report, run_id, tenant_id, version, reason)
+            case _:
+                assert_never(verdict)
 
     async def _requeue_unsent(self, report: ReconcileReport) -> None:
         report.requeued += await self.queue.requeue_unsent(self.unsent_after_sec)
 
     async def _settle_dead_letters(self, report: ReconcileReport) -> None:
         for letter in await self.queue.receive_dead_letters(DEAD_LETTERS_MAX):
-            if letter.run_id is None:
-                log.error("dead letter names no run; deleting it")
-                await self.queue.delete_dead_letter(letter)
-                continue
-            # The row, not the message, says whose run it is and where it stands.
-            row = await self.runs.by_id(letter.run_id)
-            if row is not None and row["status"] == "QUEUED":
-                request = ledger.SettleRequest(
-                    row["id"],
-                    Outcome.FAILED,
-                    from_statuses=frozenset({RunStatus.QUEUED}),
-                    error=RunFailure.delivery_failed().document(),
-                    expected_version=row["version"],
-                )
-                try:
-                    settled = await self.settler.settle(row["tenant_id"], request)
-                except ledger.SettleRefused:
-                    report.lost_races += 1  # claimed or cancelled meanwhile: fine
-                else:
-                    if settled.applied:
-                        report.dead_lettered += 1
-                        log.warning(
-                            "dead-lettered run settled FAILED",
-                            extra={"run_id": row["id"], "tenant_id": row["tenant_id"]},
-                        )
+            await self.isolated(
+                report,
+                f"dead_letter:{letter.run_id}",
+                partial(self._settle_dead_letter, report, letter),
+            )
+
+    async def _settle_dead_letter(self, report: ReconcileReport, letter: DeadLetter) -> None:
+        if letter.run_id is None:
+            log.error("dead letter names no run; deleting it")
             await self.queue.delete_dead_letter(letter)
+            return
+        # The row, not the message, says whose run it is and where it stands.
+        row = await self.runs.by_id(letter.run_id)
+        if row is not None and row["status"] == "QUEUED":
+            request = ledger.SettleRequest(
+                row["id"],
+                Outcome.FAILED,
+                from_statuses=frozenset({RunStatus.QUEUED}),
+                error=RunFailure.delivery_failed().document(),
+                expected_version=row["version"],
+            )
+            try:
+                settled = await self.settler.settle(row["tenant_id"], request)
+            except ledger.SettleRefused:
+                report.lost_races += 1  # claimed or cancelled meanwhile: fine
+            else:
+                if settled.applied:
+                    report.dead_lettered += 1
+                    log.warning(
+                        "dead-lettered run settled FAILED",
+                        extra={"run_id": row["id"], "tenant_id": row["tenant_id"]},
+                    )
+        await self.queue.delete_dead_letter(letter)
 
     async def _repair_drift(self, report: ReconcileReport) -> None:
         cursor = self._drift_cursor
@@ -514,9 +602,14 @@ class Reconciler:
 
     async def _delete_expired_results(self, report: ReconcileReport) -> None:
         for row in await self.runs.past_retention(RETENTION_BATCH_MAX):
-            await self.results.delete(row["result_key"])
-            if await self.runs.mark_result_deleted(row["id"], row["result_key"]):
-                report.results_deleted += 1
+            await self.isolated(
+                report, f"retention:{row['id']}", partial(self._delete_result, report, row)
+            )
+
+    async def _delete_result(self, report: ReconcileReport, row: Any) -> None:
+        await self.results.delete(row["result_key"])
+        if await self.runs.mark_result_deleted(row["id"], row["result_key"]):
+            report.results_deleted += 1
 
     async def _sweep_idempotency(self, report: ReconcileReport) -> None:
         report.idempotency_keys_swept += await self.keys.sweep()

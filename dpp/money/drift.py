@@ -2,10 +2,26 @@
 
 The mirror can disagree with Postgres after a crash between the two writes of
 a reservation or a settlement, or after a rebuild raced another replica's
-in-flight operation. A drift is repaired only when it is *stable*: seen twice,
-``settle_s`` apart, with neither Postgres's ledger_version nor the mirror's
-values moving in between — so an operation still in flight on some replica
-is never mistaken for drift. The overwrite is compare-and-set in one script.
+in-flight operation. Two kinds of in-flight operation are never taken for
+drift:
+
+- a **reservation hold** placed in Redis whose Postgres commit has not been
+  reported back: the mirror records it *pending* (``budget.lua``), and what
+  the mirror should hold is Postgres's ``reserved`` plus the pending holds
+  Postgres has not committed, however long that commit takes. A pending hold
+  whose run Postgres holds is committed (forgotten); one older than
+  ``PENDING_HOLD_ABANDONED_S`` and still uncommitted is abandoned (its actor
+  crashed between the writes) and dropped.
+- a **settlement or credit** committed in Postgres whose mirror write has not
+  landed yet: the repair records the ledger_version it copied (the mirror's
+  baseline), and the late write, carrying an older or equal version, is
+  skipped instead of counted twice.
+
+A drift is repaired only when it is *stable*: seen twice, ``settle_s`` apart,
+with neither Postgres's ledger_version nor the mirror (values and pending
+holds) moving in between. The overwrite is compare-and-set in one script.
+A tenant whose mirror cannot be read or repaired is logged and skipped: one
+bad tenant never stops the others.
 """
 
 from __future__ import annotations
@@ -16,7 +32,8 @@ from dataclasses import dataclass
 import anyio
 
 from dpp.adapters.postgres import Pool, Queries
-from dpp.money.mirror import BudgetMirror, MirrorBudget
+from dpp.limits import PENDING_HOLD_ABANDONED_S
+from dpp.money.mirror import BudgetMirror, MirrorObservation, run_id_of_hold
 
 log = logging.getLogger("dpp.money.drift")
 
@@ -28,27 +45,109 @@ class Observation:
     balance_usd_micros: int
     reserved_usd_micros: int
     ledger_version: int
-    mirror: MirrorBudget | None
+    mirror: MirrorObservation | None
+    # pending holds Postgres has committed, and those judged abandoned
+    committed_holds: frozenset[str] = frozenset()
+
+    @property
+    def in_flight_usd_micros(self) -> int:
+        """Holds placed in Redis, not (yet) in Postgres, and not abandoned."""
+        assert self.mirror is not None
+        return sum(
+            hold.amount_usd_micros
+            for hold in self.mirror.pending
+            if hold.hold_id not in self.committed_holds and hold.age_s < PENDING_HOLD_ABANDONED_S
+        )
+
+    @property
+    def dropped_holds(self) -> list[str]:
+        """Pending entries to forget: committed, or abandoned."""
+        assert self.mirror is not None
+        return [
+            hold.hold_id
+            for hold in self.mirror.pending
+            if hold.hold_id in self.committed_holds or hold.age_s >= PENDING_HOLD_ABANDONED_S
+        ]
+
+    @property
+    def expected_reserved_usd_micros(self) -> int:
+        return self.reserved_usd_micros + self.in_flight_usd_micros
 
     @property
     def drifted(self) -> bool:
         return self.mirror is not None and (
-            self.mirror.balance_usd_micros != self.balance_usd_micros
-            or self.mirror.reserved_usd_micros != self.reserved_usd_micros
+            self.mirror.budget.balance_usd_micros != self.balance_usd_micros
+            or self.mirror.budget.reserved_usd_micros != self.expected_reserved_usd_micros
         )
+
+    @property
+    def needs_repair(self) -> bool:
+        return self.mirror is not None and (self.drifted or bool(self.dropped_holds))
+
+    def same_state(self, other: Observation) -> bool:
+        """Nothing moved between two looks (hold ages aside)."""
+
+        def frozen(seen: Observation) -> tuple[object, ...]:
+            mirror = seen.mirror
+            holds = (
+                None
+                if mirror is None
+                else (mirror.budget, [(h.hold_id, h.amount_usd_micros) for h in mirror.pending])
+            )
+            return (
+                seen.balance_usd_micros,
+                seen.reserved_usd_micros,
+                seen.ledger_version,
+                holds,
+                seen.committed_holds,
+            )
+
+        return frozen(self) == frozen(other)
 
 
 async def _observe(
     pool: Pool, queries: Queries, mirror: BudgetMirror, tenant_ids: list[str]
 ) -> dict[str, Observation]:
+    """Postgres's counters, then each mirror, then which pending holds Postgres
+    committed. The reads are not one snapshot; a commit landing between them can
+    make one look wrong, but never two looks alike (the ledger_version moved),
+    and only a drift seen twice is repaired."""
     rows = await pool.fetch(queries["tenant_counters"], tenant_ids)
+    mirrors: dict[str, MirrorObservation | None] = {}
+    for row in rows:
+        try:
+            mirrors[row["id"]] = await mirror.observe(row["id"])
+        except Exception:
+            log.warning(
+                "could not read a tenant's budget mirror; skipped this pass",
+                extra={"tenant_id": row["id"]},
+                exc_info=True,
+            )
+    holds_by_run = {
+        run_id: hold.hold_id
+        for seen in mirrors.values()
+        if seen is not None
+        for hold in seen.pending
+        if (run_id := run_id_of_hold(hold.hold_id)) is not None
+    }
+    committed: frozenset[str] = frozenset()
+    if holds_by_run:
+        found = await pool.fetch(queries["reserved_run_ids"], list(holds_by_run))
+        committed = frozenset(holds_by_run[row["run_id"]] for row in found)
     observations = {}
     for row in rows:
+        if row["id"] not in mirrors:
+            continue
+        seen = mirrors[row["id"]]
+        mine = frozenset(
+            h.hold_id for h in (seen.pending if seen else ()) if h.hold_id in committed
+        )
         observations[row["id"]] = Observation(
             row["balance_usd_micros"],
             row["reserved_usd_micros"],
             row["ledger_version"],
-            await mirror.read(row["id"]),
+            seen,
+            mine,
         )
     return observations
 
@@ -70,7 +169,7 @@ async def repair_drift(
     ]
     cursor = tenant_ids[-1] if len(tenant_ids) == TENANTS_PER_PASS_MAX else ""
     first = await _observe(pool, queries, mirror, tenant_ids)
-    suspects = [tenant for tenant, seen in first.items() if seen.drifted]
+    suspects = [tenant for tenant, seen in first.items() if seen.needs_repair]
     if not suspects:
         return [], cursor
     await anyio.sleep(settle_s)
@@ -78,22 +177,35 @@ async def repair_drift(
     repairs = []
     for tenant in suspects:
         before, now = first[tenant], second.get(tenant)
-        if now is None or not now.drifted or now != before:
+        if now is None or not now.needs_repair or not now.same_state(before):
             continue  # moving or healed: look again next pass
         assert now.mirror is not None
-        if await mirror.repair(
-            tenant,
-            now.mirror,
-            now.balance_usd_micros,
-            now.reserved_usd_micros,
-            now.ledger_version,
-        ):
+        observed = now.mirror.budget
+        try:
+            repaired = await mirror.repair(
+                tenant,
+                observed,
+                now.balance_usd_micros,
+                now.expected_reserved_usd_micros,
+                now.ledger_version,
+                dropped_holds=now.dropped_holds,
+            )
+        except Exception:
+            log.warning(
+                "could not repair a tenant's budget mirror; the next pass retries",
+                extra={"tenant_id": tenant},
+                exc_info=True,
+            )
+            continue
+        if repaired and now.drifted:
             repair = {
                 "tenant_id": tenant,
-                "redis_balance_usd_micros": now.mirror.balance_usd_micros,
-                "redis_reserved_usd_micros": now.mirror.reserved_usd_micros,
+                "redis_balance_usd_micros": observed.balance_usd_micros,
+                "redis_reserved_usd_micros": observed.reserved_usd_micros,
                 "balance_usd_micros": now.balance_usd_micros,
                 "reserved_usd_micros": now.reserved_usd_micros,
+                "in_flight_holds_usd_micros": now.in_flight_usd_micros,
+                "dropped_holds": len(now.dropped_holds),
             }
             log.warning("budget mirror drift repaired", extra=repair)
             repairs.append(repair)

@@ -15,6 +15,7 @@ from pathlib import Path
 from dpp.adapters.redis import Redis, tenant_key
 
 OPERATION_MARKER_TTL_S = 7 * 24 * 3600
+HOLD_PREFIX = "reserve:"
 SCRIPT = Path(__file__).with_name("budget.lua").read_text(encoding="utf-8")
 
 
@@ -34,6 +35,30 @@ class MirrorBudget:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingHold:
+    """A hold placed in the mirror whose Postgres commit was not reported back."""
+
+    hold_id: str
+    amount_usd_micros: int
+    age_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorObservation:
+    budget: MirrorBudget
+    pending: tuple[PendingHold, ...]
+
+
+def hold_id(run_id: str) -> str:
+    """The operation id of a run's reservation hold (its marker and pending entry)."""
+    return f"{HOLD_PREFIX}{run_id}"
+
+
+def run_id_of_hold(hold_id: str) -> str | None:
+    return hold_id[len(HOLD_PREFIX) :] if hold_id.startswith(HOLD_PREFIX) else None
+
+
+@dataclass(frozen=True, slots=True)
 class MirrorReserve:
     accepted: list[bool]
     available_usd_micros: int
@@ -48,15 +73,24 @@ class BudgetMirror:
     def key(self, tenant_id: str) -> str:
         return tenant_key(self._prefix, "budget", tenant_id)
 
-    async def _call(self, tenant_id: str, command: str, *args: object) -> list[int]:
+    def pending_key(self, tenant_id: str) -> str:
+        """The hash of holds placed here whose Postgres commit is not yet reported."""
+        return self.key(tenant_id) + ":pending"
+
+    async def _call_raw(self, tenant_id: str, command: str, *args: object) -> list[object]:
         answer = await self._script(
             keys=[self.key(tenant_id)],
             args=[command, OPERATION_MARKER_TTL_S, *[str(a) for a in args]],
         )
-        return [int(value) for value in answer]
+        return list(answer)
+
+    async def _call(self, tenant_id: str, command: str, *args: object) -> list[int]:
+        return [int(value) for value in await self._call_raw(tenant_id, command, *args)]  # type: ignore[call-overload]
 
     async def reserve(self, tenant_id: str, items: Sequence[tuple[str, int]]) -> MirrorReserve:
-        """Hold each (operation id, amount) that fits, in order; one round trip."""
+        """Hold each (hold id, amount) that fits, in order; one round trip. Each new
+        hold is also recorded *pending* until ``resolve_holds`` reports its commit,
+        so drift repair never mistakes it for drift."""
         assert items and all(amount > 0 for _, amount in items)
         flat = [part for operation_id, amount in items for part in (operation_id, amount)]
         answer = await self._call(tenant_id, "reserve", *flat)
@@ -66,26 +100,43 @@ class BudgetMirror:
         assert len(accepted) == len(items)
         return MirrorReserve(accepted, answer[1])
 
-    async def release(self, tenant_id: str, items: Sequence[tuple[str, int]]) -> None:
-        """Give back holds that Postgres refused. A lost mirror has nothing to give back."""
-        assert all(amount > 0 for _, amount in items)
-        if not items:
+    async def resolve_holds(
+        self, tenant_id: str, kept: Sequence[str], released: Sequence[tuple[str, int]]
+    ) -> None:
+        """After the reservation's Postgres transaction: ``kept`` holds were committed
+        (no longer pending), ``released`` (hold id, amount) were refused or failed and
+        are given back — each only if still pending, so a hold that a repair dropped
+        or a rebuild lost is never given back twice. A lost mirror has nothing to do."""
+        assert all(amount > 0 for _, amount in released)
+        if not kept and not released:
             return
-        flat = [part for operation_id, amount in items for part in (operation_id, amount)]
-        await self._call(tenant_id, "release", *flat)
+        flat = [part for hold_id, amount in released for part in (hold_id, amount)]
+        await self._call(tenant_id, "resolve", len(kept), *kept, *flat)
 
-    async def settle_many(self, tenant_id: str, items: Sequence[tuple[str, int, int]]) -> None:
-        """Mirror committed settlements (operation id, reserved, charged); one round
-        trip. A lost mirror is rebuilt from Postgres later, which already holds
-        them, so a miss is simply skipped."""
-        assert items
+    async def settle_many(
+        self, tenant_id: str, items: Sequence[tuple[str, int, int]], ledger_version: int
+    ) -> bool:
+        """Mirror settlements Postgres applied (operation id, reserved, charged) in the
+        commit that produced ``ledger_version``; one round trip. Skipped when the
+        mirror was loaded or repaired from that version or later (it already holds
+        them); a lost mirror is rebuilt from Postgres later, so a miss is skipped
+        too. True when applied."""
+        assert items and ledger_version >= 1
         assert all(reserved > 0 and 0 <= charged <= reserved for _, reserved, charged in items)
         flat = [part for item in items for part in item]
-        await self._call(tenant_id, "settle", *flat)
+        answer = await self._call(tenant_id, "settle", ledger_version, *flat)
+        return answer[0] == 1 and answer[2] == 1
 
-    async def credit(self, tenant_id: str, operation_id: str, amount_usd_micros: int) -> None:
-        assert amount_usd_micros > 0
-        await self._call(tenant_id, "credit", operation_id, amount_usd_micros)
+    async def credit(
+        self, tenant_id: str, operation_id: str, amount_usd_micros: int, ledger_version: int
+    ) -> bool:
+        """Mirror a credit Postgres applied in the commit that produced ``ledger_version``
+        (skipped like ``settle_many``). True when applied."""
+        assert amount_usd_micros > 0 and ledger_version >= 1
+        answer = await self._call(
+            tenant_id, "credit", ledger_version, operation_id, amount_usd_micros
+        )
+        return answer[0] == 1 and answer[2] == 1
 
     async def load(self, tenant_id: str, balance: int, reserved: int, version: int) -> bool:
         """Create the mirror from Postgres values unless it already exists."""
@@ -99,10 +150,38 @@ class BudgetMirror:
             return None
         return MirrorBudget(answer[1], answer[2], answer[3])
 
+    async def observe(self, tenant_id: str) -> MirrorObservation | None:
+        """The counters and the pending holds, read in one atomic step (drift repair)."""
+        answer = await self._call_raw(tenant_id, "observe")
+        if int(answer[0]) == -1:  # type: ignore[call-overload]
+            return None
+        numbers = [int(value) for value in answer[1:5]]  # type: ignore[call-overload]
+        now_ms = numbers[3]
+        holds = []
+        for index in range(5, len(answer), 3):
+            raw_id = answer[index]
+            hold_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            amount = int(answer[index + 1])  # type: ignore[call-overload]
+            placed_ms = int(answer[index + 2])  # type: ignore[call-overload]
+            holds.append(PendingHold(hold_id, amount, max(0, now_ms - placed_ms) / 1000))
+        return MirrorObservation(
+            MirrorBudget(numbers[0], numbers[1], numbers[2]),
+            tuple(sorted(holds, key=lambda hold: hold.hold_id)),
+        )
+
     async def repair(
-        self, tenant_id: str, observed: MirrorBudget, balance: int, reserved: int, version: int
+        self,
+        tenant_id: str,
+        observed: MirrorBudget,
+        balance: int,
+        reserved: int,
+        version: int,
+        *,
+        dropped_holds: Sequence[str] = (),
     ) -> bool:
-        """Overwrite the mirror with Postgres values if it still holds what we observed."""
+        """Overwrite the mirror with these values (``version``: the Postgres
+        ledger_version they are from) if it still holds what we observed, and
+        forget ``dropped_holds`` (pending holds judged abandoned)."""
         answer = await self._call(
             tenant_id,
             "repair",
@@ -111,5 +190,6 @@ class BudgetMirror:
             balance,
             reserved,
             version,
+            *dropped_holds,
         )
         return answer[0] == 1

@@ -81,11 +81,14 @@ UPDATE runs SET enqueued_at = now()
 WHERE id = ANY($1::text[]) AND status = 'QUEUED';
 
 -- name: queued_runs_unsent
--- Backstop of the SQS backend: committed QUEUED runs whose message was never sent.
+-- Backstop of the SQS backend: committed QUEUED runs whose message was never
+-- sent ($1), or was sent so long ago ($3) that it may be lost (retention, a
+-- purge, a dead-letter queue that expired it) while nothing claimed the run.
 SELECT id, tenant_id, pack_type, trace_id, created_at
 FROM runs
-WHERE status = 'QUEUED' AND enqueued_at IS NULL
-  AND created_at < now() - make_interval(secs => $1)
+WHERE status = 'QUEUED'
+  AND ((enqueued_at IS NULL AND created_at < now() - make_interval(secs => $1))
+       OR enqueued_at < now() - make_interval(secs => $3))
 ORDER BY created_at
 LIMIT $2;
 

@@ -200,3 +200,8 @@ SELECT id FROM tenants WHERE id > $1 ORDER BY id LIMIT $2;
 -- What the Redis mirror must equal: all tenants, or those in $1.
 SELECT id, balance_usd_micros, reserved_usd_micros, ledger_version
 FROM tenants WHERE $1::text[] IS NULL OR id = ANY($1::text[]);
+
+-- name: reserved_run_ids
+-- Which of these runs Postgres holds a reservation for (drift repair: a
+-- pending Redis hold whose run is here was committed).
+SELECT run_id FROM ledger_entries WHERE kind = 'reserve' AND run_id = ANY($1::text[]);

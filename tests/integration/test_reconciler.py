@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -21,10 +23,17 @@ from dpp.actors.reconciler import (
 )
 from dpp.actors.run import result_key
 from dpp.actors.supervisor import Supervisor, SupervisorSpec
-from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, StoredObject
+from dpp.adapters.blobs import (
+    RECEIPT_COST,
+    RECEIPT_RUN,
+    RECEIPT_SHA256,
+    StoredObject,
+    open_blobs,
+)
 from dpp.http.app import create_app
 from dpp.http.endpoints import routes_for
 from dpp.http.routes import admin_reconcile
+from dpp.limits import EVIDENCE_READ_FAILURES_MAX
 from dpp.money import ledger
 from dpp.money.rules import Outcome, RunStatus
 from tests.integration.test_execution import (
@@ -35,6 +44,7 @@ from tests.integration.test_execution import (
     eventually,
     open_harness,
 )
+from tests.s3proxy import refusing_s3_proxy
 
 RUN_ID = "run_" + "a" * 26
 SHA = hashlib.sha256(b"{}").hexdigest()
@@ -358,4 +368,96 @@ async def test_a_crashed_reconciler_is_restarted_and_answers_again(
         assert (await reconciler.reconcile_once())["expired"] == 1
         assert (await h.row(run_id))["status"] == "EXPIRED"
         await supervisor.shutdown()
+        await h.assert_audit_ok()
+
+
+# ------------------------------------ one bad item never blocks the others
+
+
+@contextlib.asynccontextmanager
+async def refused_results(h: Harness, services: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """The result bucket through a proxy that refuses what the test says (403)."""
+    settings = h.settings
+    async with (
+        refusing_s3_proxy(services.object_store_url) as proxy,
+        open_blobs(
+            proxy.url, settings.s3_result_bucket, settings.s3_region, settings.presign_expiry_sec
+        ) as blobs,
+    ):
+        yield proxy, blobs
+
+
+async def test_an_unreadable_result_object_blocks_no_other_run_and_ends_audited(
+    services, database_url, redis_prefix, caplog
+) -> None:
+    async with open_harness(services, database_url, redis_prefix) as h:
+        unreadable = await claimed_run(h, receipt={})
+        forward = await claimed_run(h, receipt={})
+        back = await claimed_run(h, receipt=None)
+        # the unreadable run is the oldest: first in every pass
+        await h.pool.execute(
+            "UPDATE runs SET claimed_at = now() - interval '2 hours' WHERE id = $1", unreadable
+        )
+        bad_path = f"/{h.settings.s3_result_bucket}/{result_key(h.tenant_id, unreadable)}"
+        async with refused_results(h, services) as (proxy, blobs):
+            proxy.refuse = lambda method, path: method == "HEAD" and path == bad_path
+            reconciler = h.reconciler()
+            reconciler.results = blobs
+            await h.group.start(reconciler.serve)
+            first = await reconciler.reconcile_once()
+            assert (first["rolled_forward"], first["rolled_back"]) == (1, 1)
+            assert first["evidence_unreadable"] == 1
+            assert f"evidence:{unreadable}" in first["errors"]
+            assert (await h.row(forward))["status"] == "COMPLETED"
+            assert (await h.row(back))["status"] == "FAILED"
+            for _ in range(EVIDENCE_READ_FAILURES_MAX - 2):
+                report = await reconciler.reconcile_once()
+                assert report["audit_required"] == 0
+                assert (await h.row(unreadable))["status"] == "CLAIMED"
+            with caplog.at_level(logging.ERROR, logger="dpp.reconciler"):
+                last = await reconciler.reconcile_once()
+            assert last["audit_required"] == 1
+            assert len(proxy.refused) == EVIDENCE_READ_FAILURES_MAX
+        row = await h.row(unreadable)
+        assert row["status"] == "AUDIT_REQUIRED" and row["charged_usd_micros"] is None
+        alerts = [r for r in caplog.records if getattr(r, "severity", None) == "CRITICAL"]
+        assert [a.run_id for a in alerts] == [unreadable]
+        assert "unreadable" in alerts[0].reason
+        # the operator resolves it; the money is whole
+        await h.budgets.settle(
+            h.tenant_id,
+            ledger.SettleRequest(
+                unreadable,
+                Outcome.COMPLETED,
+                from_statuses=frozenset({RunStatus.AUDIT_REQUIRED}),
+                charged_override_usd_micros=ECHO_COST_USD_MICROS,
+            ),
+        )
+        await h.assert_audit_ok()
+
+
+async def test_a_result_that_cannot_be_deleted_holds_back_no_other(
+    services, database_url, redis_prefix
+) -> None:
+    async with open_harness(services, database_url, redis_prefix) as h:
+        stuck, other = await claimed_run(h, receipt={}), await claimed_run(h, receipt={})
+        assert (await (await h.start_reconciler()).reconcile_once())["rolled_forward"] == 2
+        await h.pool.execute(
+            "UPDATE runs SET retention_until = now() - interval '1 hour'"
+            " - (CASE WHEN id = $1 THEN interval '1 day' ELSE interval '0' END)"
+            " WHERE id = ANY($2::text[])",
+            stuck,
+            [stuck, other],
+        )
+        bad_path = f"/{h.settings.s3_result_bucket}/{result_key(h.tenant_id, stuck)}"
+        async with refused_results(h, services) as (proxy, blobs):
+            proxy.refuse = lambda method, path: method == "DELETE" and path == bad_path
+            reconciler = h.reconciler()
+            reconciler.results = blobs
+            await h.group.start(reconciler.serve)
+            report = await reconciler.reconcile_once()
+        assert report["results_deleted"] == 1
+        assert f"retention:{stuck}" in report["errors"]
+        assert (await h.row(other))["result_deleted_at"] is not None
+        assert (await h.row(stuck))["result_deleted_at"] is None
         await h.assert_audit_ok()

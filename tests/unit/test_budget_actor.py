@@ -19,7 +19,7 @@ from dpp.actors.kernel import ActorCrashed, Reply
 from dpp.money import ledger
 from dpp.money.ledger import ConcurrencyLimited, InsufficientBudget, Reserved
 from dpp.money.mirror import MirrorBudget, MirrorMissing, MirrorReserve
-from dpp.money.rules import Admission, Budget, Outcome, decide_batch, settle
+from dpp.money.rules import Admission, Budget, Outcome, RunStatus, decide_batch, settle
 
 TENANT = "ten_" + "A" * 26
 
@@ -39,9 +39,17 @@ class FakeStore:
     open_runs: int = 0
     calls: list[tuple[str, int]] = field(default_factory=list)
     fail_next_reserve: bool = False
+    version: int = 0
+    settled: dict[str, ledger.Settlement] = field(default_factory=dict)
+    credited: set[str] = field(default_factory=set)
+
+    def _budget(self) -> ledger.TenantBudget:
+        return ledger.TenantBudget(self.balance, self.reserved, self.version)
 
     async def budget(self, tenant_id: str) -> ledger.StoredBudget:
-        return ledger.StoredBudget(self.balance, self.reserved, 0, self.max_concurrent_runs)
+        return ledger.StoredBudget(
+            self.balance, self.reserved, self.version, self.max_concurrent_runs
+        )
 
     async def reserve_batch(self, tenant_id: str, drafts: Sequence[ledger.RunDraft]):
         self.calls.append(("reserve", len(drafts)))
@@ -56,14 +64,19 @@ class FakeStore:
         )
         self.open_runs += sum(d.admission is Admission.ACCEPTED for d in decisions)
         self.reserved = after.reserved_usd_micros
-        return ledger.ReserveBatchResult(
-            decisions, ledger.TenantBudget(self.balance, self.reserved, 0)
-        )
+        self.version += 1
+        return ledger.ReserveBatchResult(decisions, self._budget())
 
     async def settle_batch(self, requests: Sequence[ledger.SettleRequest]):
         self.calls.append(("settle", len(requests)))
         outcomes = []
+        if any(request.run_id not in self.settled for request in requests):
+            self.version += 1
         for request in requests:
+            if request.run_id in self.settled:  # a replay: nothing moves
+                previous = self.settled[request.run_id]
+                outcomes.append(ledger.SettleResult(request.run_id, TENANT, previous, False, None))
+                continue
             settlement = settle(
                 request.outcome,
                 reserved_usd_micros=1_000,
@@ -72,13 +85,20 @@ class FakeStore:
             )
             self.balance -= settlement.charged_usd_micros
             self.reserved -= settlement.reserved_usd_micros
-            outcomes.append(ledger.SettleResult(request.run_id, TENANT, settlement, True, None))
+            self.settled[request.run_id] = settlement
+            outcomes.append(
+                ledger.SettleResult(request.run_id, TENANT, settlement, True, self._budget())
+            )
         return outcomes
 
     async def credit(self, tenant_id: str, amount: int, operation_id: str):
         self.calls.append(("credit", 1))
+        if operation_id in self.credited:
+            return ledger.CreditResult(self._budget(), True)
+        self.credited.add(operation_id)
         self.balance += amount
-        return ledger.CreditResult(ledger.TenantBudget(self.balance, self.reserved, 0), False)
+        self.version += 1
+        return ledger.CreditResult(self._budget(), False)
 
 
 @dataclass
@@ -104,19 +124,29 @@ class FakeMirror:
             accepted.append(fits)
         return MirrorReserve(accepted, self.budget.available_usd_micros)
 
-    async def release(self, tenant_id: str, items: Sequence[tuple[str, int]]) -> None:
-        self.calls.append("release")
+    async def resolve_holds(
+        self, tenant_id: str, kept: Sequence[str], released: Sequence[tuple[str, int]]
+    ) -> None:
+        self.calls.append("resolve")
         assert self.budget is not None
-        released = sum(amount for _, amount in items)
+        for hold in kept:
+            del self.holds[hold]
+        given_back = sum(amount for hold, amount in released if self.holds.pop(hold, None))
         self.budget = MirrorBudget(
-            self.budget.balance_usd_micros, self.budget.reserved_usd_micros - released, 0
+            self.budget.balance_usd_micros, self.budget.reserved_usd_micros - given_back, 0
         )
 
-    async def settle_many(self, tenant_id: str, items: Sequence[tuple[str, int, int]]) -> None:
+    async def settle_many(
+        self, tenant_id: str, items: Sequence[tuple[str, int, int]], ledger_version: int
+    ) -> bool:
         self.calls.append(f"settle:{len(items)}")
+        return True
 
-    async def credit(self, tenant_id: str, operation_id: str, amount: int) -> None:
+    async def credit(
+        self, tenant_id: str, operation_id: str, amount: int, ledger_version: int
+    ) -> bool:
         self.calls.append("credit")
+        return True
 
     async def load(self, tenant_id: str, balance: int, reserved: int, version: int) -> bool:
         self.calls.append("load")
@@ -160,7 +190,7 @@ async def test_queued_reservations_commit_as_one_batch() -> None:
     replies = [Reply() for _ in range(5)]
     await run_actor(store, mirror, [Reserve(draft(), r) for r in replies])
     assert store.calls == [("reserve", 5)]
-    assert mirror.calls == ["load", "reserve"]  # the mirror was lost: rebuilt first
+    assert mirror.calls == ["load", "reserve", "resolve"]  # the mirror was lost: rebuilt first
     outcomes = [await r.wait() for r in replies]
     assert all(isinstance(o, Reserved) for o in outcomes)
 
@@ -178,7 +208,15 @@ async def test_order_is_kept_and_each_kind_is_grouped() -> None:
     ]
     await run_actor(store, mirror, messages)
     assert store.calls == [("reserve", 2), ("settle", 2), ("credit", 1), ("reserve", 1)]
-    assert mirror.calls == ["load", "reserve", "settle:2", "credit", "reserve"]
+    assert mirror.calls == [
+        "load",
+        "reserve",
+        "resolve",
+        "settle:2",
+        "credit",
+        "reserve",
+        "resolve",
+    ]
     assert store.balance == 10_000 - 300 - 100 + 5_000
 
 
@@ -201,7 +239,7 @@ async def test_postgres_refusal_releases_the_mirror_hold() -> None:
     await run_actor(store, mirror, [Reserve(draft(1_000), reply)])
     outcome = await reply.wait()
     assert outcome == InsufficientBudget(available_usd_micros=0, required_usd_micros=1_000)
-    assert mirror.calls[-1] == "release"
+    assert mirror.calls[-1] == "resolve"
     assert mirror.budget == MirrorBudget(1_000, 0, 0)
 
 
@@ -229,3 +267,27 @@ async def test_a_failed_commit_releases_holds_tells_callers_and_crashes() -> Non
         with pytest.raises(ActorCrashed):
             await reply.wait()
     assert mirror.budget == MirrorBudget(10_000, 0, 0)  # holds given back
+
+
+async def test_replayed_settlements_and_credits_never_reach_the_mirror() -> None:
+    """Only what Postgres applied this time is mirrored: a replay's operation marker
+    may be long gone in Redis, so sending it there would count it twice."""
+    store, mirror = FakeStore(), FakeMirror(budget=MirrorBudget(10_000, 0, 0))
+    run = draft()
+    cancel = ledger.SettleRequest(
+        run.run_id, Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
+    )
+    first, again = Reply(), Reply()
+    await run_actor(
+        store,
+        mirror,
+        [
+            Reserve(run, Reply()),
+            Settle(cancel, first),
+            Credit(5_000, "credit:y", Reply()),
+        ],
+    )
+    await run_actor(store, mirror, [Settle(cancel, again), Credit(5_000, "credit:y", Reply())])
+    assert (await first.wait()).applied and not (await again.wait()).applied
+    assert mirror.calls == ["load", "reserve", "resolve", "settle:1", "credit", "load"]
+    assert store.calls[-2:] == [("settle", 1), ("credit", 1)]  # Postgres did see the replays

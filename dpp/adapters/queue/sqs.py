@@ -3,11 +3,17 @@
 - ``enqueue`` sends ``{"run_id", "tenant_id", "pack_type", "enqueued_at",
   "schema_version": 1, "trace_id"}`` after the run committed QUEUED, then
   stamps ``runs.enqueued_at``; a crash in between leaves the stamp NULL and
-  the reconciler's backstop (``requeue_unsent``) sends the run again.
+  the reconciler's backstop (``requeue_unsent``) sends the run again. The
+  same backstop sends again a run still QUEUED ``message_lost_after_sec``
+  after its message was sent: a message lost to retention, a purge or an
+  expired dead-letter queue would otherwise hold its reservation forever.
 - ``claim_batch`` long-polls, then claims each named run with the same
   guarded UPDATE as the Postgres backend (by id, only if QUEUED). A message
   whose run is terminal, claimed elsewhere or unknown is deleted unworked:
-  duplicates are harmless by construction.
+  duplicates are harmless by construction. Once messages are received, the
+  claims run shielded from cancellation within one deadline: a shutdown
+  never abandons a run this call claimed (it would sit PROCESSING until the
+  reaper charged the minimum fee for work never started).
 - A claimed run's message stays in flight: its visibility is extended by the
   heartbeat and it is deleted (``ack``) once the run left PROCESSING. If this
   replica dies, the message reappears and is deleted by whoever receives it
@@ -44,7 +50,7 @@ from dpp.adapters.queue.base import (
     release_claimed,
 )
 from dpp.ids import is_id
-from dpp.limits import CLAIM_BATCH_MAX
+from dpp.limits import CLAIM_BATCH_MAX, QUEUED_MESSAGE_LOST_AFTER_SEC
 
 log = logging.getLogger("dpp.adapters.queue.sqs")
 
@@ -91,9 +97,12 @@ class SqsQueue:
         lease_sec: int,
         dead_letter_url: str | None = None,
         receive_wait_sec: int = RECEIVE_WAIT_SEC_DEFAULT,
+        message_lost_after_sec: int = QUEUED_MESSAGE_LOST_AFTER_SEC,
     ) -> None:
         assert lease_sec >= 1
         assert 0 <= receive_wait_sec <= 20, receive_wait_sec
+        assert message_lost_after_sec >= lease_sec, "longer than a message is ever in flight"
+        self.message_lost_after_sec = message_lost_after_sec
         self._client = client
         self.queue_url = queue_url
         self.dead_letter_url = dead_letter_url
@@ -127,14 +136,17 @@ class SqsQueue:
                 await self._pool.execute(self._queries["mark_runs_enqueued"], sent)
 
     async def requeue_unsent(self, older_than_sec: int, *, limit: int = 500) -> int:
-        rows = await self._pool.fetch(self._queries["queued_runs_unsent"], older_than_sec, limit)
+        rows = await self._pool.fetch(
+            self._queries["queued_runs_unsent"], older_than_sec, limit, self.message_lost_after_sec
+        )
         runs = [
             QueuedRun(r["id"], r["tenant_id"], r["pack_type"], r["trace_id"], r["created_at"])
             for r in rows
         ]
         if runs:
             log.warning(
-                "re-sending messages for queued runs never announced", extra={"runs": len(runs)}
+                "re-sending messages for queued runs never announced, or whose message may be lost",
+                extra={"runs": len(runs)},
             )
             await self.enqueue(runs)
         return len(runs)
@@ -150,10 +162,15 @@ class SqsQueue:
             VisibilityTimeout=_visibility(self.lease_sec),
         )
         claimed: list[ClaimedRun] = []
-        for message in answer.get("Messages", []):
-            run = await self._claim_message(message)
-            if run is not None:
-                claimed.append(run)
+        # Shielded: a cancellation between two messages would lose the runs
+        # claimed so far. The deadline bounds a shutdown's wait; messages not
+        # reached by then stay in flight and reappear (nothing claimed them).
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + STATEMENT_DEADLINE_S
+            for message in answer.get("Messages", []):
+                run = await self._claim_message(message)
+                if run is not None:
+                    claimed.append(run)
         assert len(claimed) <= n
         return claimed
 
@@ -165,7 +182,7 @@ class SqsQueue:
                 "deleting a message that names no run",
                 extra={"sqs_message_id": message.get("MessageId")},
             )
-            await self._delete(self.queue_url, handle)
+            await self._delete_unworked(handle)
             return None
         run_id, _ = parsed
         try:
@@ -183,9 +200,17 @@ class SqsQueue:
         if row is None:
             # Terminal, claimed elsewhere, or unknown: the message has done its job.
             log.debug("message for a run that is not queued", extra={"run_id": run_id})
-            await self._delete(self.queue_url, handle)
+            await self._delete_unworked(handle)
             return None
         return claimed_from_row(row, receipt_handle=handle)
+
+    async def _delete_unworked(self, handle: str) -> None:
+        """Delete a message that needs no work. A failure must not cost the batch
+        the runs it already claimed: the message reappears and is deleted then."""
+        try:
+            await self._delete(self.queue_url, handle)
+        except Exception:
+            log.warning("could not delete a spare message; it will reappear", exc_info=True)
 
     # ---------------------------------------------------------- in flight
 
