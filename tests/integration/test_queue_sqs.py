@@ -3,12 +3,17 @@ Postgres decides, and the redrive policy ends in a FAILED settlement."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
+import asyncpg
 import orjson
+import pytest
 
 from dpp.actors.run import RunEnding
 from dpp.adapters.queue import SqsQueue
 from dpp.adapters.queue.base import QueuedRun
+from dpp.limits import QUEUED_MESSAGE_LOST_AFTER_SEC
 from tests.integration.test_execution import (
     MINIMUM_FEE_USD_MICROS,
     RESERVED_USD_MICROS,
@@ -154,4 +159,77 @@ async def test_heartbeat_extends_the_message_visibility_with_the_lease(
             await done.wait()
         assert ending() is RunEnding.COMPLETED
         assert await counts(h) == (0, 0)
+        await h.assert_audit_ok()
+
+
+@pytest.mark.parametrize("message", ["purged", "only_slow"])
+async def test_a_queued_run_whose_message_may_be_lost_is_announced_again(
+    services, database_url, redis_prefix, message
+) -> None:
+    async with open_harness(services, database_url, redis_prefix, queue_backend="sqs") as h:
+        assert h.sqs is not None
+        run_id = await h.submit({"payload": "lost"})
+        if message == "purged":  # retention, a purge, an expired dead-letter queue
+            await h.sqs.purge_queue(QueueUrl=h.settings.sqs_queue_url)
+            assert await counts(h) == (0, 0)
+        reconciler = await h.start_reconciler()
+        assert (await reconciler.reconcile_once())["requeued"] == 0  # sent just now
+        # long after the send, still QUEUED: nothing claimed it
+        await h.pool.execute(
+            "UPDATE runs SET enqueued_at = now() - make_interval(secs => $2) WHERE id = $1",
+            run_id,
+            QUEUED_MESSAGE_LOST_AFTER_SEC + 60,
+        )
+        assert (await reconciler.reconcile_once())["requeued"] == 1
+        assert (await reconciler.reconcile_once())["requeued"] == 0  # stamped again
+        # with the original still there, two messages name the run: one claim wins
+        await h.start_dispatcher()
+        row = await h.wait_status(run_id, "COMPLETED", "FAILED", "EXPIRED")
+        assert row["status"] == "COMPLETED" and row["attempts"] == 1
+        with anyio.fail_after(10):
+            while await counts(h) != (0, 0):  # the spare message is deleted unworked
+                await anyio.sleep(0.1)
+        assert (await h.row(run_id))["attempts"] == 1
+        await h.assert_audit_ok()
+
+
+async def test_a_shutdown_inside_claim_batch_abandons_no_claimed_run(
+    services, database_url, redis_prefix
+) -> None:
+    async with open_harness(services, database_url, redis_prefix, queue_backend="sqs") as h:
+        assert h.sqs is not None
+        run_id = await h.submit({"payload": 1})
+        for _ in range(2):  # more messages after the run's, each needing an await
+            await h.sqs.send_message(QueueUrl=h.settings.sqs_queue_url, MessageBody="not ours")
+        blocker = await asyncpg.connect(h.settings.database_url)
+        claimed: list[Any] = []
+        try:
+            transaction = blocker.transaction()
+            await transaction.start()
+            # the claim of the run waits on its row, as behind a slow statement
+            await blocker.execute("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE", run_id)
+            async with anyio.create_task_group() as group:
+                scope = anyio.CancelScope()
+
+                async def claim() -> None:
+                    with scope:
+                        claimed.extend(await h.queue.claim_batch(10))
+
+                group.start_soon(claim)
+                with anyio.fail_after(10):
+                    while not await blocker.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                    ):
+                        await anyio.sleep(0.02)
+                scope.cancel()  # the replica shuts down mid-batch
+                await anyio.sleep(0.1)
+                await transaction.rollback()
+        finally:
+            await blocker.close()
+        status = (await h.row(run_id))["status"]
+        # Claimed means handed over to the caller; else it was never claimed.
+        assert [run.run_id for run in claimed] == ([run_id] if status == "PROCESSING" else [])
+        for run in claimed:  # the caller, draining, gives it back
+            assert await h.queue.release(run)
+        assert (await h.row(run_id))["status"] == "QUEUED"
         await h.assert_audit_ok()
