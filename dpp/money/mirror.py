@@ -1,7 +1,11 @@
 """The Redis mirror of tenant budgets (the cross-replica fast path).
 
 Each call is one atomic script (``budget.lua`` beside this module) keyed by
-operation ids, so a retried call never moves the mirror twice. Postgres stays the truth: when a
+operation ids, so a retried call never moves the mirror twice. Callers send
+only what Postgres applied *this time* (a replay's marker may be long gone),
+with the commit's ledger_version; holds stay *pending* until their commit is
+reported, so drift repair never takes one in flight for drift (docs/money.md).
+Postgres stays the truth: when a
 tenant's hash is missing (restart, flush, eviction) the caller rebuilds it
 from Postgres with ``load`` before admitting anything — never the reverse.
 """

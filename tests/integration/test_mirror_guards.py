@@ -161,3 +161,7 @@ async def test_a_hold_abandoned_by_a_crash_is_dropped_once_old_enough(
         assert [r["dropped_holds"] for r in repairs] == [1]
         assert await replica.redis.hgetall(replica.mirror.pending_key(tenant)) == {}
         await assert_mirror_equals_postgres(replica, tenant)
+        # its actor was only slow after all, and now hears Postgres refuse it:
+        # the hold the repair dropped is not given back a second time
+        await replica.mirror.resolve_holds(tenant, [], [(orphan, 2_000)])
+        await assert_mirror_equals_postgres(replica, tenant)

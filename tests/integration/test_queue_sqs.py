@@ -187,7 +187,9 @@ async def test_a_queued_run_whose_message_may_be_lost_is_announced_again(
         row = await h.wait_status(run_id, "COMPLETED", "FAILED", "EXPIRED")
         assert row["status"] == "COMPLETED" and row["attempts"] == 1
         with anyio.fail_after(10):
-            while await counts(h) != (0, 0):  # the spare message is deleted unworked
+            while True:  # the spare message is deleted unworked
+                if await counts(h) == (0, 0):
+                    break
                 await anyio.sleep(0.1)
         assert (await h.row(run_id))["attempts"] == 1
         await h.assert_audit_ok()
@@ -217,9 +219,11 @@ async def test_a_shutdown_inside_claim_batch_abandons_no_claimed_run(
 
                 group.start_soon(claim)
                 with anyio.fail_after(10):
-                    while not await blocker.fetchval(
-                        "SELECT count(*) FROM pg_locks WHERE NOT granted"
-                    ):
+                    while True:
+                        if await blocker.fetchval(
+                            "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                        ):
+                            break
                         await anyio.sleep(0.02)
                 scope.cancel()  # the replica shuts down mid-batch
                 await anyio.sleep(0.1)
