@@ -158,8 +158,23 @@ CREATE TABLE idempotency_keys (
     response_body        BYTEA,
     created_at           TIMESTAMPTZ NOT NULL DEFAULT now(),
     locked_until         TIMESTAMPTZ NOT NULL,
+    -- the request that holds (or completed) the key: begin and takeover write a
+    -- fresh random token; completion and release name it (0003)
+    owner_token          UUID,
     PRIMARY KEY (tenant_id, method, path, key),
     CONSTRAINT idempotency_done_has_response
-        CHECK ((state = 'done') = (response_status IS NOT NULL))
+        CHECK ((state = 'done') = (response_status IS NOT NULL)),
+    CONSTRAINT idempotency_in_flight_has_owner
+        CHECK (state = 'done' OR owner_token IS NOT NULL)
 );
 CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+
+-- The budget a credit answered, written in the credit's transaction: a replay
+-- of the top-up answers this, the original body (SPEC §6).
+CREATE TABLE credit_receipts (
+    operation_id         TEXT PRIMARY KEY REFERENCES ledger_entries (operation_id),
+    balance_usd_micros   BIGINT NOT NULL,
+    reserved_usd_micros  BIGINT NOT NULL,
+    ledger_version       BIGINT NOT NULL,
+    created_at           TIMESTAMPTZ NOT NULL DEFAULT now()
+);

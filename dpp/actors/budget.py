@@ -16,6 +16,12 @@ Write order for a reservation (docs/money.md has the crash table):
 A pending hold is never taken for drift, however long its commit takes; one
 leaked by a crash between 1 and 3 is settled by drift repair (the reconciler):
 dropped once abandoned, forgotten once found committed.
+
+Every Reserve carries its caller's deadline (when the ask times out and the
+caller is told to retry). A message still queued past it -- behind a slow
+batch, or across a restart of this actor -- is answered ``DeadlinePassed``
+without touching either store, and the ledger bounds the transaction by the
+time left, so a reservation never commits long after its caller gave up.
 """
 
 from __future__ import annotations
@@ -25,14 +31,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, assert_never
 
+import anyio
+
 from dpp.actors.kernel import Actor, ActorCrashed, Reply
 from dpp.faults import crash_point
 from dpp.limits import BUDGET_BATCH_MAX, BUDGET_MAILBOX_SIZE
 from dpp.logs import bind_only
 from dpp.money import ledger
-from dpp.money.ledger import ConcurrencyLimited, InsufficientBudget, Reserved, ReserveOutcome
+from dpp.money.ledger import (
+    ConcurrencyLimited,
+    DeadlinePassed,
+    InsufficientBudget,
+    Reserved,
+    ReserveOutcome,
+)
 from dpp.money.mirror import MirrorBudget, MirrorMissing, MirrorReserve, hold_id
-from dpp.money.rules import Admission
+from dpp.money.rules import Admission, AdmissionDecision
 
 log = logging.getLogger("dpp.budget")
 
@@ -44,6 +58,8 @@ log = logging.getLogger("dpp.budget")
 class Reserve:
     draft: ledger.RunDraft
     reply: Reply[ReserveOutcome]
+    # anyio.current_time() at which the caller stops waiting: past it, refused
+    deadline: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +84,10 @@ class BudgetStore(Protocol):
     async def budget(self, tenant_id: str) -> ledger.StoredBudget: ...
 
     async def reserve_batch(
-        self, tenant_id: str, drafts: Sequence[ledger.RunDraft]
+        self,
+        tenant_id: str,
+        drafts: Sequence[ledger.RunDraft],
+        deadlines: Sequence[float] | None = None,
     ) -> ledger.ReserveBatchResult: ...
 
     async def settle_batch(
@@ -189,6 +208,14 @@ class BudgetActor(Actor[BudgetMessage]):
             return await self.backend.mirror.reserve(self.tenant_id, items)
 
     async def _reserve(self, messages: list[Reserve]) -> None:
+        now = anyio.current_time()
+        for message in messages:
+            if now >= message.deadline:
+                # its caller was told to retry: committing it now could charge twice
+                message.reply.set(DeadlinePassed())
+        messages = [message for message in messages if now < message.deadline]
+        if not messages:
+            return
         items = [(hold_id(m.draft.run_id), m.draft.reserved_usd_micros) for m in messages]
         try:
             held = await self._mirror_reserve(items)
@@ -211,7 +238,7 @@ class BudgetActor(Actor[BudgetMessage]):
         await crash_point("reserve.after_redis_hold")
         try:
             result = await self.backend.store.reserve_batch(
-                self.tenant_id, [m.draft for m in pending]
+                self.tenant_id, [m.draft for m in pending], [m.deadline for m in pending]
             )
         except BaseException as error:
             # Most likely nothing was committed (a failed commit can still have
@@ -227,14 +254,19 @@ class BudgetActor(Actor[BudgetMessage]):
             raise
         kept: list[Reserve] = []
         refused: list[Reserve] = []
-        for message, decision in zip(pending, result.decisions, strict=True):
-            (kept if decision.admission is Admission.ACCEPTED else refused).append(message)
+        for message, ok in zip(pending, result.accepted(), strict=True):
+            # withdrawn drafts (key not held, deadline passed) are refused too
+            (kept if ok else refused).append(message)
         await self._resolve_holds_quietly(kept, refused)
         await crash_point("reserve.after_commit")
         admitted = []
         for message, decision in zip(pending, result.decisions, strict=True):
+            if not isinstance(decision, AdmissionDecision):
+                message.reply.set(decision)  # withdrawn: nothing reserved
+                continue
             match decision.admission:
                 case Admission.ACCEPTED:
+                    assert result.budget is not None, "a commit reads the budget"
                     admitted.append(message.draft.run_id)
                     message.reply.set(Reserved(message.draft.run_id, result.budget))
                 case Admission.INSUFFICIENT_BUDGET:

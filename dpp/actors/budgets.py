@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import anyio
+
 from dpp.actors.budget import (
     BudgetActor,
     BudgetBackend,
@@ -77,10 +79,17 @@ class Budgets:
         return self.registry.child_spec(id=id)
 
     async def reserve(self, tenant_id: str, draft: ledger.RunDraft) -> ledger.ReserveOutcome:
-        """``dpp.runs.admission.Reserver``: the kernel's failures as admission's."""
+        """``dpp.runs.admission.Reserver``: the kernel's failures as admission's.
+
+        The message carries the ask's deadline: once this caller stops waiting
+        (and answers 503), the actor and the ledger refuse it rather than commit
+        it late."""
+        deadline = anyio.current_time() + ASK_TIMEOUT_S
         try:
             return await self.registry.ask(
-                tenant_id, lambda reply: Reserve(draft, reply), timeout_s=ASK_TIMEOUT_S
+                tenant_id,
+                lambda reply: Reserve(draft, reply, deadline),
+                timeout_s=ASK_TIMEOUT_S,
             )
         except MailboxFull as error:
             raise ReservationBusy(str(error)) from error

@@ -37,6 +37,9 @@ POSTGRES_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
 )
+# A statement cancelled by its statement_timeout (or an operator's cancel): the
+# statement did nothing, and the transaction around it rolls back.
+STATEMENT_CANCELED: type[Exception] = asyncpg.QueryCanceledError
 
 # The driver's types under the names the layers above use. A pooled
 # connection is a proxy of a Connection, with the same methods.

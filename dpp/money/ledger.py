@@ -10,12 +10,15 @@ other way round.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from dpp.adapters.postgres import Connection, Pool, Queries, Record
+import anyio
+
+from dpp.adapters.postgres import STATEMENT_CANCELED, Connection, Pool, Queries, Record
 from dpp.faults import crash_point
 from dpp.limits import LEDGER_BATCH_MAX, TIMEBOX_SEC_MAX, TIMEBOX_SEC_MIN
 from dpp.money import rules
@@ -72,6 +75,7 @@ def tenant_budget(row: Record) -> TenantBudget:
 
 @dataclass(frozen=True, slots=True)
 class CreditResult:
+    # the budget right after this credit; a replay answers the original's
     budget: TenantBudget
     replayed: bool
 
@@ -79,7 +83,8 @@ class CreditResult:
 async def credit(
     pool: Pool, queries: Queries, tenant_id: str, amount_usd_micros: int, operation_id: str
 ) -> CreditResult:
-    """Add credit once per ``operation_id``; a replay adds nothing."""
+    """Add credit once per ``operation_id``; a replay adds nothing and answers the
+    budget the original credit answered (its receipt, written in its transaction)."""
     assert rules.is_amount(amount_usd_micros) and amount_usd_micros > 0
     async with pool.acquire() as connection, connection.transaction():
         locked = await connection.fetchrow(queries["lock_tenant_budget"], tenant_id)
@@ -96,12 +101,23 @@ async def credit(
                 or previous["amount_usd_micros"] != amount_usd_micros
             ):
                 raise CreditConflict(operation_id)
+            if previous["balance_usd_micros"] is not None:
+                return CreditResult(tenant_budget(previous), replayed=True)
+            # credited before receipts were kept (migration 0003): the budget now
             row = await connection.fetchrow(queries["tenant_budget"], tenant_id)
             assert row is not None, "tenant row vanished under its lock"
             return CreditResult(tenant_budget(row), replayed=True)
         row = await connection.fetchrow(queries["credit_tenant"], tenant_id, amount_usd_micros)
         assert row is not None, "tenant row vanished under its lock"
-        return CreditResult(tenant_budget(row), replayed=False)
+        budget = tenant_budget(row)
+        await connection.execute(
+            queries["insert_credit_receipt"],
+            operation_id,
+            budget.balance_usd_micros,
+            budget.reserved_usd_micros,
+            budget.ledger_version,
+        )
+        return CreditResult(budget, replayed=False)
 
 
 async def read_budget(pool: Pool, queries: Queries, tenant_id: str) -> Record:
@@ -122,6 +138,8 @@ class IdempotencyCompletion:
     method: str
     path: str
     key: str
+    # the token of the request that holds the key (dpp.runs.idempotency.Held)
+    owner: uuid.UUID
     status: int
     headers: dict[str, str]
     body: bytes
@@ -149,9 +167,34 @@ class RunDraft:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyNotHeld:
+    """Not reserved: the draft's request no longer owns its idempotency key (its
+    lock expired and a retry took it over, or the record was released). The
+    retry's outcome is the key's; this request's is nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlinePassed:
+    """Not reserved: its caller's deadline passed before the reservation could
+    commit (the caller stopped waiting and was told to retry)."""
+
+
+# Withdrawn before admission was decided; nothing of it was written.
+Withdrawn = KeyNotHeld | DeadlinePassed
+
+
+@dataclass(frozen=True, slots=True)
 class ReserveBatchResult:
-    decisions: list[AdmissionDecision]
-    budget: TenantBudget
+    # one per draft, in order: the admission decided, or why it was withdrawn
+    decisions: list[AdmissionDecision | Withdrawn]
+    # the tenant's counters after the batch (None when it was not read: all late)
+    budget: TenantBudget | None
+
+    def accepted(self) -> list[bool]:
+        return [
+            isinstance(d, AdmissionDecision) and d.admission is Admission.ACCEPTED
+            for d in self.decisions
+        ]
 
 
 # What one reservation ended as (the budget actor answers each caller with one).
@@ -174,11 +217,15 @@ class ConcurrencyLimited:
     max_concurrent_runs: int
 
 
-ReserveOutcome = Reserved | InsufficientBudget | ConcurrencyLimited
+ReserveOutcome = Reserved | InsufficientBudget | ConcurrencyLimited | KeyNotHeld | DeadlinePassed
 
 
 async def reserve_batch(
-    pool: Pool, queries: Queries, tenant_id: str, drafts: Sequence[RunDraft]
+    pool: Pool,
+    queries: Queries,
+    tenant_id: str,
+    drafts: Sequence[RunDraft],
+    deadlines: Sequence[float] | None = None,
 ) -> ReserveBatchResult:
     """Admit a batch in one transaction (group commit): run rows, reserve entries,
     the tenant's reserved counter and any idempotency records, all or nothing.
@@ -186,63 +233,171 @@ async def reserve_batch(
     The tenant row lock serializes admission across replicas; the conditional
     UPDATE and the schema's CHECK make overspend impossible even if the
     decision above them were wrong.
+
+    Under the tenant lock the drafts' idempotency keys are locked too, and a
+    draft whose request no longer owns its key is withdrawn (``KeyNotHeld``):
+    a reservation delayed past its key's lock cannot commit after a retry took
+    the key over. ``deadlines`` (``anyio.current_time()`` values, one per
+    draft) are when each caller stops waiting: a draft past its deadline once
+    the locks are held is withdrawn (``DeadlinePassed``), and the statements
+    are bounded by the time left, so nothing commits long after its caller
+    was told to retry.
     """
     assert 1 <= len(drafts) <= LEDGER_BATCH_MAX
-    async with pool.acquire() as connection, connection.transaction():
-        locked = await connection.fetchrow(queries["lock_tenant_budget"], tenant_id)
-        if locked is None:
-            raise TenantNotFound(tenant_id)
-        open_runs = await connection.fetchval(queries["count_open_runs"], tenant_id)
-        decisions, after = rules.decide_batch(
-            Budget(locked["balance_usd_micros"], locked["reserved_usd_micros"]),
-            [draft.reserved_usd_micros for draft in drafts],
-            open_runs=open_runs,
-            max_concurrent_runs=locked["max_concurrent_runs"],
-        )
-        accepted = [
-            draft
-            for draft, decision in zip(drafts, decisions, strict=True)
-            if decision.admission is Admission.ACCEPTED
-        ]
-        if not accepted:
-            return ReserveBatchResult(decisions, tenant_budget(locked))
-        total = sum(draft.reserved_usd_micros for draft in accepted)
-        row = await connection.fetchrow(queries["reserve_on_tenant"], tenant_id, total)
-        assert row is not None, "admission decided a reservation the guard refuses"
-        assert row["reserved_usd_micros"] == after.reserved_usd_micros
-        await connection.execute(
-            queries["insert_runs"],
+    assert deadlines is None or len(deadlines) == len(drafts)
+    timeout_s = None if deadlines is None else max(deadlines) - anyio.current_time()
+    if timeout_s is not None and timeout_s <= 0:
+        return _all_late(drafts)
+    try:
+        connection = await pool.acquire(timeout=timeout_s)
+    except TimeoutError:
+        return _all_late(drafts)
+    committing = False
+    try:
+        async with connection.transaction():
+            if timeout_s is not None:
+                await _bound_statements(connection, timeout_s)
+            result = await _reserve_locked(connection, queries, tenant_id, drafts, deadlines)
+            await crash_point("reserve.before_commit")
+            committing = True
+        return result
+    except STATEMENT_CANCELED:
+        if committing or deadlines is None:
+            raise
+        # a statement outlived the deadline; the transaction rolled back
+        return _all_late(drafts)
+    finally:
+        await pool.release(connection)
+
+
+async def _bound_statements(connection: Connection, timeout_s: float) -> None:
+    """This transaction's statements (lock waits included) end within ``timeout_s``."""
+    milliseconds = max(1, int(timeout_s * 1000))
+    await connection.execute(
+        "SELECT set_config('statement_timeout', $1, true)", f"{milliseconds}ms"
+    )
+
+
+def _all_late(drafts: Sequence[RunDraft]) -> ReserveBatchResult:
+    return ReserveBatchResult([DeadlinePassed() for _ in drafts], None)
+
+
+async def _withdrawn(
+    connection: Connection,
+    queries: Queries,
+    tenant_id: str,
+    drafts: Sequence[RunDraft],
+    deadlines: Sequence[float] | None,
+) -> list[Withdrawn | None]:
+    """Lock the drafts' keys (in key order) and say which drafts may not be admitted."""
+    keyed = [d.idempotency for d in drafts if d.idempotency is not None]
+    held: dict[tuple[str, str, str], uuid.UUID] = {}
+    if keyed:
+        rows = await connection.fetch(
+            queries["lock_idempotency_keys"],
             tenant_id,
-            [d.run_id for d in accepted],
-            [d.pack_type for d in accepted],
-            [d.inputs for d in accepted],
-            [d.metadata for d in accepted],
-            [d.reserved_usd_micros for d in accepted],
-            [d.minimum_fee_usd_micros for d in accepted],
-            [d.timebox_sec for d in accepted],
-            [d.trace_id for d in accepted],
-            [d.created_at for d in accepted],
+            [c.method for c in keyed],
+            [c.path for c in keyed],
+            [c.key for c in keyed],
         )
-        await connection.execute(
-            queries["insert_reserve_entries"],
+        held = {
+            (row["method"], row["path"], row["key"]): row["owner_token"]
+            for row in rows
+            if row["state"] == "in_flight"
+        }
+    now = anyio.current_time()
+    withdrawn: list[Withdrawn | None] = []
+    for index, draft in enumerate(drafts):
+        completion = draft.idempotency
+        if (
+            completion is not None
+            and held.get((completion.method, completion.path, completion.key)) != completion.owner
+        ):
+            withdrawn.append(KeyNotHeld())
+        elif deadlines is not None and now >= deadlines[index]:
+            withdrawn.append(DeadlinePassed())
+        else:
+            withdrawn.append(None)
+    return withdrawn
+
+
+async def _reserve_locked(
+    connection: Connection,
+    queries: Queries,
+    tenant_id: str,
+    drafts: Sequence[RunDraft],
+    deadlines: Sequence[float] | None,
+) -> ReserveBatchResult:
+    locked = await connection.fetchrow(queries["lock_tenant_budget"], tenant_id)
+    if locked is None:
+        raise TenantNotFound(tenant_id)
+    withdrawn = await _withdrawn(connection, queries, tenant_id, drafts, deadlines)
+    eligible = [draft for draft, why in zip(drafts, withdrawn, strict=True) if why is None]
+    open_runs = await connection.fetchval(queries["count_open_runs"], tenant_id)
+    decided, after = rules.decide_batch(
+        Budget(locked["balance_usd_micros"], locked["reserved_usd_micros"]),
+        [draft.reserved_usd_micros for draft in eligible],
+        open_runs=open_runs,
+        max_concurrent_runs=locked["max_concurrent_runs"],
+    )
+    remaining = iter(decided)
+    decisions: list[AdmissionDecision | Withdrawn] = [
+        next(remaining) if why is None else why for why in withdrawn
+    ]
+    accepted = [
+        draft
+        for draft, decision in zip(eligible, decided, strict=True)
+        if decision.admission is Admission.ACCEPTED
+    ]
+    if not accepted:
+        return ReserveBatchResult(decisions, tenant_budget(locked))
+    if deadlines is not None:
+        # the writes end before the earliest admitted caller stops waiting
+        earliest = min(
+            deadline
+            for deadline, decision in zip(deadlines, decisions, strict=True)
+            if isinstance(decision, AdmissionDecision) and decision.admission is Admission.ACCEPTED
+        )
+        await _bound_statements(connection, earliest - anyio.current_time())
+    total = sum(draft.reserved_usd_micros for draft in accepted)
+    row = await connection.fetchrow(queries["reserve_on_tenant"], tenant_id, total)
+    assert row is not None, "admission decided a reservation the guard refuses"
+    assert row["reserved_usd_micros"] == after.reserved_usd_micros
+    await connection.execute(
+        queries["insert_runs"],
+        tenant_id,
+        [d.run_id for d in accepted],
+        [d.pack_type for d in accepted],
+        [d.inputs for d in accepted],
+        [d.metadata for d in accepted],
+        [d.reserved_usd_micros for d in accepted],
+        [d.minimum_fee_usd_micros for d in accepted],
+        [d.timebox_sec for d in accepted],
+        [d.trace_id for d in accepted],
+        [d.created_at for d in accepted],
+    )
+    await connection.execute(
+        queries["insert_reserve_entries"],
+        tenant_id,
+        [d.run_id for d in accepted],
+        [d.reserved_usd_micros for d in accepted],
+    )
+    completions = [d.idempotency for d in accepted if d.idempotency is not None]
+    if completions:
+        completed = await connection.fetch(
+            queries["complete_idempotency_batch"],
             tenant_id,
-            [d.run_id for d in accepted],
-            [d.reserved_usd_micros for d in accepted],
+            [c.method for c in completions],
+            [c.path for c in completions],
+            [c.key for c in completions],
+            [c.status for c in completions],
+            [c.headers for c in completions],
+            [c.body for c in completions],
+            [c.owner for c in completions],
         )
-        completions = [d.idempotency for d in accepted if d.idempotency is not None]
-        if completions:
-            await connection.execute(
-                queries["complete_idempotency_batch"],
-                tenant_id,
-                [c.method for c in completions],
-                [c.path for c in completions],
-                [c.key for c in completions],
-                [c.status for c in completions],
-                [c.headers for c in completions],
-                [c.body for c in completions],
-            )
-        await crash_point("reserve.before_commit")
-        return ReserveBatchResult(decisions, tenant_budget(row))
+        # the keys are locked and were checked owned: each one completes
+        assert len(completed) == len(completions), "an owned key changed under its lock"
+    return ReserveBatchResult(decisions, tenant_budget(row))
 
 
 # ------------------------------------------------------------ settlement
@@ -502,8 +657,13 @@ class LedgerStore:
             row["max_concurrent_runs"],
         )
 
-    async def reserve_batch(self, tenant_id: str, drafts: Sequence[RunDraft]) -> ReserveBatchResult:
-        return await reserve_batch(self.pool, self.queries, tenant_id, drafts)
+    async def reserve_batch(
+        self,
+        tenant_id: str,
+        drafts: Sequence[RunDraft],
+        deadlines: Sequence[float] | None = None,
+    ) -> ReserveBatchResult:
+        return await reserve_batch(self.pool, self.queries, tenant_id, drafts, deadlines)
 
     async def settle_batch(self, requests: Sequence[SettleRequest]) -> list[SettleOutcome]:
         return await settle_batch(self.pool, self.queries, requests)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import anyio
 import orjson
 
 from dpp import ids
@@ -28,14 +29,17 @@ from dpp.adapters.queue.base import QueuedRun
 from dpp.metrics import Metrics
 from dpp.money.ledger import (
     ConcurrencyLimited,
+    DeadlinePassed,
     IdempotencyCompletion,
     InsufficientBudget,
+    KeyNotHeld,
     Reserved,
     ReserveOutcome,
     RunDraft,
 )
 from dpp.runs.documents import cost_headers, queued_row, run_object
 from dpp.runs.idempotency import (
+    Held,
     IdempotencyKeys,
     InFlight,
     Mismatch,
@@ -53,6 +57,9 @@ SUBMIT_PATH = "/v1/runs"
 JSON_MEDIA_TYPE = "application/json"
 # The headers of a 202 that are stored and replayed with it.
 STORED_HEADERS = ("Location", "X-DPP-Cost-Reserved", "X-DPP-Cost-Minimum-Fee", "Content-Type")
+# How long releasing a key may take once the request failed (shielded from
+# the request's cancellation; the key's lock expiry is the backstop).
+RELEASE_TIMEOUT_S = 5.0
 
 
 # --- what admission needs from above ------------------------------------------------------
@@ -67,7 +74,14 @@ class ReservationBusy(ReservationUnavailable):
 
 
 class ReservationTimedOut(ReservationUnavailable):
-    """No answer in time; the reservation may still commit (its key record says so)."""
+    """No answer in time. The reservation carries this deadline and is refused
+    past it, but one committing at that very moment cannot be ruled out: with a
+    key, its record says which (admission releases it, so a retry replays the run
+    or proceeds); without one, the client cannot tell."""
+
+
+class ReservationExpired(ReservationTimedOut):
+    """The deadline passed before the reservation could commit: nothing reserved."""
 
 
 class ReservationOutcomeUnknown(ReservationUnavailable):
@@ -117,6 +131,13 @@ class KeyInFlight:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyTakenOver:
+    """This request held the key too long: its lock expired and another request
+    with the key took it over, so this one reserved nothing and stored nothing
+    (409; a retry answers the other request's outcome)."""
+
+
+@dataclass(frozen=True, slots=True)
 class KeyReused:
     """The key was used with another body (422)."""
 
@@ -127,7 +148,7 @@ class BudgetShort:
 
     available_usd_micros: int
     required_usd_micros: int
-    key: Scope | None
+    key: Held | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +158,9 @@ class ConcurrencyLimit:
     max_concurrent_runs: int
 
 
-SubmitOutcome = Admitted | Replayed | KeyInFlight | KeyReused | BudgetShort | ConcurrencyLimit
+SubmitOutcome = (
+    Admitted | Replayed | KeyInFlight | KeyTakenOver | KeyReused | BudgetShort | ConcurrencyLimit
+)
 
 
 class Admission:
@@ -167,10 +190,10 @@ class Admission:
     ) -> SubmitOutcome:
         """Admit one checked submission. ``body`` is the parsed JSON the key's
         fingerprint is taken from; raises ``ReservationUnavailable``."""
-        key = None
+        key: Held | None = None
         if idempotency_key is not None:
-            key = Scope(tenant_id, SUBMIT_METHOD, SUBMIT_PATH, idempotency_key)
-            begun = await self._keys.begin(key, request_fingerprint(body))
+            scope = Scope(tenant_id, SUBMIT_METHOD, SUBMIT_PATH, idempotency_key)
+            begun = await self._keys.begin(scope, request_fingerprint(body))
             match begun:
                 case Replay(status=status, headers=headers, body=stored):
                     headers = dict(headers)
@@ -180,8 +203,8 @@ class Admission:
                     return KeyInFlight()
                 case Mismatch():
                     return KeyReused()
-                case Proceed():
-                    pass
+                case Proceed(held=held):
+                    key = held
 
         run_id = ids.new_id("run")
         created_at = datetime.now(UTC)
@@ -200,7 +223,13 @@ class Admission:
             stored_headers = {**accepted_headers, "Content-Type": JSON_MEDIA_TYPE}
             assert set(stored_headers) == set(STORED_HEADERS)
             completion = IdempotencyCompletion(
-                SUBMIT_METHOD, SUBMIT_PATH, key.key, 202, stored_headers, accepted_body
+                SUBMIT_METHOD,
+                SUBMIT_PATH,
+                key.scope.key,
+                key.owner,
+                202,
+                stored_headers,
+                accepted_body,
             )
         draft = RunDraft(
             run_id=run_id,
@@ -230,37 +259,69 @@ class Admission:
                 return BudgetShort(available, required, key)
             case ConcurrencyLimited(max_concurrent_runs=limit):
                 self._metrics.reservations.labels("rejected").inc()
-                if key is not None:
-                    await self._keys.abandon(key)
+                await self._release(key)
                 return ConcurrencyLimit(limit)
+            case KeyNotHeld():
+                # a retry owns the key now (or it was released): its outcome is the key's
+                self._metrics.reservations.labels("key_not_held").inc()
+                log.warning(
+                    "reservation refused: its idempotency key was taken over",
+                    extra={"run_id": run_id, "tenant_id": tenant_id},
+                )
+                return KeyTakenOver()
+            case DeadlinePassed():
+                await self._release(key)
+                raise ReservationExpired(f"reservation {run_id} refused past its deadline")
         raise AssertionError(f"unexpected reservation outcome {outcome!r}")
 
-    async def remember_refusal(self, refusal: BudgetShort, media_type: str, body: bytes) -> None:
-        """Store a 402's answer for its key, so a retry replays it (SPEC §6)."""
-        if refusal.key is not None:
-            await self._keys.complete(refusal.key, 402, {"Content-Type": media_type}, body)
+    async def remember_refusal(
+        self, refusal: BudgetShort, media_type: str, body: bytes
+    ) -> BudgetShort | KeyTakenOver:
+        """Store a 402's answer for its key, so a retry replays it (SPEC §6). Only
+        while this request owns the key: one that lost it to a retry stores nothing
+        and answers ``KeyTakenOver`` (the key's outcome is the retry's)."""
+        if refusal.key is None:
+            return refusal
+        try:
+            stored = await self._keys.complete(refusal.key, 402, {"Content-Type": media_type}, body)
+        except BaseException:
+            await self._release(refusal.key)
+            raise
+        return refusal if stored else KeyTakenOver()
 
-    async def _reserve(self, tenant_id: str, draft: RunDraft, key: Scope | None) -> ReserveOutcome:
+    async def _reserve(self, tenant_id: str, draft: RunDraft, key: Held | None) -> ReserveOutcome:
+        """Reserve through the budget actor. On any failure the key's record is
+        released at once, so a retry with the key proceeds instead of waiting out
+        its lock. That is safe even when the outcome is unknown: the reservation's
+        transaction locks the key row and admits the draft only while this request
+        owns it in flight, so if it committed the record is done (the release does
+        nothing and a retry replays the run), and if it did not, it never will."""
         try:
             return await self._reserver.reserve(tenant_id, draft)
-        except ReservationBusy:
-            self._metrics.mailbox_full_rejections.labels("budget").inc()
-            if key is not None:
-                await self._keys.abandon(key)
+        except BaseException as error:
+            if isinstance(error, ReservationBusy):
+                self._metrics.mailbox_full_rejections.labels("budget").inc()
+            elif isinstance(error, ReservationOutcomeUnknown):
+                log.error(
+                    "budget actor crashed during a reservation", extra={"run_id": draft.run_id}
+                )
+            await self._release(key)
             raise
-        except ReservationTimedOut:
-            # The reservation may still commit; its idempotency record then says so.
-            raise
-        except ReservationOutcomeUnknown:
-            # Whether it committed is unknown: keep the key's record, whose state the
-            # reservation's own transaction decides, so a retry with the same key
-            # replays the run if it exists and proceeds once the lock expires if not.
-            log.error("budget actor crashed during a reservation", extra={"run_id": draft.run_id})
-            raise
-        except Exception:
-            if key is not None:
-                await self._keys.abandon(key)
-            raise
+
+    async def _release(self, key: Held | None) -> None:
+        """Release this request's record, shielded (the request may be cancelled)
+        and never raising: if it cannot be released, its lock expires as before."""
+        if key is None:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
+            try:
+                await self._keys.release(key)
+            except Exception:
+                log.warning(
+                    "could not release an idempotency key; its lock expires instead",
+                    extra={"tenant_id": key.scope.tenant_id},
+                    exc_info=True,
+                )
 
     async def _announce(self, run: QueuedRun) -> None:
         if self._announcer is None:

@@ -6,12 +6,24 @@ reservation's stored response is written in the reservation's own
 transaction (`dpp.money.ledger.reserve_batch`), so a crash can never leave a run whose
 key would let a retry create a second one. An in-flight record whose holder
 died is taken over after its lock expires.
+
+Each holder is named by an owner token (random, one per request), written at
+begin and at takeover. Completing or releasing a record names the token and
+touches the record only while that request still owns it; the reservation's
+transaction locks the key row and admits a draft only if its request still
+owns the key. So a holder that was slow, not dead, and lost its key to a
+retry can neither reserve a second run nor overwrite the retry's outcome, and
+a request that did not commit can release its own record at once (a retry
+after a 503 proceeds instead of waiting out the lock): if its reservation
+committed after all the record is done and the release does nothing; if not,
+the reservation, should it still arrive, finds the key no longer its own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +59,18 @@ class Scope:
 
 
 @dataclass(frozen=True, slots=True)
+class Held:
+    """A key this request holds: its scope and the request's owner token."""
+
+    scope: Scope
+    owner: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
 class Proceed:
-    pass
+    """The key is this request's now (a new record, or one taken over)."""
+
+    held: Held
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +97,7 @@ SWEEP_BATCH_MAX = 1_000
 
 
 class IdempotencyKeys:
-    """The ``idempotency_keys`` table: begin, complete, abandon, sweep."""
+    """The ``idempotency_keys`` table: begin, complete, release, sweep."""
 
     def __init__(self, pool: Pool, queries: Queries) -> None:
         self._pool = pool
@@ -86,12 +108,13 @@ class IdempotencyKeys:
         pool, queries = self._pool, self._queries
         args = (scope.tenant_id, scope.method, scope.path, scope.key)
         insert = queries["idempotency_insert"]
-        if await pool.fetchval(insert, *args, fingerprint, IDEMPOTENCY_LOCK_S):
-            return Proceed()
+        held = Held(scope, uuid.uuid4())
+        if await pool.fetchval(insert, *args, fingerprint, IDEMPOTENCY_LOCK_S, held.owner):
+            return Proceed(held)
         row = await pool.fetchrow(queries["idempotency_get"], *args)
-        if row is None:  # swept between the two statements: try once more
-            if await pool.fetchval(insert, *args, fingerprint, IDEMPOTENCY_LOCK_S):
-                return Proceed()
+        if row is None:  # released or swept between the two statements: try once more
+            if await pool.fetchval(insert, *args, fingerprint, IDEMPOTENCY_LOCK_S, held.owner):
+                return Proceed(held)
             return InFlight()
         if bytes(row["request_sha256"]) != fingerprint:
             return Mismatch()
@@ -100,16 +123,16 @@ class IdempotencyKeys:
                 row["response_status"], dict(row["response_headers"]), row["response_body"]
             )
         if row["lock_expired"] and await pool.fetchval(
-            queries["idempotency_take_over"], *args, IDEMPOTENCY_LOCK_S
+            queries["idempotency_take_over"], *args, IDEMPOTENCY_LOCK_S, held.owner
         ):
-            return Proceed()
+            return Proceed(held)
         return InFlight()
 
-    async def complete(
-        self, scope: Scope, status: int, headers: dict[str, str], body: bytes
-    ) -> None:
-        """Store the outcome a retry with this key replays."""
-        await self._pool.fetchval(
+    async def complete(self, held: Held, status: int, headers: dict[str, str], body: bytes) -> bool:
+        """Store the outcome a retry with this key replays; False (nothing stored)
+        when this request no longer owns the key."""
+        scope = held.scope
+        stored = await self._pool.fetchval(
             self._queries["idempotency_complete"],
             scope.tenant_id,
             scope.method,
@@ -118,17 +141,24 @@ class IdempotencyKeys:
             status,
             headers,
             body,
+            held.owner,
         )
+        return stored is not None
 
-    async def abandon(self, scope: Scope) -> None:
-        """Forget an in-flight key whose outcome is not stored (a retry is safe)."""
-        await self._pool.execute(
-            self._queries["idempotency_abandon"],
+    async def release(self, held: Held) -> bool:
+        """Forget this request's in-flight record, whose outcome is not stored (a
+        retry proceeds at once). Another request's record, or a completed one, stays.
+        True if a record went."""
+        scope = held.scope
+        released = await self._pool.fetchval(
+            self._queries["idempotency_release"],
             scope.tenant_id,
             scope.method,
             scope.path,
             scope.key,
+            held.owner,
         )
+        return released is not None
 
     async def sweep(self, *, batch: int = SWEEP_BATCH_MAX) -> int:
         """Delete up to ``batch`` keys past retention; how many went."""

@@ -35,14 +35,29 @@ INSERT INTO ledger_entries (tenant_id, run_id, kind, amount_usd_micros, operatio
 SELECT $1, run_id, 'reserve', amount, 'reserve:' || run_id
 FROM unnest($2::text[], $3::bigint[]) AS item(run_id, amount);
 
+-- name: lock_idempotency_keys
+-- The keys of a reservation batch, locked in key order (a takeover, a release
+-- or a stored 402 waits for the reservation's commit, and sees its outcome).
+SELECT k.method, k.path, k.key, k.state, k.owner_token
+FROM idempotency_keys k
+WHERE k.tenant_id = $1
+  AND (k.method, k.path, k.key) IN (
+      SELECT * FROM unnest($2::text[], $3::text[], $4::text[]))
+ORDER BY k.method, k.path, k.key
+FOR UPDATE OF k;
+
 -- name: complete_idempotency_batch
+-- Under the locks above, only keys still in flight and owned by the request
+-- whose draft is admitted; the caller checks that every one was completed.
 UPDATE idempotency_keys AS k
 SET state = 'done', response_status = item.status, response_headers = item.headers,
     response_body = item.body
-FROM unnest($2::text[], $3::text[], $4::text[], $5::int[], $6::jsonb[], $7::bytea[])
-     AS item(method, path, key, status, headers, body)
+FROM unnest($2::text[], $3::text[], $4::text[], $5::int[], $6::jsonb[], $7::bytea[],
+            $8::uuid[])
+     AS item(method, path, key, status, headers, body, owner_token)
 WHERE k.tenant_id = $1 AND k.method = item.method AND k.path = item.path
-  AND k.key = item.key AND k.state = 'in_flight';
+  AND k.key = item.key AND k.state = 'in_flight' AND k.owner_token = item.owner_token
+RETURNING k.key;
 
 -- name: credit_tenant
 UPDATE tenants
@@ -58,8 +73,16 @@ ON CONFLICT (operation_id) DO NOTHING
 RETURNING id;
 
 -- name: credit_entry_by_operation
-SELECT tenant_id, amount_usd_micros FROM ledger_entries
-WHERE operation_id = $1 AND kind = 'credit';
+-- The credit and the budget it answered (no receipt: credited before 0003).
+SELECT e.tenant_id, e.amount_usd_micros,
+       c.balance_usd_micros, c.reserved_usd_micros, c.ledger_version
+FROM ledger_entries e LEFT JOIN credit_receipts c ON c.operation_id = e.operation_id
+WHERE e.operation_id = $1 AND e.kind = 'credit';
+
+-- name: insert_credit_receipt
+INSERT INTO credit_receipts (operation_id, balance_usd_micros, reserved_usd_micros,
+                             ledger_version)
+VALUES ($1, $2, $3, $4);
 
 -- name: lock_runs
 -- In id order, so two batches locking overlapping runs cannot deadlock.

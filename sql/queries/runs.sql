@@ -35,8 +35,9 @@ GROUP BY 1, 2
 ORDER BY 1, 2;
 
 -- name: idempotency_insert
-INSERT INTO idempotency_keys (tenant_id, method, path, key, request_sha256, state, locked_until)
-VALUES ($1, $2, $3, $4, $5, 'in_flight', now() + make_interval(secs => $6))
+INSERT INTO idempotency_keys (tenant_id, method, path, key, request_sha256, state, locked_until,
+                              owner_token)
+VALUES ($1, $2, $3, $4, $5, 'in_flight', now() + make_interval(secs => $6), $7)
 ON CONFLICT DO NOTHING
 RETURNING key;
 
@@ -47,22 +48,29 @@ FROM idempotency_keys
 WHERE tenant_id = $1 AND method = $2 AND path = $3 AND key = $4;
 
 -- name: idempotency_take_over
--- A holder that died (lock expired) leaves the key to the next request.
+-- A holder that died (lock expired) leaves the key to the next request, which
+-- becomes its owner: the old holder can no longer complete it (nor reserve with it).
 UPDATE idempotency_keys
-SET locked_until = now() + make_interval(secs => $5), created_at = now()
+SET locked_until = now() + make_interval(secs => $5), created_at = now(), owner_token = $6
 WHERE tenant_id = $1 AND method = $2 AND path = $3 AND key = $4
   AND state = 'in_flight' AND locked_until < now()
 RETURNING key;
 
 -- name: idempotency_complete
+-- Only the request that owns the key stores its outcome.
 UPDATE idempotency_keys
 SET state = 'done', response_status = $5, response_headers = $6, response_body = $7
 WHERE tenant_id = $1 AND method = $2 AND path = $3 AND key = $4 AND state = 'in_flight'
+  AND owner_token = $8
 RETURNING key;
 
--- name: idempotency_abandon
+-- name: idempotency_release
+-- Only the owner's record, only while in flight: a completed record (the
+-- reservation committed after all) or another request's stays.
 DELETE FROM idempotency_keys
-WHERE tenant_id = $1 AND method = $2 AND path = $3 AND key = $4 AND state = 'in_flight';
+WHERE tenant_id = $1 AND method = $2 AND path = $3 AND key = $4 AND state = 'in_flight'
+  AND owner_token = $5
+RETURNING key;
 
 -- name: idempotency_sweep
 DELETE FROM idempotency_keys

@@ -22,6 +22,8 @@ from dpp.money.mirror import MirrorBudget, MirrorMissing, MirrorReserve
 from dpp.money.rules import Admission, Budget, Outcome, RunStatus, decide_batch, settle
 
 TENANT = "ten_" + "A" * 26
+# a deadline no test reaches (the deadline tests set their own)
+LATER = float("inf")
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -51,7 +53,12 @@ class FakeStore:
             self.balance, self.reserved, self.version, self.max_concurrent_runs
         )
 
-    async def reserve_batch(self, tenant_id: str, drafts: Sequence[ledger.RunDraft]):
+    async def reserve_batch(
+        self,
+        tenant_id: str,
+        drafts: Sequence[ledger.RunDraft],
+        deadlines: Sequence[float] | None = None,
+    ):
         self.calls.append(("reserve", len(drafts)))
         if self.fail_next_reserve:
             self.fail_next_reserve = False
@@ -188,7 +195,7 @@ async def run_actor(store: FakeStore, mirror: FakeMirror, messages: list) -> Non
 async def test_queued_reservations_commit_as_one_batch() -> None:
     store, mirror = FakeStore(), FakeMirror()
     replies = [Reply() for _ in range(5)]
-    await run_actor(store, mirror, [Reserve(draft(), r) for r in replies])
+    await run_actor(store, mirror, [Reserve(draft(), r, LATER) for r in replies])
     assert store.calls == [("reserve", 5)]
     assert mirror.calls == ["load", "reserve", "resolve"]  # the mirror was lost: rebuilt first
     outcomes = [await r.wait() for r in replies]
@@ -199,12 +206,12 @@ async def test_order_is_kept_and_each_kind_is_grouped() -> None:
     store, mirror = FakeStore(), FakeMirror()
     first, second = draft(), draft()
     messages = [
-        Reserve(first, Reply()),
-        Reserve(second, Reply()),
+        Reserve(first, Reply(), LATER),
+        Reserve(second, Reply(), LATER),
         Settle(ledger.SettleRequest(first.run_id, Outcome.COMPLETED, 300), Reply()),
         Settle(ledger.SettleRequest(second.run_id, Outcome.FAILED), Reply()),
         Credit(5_000, "credit:x", Reply()),
-        Reserve(draft(), Reply()),
+        Reserve(draft(), Reply(), LATER),
     ]
     await run_actor(store, mirror, messages)
     assert store.calls == [("reserve", 2), ("settle", 2), ("credit", 1), ("reserve", 1)]
@@ -224,7 +231,7 @@ async def test_what_the_mirror_refuses_never_reaches_postgres() -> None:
     store = FakeStore(balance=1_500)
     mirror = FakeMirror(budget=MirrorBudget(1_500, 0, 0))
     replies = [Reply(), Reply()]
-    await run_actor(store, mirror, [Reserve(draft(1_000), r) for r in replies])
+    await run_actor(store, mirror, [Reserve(draft(1_000), r, LATER) for r in replies])
     accepted, refused = [await r.wait() for r in replies]
     assert isinstance(accepted, Reserved)
     assert refused == InsufficientBudget(available_usd_micros=500, required_usd_micros=1_000)
@@ -236,7 +243,7 @@ async def test_postgres_refusal_releases_the_mirror_hold() -> None:
     store = FakeStore(balance=1_000, reserved=1_000)
     mirror = FakeMirror(budget=MirrorBudget(1_000, 0, 0))
     reply: Reply = Reply()
-    await run_actor(store, mirror, [Reserve(draft(1_000), reply)])
+    await run_actor(store, mirror, [Reserve(draft(1_000), reply, LATER)])
     outcome = await reply.wait()
     assert outcome == InsufficientBudget(available_usd_micros=0, required_usd_micros=1_000)
     assert mirror.calls[-1] == "resolve"
@@ -247,7 +254,7 @@ async def test_the_plan_limit_answers_concurrency_limited() -> None:
     store = FakeStore(max_concurrent_runs=1, open_runs=1)
     mirror = FakeMirror(budget=MirrorBudget(10_000, 0, 0))
     reply: Reply = Reply()
-    await run_actor(store, mirror, [Reserve(draft(), reply)])
+    await run_actor(store, mirror, [Reserve(draft(), reply, LATER)])
     assert await reply.wait() == ConcurrencyLimited(max_concurrent_runs=1)
     assert mirror.budget.reserved_usd_micros == 0  # hold released
 
@@ -258,7 +265,7 @@ async def test_a_failed_commit_releases_holds_tells_callers_and_crashes() -> Non
     replies = [Reply(), Reply()]
     actor = BudgetActor(TENANT, BudgetBackend(store, mirror))
     for reply in replies:
-        actor.ref.tell_nowait(Reserve(draft(), reply))
+        actor.ref.tell_nowait(Reserve(draft(), reply, LATER))
     with pytest.raises(BaseException) as raised:  # the actor crashes for its supervisor
         async with anyio.create_task_group() as group:
             await group.start(actor.run)

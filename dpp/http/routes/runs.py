@@ -42,8 +42,10 @@ from dpp.runs.admission import (
     ConcurrencyLimit,
     KeyInFlight,
     KeyReused,
+    KeyTakenOver,
     Replayed,
     ReservationBusy,
+    ReservationExpired,
     ReservationOutcomeUnknown,
     ReservationTimedOut,
 )
@@ -75,6 +77,29 @@ def _not_found(request: Request) -> Problem:
 
 def _busy(detail: str) -> Problem:
     return Problem(503, "unavailable", detail, headers={"Retry-After": "1"})
+
+
+def _key_taken_over() -> Problem:
+    return Problem(
+        409,
+        "idempotency-key-in-use",
+        "This request held its Idempotency-Key past the lock and another request with"
+        " the key took it over; nothing was reserved for this one. Retry to get that"
+        " request's outcome.",
+        headers={"Retry-After": "1"},
+    )
+
+
+def _unknown_outcome(what: str, keyed: bool) -> Problem:
+    """503 for a reservation that may have been made: only a client that sent a key
+    can safely retry with it (the key's record was released, so a retry replays
+    the run if it was made and proceeds if not)."""
+    if keyed:
+        return _busy(f"{what}; retry with the same Idempotency-Key.")
+    return _busy(
+        f"{what}, and it may have been made: list your runs before retrying, or send"
+        " an Idempotency-Key so that a retry cannot create a second run."
+    )
 
 
 def _field_errors_problem(errors: list[FieldError]) -> Problem:
@@ -127,17 +152,25 @@ async def submit_run(request: Request) -> Response:
             trace_id=_trace_id(request),
         )
     except ReservationBusy:
-        raise _busy("This tenant's budget is busy; retry shortly.") from None
+        raise _busy("This tenant's budget is busy; nothing was reserved. Retry shortly.") from None
+    except ReservationExpired:
+        raise _busy(
+            "The reservation did not answer in time; nothing was reserved. Retry."
+        ) from None
     except ReservationTimedOut:
-        raise _busy("The reservation did not answer in time; retry with the same key.") from None
+        keyed = raw_key is not None
+        raise _unknown_outcome("The reservation did not answer in time", keyed) from None
     except ReservationOutcomeUnknown:
-        raise _busy("The reservation's outcome is unknown; retry with the same key.") from None
+        keyed = raw_key is not None
+        raise _unknown_outcome("The reservation's outcome is unknown", keyed) from None
     match outcome:
         case Admitted(body=accepted_body, headers=headers):
             return Response(accepted_body, 202, headers=headers, media_type="application/json")
         case Replayed(status=status, headers=headers, body=stored, media_type=media_type):
             replay_headers = {**headers, idempotency.REPLAYED_HEADER: "true"}
             return Response(stored, status, headers=replay_headers, media_type=media_type)
+        case KeyTakenOver():
+            raise _key_taken_over()
         case KeyInFlight():
             raise Problem(
                 409,
@@ -160,9 +193,11 @@ async def submit_run(request: Request) -> Response:
                 extensions={"available_usd_micros": available, "required_usd_micros": required},
             )
             response = problem_response(problem, request.url.path)
-            await context.admission.remember_refusal(
+            remembered = await context.admission.remember_refusal(
                 outcome, "application/problem+json", bytes(response.body)
             )
+            if isinstance(remembered, KeyTakenOver):
+                raise _key_taken_over()
             return response
         case ConcurrencyLimit(max_concurrent_runs=limit):
             raise Problem(
@@ -336,7 +371,10 @@ ENDPOINTS = (
             ),
             problem(402, "Budget short: nothing reserved (available/required members)."),
             problem(
-                409, "The same Idempotency-Key is being processed concurrently.", "Retry-After"
+                409,
+                "The same Idempotency-Key is being processed concurrently, or another"
+                " request took it over after this one's lock expired (nothing reserved).",
+                "Retry-After",
             ),
             problem(
                 422, "Unknown pack, invalid inputs or reservation, or key reuse with another body."
