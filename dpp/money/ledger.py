@@ -393,7 +393,6 @@ async def _reserve_locked(
             [c.status for c in completions],
             [c.headers for c in completions],
             [c.body for c in completions],
-            [c.owner for c in completions],
         )
         # the keys are locked and were checked owned: each one completes
         assert len(completed) == len(completions), "an owned key changed under its lock"

@@ -47,16 +47,16 @@ ORDER BY k.method, k.path, k.key
 FOR UPDATE OF k;
 
 -- name: complete_idempotency_batch
--- Under the locks above, only keys still in flight and owned by the request
--- whose draft is admitted; the caller checks that every one was completed.
+-- Only for drafts admitted under the locks above, whose keys were checked in
+-- flight and owned by their request (dpp/money/ledger.py); the caller checks
+-- that every one was completed.
 UPDATE idempotency_keys AS k
 SET state = 'done', response_status = item.status, response_headers = item.headers,
     response_body = item.body
-FROM unnest($2::text[], $3::text[], $4::text[], $5::int[], $6::jsonb[], $7::bytea[],
-            $8::uuid[])
-     AS item(method, path, key, status, headers, body, owner_token)
+FROM unnest($2::text[], $3::text[], $4::text[], $5::int[], $6::jsonb[], $7::bytea[])
+     AS item(method, path, key, status, headers, body)
 WHERE k.tenant_id = $1 AND k.method = item.method AND k.path = item.path
-  AND k.key = item.key AND k.state = 'in_flight' AND k.owner_token = item.owner_token
+  AND k.key = item.key
 RETURNING k.key;
 
 -- name: credit_tenant

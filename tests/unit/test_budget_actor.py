@@ -17,7 +17,7 @@ import pytest
 from dpp.actors.budget import BudgetActor, BudgetBackend, Credit, Reserve, Settle
 from dpp.actors.kernel import ActorCrashed, Reply
 from dpp.money import ledger
-from dpp.money.ledger import ConcurrencyLimited, InsufficientBudget, Reserved
+from dpp.money.ledger import ConcurrencyLimited, DeadlinePassed, InsufficientBudget, Reserved
 from dpp.money.mirror import MirrorBudget, MirrorMissing, MirrorReserve
 from dpp.money.rules import Admission, Budget, Outcome, RunStatus, decide_batch, settle
 
@@ -289,7 +289,7 @@ async def test_replayed_settlements_and_credits_never_reach_the_mirror() -> None
         store,
         mirror,
         [
-            Reserve(run, Reply()),
+            Reserve(run, Reply(), LATER),
             Settle(cancel, first),
             Credit(5_000, "credit:y", Reply()),
         ],
@@ -298,3 +298,33 @@ async def test_replayed_settlements_and_credits_never_reach_the_mirror() -> None
     assert (await first.wait()).applied and not (await again.wait()).applied
     assert mirror.calls == ["load", "reserve", "resolve", "settle:1", "credit", "load"]
     assert store.calls[-2:] == [("settle", 1), ("credit", 1)]  # Postgres did see the replays
+
+
+async def test_a_reservation_queued_past_its_deadline_touches_neither_store() -> None:
+    """Its caller was told to retry: committing it late could charge twice."""
+    store = FakeStore()
+    mirror = FakeMirror(budget=MirrorBudget(10_000, 0, 0))
+    late, timely = Reply(), Reply()
+    past = anyio.current_time() - 1
+    await run_actor(store, mirror, [Reserve(draft(), late, past), Reserve(draft(), timely, LATER)])
+    assert await late.wait() == DeadlinePassed()
+    assert isinstance(await timely.wait(), Reserved)
+    assert store.calls == [("reserve", 1)]
+    assert mirror.budget == MirrorBudget(10_000, 1_000, 0)  # no hold for the late one
+
+
+async def test_deadlines_reach_the_store_with_their_drafts() -> None:
+    seen: list[Sequence[float] | None] = []
+
+    class Recording(FakeStore):
+        async def reserve_batch(self, tenant_id, drafts, deadlines=None):
+            seen.append(deadlines)
+            return await super().reserve_batch(tenant_id, drafts, deadlines)
+
+    deadline = anyio.current_time() + 60
+    await run_actor(
+        Recording(),
+        FakeMirror(budget=MirrorBudget(10_000, 0, 0)),
+        [Reserve(draft(), Reply(), deadline)],
+    )
+    assert seen == [[deadline]]
