@@ -30,6 +30,7 @@ from dpp.money import ledger
 from dpp.money.ledger import (
     ConcurrencyLimited,
     DeadlinePassed,
+    KeyNotHeld,
     Reserved,
     ReserveOutcome,
     RunDraft,
@@ -267,6 +268,26 @@ async def test_a_takeover_tried_while_the_reservation_holds_the_key_sees_its_out
     replay = await keys.begin(scope, b"f" * 32)
     assert isinstance(replay, Replay) and replay.body == b"run"
     assert await _runs_of(pool, tenant_id) == [run.run_id]
+
+
+async def test_a_completed_key_admits_nothing_more_even_for_its_owner(adapters: Adapters) -> None:
+    """A second delivery of the same request's reservation reserves nothing."""
+    pool, queries = adapters.pool, adapters.queries
+    tenant_id = await create_tenant(pool)
+    await ledger.credit(pool, queries, tenant_id, 10_000, "credit:seed")
+    begun = await IdempotencyKeys(pool, queries).begin(
+        Scope(tenant_id, "POST", "/v1/runs", "once"), b"f" * 32
+    )
+    assert isinstance(begun, Proceed)
+    completion = ledger.IdempotencyCompletion(
+        "POST", "/v1/runs", "once", begun.held.owner, 202, {"Content-Type": "x"}, b"run"
+    )
+    first = replace(draft(1_000), idempotency=completion)
+    again = replace(draft(1_000), idempotency=completion)
+    assert (await ledger.reserve_batch(pool, queries, tenant_id, [first])).accepted() == [True]
+    result = await ledger.reserve_batch(pool, queries, tenant_id, [again])
+    assert result.decisions == [KeyNotHeld()]
+    assert await _runs_of(pool, tenant_id) == [first.run_id]
 
 
 # ----------------------------------------- deadlines: nothing commits late
