@@ -205,7 +205,18 @@ class Admission:
                     return KeyReused()
                 case Proceed(held=held):
                     key = held
+        try:
+            return await self._admit(tenant_id, request, key, trace_id)
+        except BaseException:
+            # Nothing of this request committed, or its outcome is unknown:
+            # either way its record goes at once (``_release`` says why that is safe).
+            await self._release(key)
+            raise
 
+    async def _admit(
+        self, tenant_id: str, request: SubmitRequest, key: Held | None, trace_id: str | None
+    ) -> SubmitOutcome:
+        """Draft, reserve and announce one run, holding ``key`` if any."""
         run_id = ids.new_id("run")
         created_at = datetime.now(UTC)
         row = queued_row(
@@ -243,7 +254,7 @@ class Admission:
             created_at=created_at,
             idempotency=completion,
         )
-        outcome = await self._reserve(tenant_id, draft, key)
+        outcome = await self._reserve(tenant_id, draft)
 
         match outcome:
             case Reserved():
@@ -270,7 +281,6 @@ class Admission:
                 )
                 return KeyTakenOver()
             case DeadlinePassed():
-                await self._release(key)
                 raise ReservationExpired(f"reservation {run_id} refused past its deadline")
         raise AssertionError(f"unexpected reservation outcome {outcome!r}")
 
@@ -289,28 +299,26 @@ class Admission:
             raise
         return refusal if stored else KeyTakenOver()
 
-    async def _reserve(self, tenant_id: str, draft: RunDraft, key: Held | None) -> ReserveOutcome:
-        """Reserve through the budget actor. On any failure the key's record is
-        released at once, so a retry with the key proceeds instead of waiting out
-        its lock. That is safe even when the outcome is unknown: the reservation's
-        transaction locks the key row and admits the draft only while this request
-        owns it in flight, so if it committed the record is done (the release does
-        nothing and a retry replays the run), and if it did not, it never will."""
+    async def _reserve(self, tenant_id: str, draft: RunDraft) -> ReserveOutcome:
         try:
             return await self._reserver.reserve(tenant_id, draft)
-        except BaseException as error:
-            if isinstance(error, ReservationBusy):
-                self._metrics.mailbox_full_rejections.labels("budget").inc()
-            elif isinstance(error, ReservationOutcomeUnknown):
-                log.error(
-                    "budget actor crashed during a reservation", extra={"run_id": draft.run_id}
-                )
-            await self._release(key)
+        except ReservationBusy:
+            self._metrics.mailbox_full_rejections.labels("budget").inc()
+            raise
+        except ReservationOutcomeUnknown:
+            log.error("budget actor crashed during a reservation", extra={"run_id": draft.run_id})
             raise
 
     async def _release(self, key: Held | None) -> None:
-        """Release this request's record, shielded (the request may be cancelled)
-        and never raising: if it cannot be released, its lock expires as before."""
+        """Release this request's record at once, so a retry with the key proceeds
+        instead of waiting out its lock; shielded (the request may be cancelled) and
+        never raising (if it cannot be released, its lock expires as before).
+
+        Safe even when the reservation's outcome is unknown: its transaction locks
+        the key row and admits the draft only while this request owns it in flight.
+        If it committed, the record is done and the release deletes nothing (a
+        retry replays the run); if it holds the row, the release waits for its end;
+        if it has not locked the row yet, it finds the key gone and never commits."""
         if key is None:
             return
         with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
