@@ -47,7 +47,15 @@ from dpp.runs.admission import (
     ReservationOutcomeUnknown,
     ReservationTimedOut,
 )
-from dpp.runs.idempotency import Held, IdempotencyKeys, InFlight, Proceed, Replay, Scope
+from dpp.runs.idempotency import (
+    Held,
+    IdempotencyKeys,
+    InFlight,
+    Proceed,
+    Replay,
+    Scope,
+    request_fingerprint,
+)
 from dpp.runs.submission import SubmitRequest, parse_submit
 from tests.integration.test_runs_api import ECHO, _tenant
 from tests.moneykit import create_tenant, draft, open_replica
@@ -288,6 +296,37 @@ async def test_a_completed_key_admits_nothing_more_even_for_its_owner(adapters: 
     result = await ledger.reserve_batch(pool, queries, tenant_id, [again])
     assert result.decisions == [KeyNotHeld()]
     assert await _runs_of(pool, tenant_id) == [first.run_id]
+
+
+async def test_a_402_whose_key_was_taken_over_meanwhile_answers_409_over_http(
+    http: httpx.AsyncClient,
+    runtime: Any,
+    admin_headers: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tenant_id, key = await _tenant(http, admin_headers, 0)  # Redis refuses: 402
+    pool = runtime.adapters.pool
+    headers = {**key, "Idempotency-Key": "poor-and-slow"}
+    submit = Admission.submit
+
+    async def then_taken_over(self: Admission, *args: Any, **kwargs: Any) -> Any:
+        outcome = await submit(self, *args, **kwargs)
+        assert isinstance(outcome, BudgetShort)
+        # before the 402 is stored, its lock runs out and a retry takes the key
+        await _age_key(pool, tenant_id)
+        scope = Scope(tenant_id, "POST", "/v1/runs", "poor-and-slow")
+        keys = IdempotencyKeys(pool, runtime.adapters.queries)
+        retry = await keys.begin(scope, request_fingerprint(ECHO))
+        assert isinstance(retry, Proceed)
+        return outcome
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Admission, "submit", then_taken_over)
+        late = await http.post("/v1/runs", json=ECHO, headers=headers)
+    assert late.status_code == 409, late.text
+    assert "took it over" in late.json()["detail"]
+    row = await pool.fetchrow("SELECT state FROM idempotency_keys WHERE tenant_id = $1", tenant_id)
+    assert row["state"] == "in_flight"  # nothing stored: the key is the retry's
 
 
 # ----------------------------------------- deadlines: nothing commits late
