@@ -32,6 +32,8 @@ class Metrics:
     reservations: Counter  # result: reserved | insufficient | rejected | key_not_held
     budget_actors: Gauge  # live budget actors on this replica
     mailbox_full_rejections: Counter  # actor kind
+    actor_crashes: Counter  # actor kind: keyed actors (budget) that crashed
+    actor_cooldowns: Counter  # actor kind: keyed actors stopped for crashing too often
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
@@ -75,6 +77,18 @@ class Metrics:
             mailbox_full_rejections=Counter(
                 "dpp_mailbox_full_rejections",
                 "Requests refused with 503 because an actor mailbox was full.",
+                ("actor_kind",),
+                registry=registry,
+            ),
+            actor_crashes=Counter(
+                "dpp_actor_crashes",
+                "Keyed actors (one per tenant) that crashed and were restarted.",
+                ("actor_kind",),
+                registry=registry,
+            ),
+            actor_cooldowns=Counter(
+                "dpp_actor_cooldowns",
+                "Keyed actors stopped for crashing too often; their key answers 503 a while.",
                 ("actor_kind",),
                 registry=registry,
             ),

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, assert_never
 
 import anyio
 
 from dpp.actors.kernel import Actor, ActorCrashed, Reply
+from dpp.adapters.postgres import POSTGRES_DATA_ERRORS
 from dpp.faults import crash_point
 from dpp.limits import BUDGET_BATCH_MAX, BUDGET_MAILBOX_SIZE
 from dpp.logs import bind_only
@@ -76,6 +77,26 @@ class Credit:
 
 
 BudgetMessage = Reserve | Settle | Credit
+
+
+class ReservationRejected(Exception):
+    """Postgres refused this reservation's data (its inputs or metadata); nothing
+    was written for it. The request's fault: retrying it fails the same way."""
+
+
+@dataclass(slots=True)
+class _CommitProgress:
+    """One reservation batch on its way to Postgres, perhaps in slices."""
+
+    admitted: list[str] = field(default_factory=list)
+    # messages whose hold is committed or already given back (by identity)
+    _accounted: set[int] = field(default_factory=set)
+
+    def account_for(self, messages: list[Reserve]) -> None:
+        self._accounted.update(id(message) for message in messages)
+
+    def accounted_for(self, message: Reserve) -> bool:
+        return id(message) in self._accounted
 
 
 class BudgetStore(Protocol):
@@ -236,30 +257,69 @@ class BudgetActor(Actor[BudgetMessage]):
         if not pending:
             return
         await crash_point("reserve.after_redis_hold")
+        batch = _CommitProgress()
         try:
-            result = await self.backend.store.reserve_batch(
-                self.tenant_id, [m.draft for m in pending], [m.deadline for m in pending]
-            )
+            await self._commit(pending, batch)
         except BaseException as error:
-            # Most likely nothing was committed (a failed commit can still have
-            # landed, which Postgres then holds and drift repair reconciles in the
-            # mirror): give the holds back, tell the callers the outcome is
-            # unknown, and crash so the supervisor restarts us clean.
-            await self._release_quietly(pending)
+            # Most likely nothing of the failed slice was committed (a failed
+            # commit can still have landed, which Postgres then holds and drift
+            # repair reconciles in the mirror); slices not reached were not: give
+            # their holds back, tell the callers the outcome is unknown, and crash
+            # so the supervisor restarts us clean.
+            unaccounted = [m for m in pending if not batch.accounted_for(m)]
+            await self._release_quietly(unaccounted)
             if isinstance(error, Exception):
-                for message in pending:
+                for message in unaccounted:
                     crashed = ActorCrashed(f"{self.name} failed while reserving; outcome unknown")
                     crashed.__cause__ = error
                     message.reply.fail(crashed)
             raise
+        finally:
+            if batch.admitted:
+                self.backend.on_admitted(batch.admitted)
+
+    async def _commit(self, pending: list[Reserve], batch: _CommitProgress) -> None:
+        """Commit ``pending`` (holds taken) as one transaction and answer each caller.
+
+        A data error (Postgres refuses a value of some draft) is the input's
+        fault, not the batch's: the batch is split in halves and each retried,
+        down to the one draft at fault, whose caller alone hears
+        ``ReservationRejected``; the rest commit. Anything else (the connection,
+        a bug) propagates: the outcome of every draft not answered is unknown.
+        """
+        try:
+            result = await self.backend.store.reserve_batch(
+                self.tenant_id, [m.draft for m in pending], [m.deadline for m in pending]
+            )
+        except POSTGRES_DATA_ERRORS as error:
+            # The transaction rolled back: nothing of this slice was written.
+            if len(pending) > 1:
+                middle = len(pending) // 2
+                await self._commit(pending[:middle], batch)
+                await self._commit(pending[middle:], batch)
+                return
+            (message,) = pending
+            await self._release_quietly(pending)
+            batch.account_for(pending)
+            log.warning(
+                "postgres refused a reservation's data; answered to its request alone",
+                extra={
+                    "tenant_id": self.tenant_id,
+                    "run_id": message.draft.run_id,
+                    "error": type(error).__name__,
+                },
+            )
+            message.reply.fail(ReservationRejected(type(error).__name__))
+            return
         kept: list[Reserve] = []
         refused: list[Reserve] = []
         for message, ok in zip(pending, result.accepted(), strict=True):
             # withdrawn drafts (key not held, deadline passed) are refused too
             (kept if ok else refused).append(message)
+        # committed (kept) or refused (given back): no hold of this slice is left open
+        batch.account_for(pending)
         await self._resolve_holds_quietly(kept, refused)
         await crash_point("reserve.after_commit")
-        admitted = []
         for message, decision in zip(pending, result.decisions, strict=True):
             if not isinstance(decision, AdmissionDecision):
                 message.reply.set(decision)  # withdrawn: nothing reserved
@@ -267,7 +327,7 @@ class BudgetActor(Actor[BudgetMessage]):
             match decision.admission:
                 case Admission.ACCEPTED:
                     assert result.budget is not None, "a commit reads the budget"
-                    admitted.append(message.draft.run_id)
+                    batch.admitted.append(message.draft.run_id)
                     message.reply.set(Reserved(message.draft.run_id, result.budget))
                 case Admission.INSUFFICIENT_BUDGET:
                     message.reply.set(
@@ -280,8 +340,6 @@ class BudgetActor(Actor[BudgetMessage]):
                     message.reply.set(ConcurrencyLimited(stored.max_concurrent_runs))
                 case _:
                     assert_never(decision.admission)
-        if admitted:
-            self.backend.on_admitted(admitted)
 
     async def _release_quietly(self, messages: list[Reserve]) -> None:
         await self._resolve_holds_quietly([], messages)
@@ -309,6 +367,15 @@ class BudgetActor(Actor[BudgetMessage]):
             outcomes = await self.backend.store.settle_batch(
                 [message.request for message in messages]
             )
+        except POSTGRES_DATA_ERRORS as error:
+            # One request's data (its error document, say) fails it alone.
+            if len(messages) > 1:
+                middle = len(messages) // 2
+                await self._settle(messages[:middle])
+                await self._settle(messages[middle:])
+            else:
+                messages[0].reply.fail(error)
+            return
         except Exception as error:
             for message in messages:
                 message.reply.fail(error)

@@ -12,6 +12,7 @@ mailbox, no answer in time, a crash) into the errors those ports declare.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import anyio
@@ -23,23 +24,56 @@ from dpp.actors.budget import (
     BudgetStore,
     Credit,
     MirrorStore,
+    ReservationRejected,
     Reserve,
     Settle,
 )
-from dpp.actors.kernel import ActorCrashed, AskTimeout, MailboxFull
-from dpp.actors.registry import ActorRegistry
+from dpp.actors.kernel import ActorCrashed, ActorStopped, AskTimeout, MailboxFull
+from dpp.actors.registry import ActorRegistry, KeyCoolingDown, RegistryFull
 from dpp.actors.supervisor import ChildSpec
 from dpp.limits import BUDGET_ACTORS_MAX, BUDGET_BATCH_MAX
 from dpp.metrics import Metrics
 from dpp.money import ledger
 from dpp.runs.admission import (
     ReservationBusy,
+    ReservationInvalid,
     ReservationOutcomeUnknown,
+    ReservationSuspended,
     ReservationTimedOut,
 )
+from dpp.runs.service import SettlementUnavailable
 
 ASK_TIMEOUT_S = 15.0
 BUDGET_ACTOR_IDLE_S = 60.0
+# A tenant whose budget actor crashes more than this often within the period
+# (its input, or a bug its data trips) is stopped for the cooldown: its
+# requests answer 503 with Retry-After; no other tenant notices.
+BUDGET_ACTOR_CRASHES_MAX = 5
+BUDGET_ACTOR_CRASH_PERIOD_S = 10.0
+BUDGET_ACTOR_COOLDOWN_S = 30.0
+# Retry-After for back-pressure that clears by itself (a full mailbox, no slot).
+BUSY_RETRY_AFTER_S = 1
+
+# The kernel's failures that mean "not now": nothing, or nothing known, happened.
+_UNAVAILABLE = (MailboxFull, AskTimeout, ActorCrashed, ActorStopped, RegistryFull, KeyCoolingDown)
+
+
+def retry_after_s(error: Exception) -> int:
+    """Whole seconds a client should wait after ``error`` (Retry-After)."""
+    if isinstance(error, KeyCoolingDown):
+        return max(1, math.ceil(error.retry_after_s))
+    return BUSY_RETRY_AFTER_S
+
+
+class CreditUnavailable(Exception):
+    """The tenant's budget actor could not take or answer the credit now (503).
+
+    Whether it applied is unknown only after a crash or timeout; the credit's
+    idempotency id makes the retry safe either way."""
+
+    def __init__(self, detail: str, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
 
 
 class Budgets:
@@ -54,6 +88,7 @@ class Budgets:
         on_admitted: Callable[[Sequence[str]], None] | None = None,
         idle_timeout_s: float = BUDGET_ACTOR_IDLE_S,
         batch_max: int = BUDGET_BATCH_MAX,
+        cooldown_s: float = BUDGET_ACTOR_COOLDOWN_S,
     ) -> None:
         """``batch_max=1`` turns group commit off (the benchmark's baseline)."""
         assert 1 <= batch_max <= BUDGET_BATCH_MAX
@@ -67,12 +102,25 @@ class Budgets:
             lambda tenant_id: BudgetActor(tenant_id, backend, batch_max=batch_max),
             idle_timeout_s=idle_timeout_s,
             max_actors=BUDGET_ACTORS_MAX,
+            intensity=BUDGET_ACTOR_CRASHES_MAX,
+            period_s=BUDGET_ACTOR_CRASH_PERIOD_S,
+            cooldown_s=cooldown_s,
+            on_crash=self._count_crash,
+            on_cooldown=self._count_cooldown,
         )
         self._store = store
         self._metrics = metrics
         if metrics is not None:
             registry = self.registry
             metrics.budget_actors.set_function(lambda: len(registry))
+
+    def _count_crash(self, tenant_id: str, error: BaseException) -> None:
+        if self._metrics is not None:
+            self._metrics.actor_crashes.labels("budget").inc()
+
+    def _count_cooldown(self, tenant_id: str, error: BaseException) -> None:
+        if self._metrics is not None:
+            self._metrics.actor_cooldowns.labels("budget").inc()
 
     def child_spec(self, id: str = "budgets") -> ChildSpec:
         """The registry, for the replica's supervisor (it hosts every budget actor)."""
@@ -91,18 +139,27 @@ class Budgets:
                 lambda reply: Reserve(draft, reply, deadline),
                 timeout_s=ASK_TIMEOUT_S,
             )
-        except MailboxFull as error:
+        except (MailboxFull, RegistryFull, ActorStopped) as error:
+            # nothing was sent (or it was never handled): back-pressure
             raise ReservationBusy(str(error)) from error
+        except KeyCoolingDown as error:
+            raise ReservationSuspended(str(error), retry_after_s(error)) from error
         except AskTimeout as error:
             raise ReservationTimedOut(str(error)) from error
         except ActorCrashed as error:
             raise ReservationOutcomeUnknown(str(error)) from error
+        except ReservationRejected as error:
+            raise ReservationInvalid(str(error)) from error
 
     async def settle(self, tenant_id: str, request: ledger.SettleRequest) -> ledger.SettleResult:
-        """``dpp.runs.service.Settler``: settle once; raises ``ledger.SettleRefused``."""
-        result: ledger.SettleResult = await self.registry.ask(
-            tenant_id, lambda reply: Settle(request, reply), timeout_s=ASK_TIMEOUT_S
-        )
+        """``dpp.runs.service.Settler``: settle once; raises ``ledger.SettleRefused``,
+        or ``SettlementUnavailable`` when the actor cannot take or answer it now."""
+        try:
+            result: ledger.SettleResult = await self.registry.ask(
+                tenant_id, lambda reply: Settle(request, reply), timeout_s=ASK_TIMEOUT_S
+            )
+        except _UNAVAILABLE as error:
+            raise SettlementUnavailable(str(error), retry_after_s(error)) from error
         if result.applied and self._metrics is not None:
             self._metrics.runs_settled.labels(result.settlement.outcome.value).inc()
         return result
@@ -110,12 +167,16 @@ class Budgets:
     async def credit(
         self, tenant_id: str, amount_usd_micros: int, operation_id: str
     ) -> ledger.CreditResult:
-        """Add credit once per ``operation_id``; raises ``ledger.TenantNotFound``."""
+        """Add credit once per ``operation_id``; raises ``ledger.TenantNotFound``,
+        or ``CreditUnavailable`` when the actor cannot take or answer it now."""
         # fail fast on an unknown tenant, before starting an actor for it
         await self._store.budget(tenant_id)
-        result: ledger.CreditResult = await self.registry.ask(
-            tenant_id,
-            lambda reply: Credit(amount_usd_micros, operation_id, reply),
-            timeout_s=ASK_TIMEOUT_S,
-        )
+        try:
+            result: ledger.CreditResult = await self.registry.ask(
+                tenant_id,
+                lambda reply: Credit(amount_usd_micros, operation_id, reply),
+                timeout_s=ASK_TIMEOUT_S,
+            )
+        except _UNAVAILABLE as error:
+            raise CreditUnavailable(str(error), retry_after_s(error)) from error
         return result

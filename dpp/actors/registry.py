@@ -8,8 +8,13 @@ per tenant), with memory bounded by `max_actors` however many keys exist.
 - An actor that received nothing for `idle_timeout_s` closes its mailbox,
   drains nothing, and is removed.
 - A crashed actor is restarted on the same mailbox and `on_crash(key, exc)`
-  fires; more than `intensity` restarts of one key within `period_s` makes
-  `run` raise IntensityExceeded so the registry's supervisor sees it.
+  fires. More than `intensity` crashes of one key within `period_s` is that
+  key's fault (one tenant's input, say), not the process's: its actor is
+  stopped, its queued messages fail with ActorStopped, `on_cooldown(key, exc)`
+  fires, and for `cooldown_s` `get(key)` raises KeyCoolingDown (a 503 with
+  Retry-After) while every other key runs on. The registry itself never fails
+  for a key, so no tenant's crash loop restarts the registry or the root; the
+  registry's own supervisor sees only faults of the registry.
 - When `max_actors` are live, the least recently used idle actor is evicted;
   if none is idle, `get` raises RegistryFull (back-pressure: 503).
 """
@@ -31,13 +36,18 @@ from dpp.actors.kernel import Actor, ActorRef, ActorStopped, Mailbox, Reply
 from dpp.actors.supervisor import (
     SHUTDOWN_S_MAX,
     ChildSpec,
-    IntensityExceeded,
     Restart,
     RestartIntensity,
     SupervisorState,
 )
 
-__all__ = ["REGISTRY_ACTORS_MAX", "ActorRegistry", "RegistryFull"]
+__all__ = [
+    "COOLDOWN_S_MAX",
+    "REGISTRY_ACTORS_MAX",
+    "ActorRegistry",
+    "KeyCoolingDown",
+    "RegistryFull",
+]
 
 K = TypeVar("K", bound=Hashable)
 M = TypeVar("M")
@@ -54,8 +64,21 @@ GET_ATTEMPTS_MAX = 8
 SHUTDOWN_MARGIN_S = 1.0
 
 
+COOLDOWN_S_MAX = 3_600.0
+
+
 class RegistryFull(Exception):
     """max_actors are live and none is idle enough to evict. Back-pressure."""
+
+
+class KeyCoolingDown(Exception):
+    """This key's actor kept crashing; it is stopped until ``retry_after_s`` has
+    passed. Nothing was sent to it."""
+
+    def __init__(self, detail: str, retry_after_s: float) -> None:
+        assert retry_after_s > 0, retry_after_s
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(eq=False, slots=True)
@@ -96,9 +119,11 @@ class ActorRegistry(Generic[K, M]):
         idle_timeout_s: float,
         max_actors: int,
         on_crash: Callable[[K, BaseException], None] | None = None,
+        on_cooldown: Callable[[K, BaseException], None] | None = None,
         name: str | None = None,
         intensity: int = 5,
         period_s: float = 10.0,
+        cooldown_s: float = 30.0,
         shutdown_s: float = 5.0,
         statistics_children_max: int = STATISTICS_CHILDREN_MAX,
         clock: Callable[[], float] = anyio.current_time,
@@ -108,6 +133,7 @@ class ActorRegistry(Generic[K, M]):
         assert 0 < max_actors <= REGISTRY_ACTORS_MAX, max_actors
         assert 0 <= shutdown_s <= SHUTDOWN_S_MAX, shutdown_s
         assert 0 <= statistics_children_max <= STATISTICS_CHILDREN_MAX * 10
+        assert 0 < cooldown_s <= COOLDOWN_S_MAX, cooldown_s
         RestartIntensity(intensity, period_s)  # validates the pair
         self.kind = kind
         self.name = name or f"{kind}-registry"
@@ -115,10 +141,12 @@ class ActorRegistry(Generic[K, M]):
         self.max_actors = max_actors
         self.intensity = intensity
         self.period_s = period_s
+        self.cooldown_s = cooldown_s
         self.shutdown_s = shutdown_s
         self.statistics_children_max = statistics_children_max
         self._factory = factory
         self._on_crash = on_crash
+        self._on_cooldown = on_cooldown
         self._clock = clock
         # Least recently used first: eviction scans from the front.
         self._entries: OrderedDict[K, _Entry[K, M]] = OrderedDict()
@@ -126,7 +154,12 @@ class ActorRegistry(Generic[K, M]):
         self._runs = 0
         self._tg: TaskGroup | None = None
         self._stop_requested = anyio.Event()
-        self._failure: Exception | None = None
+        # Keys cooling down -> when they may start again. Entries are added with
+        # the same cooldown, so insertion order is expiry order: expired ones are
+        # pruned from the front, and at most max_actors are kept (the oldest
+        # dropped first: such a key may start, and crash, a little early).
+        self._cooling: OrderedDict[K, float] = OrderedDict()
+        self._cooldowns = 0
 
     def __repr__(self) -> str:
         return f"<ActorRegistry {self.name} {self._state} {len(self._entries)} actors>"
@@ -146,14 +179,14 @@ class ActorRegistry(Generic[K, M]):
     async def run(
         self, *, task_status: TaskStatus[ActorRegistry[K, M]] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Host actors until `stop()`; raises IntensityExceeded when a key
-        restarts too often (after stopping all actors)."""
+        """Host actors until `stop()` (a key that crashes too often is cooled
+        down, never raised: see the module's docstring)."""
         assert self._state in ("starting", "stopped", "crashed"), f"{self.name} already running"
         assert not self._entries
         self._runs += 1
-        self._failure = None
         if self._runs > 1:
             self._stop_requested = anyio.Event()
+        crashed = False
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -165,11 +198,12 @@ class ActorRegistry(Generic[K, M]):
                     self._state = "stopping"
                     await self._stop_all()
                     tg.cancel_scope.cancel()  # whoever outlived shutdown_s
+        except Exception:
+            crashed = True  # a fault of the registry itself: its supervisor decides
+            raise
         finally:
             self._tg = None
-            self._state = "crashed" if self._failure is not None else "stopped"
-        if self._failure is not None:
-            raise self._failure
+            self._state = "crashed" if crashed else "stopped"
 
     def stop(self) -> None:
         """Graceful stop: every actor drains its mailbox, within shutdown_s."""
@@ -197,23 +231,20 @@ class ActorRegistry(Generic[K, M]):
             for entry in list(self._entries.values()):
                 await entry.exited.wait()
 
-    def _fail(self, error: Exception) -> None:
-        if self._failure is None:
-            self._failure = error
-        self._stop_requested.set()
-
     # -- access ------------------------------------------------------------
 
     async def get(self, key: K) -> ActorRef[M]:
         """The live actor for `key`, started on demand.
 
         Raises RegistryFull when at capacity with nothing idle to evict,
-        ActorStopped when the registry is not running, and whatever the
-        actor's on_start raised if it could not start.
+        KeyCoolingDown while the key's crash loop cools down, ActorStopped
+        when the registry is not running, and whatever the actor's on_start
+        raised if it could not start.
         """
         for _ in range(GET_ATTEMPTS_MAX):
             if self._state != "running":
                 raise ActorStopped(f"registry {self.name} is not running")
+            self._check_cooling(key)
             entry = self._entries.get(key)
             if entry is not None:
                 if not entry.accepting():
@@ -300,12 +331,8 @@ class ActorRegistry(Generic[K, M]):
                     if entry.mailbox.closed:
                         return  # stopping anyway: a new incarnation would only exit
                     if not entry.window.record(self._clock()):
-                        error = IntensityExceeded(
-                            self.name, entry.mailbox.name, self.intensity, self.period_s
-                        )
-                        error.__cause__ = exc
-                        self._fail(error)
-                        return
+                        self._cool_down(entry, exc)
+                        return  # finally: the mailbox closes, queued messages fail
                     entry.restarts += 1
         finally:
             entry.stopping = True
@@ -314,6 +341,42 @@ class ActorRegistry(Generic[K, M]):
             entry.exited.set()
             if self._entries.get(entry.key) is entry:
                 del self._entries[entry.key]
+
+    def _check_cooling(self, key: K) -> None:
+        now = self._clock()
+        while self._cooling:  # prune what has expired (the front expires first)
+            oldest, oldest_until = next(iter(self._cooling.items()))
+            if oldest_until > now:
+                break
+            del self._cooling[oldest]
+        until = self._cooling.get(key)
+        if until is not None:
+            raise KeyCoolingDown(
+                f"{self.name}: {key!r} kept crashing; cooling down", retry_after_s=until - now
+            )
+
+    def _cool_down(self, entry: _Entry[K, M], error: Exception) -> None:
+        """The key sits out ``cooldown_s``; nothing escalates past this registry."""
+        self._cooling.pop(entry.key, None)
+        self._cooling[entry.key] = self._clock() + self.cooldown_s
+        while len(self._cooling) > self.max_actors:
+            self._cooling.popitem(last=False)
+        self._cooldowns += 1
+        logger.error(
+            "registry %s: actor %s crashed more than %d times in %ss; "
+            "stopped, its key cooling down for %ss",
+            self.name,
+            entry.mailbox.name,
+            self.intensity,
+            self.period_s,
+            self.cooldown_s,
+            extra={"actor": entry.mailbox.name, "error": type(error).__name__},
+        )
+        if self._on_cooldown is not None:
+            try:
+                self._on_cooldown(entry.key, error)
+            except Exception:
+                logger.exception("registry %s: on_cooldown hook failed", self.name)
 
     def _report_crash(self, entry: _Entry[K, M], error: Exception) -> None:
         logger.error(
@@ -348,6 +411,8 @@ class ActorRegistry(Generic[K, M]):
             "count": len(entries),
             "max_actors": self.max_actors,
             "actor_restarts": sum(entry.restarts for entry in entries),
+            "keys_cooling_down": len(self._cooling),
+            "cooldowns": self._cooldowns,
             "children": [self._node(entry) for entry in busiest],
             "children_truncated": len(busiest) < len(entries),
         }

@@ -41,6 +41,17 @@ POSTGRES_ERRORS: tuple[type[Exception], ...] = (
 # statement did nothing, and the transaction around it rolls back.
 STATEMENT_CANCELED: type[Exception] = asyncpg.QueryCanceledError
 
+# What Postgres refuses about the *data* of one statement, not the connection:
+# SQLSTATE class 22 "data exception" (a NUL in text or jsonb, a number out of
+# range, ...; asyncpg raises the same class when it cannot encode an argument)
+# and class 54 "program limit exceeded" (a value too large for an index or a
+# jsonb). Retrying the same data fails the same way; retrying a batch without
+# the culprit does not.
+POSTGRES_DATA_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.DataError,
+    asyncpg.ProgramLimitExceededError,
+)
+
 # The driver's types under the names the layers above use. A pooled
 # connection is a proxy of a Connection, with the same methods.
 if TYPE_CHECKING:

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from dpp.http.problems import Problem, field_problem
+from dpp.packs import field_path
 
 __all__ = ["JSON_MEDIA_TYPE", "body_object", "json_response", "read_json_body"]
 
@@ -103,7 +104,9 @@ def body_object(
         raise field_problem("body", "The body must be a JSON object.")
     unknown = sorted(set(body) - set(allowed))
     if unknown:
-        raise field_problem(unknown[0], f"{unknown[0]}: is not an accepted member.")
+        # as a path: a member may be named "" or "a.b"
+        field = field_path(unknown[0], root="")
+        raise field_problem(field, f"{field}: is not an accepted member.")
     for name in required:
         if name not in body:
             raise field_problem(name, f"{name}: is required.")

@@ -21,6 +21,7 @@ from dpp.packs.base import (
     PackOutput,
     check_pack,
     field_path,
+    storable_text,
 )
 from dpp.packs.registry import (
     ENTRY_POINT_GROUP,
@@ -30,6 +31,7 @@ from dpp.packs.registry import (
     PACK_CATALOG,
     DuplicatePackTypeError,
     PackRegistry,
+    json_value_errors,
     validate_inputs,
 )
 
@@ -55,5 +57,7 @@ __all__ = [
     "PackRegistry",
     "check_pack",
     "field_path",
+    "json_value_errors",
+    "storable_text",
     "validate_inputs",
 ]

@@ -46,6 +46,7 @@ __all__ = [
     "PackOutput",
     "check_pack",
     "field_path",
+    "storable_text",
 ]
 
 # The problem type a run's `error` carries when its pack failed (SPEC §3).
@@ -56,6 +57,7 @@ PACK_TYPE_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 # A key that reads well after a dot; anything else is rendered as ["..."].
 _PLAIN_KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_SURROGATE_PATTERN = re.compile("[\ud800-\udfff]")
 _DESCRIPTION_CHARS_MAX = 1_000
 _PROBLEM_TEXT_CHARS_MAX = 1_000
 
@@ -76,23 +78,37 @@ class FieldError:
         assert isinstance(self.message, str) and self.message, "a field error says why"
 
 
-def field_path(*segments: str | int) -> str:
-    """Render a location inside the inputs: ``field_path("a", 0, "b") == "inputs.a[0].b"``.
+def field_path(*segments: str | int, root: str = "inputs") -> str:
+    """Render a location inside a request member: ``field_path("a", 0, "b") ==
+    "inputs.a[0].b"``; ``root`` names the member (``metadata``), or is empty for
+    a member of the body itself (``field_path("", root="") == '[""]'``).
 
     Keys that would be ambiguous after a dot (empty, dotted, spaced, ...) are
     rendered as JSON strings in brackets, so every path reads back exactly.
     """
-    parts = ["inputs"]
+    parts = [root]
     for segment in segments:
         if isinstance(segment, int):
             assert not isinstance(segment, bool), segment
             parts.append(f"[{segment}]")
         elif _PLAIN_KEY_PATTERN.fullmatch(segment):
-            parts.append(f".{segment}")
+            parts.append(f".{segment}" if any(parts) else segment)
         else:
             # json (not orjson): it escapes lone surrogates instead of failing.
             parts.append(f"[{json.dumps(segment)}]")
-    return "".join(parts)
+    path = "".join(parts)
+    assert path, "a path names something"
+    return path
+
+
+def storable_text(text: str) -> str:
+    """``text`` with what Postgres cannot store (NUL, unpaired surrogates) replaced
+    by U+FFFD: for texts DPP stores that no client can be asked to fix."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    if not text.isascii():
+        text = _SURROGATE_PATTERN.sub("\ufffd", text)
+    return text
 
 
 class PackError(Exception):
@@ -110,8 +126,9 @@ class PackError(Exception):
         assert isinstance(title, str) and title, "a pack error needs a title"
         assert isinstance(detail, str), detail
         # Bounded: the text is stored on the run and served on every GET.
-        self.title = title[:_PROBLEM_TEXT_CHARS_MAX]
-        self.detail = detail[:_PROBLEM_TEXT_CHARS_MAX]
+        # Stored on the run (Postgres refuses NUL and unpaired surrogates).
+        self.title = storable_text(title[:_PROBLEM_TEXT_CHARS_MAX])
+        self.detail = storable_text(detail[:_PROBLEM_TEXT_CHARS_MAX])
         super().__init__(title, detail)
 
     def __str__(self) -> str:

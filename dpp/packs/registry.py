@@ -42,6 +42,7 @@ __all__ = [
     "PACK_CATALOG",
     "DuplicatePackTypeError",
     "PackRegistry",
+    "json_value_errors",
     "validate_inputs",
 ]
 
@@ -172,7 +173,7 @@ def validate_inputs(pack: Pack, inputs: Any) -> list[FieldError]:
     own semantic `validate`. At most `FIELD_ERRORS_MAX` errors are returned.
     Never raises on a JSON value, whatever its shape.
     """
-    errors = _json_value_errors(inputs)
+    errors = json_value_errors(inputs)
     if errors:
         return errors
     located = sorted(
@@ -235,41 +236,68 @@ def _validator_for(pack: Pack) -> Draft202012Validator:
     return validator
 
 
-def _json_value_errors(inputs: Any) -> list[FieldError]:
-    """Reject what is not plain, encodable JSON, without recursion.
+def json_value_errors(value: Any, *, root: str = "inputs") -> list[FieldError]:
+    """Every reason ``value`` is not plain JSON that Postgres can store, naming
+    where (``root`` is the member it came in, e.g. ``metadata``); without recursion.
 
     `json.loads` accepts NaN, Infinity and integers orjson cannot encode;
-    nesting deep enough would blow the stack of any recursive validator.
+    nesting deep enough would blow the stack of any recursive validator (and of
+    the encoder); ``jsonb`` and ``text`` refuse the NUL character (``\\u0000``),
+    in keys too, and nothing can encode an unpaired surrogate. Anything this
+    lets through must be storable: a data error at commit would fail the batch
+    of reservations it shares (``dpp.actors.budget``).
     """
     errors: list[FieldError] = []
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(inputs, ())]
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
     while stack and len(errors) < FIELD_ERRORS_MAX:
-        value, path = stack.pop()
+        item, path = stack.pop()
         problem: str | None = None
         children: list[tuple[Any, tuple[str | int, ...]]] = []
-        if value is None or isinstance(value, bool | str):
+        if item is None or isinstance(item, bool):
             pass
-        elif isinstance(value, int):
-            if not _JSON_INT_MIN <= value <= _JSON_INT_MAX:
+        elif isinstance(item, str):
+            problem = _text_problem(item)
+        elif isinstance(item, int):
+            if not _JSON_INT_MIN <= item <= _JSON_INT_MAX:
                 problem = "integer is out of the supported range (-2**63 .. 2**64-1)"
-        elif isinstance(value, float):
-            if not math.isfinite(value):
+        elif isinstance(item, float):
+            if not math.isfinite(item):
                 problem = "must be a finite number (NaN and Infinity are not JSON)"
-        elif isinstance(value, list | dict):
+        elif isinstance(item, list | dict):
             if len(path) >= INPUT_DEPTH_MAX:
                 problem = f"nested deeper than {INPUT_DEPTH_MAX} levels"
-            elif isinstance(value, list):
-                children = [(item, (*path, index)) for index, item in enumerate(value)]
-            elif all(isinstance(key, str) for key in value):
-                children = [(item, (*path, key)) for key, item in value.items()]
+            elif isinstance(item, list):
+                children = [(child, (*path, index)) for index, child in enumerate(item)]
+            elif all(isinstance(key, str) for key in item):
+                for key, child in item.items():
+                    key_problem = _text_problem(key)
+                    if key_problem is not None:
+                        # named by its path, rendered safely (json escapes it)
+                        errors.append(
+                            FieldError(field_path(*path, key, root=root), f"key {key_problem}")
+                        )
+                    else:
+                        children.append((child, (*path, key)))
             else:
                 problem = "object keys must be strings"
         else:
             problem = "is not a JSON value"
         if problem is not None:
-            errors.append(FieldError(field_path(*path), problem))
+            errors.append(FieldError(field_path(*path, root=root), problem))
         stack.extend(reversed(children))  # reversed: errors come out in document order
-    return errors
+    return errors[:FIELD_ERRORS_MAX]
+
+
+def _text_problem(text: str) -> str | None:
+    """Why Postgres could not store ``text`` (as ``text`` or inside ``jsonb``), if it cannot."""
+    if "\x00" in text:
+        return "must not contain the NUL character (\\u0000)"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "must not contain unpaired surrogates"
+    return None
 
 
 def _locate(error: ValidationError) -> tuple[tuple[str | int, ...], str]:

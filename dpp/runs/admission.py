@@ -84,14 +84,28 @@ class ReservationExpired(ReservationTimedOut):
     """The deadline passed before the reservation could commit: nothing reserved."""
 
 
+class ReservationSuspended(ReservationUnavailable):
+    """The tenant's budget actor kept crashing and sits out a cooldown; nothing was sent."""
+
+    def __init__(self, detail: str, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
 class ReservationOutcomeUnknown(ReservationUnavailable):
     """The budget actor died mid-batch: whether this reservation committed is unknown."""
+
+
+class ReservationInvalid(Exception):
+    """Postgres refused this run's data (a value the request checks let through):
+    nothing was reserved, and a retry of the same request fails the same way."""
 
 
 class Reserver(Protocol):
     """Reserve one run's money (the budget handle, ``dpp.actors.budgets.Budgets``).
 
-    Answers the reservation's outcome, or raises a ``ReservationUnavailable``.
+    Answers the reservation's outcome, or raises a ``ReservationUnavailable``
+    (retry later) or ``ReservationInvalid`` (the request's fault).
     """
 
     async def reserve(self, tenant_id: str, draft: RunDraft) -> ReserveOutcome: ...

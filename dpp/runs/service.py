@@ -26,13 +26,22 @@ class Settler(Protocol):
     """Settle one run through its tenant's budget actor (``dpp.actors.budgets``).
 
     Raises ``SettleRefused`` when the run is not in a state the request may
-    move it from.
+    move it from, and ``SettlementUnavailable`` when it cannot settle now.
     """
 
     async def settle(self, tenant_id: str, request: SettleRequest) -> SettleResult: ...
 
 
 # --- refusals ----------------------------------------------------------------------------
+
+
+class SettlementUnavailable(Exception):
+    """The budget actor could not take or answer the settlement now (503 with
+    ``retry_after_s``). A settlement is idempotent: retrying it is safe."""
+
+    def __init__(self, detail: str, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
 
 
 class RunNotFound(Exception):

@@ -23,7 +23,15 @@ from dpp.limits import (
     USD_MICROS_MAX,
 )
 from dpp.money.rules import is_amount
-from dpp.packs import FieldError, Pack, PackRegistry, validate_inputs
+from dpp.packs import (
+    FIELD_ERRORS_MAX,
+    FieldError,
+    Pack,
+    PackRegistry,
+    field_path,
+    json_value_errors,
+    validate_inputs,
+)
 from dpp.schemas import Schema, integer, obj
 
 SUBMISSION = Schema(
@@ -79,7 +87,11 @@ def parse_submit(body: Any, packs: PackRegistry) -> SubmitRequest | list[FieldEr
         return [FieldError("body", "must be a JSON object")]
     unknown = sorted(set(body) - SUBMISSION.members)
     if unknown:
-        return [FieldError(name, "is not a member of a run submission") for name in unknown]
+        # named as a path: a member may be called "" or "a.b" (the field stays readable)
+        return [
+            FieldError(field_path(name, root=""), "is not a member of a run submission")
+            for name in unknown[:FIELD_ERRORS_MAX]
+        ]
     pack_type = body.get("pack_type")
     if not isinstance(pack_type, str) or not pack_type:
         return [FieldError("pack_type", "is required and must be a string")]
@@ -121,11 +133,16 @@ def parse_submit(body: Any, packs: PackRegistry) -> SubmitRequest | list[FieldEr
         errors.append(FieldError("metadata", "must be a JSON object"))
     elif len(metadata) > METADATA_KEYS_MAX:
         errors.append(FieldError("metadata", f"has more than {METADATA_KEYS_MAX} members"))
-    elif len(orjson.dumps(metadata)) > METADATA_BYTES_MAX:
-        errors.append(FieldError("metadata", f"is larger than {METADATA_BYTES_MAX} bytes"))
+    else:
+        # before encoding it: what Postgres cannot store, or orjson cannot encode
+        unstorable = json_value_errors(metadata, root="metadata")
+        if unstorable:
+            errors.extend(unstorable)
+        elif len(orjson.dumps(metadata)) > METADATA_BYTES_MAX:
+            errors.append(FieldError("metadata", f"is larger than {METADATA_BYTES_MAX} bytes"))
     errors.extend(validate_inputs(pack, body["inputs"]))
     if errors:
-        return errors
+        return errors[:FIELD_ERRORS_MAX]
     return SubmitRequest(
         pack=pack,
         inputs=body["inputs"],

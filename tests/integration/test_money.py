@@ -13,6 +13,7 @@ from dpp.money.ledger import ConcurrencyLimited, InsufficientBudget, Reserved
 from dpp.money.mirror import hold_id
 from dpp.money.rules import Outcome, RunStatus
 from dpp.runs.admission import ReservationOutcomeUnknown
+from dpp.runs.service import SettlementUnavailable
 from tests.moneykit import claim_for_test, create_plan, create_tenant, draft, open_replica
 from tests.services import delete_redis_prefix
 
@@ -245,8 +246,12 @@ async def test_crash_during_settlement_recovers_clean(
         request = ledger.SettleRequest(
             run.run_id, Outcome.COMPLETED, actual_cost_usd_micros=1_500, lease_token=token
         )
-        with armed(point), pytest.raises((ActorCrashed, InjectedCrash)):
+        # before the commit the store's error is the answer; after it the actor
+        # crashed, which the budget handle reports as "not now" (a 503 upstream)
+        with armed(point), pytest.raises((InjectedCrash, SettlementUnavailable)) as raised:
             await replica.budgets.settle(tenant, request)
+        if isinstance(raised.value, SettlementUnavailable):
+            assert isinstance(raised.value.__cause__, ActorCrashed)
         # the retry (worker or reconciler) settles exactly once
         result = await replica.budgets.settle(tenant, request)
         assert result.applied == (point == "settle.before_commit")

@@ -13,8 +13,16 @@ from datetime import UTC, datetime
 
 import anyio
 import pytest
+from asyncpg.exceptions import UntranslatableCharacterError
 
-from dpp.actors.budget import BudgetActor, BudgetBackend, Credit, Reserve, Settle
+from dpp.actors.budget import (
+    BudgetActor,
+    BudgetBackend,
+    Credit,
+    ReservationRejected,
+    Reserve,
+    Settle,
+)
 from dpp.actors.kernel import ActorCrashed, Reply
 from dpp.money import ledger
 from dpp.money.ledger import ConcurrencyLimited, DeadlinePassed, InsufficientBudget, Reserved
@@ -44,6 +52,9 @@ class FakeStore:
     version: int = 0
     settled: dict[str, ledger.Settlement] = field(default_factory=dict)
     credited: set[str] = field(default_factory=set)
+    # run ids whose data Postgres refuses (a NUL in their inputs, say)
+    poison: set[str] = field(default_factory=set)
+    settle_poison: set[str] = field(default_factory=set)
 
     def _budget(self) -> ledger.TenantBudget:
         return ledger.TenantBudget(self.balance, self.reserved, self.version)
@@ -63,6 +74,8 @@ class FakeStore:
         if self.fail_next_reserve:
             self.fail_next_reserve = False
             raise ConnectionError("postgres went away")
+        if any(d.run_id in self.poison for d in drafts):
+            raise UntranslatableCharacterError("unsupported Unicode escape sequence")
         decisions, after = decide_batch(
             Budget(self.balance, self.reserved),
             [d.reserved_usd_micros for d in drafts],
@@ -76,6 +89,8 @@ class FakeStore:
 
     async def settle_batch(self, requests: Sequence[ledger.SettleRequest]):
         self.calls.append(("settle", len(requests)))
+        if any(r.run_id in self.settle_poison for r in requests):
+            raise UntranslatableCharacterError("unsupported Unicode escape sequence")
         outcomes = []
         if any(request.run_id not in self.settled for request in requests):
             self.version += 1
@@ -329,3 +344,66 @@ async def test_deadlines_reach_the_store_with_their_drafts() -> None:
         [Reserve(draft(), Reply(), deadline)],
     )
     assert seen == [[deadline]]
+
+
+async def test_a_data_error_fails_its_own_draft_alone_and_the_rest_commit() -> None:
+    """Postgres refusing one draft's data is that request's answer, not the batch's:
+    the batch is bisected down to the culprit, whose hold is given back; the others
+    commit, and the actor never crashes."""
+    store = FakeStore()
+    mirror = FakeMirror(budget=MirrorBudget(10_000, 0, 0))
+    drafts = [draft() for _ in range(5)]
+    store.poison = {drafts[3].run_id}
+    replies = [Reply() for _ in drafts]
+    after = Reply()
+    admitted: list[str] = []
+    actor = BudgetActor(TENANT, BudgetBackend(store, mirror, admitted.extend))
+    for d, reply in zip(drafts, replies, strict=True):
+        actor.ref.tell_nowait(Reserve(d, reply, LATER))
+    actor.ref.tell_nowait(Credit(1, "credit:after", after))
+    async with anyio.create_task_group() as group:
+        await group.start(actor.run)  # raises if the actor crashed
+        actor.stop()
+    outcomes = []
+    for reply in replies:
+        try:
+            outcomes.append(await reply.wait())
+        except ReservationRejected as rejected:
+            outcomes.append(rejected)
+    assert [type(o) for o in outcomes] == [
+        Reserved,
+        Reserved,
+        Reserved,
+        ReservationRejected,
+        Reserved,
+    ]
+    assert admitted == [d.run_id for i, d in enumerate(drafts) if i != 3]
+    # 5 -> [2, 3] -> 3 -> [1, 2] -> 2 -> [1, 1]: the culprit alone, in log2 steps
+    assert store.calls[:6] == [
+        ("reserve", 5),
+        ("reserve", 2),
+        ("reserve", 3),
+        ("reserve", 1),
+        ("reserve", 2),
+        ("reserve", 1),
+    ]
+    assert store.reserved == 4 * 1_000
+    assert mirror.budget == MirrorBudget(10_000, 4 * 1_000, 0)  # the culprit's hold is back
+    assert isinstance(await after.wait(), ledger.CreditResult)
+
+
+async def test_a_data_error_in_a_settlement_fails_that_settlement_alone() -> None:
+    store = FakeStore(reserved=2_000)
+    mirror = FakeMirror(budget=MirrorBudget(10_000, 2_000, 0))
+    good, bad = draft(), draft()
+    store.settle_poison = {bad.run_id}
+    replies = [Reply(), Reply()]
+    messages = [
+        Settle(ledger.SettleRequest(good.run_id, Outcome.FAILED), replies[0]),
+        Settle(ledger.SettleRequest(bad.run_id, Outcome.FAILED), replies[1]),
+    ]
+    await run_actor(store, mirror, messages)
+    assert isinstance(await replies[0].wait(), ledger.SettleResult)
+    with pytest.raises(UntranslatableCharacterError):
+        await replies[1].wait()
+    assert store.calls == [("settle", 2), ("settle", 1), ("settle", 1)]

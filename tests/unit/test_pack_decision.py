@@ -420,13 +420,22 @@ scores = (
 )
 
 
+# What a client can send that Postgres stores: no NUL, no unpaired surrogate
+# (json_value_errors refuses those before any pack sees them).
+STORABLE_TEXT = st.characters(codec="utf-8", exclude_characters="\x00")
+
+
 @st.composite
 def decision_inputs(draw: st.DrawFn) -> dict[str, Any]:
     criterion_ids = draw(
-        st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=8, unique=True)
+        st.lists(
+            st.text(STORABLE_TEXT, min_size=1, max_size=6), min_size=1, max_size=8, unique=True
+        )
     )
     option_ids = draw(
-        st.lists(st.text(min_size=1, max_size=6), min_size=2, max_size=12, unique=True)
+        st.lists(
+            st.text(STORABLE_TEXT, min_size=1, max_size=6), min_size=2, max_size=12, unique=True
+        )
     )
     inputs: dict[str, Any] = {
         "criteria": [
@@ -443,7 +452,7 @@ def decision_inputs(draw: st.DrawFn) -> dict[str, Any]:
         ],
     }
     if draw(st.booleans()):
-        inputs["question"] = draw(st.text(max_size=20))
+        inputs["question"] = draw(st.text(STORABLE_TEXT, max_size=20))
     return inputs
 
 

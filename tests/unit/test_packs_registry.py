@@ -21,10 +21,13 @@ from dpp.packs import (
     PackConfigError,
     PackContext,
     PackDefinitionError,
+    PackError,
     PackOutput,
     PackRegistry,
     check_pack,
     field_path,
+    json_value_errors,
+    storable_text,
     validate_inputs,
 )
 from dpp.packs import registry as registry_module
@@ -337,6 +340,41 @@ def test_field_path_rendering() -> None:
     assert field_path("options", 2, "scores", "cost") == "inputs.options[2].scores.cost"
     assert field_path("scores", "unit cost") == 'inputs.scores["unit cost"]'
     assert field_path("a.b", "") == 'inputs["a.b"][""]'
+    assert field_path("k", 0, root="metadata") == "metadata.k[0]"
+    # a member of the body itself: the name alone, or bracketed when it needs it
+    assert field_path("inputs", root="") == "inputs"
+    assert field_path("", root="") == '[""]'
+    assert field_path("a.b", "c", root="") == '["a.b"].c'
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ("a\x00b", "inputs.payload"),
+        (["ok", "\x00"], "inputs.payload[1]"),
+        ({"\x00": 1}, 'inputs.payload["\\u0000"]'),
+        ({"k": "\ud800"}, "inputs.payload.k"),
+        ({"\udc00": 1}, 'inputs.payload["\\udc00"]'),
+    ],
+    ids=["nul", "nul-in-list", "nul-in-key", "lone-surrogate", "lone-surrogate-key"],
+)
+def test_what_postgres_cannot_store_is_refused(payload: Any, field: str) -> None:
+    [error] = validate_inputs(EchoPack(), {"payload": payload})
+    assert error.field == field
+    assert "NUL" in error.message or "surrogate" in error.message
+
+
+def test_storable_values_named_anywhere_are_checked_under_their_root() -> None:
+    errors = json_value_errors({"a": {"b": "\x00"}, "c": float("nan")}, root="metadata")
+    assert [error.field for error in errors] == ["metadata.a.b", "metadata.c"]
+    assert json_value_errors({"a": "fine \u2028 \U0001f600"}, root="metadata") == []
+
+
+def test_pack_error_texts_are_made_storable() -> None:
+    error = PackError("bad\x00title", "detail \ud800 here")
+    assert error.title == "bad\ufffdtitle"
+    assert error.detail == "detail \ufffd here"
+    assert storable_text("plain") == "plain"
 
 
 def test_schema_errors_name_the_field_and_come_sorted() -> None:

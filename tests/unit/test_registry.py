@@ -10,8 +10,8 @@ import anyio
 import pytest
 
 from dpp.actors.kernel import Actor, ActorCrashed, ActorStopped, Reply
-from dpp.actors.registry import ActorRegistry, RegistryFull
-from dpp.actors.supervisor import IntensityExceeded, Supervisor, SupervisorSpec
+from dpp.actors.registry import ActorRegistry, KeyCoolingDown, RegistryFull
+from dpp.actors.supervisor import Supervisor, SupervisorSpec
 from tests.unit.account_messages import AccountMessage, Balance, Crash, Deposit, Hold
 
 
@@ -143,23 +143,108 @@ async def test_crashed_actor_is_restarted_on_the_same_mailbox() -> None:
         tenants.stop()
 
 
-async def test_key_restarting_too_often_escalates() -> None:
+async def test_key_crashing_too_often_is_cooled_down_alone() -> None:
+    """A crash loop is the key's fault: that key sits out the cooldown, counted and
+    reported, while the registry and every other key carry on."""
     world = World()
-    tenants = registry(world, intensity=1, period_s=10, clock=lambda: 0.0)
-
-    async def crash_a_twice() -> None:
-        await anyio.wait_all_tasks_blocked()  # run() is up
+    now = [0.0]
+    cooled: list[tuple[str, BaseException]] = []
+    tenants = registry(
+        world,
+        intensity=1,
+        period_s=10,
+        cooldown_s=30,
+        clock=lambda: now[0],
+        on_cooldown=lambda key, exc: cooled.append((key, exc)),
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(tenants.run)
+        await tenants.tell("b", Deposit(3))
         for _ in range(2):
             with pytest.raises(ActorCrashed):
                 await tenants.ask("a", Crash, timeout_s=1)
+        await anyio.wait_all_tasks_blocked()
+        ((key, error),) = cooled
+        assert key == "a" and isinstance(error, RuntimeError)
+        assert "a" not in tenants and world.stops["a"] == 2
+        with pytest.raises(KeyCoolingDown) as caught:
+            await tenants.ask("a", Balance, timeout_s=1)
+        assert caught.value.retry_after_s == 30
+        now[0] = 29.5
+        with pytest.raises(KeyCoolingDown) as caught:
+            await tenants.tell("a", Deposit(1))
+        assert caught.value.retry_after_s == 0.5
+        # the registry and the other key never noticed
+        assert tenants.state == "running"
+        assert await tenants.ask("b", Balance, timeout_s=1) == 3
+        statistics = tenants.statistics()
+        assert (statistics["cooldowns"], statistics["keys_cooling_down"]) == (1, 1)
+        assert statistics["restarts"] == 0
+        # after the cooldown the key starts afresh, with a fresh crash budget
+        now[0] = 30.0
+        assert await tenants.ask("a", Balance, timeout_s=1) == 0
+        with pytest.raises(ActorCrashed):
+            await tenants.ask("a", Crash, timeout_s=1)
+        assert await tenants.ask("a", Balance, timeout_s=1) == 0
+        assert tenants.statistics()["keys_cooling_down"] == 0
+        tenants.stop()
+    assert tenants.state == "stopped"
+
+
+async def test_messages_queued_behind_the_last_crash_hear_the_cooldown() -> None:
+    """Queued asks were never handled: they are answered KeyCoolingDown (a 503
+    with Retry-After upstream), not left hanging and not handled by a new actor."""
+    world = World()
+    tenants = registry(world, intensity=0, period_s=10, cooldown_s=5, clock=lambda: 0.0)
+    outcomes: list[BaseException] = []
+
+    async def ask(make: Any) -> None:
+        try:
+            await tenants.ask("a", make, timeout_s=1)
+        except (ActorCrashed, KeyCoolingDown) as error:
+            outcomes.append(error)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(crash_a_twice)
-        with pytest.raises(IntensityExceeded) as caught:
-            await tenants.run()
-    assert caught.value.child_id == "tenant:a"
-    assert tenants.state == "crashed"
-    assert len(tenants) == 0
+        await tg.start(tenants.run)
+        ref = await tenants.get("a")
+        hold = Hold(anyio.Event(), anyio.Event())
+        ref.tell_nowait(hold)
+        await hold.entered.wait()
+        tg.start_soon(ask, Crash)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(ask, Balance)
+        await anyio.wait_all_tasks_blocked()
+        assert ref.mailbox_depth() == 2
+        hold.release.set()
+        await anyio.wait_all_tasks_blocked()
+        # in either order (trio schedules at random): one crashed, one never handled
+        assert sorted(type(outcome).__name__ for outcome in outcomes) == [
+            "ActorCrashed",
+            "KeyCoolingDown",
+        ]
+        assert tenants.state == "running"
+        tenants.stop()
+
+
+async def test_a_crash_looping_key_never_restarts_the_registry_or_its_supervisor() -> None:
+    world = World()
+    tenants = registry(world, intensity=1, period_s=10, cooldown_s=30)
+    supervisor = Supervisor(
+        "root", SupervisorSpec(intensity=0, period_s=30), [tenants.child_spec()]
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        await tenants.tell("b", Deposit(7))
+        for _ in range(2):
+            with pytest.raises(ActorCrashed):
+                await tenants.ask("a", Crash, timeout_s=1)
+        with pytest.raises(KeyCoolingDown):
+            await tenants.ask("a", Balance, timeout_s=1)
+        assert await tenants.ask("b", Balance, timeout_s=1) == 7
+        (node,) = supervisor.statistics()["children"]
+        assert (node["state"], node["restarts"], node["cooldowns"]) == ("running", 0, 1)
+        await supervisor.shutdown()
+    assert tenants.state == "stopped"
 
 
 async def test_full_registry_evicts_the_least_recently_used_idle_actor() -> None:

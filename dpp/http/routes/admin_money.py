@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from dpp import ids
+from dpp.actors.budgets import CreditUnavailable
 from dpp.context import AppContext
 from dpp.http.auth import require_admin
 from dpp.http.bodies import body_object, json_response, read_json_body
@@ -26,7 +27,12 @@ from dpp.money.audit import AUDIT_REPORT
 from dpp.money.rules import Outcome, is_amount
 from dpp.runs import idempotency
 from dpp.runs.documents import RUN
-from dpp.runs.service import ChargeAboveReservation, RunNotAuditRequired, RunNotFound
+from dpp.runs.service import (
+    ChargeAboveReservation,
+    RunNotAuditRequired,
+    RunNotFound,
+    SettlementUnavailable,
+)
 from dpp.schemas import USD_MICROS, Schema, all_required, integer, nullable
 
 CREDIT_CREATE = Schema(
@@ -106,6 +112,13 @@ async def add_credits(request: Request) -> Response:
         raise _tenant_not_found()
     try:
         result = await context.budgets.credit(tenant_id, amount, f"credit:{tenant_id}:{key}")
+    except CreditUnavailable as busy:
+        raise Problem(
+            503,
+            "unavailable",
+            "This tenant's budget is busy; retry with the same Idempotency-Key.",
+            headers={"Retry-After": str(busy.retry_after_s)},
+        ) from None
     except ledger.TenantNotFound:
         raise _tenant_not_found() from None
     except ledger.CreditConflict:
@@ -176,6 +189,13 @@ async def resolve_run(request: Request) -> Response:
         )
     try:
         settlement = await context.runs.resolve(run_id, Outcome(outcome), charged)
+    except SettlementUnavailable as busy:
+        raise Problem(
+            503,
+            "unavailable",
+            "The tenant's budget could not settle it now; retry.",
+            headers={"Retry-After": str(busy.retry_after_s)},
+        ) from None
     except RunNotFound:
         raise Problem(404, "not-found", "No run with this id.") from None
     except RunNotAuditRequired as refused:
@@ -221,6 +241,7 @@ ENDPOINTS = (
             ),
             problem(404, "No such tenant."),
             problem(422, "An invalid amount, or the key reused with another amount."),
+            problem(503, "The tenant's budget is busy; retry with the same key.", "Retry-After"),
         ),
         parameters=(TENANT_ID, IDEMPOTENCY_KEY_REQUIRED),
         request=CREDIT_CREATE,
@@ -266,6 +287,7 @@ ENDPOINTS = (
             problem(404, "No such run."),
             problem(409, "The run is not AUDIT_REQUIRED."),
             problem(422, "An invalid outcome or charged amount (0 <= charged <= reserved)."),
+            problem(503, "The tenant's budget could not settle it now; retry.", "Retry-After"),
         ),
         parameters=(RUN_ID,),
         request=RESOLVE_REQUEST,

@@ -46,7 +46,9 @@ from dpp.runs.admission import (
     Replayed,
     ReservationBusy,
     ReservationExpired,
+    ReservationInvalid,
     ReservationOutcomeUnknown,
+    ReservationSuspended,
     ReservationTimedOut,
 )
 from dpp.runs.documents import (
@@ -59,7 +61,7 @@ from dpp.runs.documents import (
     run_object,
     usage_document,
 )
-from dpp.runs.service import RunGone, RunNotCancelable, RunNotFound
+from dpp.runs.service import RunGone, RunNotCancelable, RunNotFound, SettlementUnavailable
 from dpp.runs.submission import SUBMISSION, parse_submit
 from dpp.schemas import DATE, Schema, all_required, integer
 from dpp.tenancy.principal import PLAN_LIMITS, plan_limits
@@ -75,8 +77,8 @@ def _not_found(request: Request) -> Problem:
     )
 
 
-def _busy(detail: str) -> Problem:
-    return Problem(503, "unavailable", detail, headers={"Retry-After": "1"})
+def _busy(detail: str, retry_after_s: int = 1) -> Problem:
+    return Problem(503, "unavailable", detail, headers={"Retry-After": str(retry_after_s)})
 
 
 def _key_taken_over() -> Problem:
@@ -153,9 +155,23 @@ async def submit_run(request: Request) -> Response:
         )
     except ReservationBusy:
         raise _busy("This tenant's budget is busy; nothing was reserved. Retry shortly.") from None
+    except ReservationSuspended as suspended:
+        raise _busy(
+            "This tenant's budget is paused after repeated failures; nothing was reserved. "
+            "Retry later.",
+            suspended.retry_after_s,
+        ) from None
     except ReservationExpired:
         raise _busy(
             "The reservation did not answer in time; nothing was reserved. Retry."
+        ) from None
+    except ReservationInvalid:
+        # The checks above let through a value Postgres refused: still the body's fault.
+        raise Problem(
+            422,
+            "invalid-request",
+            "body: holds a value that cannot be stored.",
+            extensions={"field": "body"},
         ) from None
     except ReservationTimedOut:
         keyed = raw_key is not None
@@ -278,6 +294,11 @@ async def cancel_run(request: Request) -> Response:
         raise _not_found(request) from None
     except RunNotCancelable as refused:
         raise _not_cancelable(refused.status) from None
+    except SettlementUnavailable as busy:
+        # a cancel is idempotent (SPEC §6): retrying it is always safe
+        raise _busy(
+            "This tenant's budget could not cancel it now; retry.", busy.retry_after_s
+        ) from None
     return json_response(run_object(row), headers=cost_headers(row))
 
 
@@ -386,7 +407,8 @@ ENDPOINTS = (
             ),
             problem(
                 503,
-                "Overloaded (a mailbox is full) or the reservation did not answer; retry.",
+                "Overloaded (a mailbox is full), the reservation did not answer, or the "
+                "tenant's budget is paused after repeated failures; retry after Retry-After.",
                 "Retry-After",
             ),
         ),
@@ -439,6 +461,7 @@ ENDPOINTS = (
             ),
             problem(404, "No such run for this tenant."),
             problem(409, "The run is not QUEUED."),
+            problem(503, "The tenant's budget could not settle it now; retry.", "Retry-After"),
         ),
         parameters=(RUN_ID,),
     ),
