@@ -7,7 +7,7 @@ and middleware of their own.
 
 Middleware, outermost first (see ``dpp.http.middleware``)::
 
-    RequestContext → AccessLog → CORS → UnhandledError
+    RequestBodyDrain → RequestContext → AccessLog → CORS → UnhandledError
       → inner_middleware (the /v1 gate) → AdminAuth
       → ExceptionMiddleware (Problem, HTTPException) → Router
 
@@ -32,6 +32,7 @@ from dpp.http.auth import AdminAuthMiddleware, ApiAuthMiddleware
 from dpp.http.middleware import (
     AccessLogMiddleware,
     CORSMiddleware,
+    RequestBodyDrainMiddleware,
     RequestContextMiddleware,
     UnhandledErrorMiddleware,
     cors_allowed_origins,
@@ -68,6 +69,7 @@ def create_app(
     settings = context.settings
     routes = [*route_table.frame_routes(), *extra_routes]
     middleware = [
+        Middleware(RequestBodyDrainMiddleware, max_body_bytes=settings.max_body_bytes),
         Middleware(RequestContextMiddleware),
         Middleware(AccessLogMiddleware, metrics=metrics_for(context.metrics_registry)),
         Middleware(CORSMiddleware, allowed_origins=cors_allowed_origins(settings)),

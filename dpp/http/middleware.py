@@ -1,10 +1,12 @@
-"""Pure ASGI middleware: request context, access log, CORS, and the last-resort 500.
+"""Pure ASGI middleware: body drain, request context, access log, CORS, and the
+last-resort 500.
 
 Each class is ``__init__(app, ...)`` + ``async __call__(scope, receive, send)`` and
 keeps no per-request state on ``self``. ``create_app`` stacks them, outermost
-first: RequestContext → AccessLog → CORS → UnhandledError → (auth) → routing.
-So every response, a CORS preflight and a 500 included, carries ``X-Request-ID``
-and is logged and counted, and preflights are answered before any auth runs.
+first: RequestBodyDrain → RequestContext → AccessLog → CORS → UnhandledError →
+(auth) → routing. So every response, a CORS preflight and a 500 included, is
+sent only once the request body is read, carries ``X-Request-ID`` and is logged
+and counted, and preflights are answered before any auth runs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import anyio
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -34,8 +37,10 @@ from dpp.logs import bind
 from dpp.metrics import UNMATCHED_ROUTE, Metrics
 
 __all__ = [
+    "BODY_DRAIN_FACTOR",
     "AccessLogMiddleware",
     "CORSMiddleware",
+    "RequestBodyDrainMiddleware",
     "RequestContextMiddleware",
     "Traceparent",
     "UnhandledErrorMiddleware",
@@ -49,6 +54,68 @@ __all__ = [
 
 access_log = logging.getLogger("dpp.access")
 error_log = logging.getLogger("dpp.http")
+
+# --- the request body: read to its end before answering --------------------------------
+
+# SPEC §6: up to this many times DPP_MAX_BODY_BYTES, a refused body is drained so
+# the client reads its answer; past it the server may close early.
+BODY_DRAIN_FACTOR = 16
+# A client that stops sending mid-body is not waited for longer than this.
+BODY_DRAIN_S_MAX = 10.0
+
+
+class RequestBodyDrainMiddleware:
+    """Read whatever the app left of the request body before its answer starts.
+
+    An answer given before the body is read (a 413 by Content-Length, a 401, a
+    404, a 400 for a bad header) would otherwise end with the server closing a
+    connection the client is still writing to: the kernel then resets it, and
+    the client may lose the answer ("server disconnected without sending a
+    response"). Drained, the connection even stays usable (keep-alive). Bodies
+    declared larger than ``BODY_DRAIN_FACTOR`` times the limit are not drained
+    (closing early is allowed there), nor is any body past that many bytes, nor
+    one whose sender stalls for ``BODY_DRAIN_S_MAX``.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        assert max_body_bytes > 0, max_body_bytes
+        self.app = app
+        self.drain_bytes_max = BODY_DRAIN_FACTOR * max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        if "transfer-encoding" not in headers and declared in (None, "0"):
+            await self.app(scope, receive, send)  # no body: nothing to drain
+            return
+        if declared is not None and declared.isdigit() and int(declared) > self.drain_bytes_max:
+            await self.app(scope, receive, send)  # too large to drain: may close early
+            return
+        received_bytes = 0
+        body_done = False
+
+        async def receive_counting() -> Message:
+            nonlocal received_bytes, body_done
+            message = await receive()
+            if message["type"] == "http.request":
+                received_bytes += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect":
+                body_done = True
+            return message
+
+        async def send_after_draining(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_done:
+                with anyio.move_on_after(BODY_DRAIN_S_MAX):
+                    while not body_done and received_bytes <= self.drain_bytes_max:
+                        await receive_counting()
+            await send(message)
+
+        await self.app(scope, receive_counting, send_after_draining)
+
 
 # --- request ids and trace context ----------------------------------------------------
 

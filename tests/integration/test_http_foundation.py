@@ -26,6 +26,7 @@ from dpp.config import ConfigError, Settings, load_settings
 from dpp.context import AppContext, ReadinessCheck
 from dpp.http.app import create_app
 from dpp.http.bodies import json_response, read_json_body
+from dpp.http.middleware import BODY_DRAIN_FACTOR
 from dpp.http.problems import PROBLEM_BASE, Problem, field_problem, problem_response
 from dpp.http.routes import ops
 from tests.integration.conftest import BASE_URL, CapturedLogs
@@ -159,11 +160,13 @@ async def test_body_at_the_limit_is_read(client: httpx.AsyncClient, settings: Se
     assert response.status_code == 200
 
 
-async def test_chunked_body_over_the_limit_is_413_without_reading_it_all(
+async def test_chunked_body_over_the_limit_is_413_without_reading_past_16x(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
+    """Drained up to 16 times the limit (SPEC §6), so the client reads the 413;
+    not beyond it."""
     chunk = b" " * 65_536
-    chunks_total = 4 * settings.max_body_bytes // len(chunk)
+    chunks_total = 20 * settings.max_body_bytes // len(chunk)
     sent = 0
 
     async def stream() -> AsyncIterator[bytes]:
@@ -176,13 +179,15 @@ async def test_chunked_body_over_the_limit_is_413_without_reading_it_all(
         "/test/echo", content=stream(), headers={"Content-Type": "application/json"}
     )
     assert_problem(response, 413, "/test/echo")
-    assert sent <= settings.max_body_bytes // len(chunk) + 1  # stopped at the limit
+    drained_max = BODY_DRAIN_FACTOR * settings.max_body_bytes
+    assert drained_max // len(chunk) <= sent <= drained_max // len(chunk) + 2  # stopped there
 
 
-async def test_content_length_over_the_limit_is_413_before_reading(
+async def test_content_length_past_16x_the_limit_is_413_before_reading(
     app: Starlette, settings: Settings
 ) -> None:
-    """A declared Content-Length over the limit is refused without a single receive()."""
+    """A declared Content-Length past 16 times the limit is refused without a single
+    receive() (SPEC §6: closing early is allowed there)."""
     messages: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -204,7 +209,7 @@ async def test_content_length_over_the_limit_is_413_before_reading(
         "headers": [
             (b"host", b"testserver"),
             (b"content-type", b"application/json"),
-            (b"content-length", str(settings.max_body_bytes + 1).encode()),
+            (b"content-length", str(BODY_DRAIN_FACTOR * settings.max_body_bytes + 1).encode()),
         ],
         "client": ("127.0.0.1", 1234),
         "server": ("testserver", 80),
