@@ -39,7 +39,7 @@ def new_id(prefix: str) -> str:
 
 def is_id(value: str, prefix: str) -> bool:
     """Whether ``value`` has the shape of a ``prefix`` id (no storage touched)."""
-    match = ID_PATTERN.match(value)
+    match = ID_PATTERN.fullmatch(value)  # "$" alone would let "\n" through
     return match is not None and match.group(1) == prefix
 
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from dpp import ids
 from dpp.limits import RUNS_PAGE_LIMIT_MAX
 from dpp.money.rules import ALL_STATUSES, RunStatus
 from dpp.runs.failures import RUN_ERROR
@@ -206,12 +207,19 @@ def encode_cursor(created_at: datetime, run_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str] | None:
+    """The ``(created_at, run_id)`` of a cursor ``encode_cursor`` could have made,
+    else None: a run id of the right shape (so no NUL reaches Postgres) and a
+    UTC instant Postgres can hold (a year-1 or year-9999 time with an offset
+    overflows once converted)."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, run_id = orjson.loads(base64.urlsafe_b64decode(padded.encode()))
         when = datetime.fromisoformat(created)
-    except (ValueError, TypeError):
+        if when.tzinfo is None:
+            return None
+        when = when.astimezone(UTC)
+    except (ValueError, TypeError, OverflowError):
         return None
-    if not isinstance(run_id, str) or when.tzinfo is None:
+    if not isinstance(run_id, str) or not ids.is_id(run_id, "run"):
         return None
     return when, run_id

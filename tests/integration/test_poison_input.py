@@ -294,3 +294,118 @@ async def test_a_crash_looping_budget_actor_cools_its_tenant_down_alone(
     run = (await http.get(f"/v1/runs/{queued.json()['id']}", headers=victim)).json()
     assert run["status"] == "QUEUED"
     assert orjson.loads(cancel.content)["status"] == 503
+
+
+# --- the sweep: query, header and path values that reached a 500 -----------------
+
+
+def _cursor(created_at: str, run_id: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(orjson.dumps([created_at, run_id])).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"cursor": _cursor("2026-01-01T00:00:00+00:00", "run_\x00")},
+        {"cursor": _cursor("0001-01-01T00:00:00+14:00", "run_x")},
+        {"cursor": _cursor("9999-12-31T23:59:59-14:00", "run_x")},
+        {"cursor": "%ff%fe"},
+        {"cursor": "\u00e9\u2028"},
+        {"limit": "\u0663"},
+        {"status": "QUEUED\x00"},
+    ],
+    ids=["nul-run-id", "year-1", "year-9999", "bad-bytes", "unicode", "arabic-digit", "nul"],
+)
+async def test_odd_list_queries_are_422_or_an_empty_page(
+    http: httpx.AsyncClient, admin_headers: dict[str, str], query: dict[str, str]
+) -> None:
+    _, key = await _tenant(http, admin_headers, 0)
+    answer = await http.get("/v1/runs", params=query, headers=key)
+    assert answer.status_code in (200, 422), answer.text
+    if answer.status_code == 200:
+        assert answer.json()["data"] == []
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"to": "0001-01-01"},
+        {"from": "0001-01-01", "to": "0001-01-05"},
+        {"from": "9999-12-31", "to": "9999-12-31"},
+        {"from": "9999-12-30"},
+        {"to": "\u0662\u0660\u0662\u0666-01-01"},
+    ],
+    ids=["to-year-1", "year-1-range", "last-date", "from-after-default-to", "arabic-digits"],
+)
+async def test_usage_at_the_edges_of_the_calendar_is_never_a_500(
+    http: httpx.AsyncClient, admin_headers: dict[str, str], query: dict[str, str]
+) -> None:
+    _, key = await _tenant(http, admin_headers, 0)
+    answer = await http.get("/v1/usage", params=query, headers=key)
+    assert answer.status_code in (200, 422), answer.text
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/runs/run_%00", "/v1/runs/%ff", "/v1/runs/run_\u00e9/cancel", "/v1/runs/" + "r" * 5000],
+    ids=["nul", "bad-byte", "unicode", "long"],
+)
+async def test_odd_run_ids_in_the_path_are_404(
+    http: httpx.AsyncClient, admin_headers: dict[str, str], path: str
+) -> None:
+    _, key = await _tenant(http, admin_headers, 0)
+    method = "POST" if path.endswith("/cancel") else "GET"
+    answer = await http.request(method, path, headers=key)
+    assert answer.status_code == 404, answer.text
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "[]",
+        '"text"',
+        "123",
+        "null",
+        '{"pack_type": "echo", "inputs": {}, "metadata": []}',
+        '{"pack_type": ["echo"], "inputs": {}}',
+        '{"pack_type": "echo", "inputs": 1e400}',
+        '{"pack_type": "echo", "inputs": {"payload": 1}, "max_cost_usd_micros": 1e30}',
+        '{"pack_type": "echo", "inputs": {"payload": 1}, "timebox_sec": 18446744073709551615}',
+        '{"pack_type": "echo", "inputs": {"payload": 1}, "max_cost_usd_micros": '
+        + str(-(2**63))
+        + "}",
+        '{"pack_type": "\\u0000", "inputs": {}}',
+        '{"pack_type": "echo", "inputs": {"payload": "\\ud800"}}',
+    ],
+)
+async def test_odd_submission_bodies_are_4xx(
+    http: httpx.AsyncClient, admin_headers: dict[str, str], body: str
+) -> None:
+    _, key = await _tenant(http, admin_headers, 1_000_000)
+    kwargs = _post_json(body)
+    answer = await http.post(
+        "/v1/runs", content=kwargs["content"], headers={**key, **kwargs["headers"]}
+    )
+    assert answer.status_code in (400, 422), answer.text
+
+
+def test_an_id_is_the_whole_string() -> None:
+    from dpp.ids import is_id
+
+    run_id = new_id("run")
+    assert is_id(run_id, "run")
+    for suffix in ("\n", "\x00", " "):
+        assert not is_id(run_id + suffix, "run")
+
+
+def test_a_cursor_is_only_what_the_api_could_have_made() -> None:
+    from dpp.runs.documents import decode_cursor, encode_cursor
+
+    run_id = new_id("run")
+    now = datetime.now(UTC)
+    assert decode_cursor(encode_cursor(now, run_id)) == (now, run_id)
+    assert decode_cursor(_cursor(now.isoformat(), run_id + "\x00")) is None
+    assert decode_cursor(_cursor("0001-01-01T00:00:00+14:00", run_id)) is None
+    assert decode_cursor(_cursor("2026-01-01T00:00:00", run_id)) is None  # no offset

@@ -332,11 +332,12 @@ async def get_usage(request: Request) -> Response:
     today = datetime.now(UTC).date()
     raw_from, raw_to = request.query_params.get("from"), request.query_params.get("to")
     to_date = _parse_date("to", raw_to) if raw_to is not None else today
-    from_date = (
-        _parse_date("from", raw_from)
-        if raw_from is not None
-        else to_date - timedelta(days=USAGE_DAYS_DEFAULT - 1)
-    )
+    if raw_from is not None:
+        from_date = _parse_date("from", raw_from)
+    else:
+        # the default range, cut at the first date there is (to=0001-01-01)
+        default_days = min(USAGE_DAYS_DEFAULT - 1, (to_date - date.min).days)
+        from_date = to_date - timedelta(days=default_days)
     if from_date > to_date:
         raise _query_problem("from", "from must not be after to.")
     if (to_date - from_date).days + 1 > USAGE_DAYS_MAX:
