@@ -1,0 +1,123 @@
+"""Issue 12's worst finding, replayed against a real `dpp serve`: bursts of
+NUL-bearing submissions with a valid key, concurrent with another tenant's
+normal load. Before the fix six bursts of 40 made the root supervisor give up
+and the process exit 1; now every poison request is a 422, the neighbour's
+requests all 202, the process stays up, nothing restarted, the audit is clean,
+and the replica still stops cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+
+import anyio
+import httpx
+import pytest
+
+from tests.chaos.test_sigkill import EXIT_TIMEOUT_S, SETTLE_TIMEOUT_S, Replica
+
+pytestmark = pytest.mark.slow
+
+ADMIN_TOKEN = "poison-admin-token-0123456789"
+BURSTS = 8
+BURST_SIZE = 40
+POISON = b'{"pack_type": "echo", "inputs": {"payload": "a\\u0000b"}, "metadata": {"k": "\\u0000"}}'
+
+
+async def _tenant(client: httpx.AsyncClient, url: str, admin: dict[str, str]) -> dict[str, str]:
+    tenant = (
+        await client.post(
+            f"{url}/admin/tenants", json={"name": "t", "plan_id": "wide"}, headers=admin
+        )
+    ).json()["id"]
+    key = (
+        await client.post(f"{url}/admin/tenants/{tenant}/api-keys", json={}, headers=admin)
+    ).json()["api_key"]
+    credited = await client.post(
+        f"{url}/admin/tenants/{tenant}/credits",
+        json={"amount_usd_micros": 100_000_000},
+        headers={**admin, "Idempotency-Key": f"seed-{tenant}"},
+    )
+    assert credited.status_code == 201, credited.text
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_poison_bursts_against_a_real_replica_change_nothing(
+    services, database_url, redis_prefix, tmp_path
+) -> None:
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": services.redis_url,
+        "S3_ENDPOINT_URL": services.object_store_url,
+        "S3_RESULT_BUCKET": f"dpp-test-{secrets.token_hex(6)}",
+        "DPP_REDIS_PREFIX": redis_prefix,
+        "DPP_ADMIN_TOKEN": ADMIN_TOKEN,
+        "LOG_LEVEL": "WARNING",
+    }
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    replica = Replica(env, tmp_path / "replica.log")
+    try:
+        limits = httpx.Limits(max_connections=BURST_SIZE * 2)
+        async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
+            await replica.wait_ready(client)
+            plan = {
+                "id": "wide",
+                "requests_per_minute": 100_000,
+                "max_concurrent_runs": 10_000,
+                "retention_days": 30,
+            }
+            created = await client.post(f"{replica.url}/admin/plans", json=plan, headers=admin)
+            assert created.status_code == 201, created.text
+            poisoner = await _tenant(client, replica.url, admin)
+            neighbour = await _tenant(client, replica.url, admin)
+            poison_statuses: list[int] = []
+            normal_statuses: list[int] = []
+
+            async def attack() -> None:
+                answer = await client.post(
+                    f"{replica.url}/v1/runs",
+                    content=POISON,
+                    headers={**poisoner, "Content-Type": "application/json"},
+                )
+                poison_statuses.append(answer.status_code)
+
+            async def work(n: int) -> None:
+                answer = await client.post(
+                    f"{replica.url}/v1/runs",
+                    json={"pack_type": "echo", "inputs": {"payload": n}},
+                    headers=neighbour,
+                )
+                normal_statuses.append(answer.status_code)
+
+            for burst in range(BURSTS):
+                async with anyio.create_task_group() as group:
+                    for n in range(BURST_SIZE):
+                        group.start_soon(attack)
+                        if n % 4 == 0:
+                            group.start_soon(work, burst * BURST_SIZE + n)
+                assert replica.process.poll() is None, replica.output()
+
+            assert poison_statuses == [422] * (BURSTS * BURST_SIZE)
+            assert normal_statuses == [202] * (BURSTS * BURST_SIZE // 4)
+            tree = (await client.get(f"{replica.url}/admin/actors", headers=admin)).json()
+            assert tree["state"] == "running" and tree["restarts"] == 0
+            (budgets,) = [child for child in tree["children"] if child["name"] == "budgets"]
+            assert (budgets["restarts"], budgets["actor_restarts"], budgets["cooldowns"]) == (
+                0,
+                0,
+                0,
+            )
+            # the neighbour's runs execute meanwhile: the mirror agrees once they settle
+            with anyio.fail_after(SETTLE_TIMEOUT_S):
+                while True:
+                    audit = (await client.get(f"{replica.url}/admin/audit", headers=admin)).json()
+                    if audit["ok"]:
+                        break
+                    await anyio.sleep(0.5)
+            replica.process.send_signal(signal.SIGTERM)
+            assert replica.process.wait(timeout=EXIT_TIMEOUT_S) == 0, replica.output()
+    finally:
+        replica.close()
