@@ -15,6 +15,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from dpp.http.middleware import declared_length
 from dpp.http.problems import Problem, field_problem
 from dpp.packs import field_path
 
@@ -43,11 +44,7 @@ async def read_json_body(request: Request, *, max_body_bytes: int | None = None)
         413, "content-too-large", f"The request body is larger than {max_body_bytes} bytes."
     )
     content_length = request.headers.get("content-length")
-    if (
-        content_length is not None
-        and content_length.isdigit()
-        and int(content_length) > max_body_bytes
-    ):
+    if content_length is not None and declared_length(content_length) > max_body_bytes:
         raise too_large
     chunks: list[bytes] = []
     received = 0

@@ -45,6 +45,7 @@ __all__ = [
     "Traceparent",
     "UnhandledErrorMiddleware",
     "cors_allowed_origins",
+    "declared_length",
     "new_request_id",
     "new_trace_id",
     "parse_traceparent",
@@ -62,6 +63,17 @@ error_log = logging.getLogger("dpp.http")
 BODY_DRAIN_FACTOR = 16
 # A client that stops sending mid-body is not waited for longer than this.
 BODY_DRAIN_S_MAX = 10.0
+
+
+CONTENT_LENGTH_PATTERN = re.compile(r"[0-9]{1,20}")
+
+
+def declared_length(content_length: str) -> int:
+    """A Content-Length header's value; -1 when it is not ASCII digits (``"²"`` is
+    ``isdigit()`` but no ``int``; the server itself refuses such a request)."""
+    if CONTENT_LENGTH_PATTERN.fullmatch(content_length.strip()) is None:
+        return -1
+    return int(content_length)
 
 
 class RequestBodyDrainMiddleware:
@@ -91,7 +103,7 @@ class RequestBodyDrainMiddleware:
         if "transfer-encoding" not in headers and declared in (None, "0"):
             await self.app(scope, receive, send)  # no body: nothing to drain
             return
-        if declared is not None and declared.isdigit() and int(declared) > self.drain_bytes_max:
+        if declared is not None and declared_length(declared) > self.drain_bytes_max:
             await self.app(scope, receive, send)  # too large to drain: may close early
             return
         received_bytes = 0

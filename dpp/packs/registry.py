@@ -20,6 +20,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
+from jsonschema.validators import extend
 
 from dpp.packs.base import (
     PACK_TYPE_PATTERN,
@@ -63,8 +64,20 @@ _ERROR_MESSAGE_CHARS_MAX = 200
 
 logger = logging.getLogger("dpp.packs")
 
+
 # id(pack) -> (pack, validator). Holding the pack keeps its id from being
 # reused by another object while the entry lives; LRU-bounded like any cache.
+# JSON Schema counts 1.0 as an "integer"; DPP never does (money, counts and
+# delays are ints, and a pack may rely on ``isinstance(value, int)``): a float
+# where a schema says integer is a 422, never an assertion inside the pack.
+def _is_strict_integer(checker: object, instance: object) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+InputValidator: type[Draft202012Validator] = extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_strict_integer),
+)
 _validators: OrderedDict[int, tuple[Pack, Draft202012Validator]] = OrderedDict()
 
 
@@ -229,7 +242,7 @@ def _validator_for(pack: Pack) -> Draft202012Validator:
     if cached is not None and cached[0] is pack:
         _validators.move_to_end(key)
         return cached[1]
-    validator = Draft202012Validator(pack.input_schema)
+    validator = InputValidator(pack.input_schema)
     _validators[key] = (pack, validator)
     while len(_validators) > _VALIDATOR_CACHE_MAX:
         _validators.popitem(last=False)

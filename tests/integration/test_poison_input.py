@@ -378,6 +378,7 @@ async def test_odd_run_ids_in_the_path_are_404(
         + "}",
         '{"pack_type": "\\u0000", "inputs": {}}',
         '{"pack_type": "echo", "inputs": {"payload": "\\ud800"}}',
+        '{"pack_type": "echo", "inputs": {"payload": 1, "delay_ms": 1.0}}',
     ],
 )
 async def test_odd_submission_bodies_are_4xx(

@@ -461,10 +461,10 @@ def test_validator_is_compiled_once_per_pack(monkeypatch: pytest.MonkeyPatch) ->
     pack = EchoPack()
     PackRegistry([pack])
     compiled: list[object] = []
-    original = registry_module.Draft202012Validator
+    original = registry_module.InputValidator
     monkeypatch.setattr(
         registry_module,
-        "Draft202012Validator",
+        "InputValidator",
         lambda schema: compiled.append(schema) or original(schema),
     )
     for _ in range(3):
@@ -545,3 +545,12 @@ decision_like = st.fixed_dictionaries(
 def test_validate_inputs_never_raises_on_nearly_valid_decisions(inputs: dict[str, Any]) -> None:
     errors = validate_inputs(DecisionPack(), inputs)
     assert len(errors) <= FIELD_ERRORS_MAX
+
+
+@pytest.mark.parametrize("delay_ms", [1.0, True, 2.5])
+def test_an_integer_in_a_pack_schema_is_an_int_not_a_float_or_bool(delay_ms: object) -> None:
+    """JSON Schema would count 1.0 as an integer; the echo pack would then assert on
+    it mid-run (a FAILED run, charged). It is a 422 at the door instead."""
+    [error] = validate_inputs(EchoPack(), {"payload": 1, "delay_ms": delay_ms})
+    assert error == FieldError("inputs.delay_ms", "must be of type integer")
+    assert validate_inputs(EchoPack(), {"payload": 1, "delay_ms": 1}) == []
