@@ -30,6 +30,7 @@ from dpp.actors.run import RunServices
 from dpp.actors.supervisor import ChildSpec, Restart, Supervisor, SupervisorSpec
 from dpp.adapters import postgres
 from dpp.adapters.blobs import Blobs, open_blobs
+from dpp.adapters.failures import unavailable_dependency
 from dpp.adapters.postgres import Pool, Queries, connect_postgres
 from dpp.adapters.queue import open_queue
 from dpp.adapters.queue.base import LeaseStore, RunQueue
@@ -235,6 +236,7 @@ def build_context(
         ),
         runs=Runs(RunStore(pool, queries), adapters.blobs, budgets),
         reconciler=reconciler,
+        unavailable_dependency=unavailable_dependency,
     )
 
 

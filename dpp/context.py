@@ -33,6 +33,11 @@ class ReadinessCheck:
     check: Callable[[], Awaitable[None]]
 
 
+def no_dependency(error: BaseException) -> str | None:
+    """A classifier that knows no dependency (tests of the HTTP front alone)."""
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class AppContext:
     settings: Settings
@@ -49,3 +54,7 @@ class AppContext:
     runs: Runs  # read, page, cancel, usage, resolve
     # one reconciliation pass on demand (POST /admin/reconcile); None off the tree
     reconciler: Reconciler | None = None
+    # which dependency (postgres, redis, object_storage) an unhandled error says is
+    # down, or None: such a request answers 503 with Retry-After, never 500. The
+    # composition root wires dpp.adapters.failures.unavailable_dependency.
+    unavailable_dependency: Callable[[BaseException], str | None] = no_dependency

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
 import asyncpg
@@ -26,6 +27,13 @@ SQL_DIRECTORY = Path(__file__).resolve().parents[2] / "sql"
 QUERY_NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 POOL_SIZE_MAX = 20
 STATEMENT_TIMEOUT_MS = 30_000
+# A request waits this long for a pooled connection (the pool exhausted, or
+# Postgres not accepting new ones) and then fails as "unavailable" (HTTP 503).
+POOL_ACQUIRE_TIMEOUT_S = 5.0
+# Opening one connection (TCP, TLS, startup): a black-holed server fails fast.
+CONNECT_TIMEOUT_S = 5.0
+POOL_QUERIES_PER_CONNECTION_MAX = 50_000
+POOL_IDLE_CONNECTION_LIFETIME_S = 300.0
 CONNECT_ATTEMPTS_MAX = 6
 CONNECT_BACKOFF_FIRST_S = 0.5
 
@@ -59,9 +67,11 @@ if TYPE_CHECKING:
     Connection: TypeAlias = (
         asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
     )
+    _PoolBase: TypeAlias = asyncpg.Pool[asyncpg.Record]
 else:
     Pool = asyncpg.Pool
     Connection = asyncpg.Connection
+    _PoolBase = asyncpg.Pool
 Record = asyncpg.Record
 
 
@@ -120,18 +130,88 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     """
 
 
+# What leaves a pooled connection unusable: the server ended the session
+# (pg_terminate_backend, a restart: class 57, class 08), the socket broke, or the
+# protocol was caught mid-message by such an end ("cannot switch to state 12;
+# another operation is in progress": a FATAL arrived while the connection sat
+# idle in the pool, its close not yet seen). Such a connection is terminated,
+# never handed out again.
+BROKEN_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
+class _DiscardBrokenConnection:
+    """``pool.acquire()``'s context, terminating the connection when the block
+    fails with a broken-connection error (asyncpg would otherwise return it to
+    the pool whenever the failure left it looking open)."""
+
+    def __init__(self, acquiring: asyncpg.pool.PoolAcquireContext[asyncpg.Record]) -> None:
+        self._acquiring = acquiring
+        self._connection: Connection | None = None
+
+    async def __aenter__(self) -> Connection:
+        self._connection = await self._acquiring.__aenter__()
+        return self._connection
+
+    async def __aexit__(
+        self,
+        error_type: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(error, BROKEN_CONNECTION_ERRORS) and self._connection is not None:
+            log.warning(
+                "discarding a broken postgres connection",
+                extra={"error_type": type(error).__name__},
+            )
+            self._connection.terminate()
+        await self._acquiring.__aexit__(error_type, error, traceback)
+
+    def __await__(self) -> Generator[Any, None, Connection]:
+        return self._acquiring.__await__()
+
+
+class BoundedPool(_PoolBase):
+    """asyncpg's pool, whose ``acquire`` (and so ``fetch``, ``execute``, ...) waits
+    at most ``POOL_ACQUIRE_TIMEOUT_S`` unless told otherwise: an exhausted pool or
+    an unreachable server becomes a ``TimeoutError`` (503), never a request
+    hanging for as long as the client cares to wait.
+
+    Broken connections are never reused: a block that fails with one of
+    ``BROKEN_CONNECTION_ERRORS`` terminates its connection before the release,
+    asyncpg terminates one whose release (rollback) fails, and a closed one is
+    replaced at the next acquire.
+    """
+
+    def acquire(  # type: ignore[override]
+        self, *, timeout: float | None = POOL_ACQUIRE_TIMEOUT_S
+    ) -> _DiscardBrokenConnection:
+        return _DiscardBrokenConnection(super().acquire(timeout=timeout))
+
+
 async def create_pool(dsn: str, *, max_size: int = POOL_SIZE_MAX) -> asyncpg.Pool:
     """A pool whose connections speak JSONB as Python values."""
-    pool = await asyncpg.create_pool(
+    pool = BoundedPool(
         dsn,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
         min_size=1,
         max_size=max_size,
+        max_queries=POOL_QUERIES_PER_CONNECTION_MAX,
+        max_inactive_connection_lifetime=POOL_IDLE_CONNECTION_LIFETIME_S,
+        loop=None,
         init=_init_connection,
         reset=_keep_session,
         server_settings={"statement_timeout": str(STATEMENT_TIMEOUT_MS)},
         command_timeout=STATEMENT_TIMEOUT_MS / 1000,
+        timeout=CONNECT_TIMEOUT_S,
     )
-    assert pool is not None
+    await pool
     return pool
 
 

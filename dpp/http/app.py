@@ -73,7 +73,7 @@ def create_app(
         Middleware(RequestContextMiddleware),
         Middleware(AccessLogMiddleware, metrics=metrics_for(context.metrics_registry)),
         Middleware(CORSMiddleware, allowed_origins=cors_allowed_origins(settings)),
-        Middleware(UnhandledErrorMiddleware),
+        Middleware(UnhandledErrorMiddleware, unavailable_dependency=context.unavailable_dependency),
         *inner_middleware,
         Middleware(AdminAuthMiddleware, admin_token=settings.admin_token),
     ]

@@ -15,7 +15,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import anyio
@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dpp.config import Settings
 from dpp.http.problems import (
     Problem,
+    dependency_unavailable_problem,
     internal_error_problem,
     not_found_problem,
     problem_response,
@@ -227,6 +228,7 @@ class RequestContextMiddleware:
 # Probes hit these every few seconds; a success is logged at DEBUG, a failure as usual.
 PROBE_PATHS = frozenset({"/health", "/readyz", "/metrics"})
 LOGGED_PATH_CHARS_MAX = 512
+LOGGED_ERROR_CHARS_MAX = 200
 STATUS_CLIENT_GONE = 499  # no response was sent: the client went away first
 
 
@@ -429,18 +431,32 @@ def problem_from_http_exception(error: HTTPException) -> Problem:
     )
 
 
+DependencyClassifier = Callable[[BaseException], str | None]
+
+
+def _no_dependency(error: BaseException) -> str | None:
+    return None
+
+
 class UnhandledErrorMiddleware:
     """Replaces starlette's ServerErrorMiddleware: anything raised becomes a problem.
 
     ``Problem`` and ``HTTPException`` (raised by middleware outside the routing
-    layer, e.g. auth) are rendered as they are; any other exception is logged
-    with its traceback and the request id, and answered with a generic 500 —
-    never traceback text. After the response has started nothing can be sent,
-    so the exception propagates and the server drops the connection.
+    layer, e.g. auth) are rendered as they are. An error that says a dependency
+    is unavailable (``unavailable_dependency``, wired by the composition root
+    from the adapters: a lost, refused or timed-out connection, a pool with no
+    free connection) is the one place a 503 with ``Retry-After`` is made for
+    it, whichever route or service it came through. Any other exception is
+    logged with its traceback and the request id, and answered with a generic
+    500 — never traceback text. After the response has started nothing can be
+    sent, so the exception propagates and the server drops the connection.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(
+        self, app: ASGIApp, unavailable_dependency: DependencyClassifier = _no_dependency
+    ) -> None:
         self.app = app
+        self.unavailable_dependency = unavailable_dependency
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -465,12 +481,25 @@ class UnhandledErrorMiddleware:
                 raise
             await problem_response(problem, scope["path"])(scope, receive, send)
 
-    @staticmethod
-    def _problem_for(scope: Scope, error: Exception, response_started: bool) -> Problem:
+    def _problem_for(self, scope: Scope, error: Exception, response_started: bool) -> Problem:
         if isinstance(error, Problem) and not response_started:
             return error
         if isinstance(error, HTTPException) and not response_started:
             return problem_from_http_exception(error)
+        dependency = self.unavailable_dependency(error)
+        if dependency is not None and not response_started:
+            error_log.warning(
+                "%s unavailable in %s %s; answering 503",
+                dependency,
+                scope["method"],
+                scope["path"][:LOGGED_PATH_CHARS_MAX],
+                extra={
+                    "dependency": dependency,
+                    "error_type": type(error).__name__,
+                    "error": str(error)[:LOGGED_ERROR_CHARS_MAX],
+                },
+            )
+            return dependency_unavailable_problem(dependency)
         error_log.error(
             "unhandled %s in %s %s",
             type(error).__name__,

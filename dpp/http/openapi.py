@@ -79,10 +79,17 @@ SECURITY_SCHEMES = {
 }
 
 
+UNAVAILABLE = (
+    "A dependency (Postgres, Redis, object storage, SQS) or, under /v1, authentication "
+    "or rate limiting is unavailable; nothing was done. Retry after Retry-After seconds."
+)
+
+
 def common_problems(endpoint: Endpoint) -> list[Reply]:
     """What every endpoint of its kind can answer besides its own replies: the
     body checks (``dpp.http.bodies``), the /v1 gate and the admin gate
-    (``dpp.http.auth``), the idempotency header, and the last-resort 500."""
+    (``dpp.http.auth``), the idempotency header, the 503 of an unavailable
+    dependency and the last-resort 500."""
     common: list[Reply] = []
     if endpoint.request is not None:
         common += [
@@ -95,7 +102,6 @@ def common_problems(endpoint: Endpoint) -> list[Reply]:
         common += [
             problem(401, "Missing, malformed or revoked API key.", "WWW-Authenticate"),
             problem(429, "Over the rate limit.", "Retry-After", *RATE_LIMITED),
-            problem(503, "Authentication or rate limiting unavailable; retry.", "Retry-After"),
         ]
     if endpoint.security == ADMIN_TOKEN:
         common += [
@@ -110,6 +116,10 @@ def common_problems(endpoint: Endpoint) -> list[Reply]:
                 f"(1-{IDEMPOTENCY_KEY_CHARS_MAX} printable ASCII).",
             )
         )
+    if endpoint.security is not None:
+        # dpp.http.middleware.UnhandledErrorMiddleware: a lost, refused or timed-out
+        # Postgres, Redis, object storage or SQS connection (or no free pooled one)
+        common.append(problem(503, UNAVAILABLE, "Retry-After"))
     common.append(problem(500, "An unexpected error; the body never carries a traceback."))
     return common
 

@@ -130,6 +130,27 @@ def not_found_problem() -> Problem:
     return Problem(404, "not-found", "There is no resource at this path.")
 
 
+# How long a client waits after a dependency failed: outages worth a 503 are
+# short (a failover, a restart); the client's own backoff takes over after that.
+RETRY_AFTER_DEPENDENCY_S = 2
+
+
+def dependency_unavailable_problem(dependency: str) -> Problem:
+    """The 503 of a request that met a lost, refused or timed-out dependency.
+
+    Nothing the request did committed partially: every write of DPP is one
+    transaction (or a conditional step the reconciler finishes), so the client
+    retries, with the same Idempotency-Key where it sent one.
+    """
+    return Problem(
+        503,
+        "unavailable",
+        f"A service this request needs ({dependency}) is unavailable; retry shortly.",
+        extensions={"dependency": dependency},
+        headers={"Retry-After": str(RETRY_AFTER_DEPENDENCY_S)},
+    )
+
+
 def internal_error_problem(request_id: str | None) -> Problem:
     """The 500: a fixed, generic detail; the traceback goes to the log, never here."""
     extensions = {"request_id": request_id} if request_id else None

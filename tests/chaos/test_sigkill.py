@@ -14,17 +14,15 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
 import asyncpg
 import httpx
 import pytest
+
+from tests.replica import Replica
 
 pytestmark = pytest.mark.slow
 
@@ -34,48 +32,6 @@ START_TIMEOUT_S = 30.0
 SETTLE_TIMEOUT_S = 40.0
 EXIT_TIMEOUT_S = 30.0
 TERMINAL = ("COMPLETED", "FAILED", "EXPIRED", "CANCELED")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Replica:
-    """One `dpp serve` process and an HTTP client to it."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dpp.cli", "serve"],
-            env={**env, "PORT": str(self.port), "DPP_HOST": "127.0.0.1"},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=EXIT_TIMEOUT_S)
-        self._log.close()
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    async def wait_ready(self, client: httpx.AsyncClient) -> None:
-        with anyio.fail_after(START_TIMEOUT_S):
-            while True:
-                assert self.process.poll() is None, f"replica exited:\n{self.output()}"
-                try:
-                    if (await client.get(f"{self.url}/readyz")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await anyio.sleep(0.2)
 
 
 def _kinds(node: dict[str, Any]) -> Iterator[str]:

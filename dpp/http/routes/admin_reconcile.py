@@ -50,7 +50,12 @@ ENDPOINTS = (
         ADMIN_TOKEN,
         (
             Reply(200, "What the pass did.", ReconcileReport.schema()),
-            problem(503, "The reconciler is not running or did not answer.", "Retry-After"),
+            problem(
+                503,
+                "The reconciler is not running or did not answer, or a dependency is "
+                "unavailable; retry.",
+                "Retry-After",
+            ),
         ),
         name="admin_reconcile",
     ),

@@ -210,7 +210,8 @@ ENDPOINTS = (
             problem(404, "No such API key."),
             problem(
                 503,
-                "Revoked in storage, but the other replicas could not be told; retry.",
+                "Revoked in storage, but the other replicas could not be told, or a "
+                "dependency is unavailable; retry.",
                 "Retry-After",
             ),
         ),

@@ -408,8 +408,9 @@ ENDPOINTS = (
             ),
             problem(
                 503,
-                "Overloaded (a mailbox is full), the reservation did not answer, or the "
-                "tenant's budget is paused after repeated failures; retry after Retry-After.",
+                "Overloaded (a mailbox is full), the reservation did not answer, the "
+                "tenant's budget is paused after repeated failures, or a dependency "
+                "(Postgres, Redis) is unavailable; retry after Retry-After.",
                 "Retry-After",
             ),
         ),
