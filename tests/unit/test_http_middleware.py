@@ -144,3 +144,33 @@ async def test_stack_without_starlette() -> None:
         )
         == 1.0
     )
+
+
+class DependencyDown(Exception):
+    """Stands for a driver's 'connection refused' (the classifier is injected)."""
+
+
+def classify(error: BaseException) -> str | None:
+    return "postgres" if isinstance(error, DependencyDown) else None
+
+
+async def failing_app(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["path"] == "/down":
+        raise DependencyDown("connection refused")
+    raise KeyError("a bug")
+
+
+async def test_an_unavailable_dependency_is_a_503_with_retry_after_and_a_bug_stays_a_500() -> None:
+    app = RequestContextMiddleware(
+        UnhandledErrorMiddleware(failing_app, unavailable_dependency=classify)
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        down = await client.get("/down")
+        bug = await client.get("/bug")
+    assert down.status_code == 503
+    assert down.headers["content-type"] == "application/problem+json"
+    assert int(down.headers["retry-after"]) >= 1
+    assert down.json()["dependency"] == "postgres"
+    assert down.json()["type"].endswith("/unavailable")
+    assert bug.status_code == 500 and "retry-after" not in bug.headers
