@@ -16,6 +16,8 @@ import anyio
 import httpx
 import pytest
 
+from dpp.adapters.postgres import POOL_ACQUIRE_TIMEOUT_S
+from dpp.app import Runtime
 from tests import services as test_services
 from tests.tcp_proxy import TcpProxy
 
@@ -121,3 +123,25 @@ async def test_a_dependency_down_answers_503_with_retry_after_then_recovers(
     await _wait_back(http, bearer)
     answers = await _requests(http, bearer, run_id)
     assert [response.status_code for response in answers.values()] == [200, 200, 200, 202]
+
+
+async def test_an_exhausted_pool_answers_503_after_the_acquire_timeout(
+    runtime: Runtime, http: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    bearer = await _tenant(http, admin_headers)
+    assert (await http.get("/v1/budget", headers=bearer)).status_code == 200
+    pool = runtime.adapters.pool
+    held = []
+    try:
+        while pool.get_size() < pool.get_max_size() or pool.get_idle_size() > 0:
+            held.append(await pool.acquire())
+        # every connection is taken: the next query waits POOL_ACQUIRE_TIMEOUT_S, then 503
+        with anyio.fail_after(POOL_ACQUIRE_TIMEOUT_S + RECOVERY_TIMEOUT_S):
+            response = await http.get("/v1/budget", headers=bearer)
+    finally:
+        for connection in held:
+            await pool.release(connection)
+    assert response.status_code == 503, response.text
+    assert response.json()["dependency"] == "postgres"
+    assert int(response.headers["retry-after"]) >= 1
+    assert (await http.get("/v1/budget", headers=bearer)).status_code == 200
