@@ -12,7 +12,6 @@ docs/operations.md gives the longer run.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import time
@@ -23,7 +22,7 @@ import httpx
 import orjson
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, assume, settings
+from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -80,11 +79,6 @@ def _aim_at_packs(case: schemathesis.Case) -> None:
             case.body["pack_type"] = PACK_TYPES[len(pack_type) % len(PACK_TYPES)]
             if case.body["pack_type"] == "echo" and "inputs" in case.body:
                 case.body["inputs"] = {"payload": case.body["inputs"]}
-    # Known, owned elsewhere (issue 12, helper `poison`): a NUL in any string, and a
-    # body member named "", answer 500 today; each has its own xfail test below.
-    assume(not (isinstance(case.body, dict) and "" in case.body))
-    if isinstance(case.body, (dict, list, str)):
-        assume("\\u0000" not in json.dumps(case.body))
 
 
 def _wait_ready(replica: Replica) -> None:
@@ -213,13 +207,6 @@ def test_an_admin_body_member_named_empty_is_refused_not_a_500(
     assert response.status_code in (404, 422), response.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "issue 12 item 4 (helper `poison`: dpp/packs, dpp/runs/submission.py): a body "
-        "member named '' trips 'AssertionError: a field error names the field' -> 500"
-    ),
-)
 def test_a_submission_member_named_empty_is_a_422(served: Served) -> None:
     response = httpx.post(
         f"{served.replica.url}/v1/runs",
@@ -229,13 +216,6 @@ def test_a_submission_member_named_empty_is_a_422(served: Served) -> None:
     assert response.status_code == 422, response.text
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "issue 12 (helper `poison`): a NUL in a submission's strings reaches Postgres "
-        "(UntranslatableCharacterError) and crashes the budget actor instead of a 422"
-    ),
-)
 def test_a_nul_in_a_submission_is_a_422(served: Served) -> None:
     response = httpx.post(
         f"{served.replica.url}/v1/runs",
