@@ -169,6 +169,7 @@ def build_budgets(adapters: Adapters) -> Budgets:
         LedgerStore(adapters.pool, adapters.queries),
         adapters.mirror,
         metrics=metrics_for(adapters.metrics_registry),
+        is_outage=lambda error: unavailable_dependency(error) is not None,
     )
 
 

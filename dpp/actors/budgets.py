@@ -89,8 +89,11 @@ class Budgets:
         idle_timeout_s: float = BUDGET_ACTOR_IDLE_S,
         batch_max: int = BUDGET_BATCH_MAX,
         cooldown_s: float = BUDGET_ACTOR_COOLDOWN_S,
+        is_outage: Callable[[BaseException], bool] = lambda error: False,
     ) -> None:
-        """``batch_max=1`` turns group commit off (the benchmark's baseline)."""
+        """``batch_max=1`` turns group commit off (the benchmark's baseline).
+        ``is_outage`` tells a dependency's outage from a tenant's own crash loop:
+        the composition root wires the adapters' classifier."""
         assert 1 <= batch_max <= BUDGET_BATCH_MAX
         backend = (
             BudgetBackend(store, mirror)
@@ -107,6 +110,7 @@ class Budgets:
             cooldown_s=cooldown_s,
             on_crash=self._count_crash,
             on_cooldown=self._count_cooldown,
+            is_outage=is_outage,
         )
         self._store = store
         self._metrics = metrics

@@ -15,6 +15,10 @@ per tenant), with memory bounded by `max_actors` however many keys exist.
   Retry-After) while every other key runs on. The registry itself never fails
   for a key, so no tenant's crash loop restarts the registry or the root; the
   registry's own supervisor sees only faults of the registry.
+- A crash that `is_outage(exc)` blames on a dependency (Postgres down, say) is
+  nobody's key's fault either: it is restarted after `outage_backoff_s` (so a
+  dead dependency cannot spin restarts) and never counts toward the cooldown,
+  so a tenant whose requests met an outage is served as soon as it ends.
 - When `max_actors` are live, the least recently used idle actor is evicted;
   if none is idle, `get` raises RegistryFull (back-pressure: 503).
 """
@@ -120,6 +124,8 @@ class ActorRegistry(Generic[K, M]):
         max_actors: int,
         on_crash: Callable[[K, BaseException], None] | None = None,
         on_cooldown: Callable[[K, BaseException], None] | None = None,
+        is_outage: Callable[[BaseException], bool] = lambda error: False,
+        outage_backoff_s: float = 1.0,
         name: str | None = None,
         intensity: int = 5,
         period_s: float = 10.0,
@@ -134,6 +140,7 @@ class ActorRegistry(Generic[K, M]):
         assert 0 <= shutdown_s <= SHUTDOWN_S_MAX, shutdown_s
         assert 0 <= statistics_children_max <= STATISTICS_CHILDREN_MAX * 10
         assert 0 < cooldown_s <= COOLDOWN_S_MAX, cooldown_s
+        assert 0 <= outage_backoff_s <= COOLDOWN_S_MAX, outage_backoff_s
         RestartIntensity(intensity, period_s)  # validates the pair
         self.kind = kind
         self.name = name or f"{kind}-registry"
@@ -142,11 +149,13 @@ class ActorRegistry(Generic[K, M]):
         self.intensity = intensity
         self.period_s = period_s
         self.cooldown_s = cooldown_s
+        self.outage_backoff_s = outage_backoff_s
         self.shutdown_s = shutdown_s
         self.statistics_children_max = statistics_children_max
         self._factory = factory
         self._on_crash = on_crash
         self._on_cooldown = on_cooldown
+        self._is_outage = is_outage
         self._clock = clock
         # Least recently used first: eviction scans from the front.
         self._entries: OrderedDict[K, _Entry[K, M]] = OrderedDict()
@@ -330,6 +339,11 @@ class ActorRegistry(Generic[K, M]):
                     self._report_crash(entry, exc)
                     if entry.mailbox.closed:
                         return  # stopping anyway: a new incarnation would only exit
+                    if self._is_outage(exc):
+                        # A dependency's fault, not this key's: no cooldown, a pause.
+                        entry.restarts += 1
+                        await anyio.sleep(self.outage_backoff_s)
+                        continue
                     if not entry.window.record(self._clock()):
                         self._cool_down(entry, exc)
                         return  # finally: the mailbox closes, queued messages fail

@@ -191,6 +191,36 @@ async def test_key_crashing_too_often_is_cooled_down_alone() -> None:
     assert tenants.state == "stopped"
 
 
+async def test_crashes_blamed_on_an_outage_never_cool_the_key_down() -> None:
+    """A dependency's outage is nobody's key's fault: however often the key's actor
+    crashes on it, it is restarted (after a pause) and never cooled down, so the
+    tenant is served again the moment the dependency is."""
+    world = World()
+    cooled: list[str] = []
+    tenants = registry(
+        world,
+        intensity=1,
+        period_s=10,
+        cooldown_s=30,
+        clock=lambda: 0.0,
+        on_cooldown=lambda key, exc: cooled.append(key),
+        is_outage=lambda error: isinstance(error, RuntimeError),
+        outage_backoff_s=0.01,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(tenants.run)
+        await tenants.tell("a", Deposit(2))
+        for _ in range(4):  # four times the crash budget
+            with pytest.raises(ActorCrashed):
+                await tenants.ask("a", Crash, timeout_s=1)
+        assert await tenants.ask("a", Balance, timeout_s=1) == 0  # a fresh incarnation
+        assert cooled == []
+        statistics = tenants.statistics()
+        assert (statistics["cooldowns"], statistics["keys_cooling_down"]) == (0, 0)
+        assert (statistics["restarts"], statistics["actor_restarts"]) == (0, 4)
+        tenants.stop()
+
+
 async def test_messages_queued_behind_the_last_crash_hear_the_cooldown() -> None:
     """Queued asks were never handled: they are answered KeyCoolingDown (a 503
     with Retry-After upstream), not left hanging and not handled by a new actor."""
