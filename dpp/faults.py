@@ -11,7 +11,7 @@ the task (transactions roll back, actors crash and are restarted).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 CRASH_POINTS = (
     "reserve.after_redis_hold",
@@ -25,6 +25,8 @@ CRASH_POINTS = (
 )
 
 _armed: dict[str, int] = {}
+# The simulator's oracle (dpp/sim): asked at every pass whether to crash here.
+_injector: Callable[[str], bool] | None = None
 
 
 class InjectedCrash(Exception):
@@ -40,6 +42,21 @@ async def crash_point(name: str) -> None:
         else:
             _armed[name] = remaining - 1
         raise InjectedCrash(name)
+    if _injector is not None and _injector(name):
+        raise InjectedCrash(name)
+
+
+@contextlib.contextmanager
+def injecting(decide: Callable[[str], bool]) -> Iterator[None]:
+    """Let ``decide(name)`` crash any pass through any point (the simulator's
+    seeded oracle); one at a time, removed on exit."""
+    global _injector
+    assert _injector is None, "one injector at a time"
+    _injector = decide
+    try:
+        yield
+    finally:
+        _injector = None
 
 
 @contextlib.contextmanager

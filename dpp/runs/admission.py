@@ -16,7 +16,7 @@ below for what went wrong on its side.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -187,11 +187,17 @@ class Admission:
         reserver: Reserver,
         announcer: Announcer | None,
         metrics: Metrics,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        new_run_id: Callable[[], str] = lambda: ids.new_id("run"),
     ) -> None:
+        """``clock`` and ``new_run_id`` are seams for the simulator (dpp/sim),
+        whose runs must be the same, byte for byte, for the same seed."""
         self._keys = keys
         self._reserver = reserver
         self._announcer = announcer
         self._metrics = metrics
+        self._clock = clock
+        self._new_run_id = new_run_id
 
     async def submit(
         self,
@@ -231,8 +237,8 @@ class Admission:
         self, tenant_id: str, request: SubmitRequest, key: Held | None, trace_id: str | None
     ) -> SubmitOutcome:
         """Draft, reserve and announce one run, holding ``key`` if any."""
-        run_id = ids.new_id("run")
-        created_at = datetime.now(UTC)
+        run_id = self._new_run_id()
+        created_at = self._clock()
         row = queued_row(
             run_id=run_id,
             pack_type=request.pack.pack_type,
