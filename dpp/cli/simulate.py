@@ -29,7 +29,7 @@ def command_simulate(args: argparse.Namespace) -> int:
     unknown = scenarios - set(SCENARIOS)
     if unknown:
         return fail(f"--scenario: unknown {sorted(unknown)}; known: {sorted(SCENARIOS)}", 2)
-    known = frozenset() if args.strict else KNOWN_HOLES
+    known = frozenset() if args.strict else KNOWN_HOLES - set(args.fail_on or ())
     if args.seed is not None:
         seeds = [args.seed]
     else:
@@ -70,11 +70,12 @@ def command_simulate(args: argparse.Namespace) -> int:
 
 def _flags(args: argparse.Namespace) -> str:
     flags = "".join(f" --scenario {name}" for name in args.scenario or ())
+    flags += "".join(f" --fail-on {name}" for name in args.fail_on or ())
     return flags + (" --strict" if args.strict else "")
 
 
 def register(subparsers: Any) -> None:
-    from dpp.sim.world import KNOWN_HOLES, SCENARIOS
+    from dpp.sim.world import HOLES, KNOWN_HOLES, SCENARIOS
 
     parser = subparsers.add_parser(
         "simulate",
@@ -97,6 +98,12 @@ def register(subparsers: Any) -> None:
         "--strict",
         action="store_true",
         help=f"fail on the known holes too ({', '.join(sorted(KNOWN_HOLES))})",
+    )
+    parser.add_argument(
+        "--fail-on",
+        action="append",
+        choices=sorted(HOLES),
+        help="fail on this known hole (repeatable); --strict fails on all",
     )
     parser.add_argument("--trace", action="store_true", help="print every step (with --seed)")
     parser.add_argument("--keep-going", action="store_true", help="do not stop at a failure")

@@ -240,7 +240,7 @@ class MemLedger:
                 "timebox_sec": draft.timebox_sec,
                 "trace_id": draft.trace_id,
                 "created_at": now_s(),
-                "version": 1,
+                "version": 0,
                 "lease_token": None,
                 "lease_expires_at": None,
                 "claimed_at": None,
