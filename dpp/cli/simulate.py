@@ -39,6 +39,9 @@ def command_simulate(args: argparse.Namespace) -> int:
     known_seeds: dict[str, int] = {}
     ran = 0
     for seed in seeds:
+        if args.max_seconds is not None and time.perf_counter() - started > args.max_seconds:
+            print(f"stopped after {args.max_seconds} s (--max-seconds)")
+            break
         result = run_seed(seed, scenarios, known=known, keep_trace=args.trace)
         ran += 1
         if args.trace:
@@ -106,6 +109,9 @@ def register(subparsers: Any) -> None:
         help="fail on this known hole (repeatable); --strict fails on all",
     )
     parser.add_argument("--trace", action="store_true", help="print every step (with --seed)")
+    parser.add_argument(
+        "--max-seconds", type=float, help="stop starting seeds after this long (a soak's budget)"
+    )
     parser.add_argument("--keep-going", action="store_true", help="do not stop at a failure")
     parser.add_argument("--verbose", action="store_true", help="one line per seed")
     parser.set_defaults(handler=command_simulate)

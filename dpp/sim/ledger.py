@@ -74,6 +74,9 @@ class MemLedger:
     keys: dict[tuple[str, str, str, str], KeyRecord] = field(default_factory=dict)
     tokens: int = 0
     reported: set[tuple[str, str]] = field(default_factory=set)
+    # settlements and credits answered as replays (applied=False): a mirror that
+    # applies one of these twice shows hole 3, not a drift-repair race
+    replayed: set[str] = field(default_factory=set)
 
     # ------------------------------------------------------------ helpers
 
@@ -185,6 +188,7 @@ class MemLedger:
             ):
                 raise ledger.CreditConflict(operation_id)
             self.trace.add(f"pg credit {tenant_id} {operation_id} replayed")
+            self.replayed.add(f"credit:{operation_id}")
             return ledger.CreditResult(self._budget(tenant), replayed=True)
         self._entry(Entry(tenant_id, None, "credit", amount_usd_micros, operation_id))
         tenant.balance += amount_usd_micros
@@ -383,6 +387,9 @@ class MemLedger:
                 )
             )
         assert all(outcome is not None for outcome in outcomes)
+        for outcome in outcomes:
+            if isinstance(outcome, ledger.SettleResult) and not outcome.applied:
+                self.replayed.add(f"settle:{outcome.run_id}")
         self._end("settle")
         return outcomes  # type: ignore[return-value]
 

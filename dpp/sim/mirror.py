@@ -38,6 +38,8 @@ class MemMirror:
     # what Postgres has committed for a tenant right now (for ``included``)
     committed: Callable[[str], set[str]]
     faults: Faults | None = None
+    # was this operation answered as a replay by Postgres (MemLedger.replayed)?
+    replayed: Callable[[str], bool] = lambda operation_id: False
     hashes: dict[str, Hash] = field(default_factory=dict)
     markers: dict[str, dict[str, float]] = field(default_factory=dict)  # tenant -> id -> expiry
 
@@ -65,10 +67,13 @@ class MemMirror:
     def _apply_once(self, tenant_id: str, hash_: Hash, operation_id: str) -> None:
         """Invariant 5, per step: an operation moves a hash at most once."""
         if operation_id in hash_.included:
+            # A replay reaching the mirror is hole 3; a first application landing
+            # after drift repair already counted it is hole 4's race, for a
+            # settlement or credit in flight instead of a reservation.
             self.violations.add(
                 f"invariant 5: the mirror of {tenant_id} applied {operation_id} twice"
                 f" (reserved now {hash_.reserved})",
-                hole="hole3",
+                hole="hole3" if self.replayed(operation_id) else "hole4",
             )
         hash_.included.add(operation_id)
 

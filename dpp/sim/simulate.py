@@ -153,7 +153,11 @@ class World:
         self.faults = Faults(random.Random(self.rng.getrandbits(64)), scenarios)
         self.ledger = MemLedger(self.trace, self.violations, self.faults)
         self.mirror = MemMirror(
-            self.trace, self.violations, self.ledger.committed_operations, self.faults
+            self.trace,
+            self.violations,
+            self.ledger.committed_operations,
+            self.faults,
+            replayed=self.ledger.replayed.__contains__,
         )
         self.queue = MemQueue(self.ledger, self.trace, self.faults, LEASE_SEC)
         self.blobs = MemBlobs(self.trace, self.faults)
