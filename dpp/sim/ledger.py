@@ -463,6 +463,11 @@ class MemLedger:
     async def mark_result_deleted(self, run_id: str, result_key: str) -> bool:
         return False
 
+    async def reserved_run_ids(self, run_ids: Sequence[str]) -> list[str]:
+        """reserved_run_ids: which of these runs Postgres holds a reservation for."""
+        await self._begin("reserved_run_ids")
+        return [r for r in run_ids if f"reserve:{r}" in self.operation_ids]
+
     def committed_operations(self, tenant_id: str) -> set[str]:
         """The settlements and credits Postgres holds for a tenant (what a mirror
         loaded from it now includes)."""
@@ -559,7 +564,11 @@ class MemLedger:
                 row["enqueued_at"] = now_s()
         self._end("mark_enqueued")
 
-    async def queued_unsent(self, older_than_sec: int, limit: int) -> list[Row]:
+    async def queued_unsent(
+        self, older_than_sec: int, limit: int, lost_after_sec: int
+    ) -> list[Row]:
+        """queued_runs_unsent: never announced, or announced so long ago that its
+        message may be lost."""
         await self._begin("queued_unsent")
         now = now_s()
         rows = sorted(
@@ -567,8 +576,10 @@ class MemLedger:
                 r
                 for r in self.runs.values()
                 if r["status"] == RunStatus.QUEUED
-                and r["enqueued_at"] is None
-                and r["created_at"] < now - older_than_sec
+                and (
+                    (r["enqueued_at"] is None and r["created_at"] < now - older_than_sec)
+                    or (r["enqueued_at"] is not None and r["enqueued_at"] < now - lost_after_sec)
+                )
             ),
             key=lambda r: (r["created_at"], r["id"]),
         )

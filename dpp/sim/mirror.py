@@ -1,7 +1,9 @@
 """The in-memory Redis mirror: ``dpp/money/budget.lua``, command by command.
 
-One hash per tenant and one marker per applied operation id, with the
-marker TTL on the simulated clock. Each call is atomic (as a Lua script is).
+One hash per tenant (its ``version`` the Postgres baseline a settle or credit
+must exceed), one marker per applied operation id with the marker TTL on the
+simulated clock, and the tenant's pending holds (placed at simulated time).
+Each call is atomic (as a Lua script is).
 Redis data loss is two faults: ``flush`` (the tenant's hash and markers gone:
 FLUSHALL, a failover to an empty replica) and ``evict_markers`` (only the
 markers: they carry a TTL, so ``volatile-*`` eviction takes them first).
@@ -18,7 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from dpp.money.mirror import OPERATION_MARKER_TTL_S, MirrorBudget, MirrorMissing, MirrorReserve
+from dpp.money.mirror import (
+    OPERATION_MARKER_TTL_S,
+    MirrorBudget,
+    MirrorMissing,
+    MirrorObservation,
+    MirrorReserve,
+    PendingHold,
+)
 from dpp.sim.world import Faults, Trace, Violations, now_s
 
 
@@ -26,7 +35,7 @@ from dpp.sim.world import Faults, Trace, Violations, now_s
 class Hash:
     balance: int
     reserved: int
-    version: int
+    version: int  # the baseline: the ledger_version the values were loaded or repaired from
     # operation ids ("settle:<run>", "credit:<op>") this hash's values include
     included: set[str]
 
@@ -42,6 +51,8 @@ class MemMirror:
     replayed: Callable[[str], bool] = lambda operation_id: False
     hashes: dict[str, Hash] = field(default_factory=dict)
     markers: dict[str, dict[str, float]] = field(default_factory=dict)  # tenant -> id -> expiry
+    # tenant -> hold id -> (amount, placed at): holds whose commit is not reported yet
+    pending: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)
 
     async def _begin(self, what: str) -> None:
         if self.faults is not None:
@@ -87,12 +98,14 @@ class MemMirror:
             self.trace.add(f"redis reserve {tenant_id} missing")
             raise MirrorMissing(tenant_id)
         accepted = []
+        pending = self.pending.setdefault(tenant_id, {})
         for operation_id, amount in items:
             if self._exists(tenant_id, operation_id):
                 accepted.append(True)
             elif hash_.balance - hash_.reserved >= amount:
                 self._first_time(tenant_id, operation_id)
                 hash_.reserved += amount
+                pending[operation_id] = (amount, now_s())
                 accepted.append(True)
             else:
                 accepted.append(False)
@@ -101,25 +114,35 @@ class MemMirror:
         self._end("mirror.reserve")
         return result
 
-    async def release(self, tenant_id: str, items: Sequence[tuple[str, int]]) -> None:
-        assert all(amount > 0 for _, amount in items)
-        if not items:
+    async def resolve_holds(
+        self, tenant_id: str, kept: Sequence[str], released: Sequence[tuple[str, int]]
+    ) -> None:
+        assert all(amount > 0 for _, amount in released)
+        if not kept and not released:
             return
-        await self._begin("mirror.release")
+        await self._begin("mirror.resolve")
         hash_ = self.hashes.get(tenant_id)
         if hash_ is not None:
-            for operation_id, amount in items:
-                if self._first_time(tenant_id, operation_id):
+            pending = self.pending.setdefault(tenant_id, {})
+            for hold in kept:
+                pending.pop(hold, None)
+            for hold, amount in released:
+                if pending.pop(hold, None) is not None:
                     hash_.reserved -= amount
-            self.trace.add(f"redis release {tenant_id} reserved {hash_.reserved}")
-        self._end("mirror.release")
+            self.trace.add(f"redis resolve {tenant_id} reserved {hash_.reserved}")
+            self.check(tenant_id)
+        self._end("mirror.resolve")
 
-    async def settle_many(self, tenant_id: str, items: Sequence[tuple[str, int, int]]) -> None:
-        assert items
+    async def settle_many(
+        self, tenant_id: str, items: Sequence[tuple[str, int, int]], ledger_version: int
+    ) -> bool:
+        assert items and ledger_version >= 1
         assert all(reserved > 0 and 0 <= charged <= reserved for _, reserved, charged in items)
         await self._begin("mirror.settle")
         hash_ = self.hashes.get(tenant_id)
-        if hash_ is not None:
+        applied = False
+        if hash_ is not None and ledger_version > hash_.version:
+            applied = True
             for operation_id, reserved, charged in items:
                 if self._first_time(tenant_id, operation_id):
                     self._apply_once(tenant_id, hash_, operation_id)
@@ -128,23 +151,32 @@ class MemMirror:
             self.trace.add(
                 f"redis settle {tenant_id} {[i[0] for i in items]} reserved {hash_.reserved}"
             )
+            self.check(tenant_id)
         self._end("mirror.settle")
+        return applied
 
-    async def credit(self, tenant_id: str, operation_id: str, amount_usd_micros: int) -> None:
-        assert amount_usd_micros > 0
+    async def credit(
+        self, tenant_id: str, operation_id: str, amount_usd_micros: int, ledger_version: int
+    ) -> bool:
+        assert amount_usd_micros > 0 and ledger_version >= 1
         await self._begin("mirror.credit")
         hash_ = self.hashes.get(tenant_id)
-        if hash_ is not None and self._first_time(tenant_id, operation_id):
-            self._apply_once(tenant_id, hash_, f"credit:{operation_id}")
-            hash_.balance += amount_usd_micros
-            self.trace.add(f"redis credit {tenant_id} {operation_id} balance {hash_.balance}")
+        applied = False
+        if hash_ is not None and ledger_version > hash_.version:
+            applied = True
+            if self._first_time(tenant_id, operation_id):
+                self._apply_once(tenant_id, hash_, f"credit:{operation_id}")
+                hash_.balance += amount_usd_micros
+                self.trace.add(f"redis credit {tenant_id} {operation_id} balance {hash_.balance}")
         self._end("mirror.credit")
+        return applied
 
     async def load(self, tenant_id: str, balance: int, reserved: int, version: int) -> bool:
         assert reserved >= 0 and balance - reserved >= 0
         await self._begin("mirror.load")
         if tenant_id in self.hashes:
             return False
+        self.pending.pop(tenant_id, None)  # holds pending on a lost mirror were lost with it
         self.hashes[tenant_id] = Hash(balance, reserved, version, self.committed(tenant_id))
         self.trace.add(f"redis load {tenant_id} {balance} {reserved} v{version}")
         self._end("mirror.load")
@@ -157,6 +189,17 @@ class MemMirror:
             return None
         return MirrorBudget(hash_.balance, hash_.reserved, hash_.version)
 
+    async def observe(self, tenant_id: str) -> MirrorObservation | None:
+        await self._begin("mirror.observe")
+        hash_ = self.hashes.get(tenant_id)
+        if hash_ is None:
+            return None
+        holds = tuple(
+            PendingHold(hold, amount, max(0.0, now_s() - placed))
+            for hold, (amount, placed) in sorted(self.pending.get(tenant_id, {}).items())
+        )
+        return MirrorObservation(MirrorBudget(hash_.balance, hash_.reserved, hash_.version), holds)
+
     async def repair(
         self,
         tenant_id: str,
@@ -164,7 +207,9 @@ class MemMirror:
         balance: int,
         reserved: int,
         version: int,
-        included: set[str],
+        *,
+        dropped_holds: Sequence[str] = (),
+        included: set[str] | None = None,
     ) -> bool:
         """Compare-and-set; ``included`` is what Postgres had committed when observed."""
         await self._begin("mirror.repair")
@@ -174,7 +219,10 @@ class MemMirror:
             observed.reserved_usd_micros,
         ):
             return False
-        self.hashes[tenant_id] = Hash(balance, reserved, version, set(included))
+        self.hashes[tenant_id] = Hash(balance, reserved, version, set(included or ()))
+        pending = self.pending.setdefault(tenant_id, {})
+        for hold in dropped_holds:
+            pending.pop(hold, None)
         self.trace.add(f"redis repair {tenant_id} {balance} {reserved} v{version}")
         self._end("mirror.repair")
         return True
@@ -184,6 +232,7 @@ class MemMirror:
     def flush(self, tenant_id: str) -> None:
         self.hashes.pop(tenant_id, None)
         self.markers.pop(tenant_id, None)
+        self.pending.pop(tenant_id, None)
         self.trace.add(f"redis flush {tenant_id}")
 
     def evict_markers(self, tenant_id: str) -> None:

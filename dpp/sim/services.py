@@ -20,9 +20,10 @@ import anyio
 from anyio.abc import TaskStatus
 
 from dpp.adapters.blobs import StoredObject
-from dpp.adapters.queue.base import ClaimedRun, DeadLetter, QueuedRun
-from dpp.limits import CLAIM_BATCH_MAX
-from dpp.money.mirror import MirrorBudget
+from dpp.adapters.queue.base import STATEMENT_DEADLINE_S, ClaimedRun, DeadLetter, QueuedRun
+from dpp.limits import CLAIM_BATCH_MAX, QUEUED_MESSAGE_LOST_AFTER_SEC
+from dpp.money.drift import Observation
+from dpp.money.mirror import MirrorObservation, run_id_of_hold
 from dpp.packs import PackContext, PackError, PackOutput
 from dpp.packs.base import FieldError
 from dpp.sim.ledger import MemLedger
@@ -59,6 +60,8 @@ class MemQueue:
             await faults.before("sqs.send", self.trace)
         for run in runs:
             copies = 2 if faults is not None and faults.chance(0.05) else 1
+            if faults is not None and faults.chance(0.02):
+                copies = 0  # accepted, then lost (retention, a purge): the backstop resends
             for _ in range(copies):
                 self.sent += 1
                 self.messages.append(Message(self.sent, run.run_id, now_s()))
@@ -80,32 +83,39 @@ class MemQueue:
             message.handle = f"h{self.receipts}"
             message.visible_at = now + self.lease_sec
         claimed = []
-        for message in visible:
-            try:
-                row = await self.ledger.claim_run_by_id(message.run_id, self.lease_sec)
-            except (OSError, TimeoutError):
-                continue  # left in flight: it reappears after the visibility timeout
-            if row is None:
-                self._delete(message.handle)
-                continue
-            claimed.append(
-                ClaimedRun(
-                    run_id=row["id"],
-                    tenant_id=row["tenant_id"],
-                    pack_type=row["pack_type"],
-                    inputs=row["inputs"],
-                    timebox_sec=row["timebox_sec"],
-                    reserved_usd_micros=row["reserved_usd_micros"],
-                    minimum_fee_usd_micros=row["minimum_fee_usd_micros"],
-                    trace_id=row["trace_id"],
-                    lease_token=row["lease_token"],
-                    version=row["version"],
-                    attempts=row["attempts"],
-                    claimed_at_monotonic=anyio.current_time(),
-                    receipt_handle=message.handle,
-                )
-            )
+        # shielded with a deadline, as the SQS backend claims a received batch
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + STATEMENT_DEADLINE_S
+            for message in visible:
+                run = await self._claim_message(message)
+                if run is not None:
+                    claimed.append(run)
         return claimed
+
+    async def _claim_message(self, message: Message) -> ClaimedRun | None:
+        try:
+            with anyio.fail_after(STATEMENT_DEADLINE_S, shield=True):
+                row = await self.ledger.claim_run_by_id(message.run_id, self.lease_sec)
+        except (OSError, TimeoutError):
+            return None  # left in flight: it reappears after the visibility timeout
+        if row is None:
+            self._delete(message.handle)
+            return None
+        return ClaimedRun(
+            run_id=row["id"],
+            tenant_id=row["tenant_id"],
+            pack_type=row["pack_type"],
+            inputs=row["inputs"],
+            timebox_sec=row["timebox_sec"],
+            reserved_usd_micros=row["reserved_usd_micros"],
+            minimum_fee_usd_micros=row["minimum_fee_usd_micros"],
+            trace_id=row["trace_id"],
+            lease_token=row["lease_token"],
+            version=row["version"],
+            attempts=row["attempts"],
+            claimed_at_monotonic=anyio.current_time(),
+            receipt_handle=message.handle,
+        )
 
     def _delete(self, handle: str) -> None:
         # a stale receipt handle (the message was received again since) deletes nothing
@@ -138,7 +148,7 @@ class MemQueue:
         return released
 
     async def requeue_unsent(self, older_than_sec: int) -> int:
-        rows = await self.ledger.queued_unsent(older_than_sec, 500)
+        rows = await self.ledger.queued_unsent(older_than_sec, 500, QUEUED_MESSAGE_LOST_AFTER_SEC)
         runs = [
             QueuedRun(r["id"], r["tenant_id"], r["pack_type"], r["trace_id"], now_dt())
             for r in rows
@@ -208,66 +218,85 @@ class MemBlobs:
         return f"sim://{key}"
 
 
-@dataclass(frozen=True, slots=True)
-class Observation:
-    balance: int
-    reserved: int
-    version: int
-    mirror: MirrorBudget | None
-    committed: frozenset[str]
-
-    @property
-    def drifted(self) -> bool:
-        return self.mirror is not None and (
-            self.mirror.balance_usd_micros != self.balance
-            or self.mirror.reserved_usd_micros != self.reserved
-        )
-
-    def same(self, other: Observation) -> bool:
-        return (self.balance, self.reserved, self.version, self.mirror) == (
-            other.balance,
-            other.reserved,
-            other.version,
-            other.mirror,
-        )
-
-
 @dataclass(slots=True)
 class MemDrift:
-    """``dpp.money.drift.repair_drift``: repair only a drift seen twice, unmoved."""
+    """``dpp.money.drift.repair_drift`` over the in-memory stores: the same
+    ``Observation`` (pending holds, committed holds, abandoned holds), the same
+    two looks ``settle_s`` apart, the same compare-and-set repair."""
 
     ledger: MemLedger
     mirror: MemMirror
 
-    async def _observe(self, tenant_ids: list[str]) -> dict[str, Observation]:
-        seen = {}
-        for tenant_id in tenant_ids:
-            await self.ledger._begin("tenant_counters")
-            tenant = self.ledger.tenants[tenant_id]
-            row = (tenant.balance, tenant.reserved, tenant.version)
-            committed = frozenset(self.ledger.committed_operations(tenant_id))
-            seen[tenant_id] = Observation(*row, await self.mirror.read(tenant_id), committed)
-        return seen
+    async def _observe(self, tenant_ids: list[str]) -> dict[str, tuple[Observation, set[str]]]:
+        await self.ledger._begin("tenant_counters")
+        rows = {
+            t: (x.balance, x.reserved, x.version, self.ledger.committed_operations(t))
+            for t, x in self.ledger.tenants.items()
+            if t in tenant_ids
+        }
+        mirrors: dict[str, MirrorObservation | None] = {}
+        for tenant_id in rows:
+            try:
+                mirrors[tenant_id] = await self.mirror.observe(tenant_id)
+            except OSError:
+                continue  # skipped this pass
+        holds_by_run = {
+            run_id: hold.hold_id
+            for seen in mirrors.values()
+            if seen is not None
+            for hold in seen.pending
+            if (run_id := run_id_of_hold(hold.hold_id)) is not None
+        }
+        committed: frozenset[str] = frozenset()
+        if holds_by_run:
+            found = await self.ledger.reserved_run_ids(list(holds_by_run))
+            committed = frozenset(holds_by_run[run_id] for run_id in found)
+        observations = {}
+        for tenant_id, (balance, reserved, version, done) in rows.items():
+            if tenant_id not in mirrors:
+                continue
+            seen = mirrors[tenant_id]
+            mine = frozenset(
+                h.hold_id for h in (seen.pending if seen else ()) if h.hold_id in committed
+            )
+            observations[tenant_id] = (
+                Observation(balance, reserved, version, seen, mine),
+                done,
+            )
+        return observations
 
     async def repair_page(
         self, after_tenant_id: str, settle_s: float
     ) -> tuple[list[dict[str, object]], str]:
         tenant_ids = sorted(t for t in self.ledger.tenants if t > after_tenant_id)
         first = await self._observe(tenant_ids)
-        suspects = [t for t, seen in first.items() if seen.drifted]
+        suspects = [t for t, (seen, _) in first.items() if seen.needs_repair]
         if not suspects:
             return [], ""
         await anyio.sleep(settle_s)
         second = await self._observe(suspects)
         repairs: list[dict[str, object]] = []
         for tenant_id in suspects:
-            before, now = first[tenant_id], second[tenant_id]
-            if not now.drifted or not now.same(before):
+            before = first[tenant_id][0]
+            if tenant_id not in second:
+                continue
+            now, done = second[tenant_id]
+            if not now.needs_repair or not now.same_state(before):
                 continue
             assert now.mirror is not None
-            if await self.mirror.repair(
-                tenant_id, now.mirror, now.balance, now.reserved, now.version, set(now.committed)
-            ):
+            try:
+                repaired = await self.mirror.repair(
+                    tenant_id,
+                    now.mirror.budget,
+                    now.balance_usd_micros,
+                    now.expected_reserved_usd_micros,
+                    now.ledger_version,
+                    dropped_holds=now.dropped_holds,
+                    included=done,
+                )
+            except OSError:
+                continue
+            if repaired and now.drifted:
                 repairs.append({"tenant_id": tenant_id})
         return repairs, ""
 

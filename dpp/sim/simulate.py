@@ -61,7 +61,7 @@ TENANTS = 2
 CLIENTS_PER_TENANT = 2
 OPS_PER_CLIENT = 5
 # after the workload: faults off, this long for the reaper and reconciler to finish
-HEAL_S = 300.0
+HEAL_S = 1_200.0  # past QUEUED_MESSAGE_LOST_AFTER_SEC: lost messages are resent
 RUN_DEADLINE_S = 20_000.0  # virtual: a run that never quiesces is a violation
 
 

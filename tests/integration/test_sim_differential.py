@@ -6,7 +6,9 @@ ones (``dpp/money/ledger.py`` on Postgres, ``budget.lua`` through
 ``dpp/money/mirror.py`` on Redis); after every operation the answers and every
 state (tenant counters and versions, runs, ledger entries, idempotency records,
 the mirror's hash) must be equal. Refused, replayed, stale and conflicting
-operations are drawn on purpose: the guards are where a likeness drifts.
+operations (and mirror writes at, below and above its baseline version, holds
+resolved or dropped whether pending or not) are drawn on purpose: the guards
+are where a likeness drifts.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dpp.adapters.queue.base import ClaimedRun, LeaseStore
 from dpp.adapters.redis import create_redis
 from dpp.money import ledger
 from dpp.money.ledger import LedgerStore
-from dpp.money.mirror import BudgetMirror
+from dpp.money.mirror import BudgetMirror, MirrorObservation
 from dpp.money.rules import Outcome, RunStatus
 from dpp.runs.idempotency import IdempotencyKeys, Scope
 from dpp.sim.ledger import MemLedger
@@ -35,7 +37,7 @@ from dpp.sim.world import Trace, Violations
 from tests import services as test_services
 
 SEEDS = range(6)
-STEPS = 120
+STEPS = 200
 TENANTS = ["ten_" + c * 26 for c in "AB"]
 MAX_CONCURRENT_RUNS = 3
 
@@ -86,6 +88,13 @@ async def both(real: Callable[[], Any], mem: Callable[[], Any]) -> tuple[Any, An
     return answers[0], answers[1]
 
 
+def observed(seen: MirrorObservation | None) -> Any:
+    """A mirror's counters and pending holds (their ages aside: Redis's clock is not ours)."""
+    if seen is None:
+        return None
+    return seen.budget, [(hold.hold_id, hold.amount_usd_micros) for hold in seen.pending]
+
+
 async def real_state(real: Real) -> dict[str, Any]:
     pool = real.pool
     tenants = {
@@ -116,7 +125,7 @@ async def real_state(real: Real) -> dict[str, Any]:
         (r["tenant_id"], r["key"]): (r["state"], r["response_status"])
         for r in await pool.fetch("SELECT * FROM idempotency_keys")
     }
-    mirror = {t: await real.mirror.read(t) for t in TENANTS}
+    mirror = {t: observed(await real.mirror.observe(t)) for t in TENANTS}
     return {"tenants": tenants, "runs": runs, "entries": entries, "keys": keys, "mirror": mirror}
 
 
@@ -139,7 +148,7 @@ async def mem_state(mem: MemLedger, mirror: MemMirror) -> dict[str, Any]:
             key=lambda entry: entry[4],
         ),
         "keys": {(k[0], k[3]): (r.state, r.status) for k, r in mem.keys.items()},
-        "mirror": {t: await mirror.read(t) for t in TENANTS},
+        "mirror": {t: observed(await mirror.observe(t)) for t in TENANTS},
     }
 
 
@@ -194,7 +203,7 @@ class Sequence:
             + ["audit", "key", "key_complete", "key_abandon"]
             + [
                 "m_reserve",
-                "m_release",
+                "m_resolve",
                 "m_settle",
                 "m_credit",
                 "m_load",
@@ -351,22 +360,29 @@ class Sequence:
                     lambda: real.mirror.reserve(tenant, items),
                     lambda: mirror.reserve(tenant, items),
                 )
-            case "m_release":
+            case "m_resolve":
+                pending = sorted(mirror.pending.get(tenant, {}))
+                kept = [h for h in pending if rng.random() < 0.4]
+                released = [(h, amount) for h in pending if h not in kept and rng.random() < 0.5]
+                if rng.random() < 0.3:
+                    released.append((operation, amount))  # not pending: nothing given back
                 return await both(
-                    lambda: real.mirror.release(tenant, [(operation, amount)]),
-                    lambda: mirror.release(tenant, [(operation, amount)]),
+                    lambda: real.mirror.resolve_holds(tenant, kept, released),
+                    lambda: mirror.resolve_holds(tenant, kept, released),
                 )
             case "m_settle":
                 items3 = [(operation, amount, rng.choice((0, amount // 2, amount)))]
+                version = self.version_near_baseline(tenant)
                 return await both(
-                    lambda: real.mirror.settle_many(tenant, items3),
-                    lambda: mirror.settle_many(tenant, items3),
+                    lambda: real.mirror.settle_many(tenant, items3, version),
+                    lambda: mirror.settle_many(tenant, items3, version),
                 )
             case "m_credit":
                 credit_id = f"op{rng.randrange(4)}"
+                version = self.version_near_baseline(tenant)
                 return await both(
-                    lambda: real.mirror.credit(tenant, credit_id, amount),
-                    lambda: mirror.credit(tenant, credit_id, amount),
+                    lambda: real.mirror.credit(tenant, credit_id, amount, version),
+                    lambda: mirror.credit(tenant, credit_id, amount, version),
                 )
             case "m_load":
                 budget = self.mem.tenants[tenant]
@@ -380,7 +396,7 @@ class Sequence:
                 if markers:
                     await real.redis.delete(*markers)
                 if op == "m_flush":
-                    await real.redis.delete(key)
+                    await real.redis.delete(key, real.mirror.pending_key(tenant))
                     mirror.flush(tenant)
                 else:
                     mirror.evict_markers(tenant)
@@ -395,11 +411,19 @@ class Sequence:
                     )
                 budget = self.mem.tenants[tenant]
                 values = (budget.balance, budget.reserved, budget.version)
+                pending = sorted(mirror.pending.get(tenant, {}))
+                dropped = [h for h in pending if rng.random() < 0.5]
                 return await both(
-                    lambda: real.mirror.repair(tenant, observed, *values),
-                    lambda: mirror.repair(tenant, observed, *values, set()),
+                    lambda: real.mirror.repair(tenant, observed, *values, dropped_holds=dropped),
+                    lambda: mirror.repair(tenant, observed, *values, dropped_holds=dropped),
                 )
         raise AssertionError(op)
+
+    def version_near_baseline(self, tenant: str) -> int:
+        """A commit's ledger_version at, below or above the mirror's baseline."""
+        hash_ = self.mirror.hashes.get(tenant)
+        baseline = hash_.version if hash_ is not None else 1
+        return max(1, baseline + self.rng.choice((-1, 0, 1, 3)))
 
 
 @pytest.mark.audit_exempt  # the sequences settle at random; the audit is this test's own check
