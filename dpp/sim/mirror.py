@@ -130,7 +130,6 @@ class MemMirror:
                 if pending.pop(hold, None) is not None:
                     hash_.reserved -= amount
             self.trace.add(f"redis resolve {tenant_id} reserved {hash_.reserved}")
-            self.check(tenant_id)
         self._end("mirror.resolve")
 
     async def settle_many(
@@ -151,7 +150,6 @@ class MemMirror:
             self.trace.add(
                 f"redis settle {tenant_id} {[i[0] for i in items]} reserved {hash_.reserved}"
             )
-            self.check(tenant_id)
         self._end("mirror.settle")
         return applied
 
@@ -238,10 +236,3 @@ class MemMirror:
     def evict_markers(self, tenant_id: str) -> None:
         self.markers.pop(tenant_id, None)
         self.trace.add(f"redis evict markers {tenant_id}")
-
-    def check(self, tenant_id: str) -> None:
-        hash_ = self.hashes.get(tenant_id)
-        if hash_ is not None and hash_.reserved < 0:
-            self.violations.add(
-                f"invariant 5: the mirror of {tenant_id} holds reserved {hash_.reserved}"
-            )
