@@ -67,7 +67,7 @@ async def test_the_mirror_check_sees_a_settlement_applied_twice(replayed: bool, 
         Trace(), violations, lambda tenant_id: {"settle:run_1"}, replayed=lambda op: replayed
     )
     await mirror.load(tenant, 10_000, 1_000, 1)  # Postgres had settled run_1 already
-    await mirror.settle_many(tenant, [("settle:run_1", 1_000, 100)])
+    await mirror.settle_many(tenant, [("settle:run_1", 1_000, 100)], 2)  # above the baseline
     assert len(violations.found) == 1
     assert "applied settle:run_1 twice" in violations.found[0]
     assert violations.found[0].endswith(f"[{hole}]")
