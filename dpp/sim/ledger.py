@@ -13,9 +13,12 @@ Invariants 1-4 of SPEC §1 are checked after every transaction (``check``).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import anyio
 
 from dpp.adapters.queue.base import ClaimedRun
 from dpp.faults import crash_point
@@ -23,7 +26,7 @@ from dpp.limits import IDEMPOTENCY_LOCK_S, IDEMPOTENCY_RETENTION_HOURS, LEDGER_B
 from dpp.money import ledger, rules
 from dpp.money.ledger import _decide_settlement
 from dpp.money.rules import Admission, Budget, RunStatus
-from dpp.runs.idempotency import Begin, InFlight, Mismatch, Proceed, Replay, Scope
+from dpp.runs.idempotency import Begin, Held, InFlight, Mismatch, Proceed, Replay, Scope
 from dpp.sim.world import Faults, Trace, Violations, now_dt, now_s
 
 Row = dict[str, Any]
@@ -47,11 +50,14 @@ class Entry:
     kind: str  # credit | reserve | charge | refund
     amount: int
     operation_id: str
+    # a credit's receipt: the budget it answered (a replay answers it again)
+    receipt: ledger.TenantBudget | None = None
 
 
 @dataclass(slots=True)
 class KeyRecord:
     fingerprint: bytes
+    owner: uuid.UUID
     state: str  # in_flight | done
     locked_until: float
     created_at: float
@@ -189,35 +195,78 @@ class MemLedger:
                 raise ledger.CreditConflict(operation_id)
             self.trace.add(f"pg credit {tenant_id} {operation_id} replayed")
             self.replayed.add(f"credit:{operation_id}")
-            return ledger.CreditResult(self._budget(tenant), replayed=True)
-        self._entry(Entry(tenant_id, None, "credit", amount_usd_micros, operation_id))
+            receipt = previous[0].receipt
+            assert receipt is not None
+            return ledger.CreditResult(receipt, replayed=True)
         tenant.balance += amount_usd_micros
         tenant.version += 1
+        self._entry(
+            Entry(tenant_id, None, "credit", amount_usd_micros, operation_id, self._budget(tenant))
+        )
         self.trace.add(f"pg credit {tenant_id} {operation_id} {amount_usd_micros}")
         result = ledger.CreditResult(self._budget(tenant), replayed=False)
         self._end("credit")
         return result
 
     async def reserve_batch(
-        self, tenant_id: str, drafts: Sequence[ledger.RunDraft]
+        self,
+        tenant_id: str,
+        drafts: Sequence[ledger.RunDraft],
+        deadlines: Sequence[float] | None = None,
     ) -> ledger.ReserveBatchResult:
+        """ledger.reserve_batch: the drafts' keys checked owned under the tenant
+        lock (``KeyNotHeld``), drafts past their caller's deadline withdrawn
+        (``DeadlinePassed``), the whole transaction bounded by the latest deadline."""
         assert 1 <= len(drafts) <= LEDGER_BATCH_MAX
-        await self._begin("reserve")
+        assert deadlines is None or len(deadlines) == len(drafts)
+        late = ledger.ReserveBatchResult([ledger.DeadlinePassed() for _ in drafts], None)
+        if deadlines is not None:
+            if max(deadlines) <= now_s():
+                return late  # no time left to even acquire a connection
+            with anyio.move_on_at(max(deadlines)) as bound:
+                await self._begin("reserve")
+            if bound.cancelled_caught:
+                self.trace.add(f"pg reserve {tenant_id} statement timeout")
+                return late
+        else:
+            await self._begin("reserve")
         tenant = self.tenants.get(tenant_id)
         if tenant is None:
             raise ledger.TenantNotFound(tenant_id)
+        now = now_s()
+        withdrawn: list[ledger.Withdrawn | None] = []
+        for index, draft in enumerate(drafts):
+            completion = draft.idempotency
+            record = (
+                None
+                if completion is None
+                else self.keys.get((tenant_id, completion.method, completion.path, completion.key))
+            )
+            if completion is not None and (
+                record is None or record.state != "in_flight" or record.owner != completion.owner
+            ):
+                withdrawn.append(ledger.KeyNotHeld())
+            elif deadlines is not None and now >= deadlines[index]:
+                withdrawn.append(ledger.DeadlinePassed())
+            else:
+                withdrawn.append(None)
+        eligible = [d for d, why in zip(drafts, withdrawn, strict=True) if why is None]
         open_runs = sum(
             1 for r in self.runs.values() if r["tenant_id"] == tenant_id and r["status"] in OPEN
         )
-        decisions, after = rules.decide_batch(
+        decided, after = rules.decide_batch(
             Budget(tenant.balance, tenant.reserved),
-            [draft.reserved_usd_micros for draft in drafts],
+            [draft.reserved_usd_micros for draft in eligible],
             open_runs=open_runs,
             max_concurrent_runs=tenant.max_concurrent_runs,
         )
+        remaining = iter(decided)
+        decisions: list[rules.AdmissionDecision | ledger.Withdrawn] = [
+            next(remaining) if why is None else why for why in withdrawn
+        ]
         accepted = [
             d
-            for d, decision in zip(drafts, decisions, strict=True)
+            for d, decision in zip(eligible, decided, strict=True)
             if decision.admission is Admission.ACCEPTED
         ]
         if not accepted:
@@ -267,15 +316,13 @@ class MemLedger:
                 )
             )
             if completion is not None:
-                # complete_idempotency_batch: WHERE state = 'in_flight', count unchecked
-                record = self.keys.get(
-                    (tenant_id, completion.method, completion.path, completion.key)
-                )
-                if record is not None and record.state == "in_flight":
-                    record.state = "done"
-                    record.status = completion.status
-                    record.headers = dict(completion.headers)
-                    record.body = completion.body
+                # complete_idempotency_batch: the key is locked and was checked owned
+                record = self.keys[(tenant_id, completion.method, completion.path, completion.key)]
+                assert record.state == "in_flight" and record.owner == completion.owner
+                record.state = "done"
+                record.status = completion.status
+                record.headers = dict(completion.headers)
+                record.body = completion.body
         self.trace.add(f"pg reserve {tenant_id} {[d.run_id for d in accepted]} total {total}")
         self._check_keys()
         result = ledger.ReserveBatchResult(decisions, self._budget(tenant))
@@ -587,31 +634,35 @@ class MemLedger:
 
     # --------------------------------------------------- idempotency keys
 
+    def _owner(self) -> uuid.UUID:
+        self.tokens += 1
+        return uuid.UUID(int=self.tokens)
+
     async def begin(self, scope: Scope, fingerprint: bytes) -> Begin:
         """dpp.runs.idempotency.IdempotencyKeys.begin, statement by statement."""
         at = (scope.tenant_id, scope.method, scope.path, scope.key)
+        held = Held(scope, self._owner())
         await self._begin("idempotency_insert")
         if at not in self.keys:
             self.keys[at] = KeyRecord(
-                fingerprint, "in_flight", now_s() + IDEMPOTENCY_LOCK_S, now_s()
+                fingerprint, held.owner, "in_flight", now_s() + IDEMPOTENCY_LOCK_S, now_s()
             )
             self.trace.add(f"pg key {scope.key} begun")
-            return Proceed()
+            return Proceed(held)
         await self._begin("idempotency_get")
         record = self.keys.get(at)
         if record is None:
             if at not in self.keys:
                 self.keys[at] = KeyRecord(
-                    fingerprint, "in_flight", now_s() + IDEMPOTENCY_LOCK_S, now_s()
+                    fingerprint, held.owner, "in_flight", now_s() + IDEMPOTENCY_LOCK_S, now_s()
                 )
-                return Proceed()
+                return Proceed(held)
             return InFlight()
         if record.fingerprint != fingerprint:
             return Mismatch()
         if record.state == "done":
-            assert (
-                record.status is not None and record.headers is not None and record.body is not None
-            )
+            assert record.status is not None and record.headers is not None
+            assert record.body is not None
             return Replay(record.status, dict(record.headers), record.body)
         if record.locked_until < now_s():
             await self._begin("idempotency_take_over")
@@ -619,29 +670,35 @@ class MemLedger:
             if record is not None and record.state == "in_flight" and record.locked_until < now_s():
                 record.locked_until = now_s() + IDEMPOTENCY_LOCK_S
                 record.created_at = now_s()
+                record.owner = held.owner
                 self.trace.add(f"pg key {scope.key} taken over")
-                return Proceed()
+                return Proceed(held)
         return InFlight()
 
-    async def complete(
-        self, scope: Scope, status: int, headers: dict[str, str], body: bytes
-    ) -> None:
+    async def complete(self, held: Held, status: int, headers: dict[str, str], body: bytes) -> bool:
+        scope = held.scope
         await self._begin("idempotency_complete")
         record = self.keys.get((scope.tenant_id, scope.method, scope.path, scope.key))
-        if record is not None and record.state == "in_flight":
+        stored = False
+        if record is not None and record.state == "in_flight" and record.owner == held.owner:
             record.state = "done"
             record.status, record.headers, record.body = status, dict(headers), body
             self.trace.add(f"pg key {scope.key} completed {status}")
+            stored = True
         if self.faults is not None:
             self.faults.after("idempotency_complete", self.trace)
+        return stored
 
-    async def abandon(self, scope: Scope) -> None:
-        await self._begin("idempotency_abandon")
+    async def release(self, held: Held) -> bool:
+        scope = held.scope
+        await self._begin("idempotency_release")
         at = (scope.tenant_id, scope.method, scope.path, scope.key)
         record = self.keys.get(at)
-        if record is not None and record.state == "in_flight":
+        if record is not None and record.state == "in_flight" and record.owner == held.owner:
             del self.keys[at]
-            self.trace.add(f"pg key {scope.key} abandoned")
+            self.trace.add(f"pg key {scope.key} released")
+            return True
+        return False
 
     async def sweep(self, *, batch: int = 1000) -> int:
         await self._begin("idempotency_sweep")

@@ -44,6 +44,7 @@ from dpp.runs.admission import (
     ConcurrencyLimit,
     KeyInFlight,
     KeyReused,
+    KeyTakenOver,
     Replayed,
     ReservationUnavailable,
 )
@@ -315,7 +316,9 @@ class World:
                     tenant_id, request, body=body, idempotency_key=key, trace_id=None
                 )
                 if isinstance(outcome, BudgetShort):
-                    await admission.remember_refusal(outcome, "application/problem+json", b"402")
+                    outcome = await admission.remember_refusal(
+                        outcome, "application/problem+json", b"402"
+                    )
             except (ReservationUnavailable, OSError) as error:
                 self.trace.add(f"client {name} 503 {type(error).__name__}")
                 await anyio.sleep(rng.uniform(1.0, 30.0))
@@ -349,7 +352,7 @@ class World:
                 case BudgetShort():
                     self._tell(key, "402")
                     return
-                case KeyInFlight() | ConcurrencyLimit():
+                case KeyInFlight() | KeyTakenOver() | ConcurrencyLimit():
                     self.trace.add(f"client {name} {type(outcome).__name__}")
                     await anyio.sleep(rng.uniform(5.0, 40.0))
                 case KeyReused():

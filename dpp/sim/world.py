@@ -117,9 +117,10 @@ class Trace:
 # Holes issue 9 found on main, by the tag of the violation that shows each.
 # Until its fix merges, a known hole's violations are counted and printed but
 # do not fail a seed; remove its tag here when the fix lands (docs/simulation.md).
-# Holes 3 and 4 were fixed on main (6a0b7d2: mirror only what Postgres applied;
-# pending holds and a version baseline for drift repair): no longer tolerated.
-KNOWN_HOLES: frozenset[str] = frozenset({"hole1"})
+# None tolerated now: holes 3 and 4 were fixed on main by 6a0b7d2 (mirror only
+# what Postgres applied; pending holds and a version baseline for drift repair),
+# hole 1 by the owner tokens and reservation deadlines that followed.
+KNOWN_HOLES: frozenset[str] = frozenset()
 HOLES = {
     "hole1": "one Idempotency-Key created two runs, or answered two outcomes",
     "hole3": "the Redis mirror applied a replayed settlement or credit again",

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 import asyncpg
 import pytest
 from redis.asyncio import Redis
@@ -30,7 +32,7 @@ from dpp.money import ledger
 from dpp.money.ledger import LedgerStore
 from dpp.money.mirror import BudgetMirror, MirrorObservation
 from dpp.money.rules import Outcome, RunStatus
-from dpp.runs.idempotency import IdempotencyKeys, Scope
+from dpp.runs.idempotency import Held, IdempotencyKeys, Proceed, Scope
 from dpp.sim.ledger import MemLedger
 from dpp.sim.mirror import MemMirror
 from dpp.sim.world import Trace, Violations
@@ -40,6 +42,7 @@ SEEDS = range(6)
 STEPS = 200
 TENANTS = ["ten_" + c * 26 for c in "AB"]
 MAX_CONCURRENT_RUNS = 3
+NOBODY = uuid.UUID(int=0)  # an owner token no request holds
 
 
 @dataclasses.dataclass
@@ -162,13 +165,15 @@ class Sequence:
         self.tokens: dict[str, str] = {}  # the real world's lease tokens by run
         self.counter = 0
         self.log: list[str] = []
+        # each world's owner tokens of the keys it holds (real ones are random)
+        self.held: dict[str, dict[tuple[str, str], Held]] = {"real": {}, "mem": {}}
 
     def draft(self, tenant_id: str, key: str | None) -> ledger.RunDraft:
         self.counter += 1
         run_id = f"run_{self.counter:026d}"
         completion = (
             ledger.IdempotencyCompletion(
-                "POST", "/v1/runs", key, 202, {"Location": run_id}, run_id.encode()
+                "POST", "/v1/runs", key, NOBODY, 202, {"Location": run_id}, run_id.encode()
             )
             if key is not None
             else None
@@ -187,6 +192,21 @@ class Sequence:
             idempotency=completion,
         )
 
+    def held_for(self, world: str, tenant: str, scope: Scope, stale: bool) -> Held:
+        held = self.held[world].get((tenant, scope.key))
+        return Held(scope, NOBODY) if held is None or stale else held
+
+    def owned_by(
+        self, world: str, tenant: str, draft: ledger.RunDraft, stale: bool
+    ) -> ledger.RunDraft:
+        """The draft with this world's owner token for its key (or a stranger's)."""
+        completion = draft.idempotency
+        if completion is None:
+            return draft
+        held = self.held[world].get((tenant, completion.key))
+        owner = NOBODY if held is None or stale else held.owner
+        return dataclasses.replace(draft, idempotency=dataclasses.replace(completion, owner=owner))
+
     def claimed(self, run_id: str, token: str, version: int) -> ClaimedRun:
         return ClaimedRun(
             run_id, TENANTS[0], "sim", {}, 30, 1, 0, None, token, max(version, 1), 1, 0.0
@@ -200,7 +220,7 @@ class Sequence:
             + ["reserve"] * 4
             + ["settle"] * 4
             + ["claim", "renew", "finalize", "release"]
-            + ["audit", "key", "key_complete", "key_abandon"]
+            + ["audit", "key", "key", "key_complete", "key_release"]
             + [
                 "m_reserve",
                 "m_resolve",
@@ -240,9 +260,16 @@ class Sequence:
                 for _ in range(rng.randrange(1, 4)):
                     key = f"k{rng.randrange(6)}" if rng.random() < 0.5 else None
                     drafts.append(self.draft(tenant, key))
+                deadlines = None
+                if rng.random() < 0.3:
+                    now = anyio.current_time()
+                    deadlines = [now + rng.choice((-1.0, 60.0)) for _ in drafts]
+                stale = rng.random() < 0.2
+                real_drafts = [self.owned_by("real", tenant, d, stale) for d in drafts]
+                mem_drafts = [self.owned_by("mem", tenant, d, stale) for d in drafts]
                 answers = await both(
-                    lambda: real.store.reserve_batch(tenant, drafts),
-                    lambda: mem.reserve_batch(tenant, drafts),
+                    lambda: real.store.reserve_batch(tenant, real_drafts, deadlines),
+                    lambda: mem.reserve_batch(tenant, mem_drafts, deadlines),
                 )
                 self.run_ids += [d.run_id for d in drafts if d.run_id in mem.runs]
                 return answers
@@ -332,20 +359,33 @@ class Sequence:
                     lambda: real.store.mark_audit_required(run_id, version, error),
                     lambda: mem.mark_audit_required(run_id, version, error),
                 )
-            case "key" | "key_complete" | "key_abandon":
+            case "key" | "key_complete" | "key_release":
                 scope = Scope(tenant, "POST", "/v1/runs", f"k{rng.randrange(6)}")
                 fingerprint = bytes([rng.randrange(2)])
                 if op == "key":
+
+                    async def begin(world: str, call: Callable[[], Any]) -> Any:
+                        answer = await call()
+                        if isinstance(answer, Proceed):
+                            self.held[world][(tenant, scope.key)] = answer.held
+                            return "proceed"
+                        return answer
+
                     return await both(
-                        lambda: real.keys.begin(scope, fingerprint),
-                        lambda: mem.begin(scope, fingerprint),
+                        lambda: begin("real", lambda: real.keys.begin(scope, fingerprint)),
+                        lambda: begin("mem", lambda: mem.begin(scope, fingerprint)),
                     )
+                stale = rng.random() < 0.2
+                real_held = self.held_for("real", tenant, scope, stale)
+                mem_held = self.held_for("mem", tenant, scope, stale)
                 if op == "key_complete":
                     return await both(
-                        lambda: real.keys.complete(scope, 402, {"a": "b"}, b"x"),
-                        lambda: mem.complete(scope, 402, {"a": "b"}, b"x"),
+                        lambda: real.keys.complete(real_held, 402, {"a": "b"}, b"x"),
+                        lambda: mem.complete(mem_held, 402, {"a": "b"}, b"x"),
                     )
-                return await both(lambda: real.keys.abandon(scope), lambda: mem.abandon(scope))
+                return await both(
+                    lambda: real.keys.release(real_held), lambda: mem.release(mem_held)
+                )
             case _:
                 return await self.mirror_step(op, tenant, run_id)
 
