@@ -34,6 +34,7 @@ from dpp.actors.supervisor import ChildSpec
 from dpp.limits import BUDGET_ACTORS_MAX, BUDGET_BATCH_MAX
 from dpp.metrics import Metrics
 from dpp.money import ledger
+from dpp.money.mirror import MirrorMissing
 from dpp.runs.admission import (
     ReservationBusy,
     ReservationInvalid,
@@ -154,6 +155,10 @@ class Budgets:
             raise ReservationOutcomeUnknown(str(error)) from error
         except ReservationRejected as error:
             raise ReservationInvalid(str(error)) from error
+        except MirrorMissing as error:
+            # Redis lost the counters again while the actor rebuilt them (a flush
+            # racing the rebuild): no hold was placed, so nothing was reserved.
+            raise ReservationBusy(str(error)) from error
 
     async def settle(self, tenant_id: str, request: ledger.SettleRequest) -> ledger.SettleResult:
         """``dpp.runs.service.Settler``: settle once; raises ``ledger.SettleRefused``,

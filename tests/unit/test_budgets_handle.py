@@ -12,6 +12,7 @@ from dpp.actors.budgets import Budgets, CreditUnavailable
 from dpp.actors.kernel import ActorCrashed, ActorStopped, AskTimeout, MailboxFull
 from dpp.actors.registry import KeyCoolingDown, RegistryFull
 from dpp.money import ledger
+from dpp.money.mirror import MirrorMissing
 from dpp.money.rules import Outcome
 from dpp.runs.admission import (
     ReservationBusy,
@@ -46,6 +47,8 @@ def _failing(budgets: Budgets, error: Exception) -> None:
         (AskTimeout("slow"), ReservationTimedOut, None),
         (ActorCrashed("died"), ReservationOutcomeUnknown, None),
         (ReservationRejected("UntranslatableCharacterError"), ReservationInvalid, None),
+        # Redis flushed again while the actor rebuilt it: no hold, nothing reserved
+        (MirrorMissing("flushed during the rebuild"), ReservationBusy, None),
     ],
 )
 async def test_reserve_maps_each_kernel_failure(
