@@ -94,13 +94,20 @@ def draft(
 
 
 async def claim_for_test(pool: asyncpg.Pool, run_id: str) -> str:
-    """Move a QUEUED run to CLAIMED with a lease, as a worker would; return the token."""
-    token = await pool.fetchval(
-        "UPDATE runs SET status = 'CLAIMED', lease_token = gen_random_uuid(),"
-        " lease_expires_at = now() + interval '1 minute', started_at = now(),"
-        " claimed_at = now(), version = version + 1"
-        " WHERE id = $1 AND status = 'QUEUED' RETURNING lease_token",
-        run_id,
-    )
-    assert token is not None
+    """Move a QUEUED run to CLAIMED with a lease, as a worker would (claim, then
+    finalize's phase 1: the database allows no shortcut); return the token."""
+    async with pool.acquire() as connection, connection.transaction():
+        token = await connection.fetchval(
+            "UPDATE runs SET status = 'PROCESSING', lease_token = gen_random_uuid(),"
+            " lease_expires_at = now() + interval '1 minute', started_at = now(),"
+            " version = version + 1"
+            " WHERE id = $1 AND status = 'QUEUED' RETURNING lease_token",
+            run_id,
+        )
+        assert token is not None
+        await connection.execute(
+            "UPDATE runs SET status = 'CLAIMED', claimed_at = now(), version = version + 1"
+            " WHERE id = $1",
+            run_id,
+        )
     return str(token)

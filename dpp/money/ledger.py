@@ -1,9 +1,14 @@
 """The durable money ledger in Postgres: credits, reservations, settlements.
 
 Postgres is the truth. Every function here runs one transaction whose writes
-are conditional statements with checked row counts; the schema's CHECK
-constraints refuse whatever slips past (a tenant's available can never go
-negative, a terminal run's charged + refunded always equals its reservation).
+are conditional statements with checked row counts. Money moves only as ledger
+entries: the ledger's insert trigger moves the tenant counters from them, and
+the database's rules (``sql/migrations/0004_database_rules.sql``) refuse
+whatever slips past — a tenant's available can never go negative, a counter
+never moves without an entry, a run moves only along SPEC §2's table and a
+terminal run's charged + refunded always equals its reservation. The code
+still decides first, under the same row locks, so a refusal from the database
+means a bug here, never a normal answer.
 Redis mirrors what these functions commit (`dpp/money/mirror.py`), never the
 other way round.
 """
@@ -61,6 +66,16 @@ class TenantBudget:
         return Budget(self.balance_usd_micros, self.reserved_usd_micros)
 
 
+async def _counters_after_entries(
+    connection: Connection, queries: Queries, tenant_ids: Sequence[str]
+) -> dict[str, TenantBudget]:
+    """The counters the ledger trigger wrote for these tenants in this transaction."""
+    rows = await connection.fetch(queries["tenant_counters_of"], list(tenant_ids))
+    budgets = {row["id"]: tenant_budget(row) for row in rows}
+    assert len(budgets) == len(set(tenant_ids)), "a tenant row vanished under its lock"
+    return budgets
+
+
 def tenant_budget(row: Record) -> TenantBudget:
     """A tenant row's counters, asserted (the read-side twin of the schema's CHECK)."""
     budget = TenantBudget(
@@ -107,9 +122,8 @@ async def credit(
             row = await connection.fetchrow(queries["tenant_budget"], tenant_id)
             assert row is not None, "tenant row vanished under its lock"
             return CreditResult(tenant_budget(row), replayed=True)
-        row = await connection.fetchrow(queries["credit_tenant"], tenant_id, amount_usd_micros)
-        assert row is not None, "tenant row vanished under its lock"
-        budget = tenant_budget(row)
+        # the entry's trigger added it to the balance
+        budget = (await _counters_after_entries(connection, queries, [tenant_id]))[tenant_id]
         await connection.execute(
             queries["insert_credit_receipt"],
             operation_id,
@@ -230,9 +244,10 @@ async def reserve_batch(
     """Admit a batch in one transaction (group commit): run rows, reserve entries,
     the tenant's reserved counter and any idempotency records, all or nothing.
 
-    The tenant row lock serializes admission across replicas; the conditional
-    UPDATE and the schema's CHECK make overspend impossible even if the
-    decision above them were wrong.
+    The tenant row lock serializes admission across replicas; the reserve
+    entries' trigger moves ``reserved`` and the schema's CHECK refuses the
+    batch if available would go negative, so overspend is impossible even if
+    the decision above them were wrong.
 
     Under the tenant lock the drafts' idempotency keys are locked too, and a
     draft whose request no longer owns its key is withdrawn (``KeyNotHeld``):
@@ -359,10 +374,6 @@ async def _reserve_locked(
             if isinstance(decision, AdmissionDecision) and decision.admission is Admission.ACCEPTED
         )
         await _bound_statements(connection, earliest - anyio.current_time())
-    total = sum(draft.reserved_usd_micros for draft in accepted)
-    row = await connection.fetchrow(queries["reserve_on_tenant"], tenant_id, total)
-    assert row is not None, "admission decided a reservation the guard refuses"
-    assert row["reserved_usd_micros"] == after.reserved_usd_micros
     await connection.execute(
         queries["insert_runs"],
         tenant_id,
@@ -396,7 +407,10 @@ async def _reserve_locked(
         )
         # the keys are locked and were checked owned: each one completes
         assert len(completed) == len(completions), "an owned key changed under its lock"
-    return ReserveBatchResult(decisions, tenant_budget(row))
+    # the reserve entries' trigger moved `reserved`; the CHECK judged it
+    budget = (await _counters_after_entries(connection, queries, [tenant_id]))[tenant_id]
+    assert budget.reserved_usd_micros == after.reserved_usd_micros
+    return ReserveBatchResult(decisions, budget)
 
 
 # ------------------------------------------------------------ settlement
@@ -537,7 +551,10 @@ async def settle_batch(
                 outcomes[index] = decision
         if writes:
             finished = await _write_settlements(connection, queries, writes)
-            budgets = await _release_reservations(connection, queries, writes)
+            # the charge and refund entries' trigger released the reservations
+            budgets = await _counters_after_entries(
+                connection, queries, sorted({run["tenant_id"] for _, _, run, _ in writes})
+            )
             for index, _, run, settlement in writes:
                 outcomes[index] = SettleResult(
                     run["id"],
@@ -589,27 +606,6 @@ async def _write_settlements(
         [entry[3] for entry in entries],
     )
     return {row["id"]: row["finished_at"] for row in updated}
-
-
-async def _release_reservations(
-    connection: Connection,
-    queries: Queries,
-    writes: list[tuple[int, SettleRequest, Record, Settlement]],
-) -> dict[str, TenantBudget]:
-    """One conditional UPDATE per tenant: balance -= charges, reserved -= R."""
-    totals: dict[str, tuple[int, int]] = {}
-    for _, _, run, settlement in writes:
-        charged, reserved = totals.get(run["tenant_id"], (0, 0))
-        totals[run["tenant_id"]] = (
-            charged + settlement.charged_usd_micros,
-            reserved + settlement.reserved_usd_micros,
-        )
-    budgets = {}
-    for tenant_id, (charged, reserved) in sorted(totals.items()):
-        row = await connection.fetchrow(queries["settle_on_tenant"], tenant_id, charged, reserved)
-        assert row is not None, "tenant counters disagree with the runs' reservations"
-        budgets[tenant_id] = tenant_budget(row)
-    return budgets
 
 
 async def settle(pool: Pool, queries: Queries, request: SettleRequest) -> SettleResult:

@@ -1,5 +1,8 @@
 -- Money: credits, reservations, settlements, budgets. Every write is a
--- conditional statement whose row count the caller checks (dpp/ledger.py).
+-- conditional statement whose row count the caller checks (dpp/money/ledger.py).
+-- No statement here writes a tenant's counters: the ledger's insert trigger
+-- moves them from the entries (sql/migrations/0004_database_rules.sql), and the
+-- caller reads them back with tenant_counters_of.
 
 -- name: lock_tenant_budget
 SELECT t.balance_usd_micros, t.reserved_usd_micros, t.ledger_version,
@@ -12,14 +15,6 @@ FOR UPDATE OF t;
 SELECT count(*) FROM runs
 WHERE tenant_id = $1 AND status IN ('QUEUED', 'PROCESSING', 'CLAIMED');
 
--- name: reserve_on_tenant
--- The guard that no Redis answer can bypass: only when available stays >= 0.
-UPDATE tenants
-SET reserved_usd_micros = reserved_usd_micros + $2,
-    ledger_version = ledger_version + 1
-WHERE id = $1 AND balance_usd_micros - reserved_usd_micros >= $2
-RETURNING balance_usd_micros, reserved_usd_micros, ledger_version;
-
 -- name: insert_runs
 INSERT INTO runs (id, tenant_id, pack_type, status, inputs, metadata,
                   reserved_usd_micros, minimum_fee_usd_micros, timebox_sec,
@@ -31,6 +26,8 @@ FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::bigint[],
      AS item(id, pack_type, inputs, metadata, reserved, minimum, timebox, trace_id, created_at);
 
 -- name: insert_reserve_entries
+-- The guard that no Redis answer can bypass: the trigger adds these to the
+-- tenant's reserved, and the CHECK refuses it unless available stays >= 0.
 INSERT INTO ledger_entries (tenant_id, run_id, kind, amount_usd_micros, operation_id)
 SELECT $1, run_id, 'reserve', amount, 'reserve:' || run_id
 FROM unnest($2::text[], $3::bigint[]) AS item(run_id, amount);
@@ -58,13 +55,6 @@ FROM unnest($2::text[], $3::text[], $4::text[], $5::int[], $6::jsonb[], $7::byte
 WHERE k.tenant_id = $1 AND k.method = item.method AND k.path = item.path
   AND k.key = item.key
 RETURNING k.key;
-
--- name: credit_tenant
-UPDATE tenants
-SET balance_usd_micros = balance_usd_micros + $2,
-    ledger_version = ledger_version + 1
-WHERE id = $1
-RETURNING balance_usd_micros, reserved_usd_micros, ledger_version;
 
 -- name: insert_credit_entry
 INSERT INTO ledger_entries (tenant_id, run_id, kind, amount_usd_micros, operation_id)
@@ -123,14 +113,6 @@ SELECT item.tenant_id, item.run_id, item.kind, item.amount, item.kind || ':' || 
 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
      AS item(tenant_id, run_id, kind, amount);
 
--- name: settle_on_tenant
-UPDATE tenants
-SET balance_usd_micros = balance_usd_micros - $2,
-    reserved_usd_micros = reserved_usd_micros - $3,
-    ledger_version = ledger_version + 1
-WHERE id = $1 AND reserved_usd_micros >= $3 AND balance_usd_micros >= $2
-RETURNING balance_usd_micros, reserved_usd_micros, ledger_version;
-
 -- name: run_has_reserve_entry
 SELECT EXISTS (SELECT 1 FROM ledger_entries WHERE run_id = $1 AND kind = 'reserve');
 
@@ -140,6 +122,11 @@ SET status = 'AUDIT_REQUIRED', lease_token = NULL, lease_expires_at = NULL,
     error = $2, version = version + 1
 WHERE id = $1 AND version = $3 AND status IN ('QUEUED', 'PROCESSING', 'CLAIMED')
 RETURNING id;
+
+-- name: tenant_counters_of
+-- After a ledger insert: the counters its trigger just wrote (tenants in $1).
+SELECT id, balance_usd_micros, reserved_usd_micros, ledger_version
+FROM tenants WHERE id = ANY($1::text[]);
 
 -- name: tenant_budget
 SELECT t.balance_usd_micros, t.reserved_usd_micros, t.ledger_version,

@@ -166,16 +166,20 @@ async def test_a_run_without_its_reserve_entry_is_never_settled(
 ) -> None:
     async with open_harness(services, database_url, redis_prefix) as h:
         run_id = "run_" + "q" * 26
-        # A row no reservation produced (a restore gone wrong, a hand edit).
-        await h.pool.execute(
-            "INSERT INTO runs (id, tenant_id, pack_type, status, inputs, reserved_usd_micros,"
-            " minimum_fee_usd_micros, timebox_sec, lease_token, lease_expires_at, started_at,"
-            " claimed_at, version, attempts)"
-            " VALUES ($1, $2, 'echo', 'CLAIMED', '{}', 1000, 100, 30, gen_random_uuid(),"
-            " now(), now(), now() - interval '1 hour', 2, 1)",
-            run_id,
-            h.tenant_id,
-        )
+        # A row no reservation produced (a restore gone wrong): the database's
+        # rules refuse it, so write it the way a restore does, as a superuser with
+        # triggers off (session_replication_role = replica; docs/money.md).
+        async with h.pool.acquire() as connection, connection.transaction():
+            await connection.execute("SET LOCAL session_replication_role = replica")
+            await connection.execute(
+                "INSERT INTO runs (id, tenant_id, pack_type, status, inputs, reserved_usd_micros,"
+                " minimum_fee_usd_micros, timebox_sec, lease_token, lease_expires_at, started_at,"
+                " claimed_at, version, attempts)"
+                " VALUES ($1, $2, 'echo', 'CLAIMED', '{}', 1000, 100, 30, gen_random_uuid(),"
+                " now(), now(), now() - interval '1 hour', 2, 1)",
+                run_id,
+                h.tenant_id,
+            )
         report = await (await h.start_reconciler()).reconcile_once()
         assert report["audit_required"] == 1
         assert (await h.row(run_id))["status"] == "AUDIT_REQUIRED"
