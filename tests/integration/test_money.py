@@ -197,6 +197,51 @@ async def test_redis_loss_mid_storm_never_overspends(database_url, services, red
         assert report.ok, report.violations
 
 
+async def test_two_replicas_and_a_redis_flush_mid_storm_admit_exactly_the_budget(
+    database_url, services, redis_prefix
+) -> None:
+    """The probe that Postgres alone holds the budget: two replicas each rebuild the
+    mirror after Redis loses it while the other's reservations are in flight, so
+    Redis admits more than fits; Postgres's decision, the ledger trigger's CHECK
+    and the read-side check must refuse every one of them. Several storms, since
+    a single one may not race."""
+    budget_runs = 30
+    async with contextlib_replicas(database_url, services, redis_prefix, 2) as replicas:
+        first = replicas[0]
+        await create_plan(first.pool, "wide", max_concurrent_runs=10_000)
+        for storm in range(4):
+            tenant = await create_tenant(first.pool, plan_id="wide")
+            await first.budgets.credit(tenant, budget_runs * RESERVATION, f"credit:seed{storm}")
+            outcomes: list[object] = []
+
+            async def one(replica) -> None:
+                try:
+                    outcomes.append(await replica.budgets.reserve(tenant, draft(RESERVATION)))
+                except ReservationOutcomeUnknown as unknown:
+                    outcomes.append(unknown)
+
+            async with anyio.create_task_group() as group:
+                for index in range(100):
+                    group.start_soon(one, replicas[index % 2])
+                    if index in (20, 50):
+                        await anyio.lowlevel.checkpoint()
+                        await anyio.to_thread.run_sync(
+                            delete_redis_prefix, services.redis_url, redis_prefix
+                        )
+            accepted = [o for o in outcomes if isinstance(o, Reserved)]
+            assert len(accepted) == budget_runs, (storm, len(accepted))
+            assert all(isinstance(o, Reserved | InsufficientBudget) for o in outcomes), outcomes
+            committed = await first.pool.fetchval(
+                "SELECT count(*) FROM runs WHERE tenant_id = $1", tenant
+            )
+            assert committed == budget_runs
+            budget = await first.accounts.budget(tenant)
+            assert budget["balance_usd_micros"] - budget["reserved_usd_micros"] == 0
+        await drift.repair_drift(first.pool, first.queries, first.mirror, settle_s=0.05)
+        report = await first.accounts.audit()
+        assert report.ok, report.violations
+
+
 @pytest.mark.parametrize(
     "point", ["reserve.after_redis_hold", "reserve.before_commit", "reserve.after_commit"]
 )
@@ -337,10 +382,15 @@ async def test_concurrent_settlements_of_one_tenant_are_group_committed(
                 ),
             )
 
+        version_before = (await replica.accounts.budget(tenant))["ledger_version"]
         async with anyio.create_task_group() as group:
             for run, token in zip(runs, tokens, strict=True):
                 group.start_soon(settle, run, token)
         budget = await replica.accounts.budget(tenant)
+        # one ledger_version step per transaction: fewer steps than settlements
+        # means some were committed together (with batch_max=1 it would be 50)
+        transactions = budget["ledger_version"] - version_before
+        assert 1 <= transactions < len(runs) // 2, transactions
         assert budget["balance_usd_micros"] == 10_000_000 - 50 * 600
         assert budget["reserved_usd_micros"] == 0
         report = await replica.accounts.audit()

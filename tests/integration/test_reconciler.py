@@ -36,6 +36,7 @@ from dpp.http.routes import admin_reconcile
 from dpp.limits import EVIDENCE_READ_FAILURES_MAX
 from dpp.money import ledger
 from dpp.money.rules import Outcome, RunStatus
+from dpp.runs.store import RunStore
 from tests.integration.test_execution import (
     ECHO_COST_USD_MICROS,
     MINIMUM_FEE_USD_MICROS,
@@ -464,4 +465,49 @@ async def test_a_result_that_cannot_be_deleted_holds_back_no_other(
         assert f"retention:{stuck}" in report["errors"]
         assert (await h.row(other))["result_deleted_at"] is not None
         assert (await h.row(stuck))["result_deleted_at"] is None
+        await h.assert_audit_ok()
+
+
+async def test_the_reaper_loses_to_a_heartbeat_that_renewed_after_it_looked(
+    services, database_url, redis_prefix, monkeypatch
+) -> None:
+    """The reaper reads a lapsed lease, then the worker's heartbeat renews it before
+    the reaper settles: the version the reaper observed must refuse its settlement,
+    or a live worker's run is expired (and charged M) under it."""
+    async with open_harness(services, database_url, redis_prefix) as h:
+        run_id = await h.submit({"payload": 1})
+        claimed = await h.claim_one()
+        await h.age_lease(run_id)
+        looked = RunStore.lapsed_leases
+
+        async def heartbeat_lands_after_the_look(self: RunStore, limit: int) -> list[Any]:
+            rows = await looked(self, limit)
+            for row in rows:
+                renewed = await h.pool.fetchval(
+                    h.adapters.queries["renew_lease"],
+                    row["id"],
+                    claimed.lease_token,
+                    row["version"],
+                    120,
+                )
+                assert renewed == row["version"] + 1
+            return rows
+
+        monkeypatch.setattr(RunStore, "lapsed_leases", heartbeat_lands_after_the_look)
+        report = await (await h.start_reconciler()).reconcile_once()
+        assert report["expired"] == 0
+        assert report["lost_races"] == 1
+        row = await h.row(run_id)
+        assert row["status"] == "PROCESSING" and row["charged_usd_micros"] is None
+        # the live worker finishes it as usual
+        await h.budgets.settle(
+            h.tenant_id,
+            ledger.SettleRequest(
+                run_id,
+                Outcome.FAILED,
+                from_statuses=frozenset({RunStatus.PROCESSING}),
+                lease_token=claimed.lease_token,
+                expected_version=row["version"],
+            ),
+        )
         await h.assert_audit_ok()
