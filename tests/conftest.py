@@ -9,7 +9,9 @@ from collections.abc import Iterator
 import pytest
 
 from dpp.adapters.postgres import Queries, create_pool
+from dpp.adapters.redis import create_redis
 from dpp.money.audit import AuditReport, run_audit
+from dpp.money.mirror import BudgetMirror
 from tests.services import (
     ServiceStack,
     TestServices,
@@ -32,30 +34,42 @@ def services() -> Iterator[TestServices]:
 
 
 @pytest.fixture
-def database_url(services: TestServices, request: pytest.FixtureRequest) -> Iterator[str]:
+def database_url(
+    services: TestServices, redis_prefix: str, request: pytest.FixtureRequest
+) -> Iterator[str]:
     """A fresh, migrated database of this test's own.
 
-    Every test that touched it ends with the money audit (SPEC §1 invariants
-    1-4, and no AUDIT_REQUIRED run left): a test that moves money can never
-    pass while leaving the ledger inconsistent. A test that leaves a bad state
-    on purpose says so with ``@pytest.mark.audit_exempt``.
+    Every test that touched it ends with the money audit: SPEC §1 invariants
+    1-4, no AUDIT_REQUIRED run left, and invariant 5 — the Redis mirror under
+    this test's prefix equals Postgres for every tenant it mirrors (the test is
+    over, so nothing is in flight). A test that moves money can never pass while
+    leaving the ledger or its mirror inconsistent. A test that leaves a bad
+    state on purpose says so with ``@pytest.mark.audit_exempt``; one that leaves
+    only the mirror behind on purpose (a crash with no drift repair after it),
+    with ``@pytest.mark.mirror_exempt``. (Depending on ``redis_prefix`` makes its
+    keys outlive this audit.)
     """
     name = f"dpp_test_{secrets.token_hex(6)}"
     url = create_database(services, name)
     try:
         yield url
         if request.node.get_closest_marker("audit_exempt") is None:
-            report = asyncio.run(_audit(url))
+            with_mirror = request.node.get_closest_marker("mirror_exempt") is None
+            prefix = redis_prefix if with_mirror else None
+            report = asyncio.run(_audit(url, services.redis_url, prefix))
             assert report.ok, f"money audit failed after the test: {report.as_json()}"
     finally:
         drop_database(services, name)
 
 
-async def _audit(url: str) -> AuditReport:
+async def _audit(url: str, redis_url: str, prefix: str | None) -> AuditReport:
     pool = await create_pool(url, max_size=2)
+    redis = create_redis(redis_url)
     try:
-        return await run_audit(pool, Queries.load(), None)
+        mirror = None if prefix is None else BudgetMirror(redis, prefix)
+        return await run_audit(pool, Queries.load(), mirror)
     finally:
+        await redis.aclose()
         await pool.close()
 
 

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 import orjson
 import pytest
@@ -47,6 +48,7 @@ from dpp.context import AppContext
 from dpp.money import ledger
 from dpp.money.ledger import Reserved
 from dpp.money.rules import Outcome, RunStatus
+from dpp.runs.service import RunNotCancelable
 from tests.moneykit import create_tenant
 
 if TYPE_CHECKING:
@@ -625,4 +627,59 @@ async def test_a_result_uploaded_after_a_roll_back_is_deleted_not_orphaned(
         row = await h.row(run_id)
         assert row["status"] == "FAILED" and row["result_key"] is None
         assert await h.adapters.blobs.head(result_key(h.tenant_id, run_id)) is None
+        await h.assert_audit_ok()
+
+
+async def test_cancel_racing_claim_gives_each_run_to_exactly_one_of_them(
+    services, database_url, redis_prefix
+) -> None:
+    """A client cancels every run while a worker claims them: each run ends
+    either CANCELED (never claimed, nothing charged) or claimed (the cancel
+    answered 409), never both, and the money follows."""
+    async with open_harness(services, database_url, redis_prefix) as h:
+        run_ids = [await h.submit({"payload": 1}, announce=False) for _ in range(6)]
+        canceled: set[str] = set()
+        refused: dict[str, str] = {}
+        claimed: dict[str, Any] = {}
+
+        async def cancel_all() -> None:
+            for run_id in reversed(run_ids):  # meet the claimer, who starts at the oldest
+                try:
+                    row = await h.context.runs.cancel(h.tenant_id, run_id)
+                except RunNotCancelable as error:
+                    refused[run_id] = str(error)
+                else:
+                    assert row["status"] == "CANCELED"
+                    canceled.add(run_id)
+
+        async def claim_all() -> None:
+            while len(claimed) + len(canceled) < len(run_ids):
+                for run in await h.queue.claim_batch(2):
+                    claimed[run.run_id] = run
+                await anyio.lowlevel.checkpoint()
+
+        with anyio.fail_after(WAIT_S):
+            async with anyio.create_task_group() as group:
+                group.start_soon(claim_all)
+                group.start_soon(cancel_all)
+        assert canceled.isdisjoint(claimed)
+        assert canceled | set(claimed) == set(run_ids)
+        assert set(refused) == set(claimed)
+        for run_id in run_ids:
+            row = await h.row(run_id)
+            if run_id in canceled:
+                assert (row["status"], row["charged_usd_micros"]) == ("CANCELED", 0)
+                assert row["attempts"] == 0
+            else:
+                assert row["status"] == "PROCESSING"
+        for run in claimed.values():  # the worker fails them: M each, nothing else
+            await h.budgets.settle(
+                h.tenant_id,
+                ledger.SettleRequest(
+                    run.run_id,
+                    Outcome.FAILED,
+                    from_statuses=frozenset({RunStatus.PROCESSING}),
+                    lease_token=run.lease_token,
+                ),
+            )
         await h.assert_audit_ok()

@@ -197,6 +197,25 @@ async def test_redis_loss_mid_storm_never_overspends(database_url, services, red
         assert report.ok, report.violations
 
 
+async def _storm_with_flushes(replicas, tenant: str, redis_url: str, prefix: str) -> list[object]:
+    """100 reservations alternating between replicas; Redis loses everything twice."""
+    outcomes: list[object] = []
+
+    async def one(replica) -> None:
+        try:
+            outcomes.append(await replica.budgets.reserve(tenant, draft(RESERVATION)))
+        except ReservationOutcomeUnknown as unknown:
+            outcomes.append(unknown)
+
+    async with anyio.create_task_group() as group:
+        for index in range(100):
+            group.start_soon(one, replicas[index % len(replicas)])
+            if index in (20, 50):
+                await anyio.lowlevel.checkpoint()
+                await anyio.to_thread.run_sync(delete_redis_prefix, redis_url, prefix)
+    return outcomes
+
+
 async def test_two_replicas_and_a_redis_flush_mid_storm_admit_exactly_the_budget(
     database_url, services, redis_prefix
 ) -> None:
@@ -212,22 +231,7 @@ async def test_two_replicas_and_a_redis_flush_mid_storm_admit_exactly_the_budget
         for storm in range(4):
             tenant = await create_tenant(first.pool, plan_id="wide")
             await first.budgets.credit(tenant, budget_runs * RESERVATION, f"credit:seed{storm}")
-            outcomes: list[object] = []
-
-            async def one(replica) -> None:
-                try:
-                    outcomes.append(await replica.budgets.reserve(tenant, draft(RESERVATION)))
-                except ReservationOutcomeUnknown as unknown:
-                    outcomes.append(unknown)
-
-            async with anyio.create_task_group() as group:
-                for index in range(100):
-                    group.start_soon(one, replicas[index % 2])
-                    if index in (20, 50):
-                        await anyio.lowlevel.checkpoint()
-                        await anyio.to_thread.run_sync(
-                            delete_redis_prefix, services.redis_url, redis_prefix
-                        )
+            outcomes = await _storm_with_flushes(replicas, tenant, services.redis_url, redis_prefix)
             accepted = [o for o in outcomes if isinstance(o, Reserved)]
             assert len(accepted) == budget_runs, (storm, len(accepted))
             assert all(isinstance(o, Reserved | InsufficientBudget) for o in outcomes), outcomes

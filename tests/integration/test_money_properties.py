@@ -1,102 +1,236 @@
-"""Property: any sequence of credit / reserve / settle / cancel / replay keeps SPEC §1.
+"""Property: any sequence of credits, reservations, settlements, cancels, replays,
+crashes and Redis losses over several tenants keeps SPEC §1.
 
-Each example drives one fresh tenant through real Postgres and Redis and
-checks the audit (all five invariants) plus a pure model of the balance.
+Each example drives fresh tenants through real Postgres and Redis (the budget
+actors, the ledger, the mirror) and checks every step against a model written
+here from SPEC §1's table alone — never the implementation's own ``settle`` —
+then ends with the audit of all five invariants.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 
+import anyio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpp.money import ledger
-from dpp.money.ledger import Reserved
+from dpp.actors.kernel import ActorCrashed
+from dpp.faults import InjectedCrash, armed
+from dpp.money import drift, ledger
+from dpp.money.ledger import InsufficientBudget, Reserved
 from dpp.money.rules import Outcome, RunStatus
-from dpp.money.rules import settle as settle_table
+from dpp.runs.admission import ReservationOutcomeUnknown
 from tests.moneykit import claim_for_test, create_plan, create_tenant, draft, open_replica
+from tests.services import delete_redis_prefix
+
+TENANTS = 3
+tenant_pick = st.integers(0, TENANTS - 1)
+run_pick = st.integers(0, 200)
 
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("credit"), st.integers(1, 50_000)),
-        st.tuples(st.just("reserve"), st.integers(1, 20_000), st.integers(0, 100)),
+        st.tuples(st.just("credit"), tenant_pick, st.integers(1, 50_000)),
+        st.tuples(st.just("reserve"), tenant_pick, st.integers(1, 20_000), st.integers(0, 100)),
         st.tuples(
             st.just("settle"),
-            st.integers(0, 50),
+            run_pick,
             st.sampled_from(["COMPLETED", "FAILED", "EXPIRED"]),
             st.integers(0, 40_000),
         ),
-        st.tuples(st.just("cancel"), st.integers(0, 50)),
-        st.tuples(st.just("replay"), st.integers(0, 50)),
+        st.tuples(st.just("cancel"), run_pick),
+        st.tuples(st.just("replay"), run_pick),
+        st.tuples(
+            st.just("crash_reserve"),
+            tenant_pick,
+            st.integers(1, 20_000),
+            st.sampled_from(
+                ["reserve.after_redis_hold", "reserve.before_commit", "reserve.after_commit"]
+            ),
+        ),
+        st.tuples(
+            st.just("crash_settle"),
+            run_pick,
+            st.integers(0, 40_000),
+            st.sampled_from(["settle.before_commit", "settle.after_commit"]),
+        ),
+        st.tuples(st.just("flush_redis")),
     ),
     min_size=1,
-    max_size=25,
+    max_size=40,
 )
+
+
+@dataclass
+class ModelRun:
+    tenant: int
+    draft: ledger.RunDraft
+    token: str | None = None
+
+
+@dataclass
+class Model:
+    """SPEC §1 by hand: what each tenant's counters must be."""
+
+    balance: list[int] = field(default_factory=lambda: [0] * TENANTS)
+    reserved: list[int] = field(default_factory=lambda: [0] * TENANTS)
+    open_runs: list[ModelRun] = field(default_factory=list)
+    # (tenant, request, charged) of every settlement that happened
+    settled: list[tuple[int, ledger.SettleRequest, int]] = field(default_factory=list)
+
+    def fits(self, tenant: int, amount: int) -> bool:
+        return amount <= self.balance[tenant] - self.reserved[tenant]
+
+    def open(self, tenant: int, run: ledger.RunDraft) -> None:
+        self.reserved[tenant] += run.reserved_usd_micros
+        self.open_runs.append(ModelRun(tenant, run))
+
+    def close(self, run: ModelRun, request: ledger.SettleRequest, charged: int) -> None:
+        self.reserved[run.tenant] -= run.draft.reserved_usd_micros
+        self.balance[run.tenant] -= charged
+        self.settled.append((run.tenant, request, charged))
+
+
+def expected_charge(outcome: str, reserved: int, minimum: int, actual: int) -> int:
+    """SPEC §1's table, written independently of dpp.money.rules."""
+    if outcome == "COMPLETED":
+        return reserved if actual > reserved else minimum if actual < minimum else actual
+    if outcome in ("FAILED", "EXPIRED"):
+        return minimum
+    assert outcome == "CANCELED"
+    return 0
 
 
 async def _scenario(database_url: str, redis_url: str, prefix: str, steps: list[tuple]) -> None:
     async with open_replica(database_url, redis_url, prefix) as replica:
-        budgets, accounts = replica.budgets, replica.accounts
-        if not await replica.pool.fetchval("SELECT 1 FROM plans WHERE id = 'prop'"):
-            await create_plan(replica.pool, "prop", max_concurrent_runs=1000)
-        tenant = await create_tenant(replica.pool, plan_id="prop")
-        credits = charges = 0
-        runs: list[tuple[ledger.RunDraft, str | None]] = []  # (draft, lease token)
-        settled: list[ledger.SettleRequest] = []
+        budgets, pool = replica.budgets, replica.pool
+        if not await pool.fetchval("SELECT 1 FROM plans WHERE id = 'prop'"):
+            await create_plan(pool, "prop", max_concurrent_runs=10_000)
+        tenants = [await create_tenant(pool, plan_id="prop") for _ in range(TENANTS)]
+        model = Model()
+
+        async def repair() -> None:
+            """After a crash or a loss, drift repair makes the mirror Postgres's again."""
+            await drift.repair_drift(pool, replica.queries, replica.mirror, settle_s=0.02)
+
+        def settle_request(run: ModelRun, outcome: str, actual: int) -> ledger.SettleRequest:
+            return ledger.SettleRequest(
+                run.draft.run_id,
+                Outcome(outcome),
+                actual_cost_usd_micros=actual,
+                lease_token=run.token,
+            )
+
+        async def pick_claimed(pick: int) -> ModelRun | None:
+            if not model.open_runs:
+                return None
+            run = model.open_runs[pick % len(model.open_runs)]
+            run.token = run.token or await claim_for_test(pool, run.draft.run_id)
+            return run
+
         for index, step in enumerate(steps):
             match step:
-                case ("credit", amount):
-                    await budgets.credit(tenant, amount, f"credit:{tenant}:{index}")
-                    credits += amount
-                case ("reserve", amount, minimum_percent):
+                case ("credit", who, amount):
+                    await budgets.credit(tenants[who], amount, f"credit:{tenants[who]}:{index}")
+                    model.balance[who] += amount
+                case ("reserve", who, amount, minimum_percent):
                     run = draft(amount, minimum_fee_usd_micros=amount * minimum_percent // 100)
-                    if isinstance(await budgets.reserve(tenant, run), Reserved):
-                        runs.append((run, None))
+                    outcome = await budgets.reserve(tenants[who], run)
+                    if model.fits(who, amount):
+                        assert isinstance(outcome, Reserved), (step, outcome)
+                        model.open(who, run)
+                    else:
+                        assert isinstance(outcome, InsufficientBudget), (step, outcome)
                 case ("settle", pick, outcome, actual):
-                    if not runs:
+                    claimed = await pick_claimed(pick)
+                    if claimed is None:
                         continue
-                    run, token = runs.pop(pick % len(runs))
-                    token = token or await claim_for_test(replica.pool, run.run_id)
-                    request = ledger.SettleRequest(
-                        run.run_id,
-                        Outcome(outcome),
-                        actual_cost_usd_micros=actual,
-                        lease_token=token,
-                    )
-                    result = await budgets.settle(tenant, request)
-                    expected = settle_table(
-                        Outcome(outcome),
-                        reserved_usd_micros=run.reserved_usd_micros,
-                        minimum_fee_usd_micros=run.minimum_fee_usd_micros,
-                        actual_cost_usd_micros=actual,
-                    )
-                    assert result.settlement == expected
-                    charges += expected.charged_usd_micros
-                    settled.append(request)
+                    request = settle_request(claimed, outcome, actual)
+                    result = await budgets.settle(tenants[claimed.tenant], request)
+                    r, m = claimed.draft.reserved_usd_micros, claimed.draft.minimum_fee_usd_micros
+                    charged = expected_charge(outcome, r, m, actual)
+                    assert result.applied
+                    assert result.settlement.charged_usd_micros == charged
+                    assert result.settlement.refunded_usd_micros == r - charged
+                    model.open_runs.remove(claimed)
+                    model.close(claimed, request, charged)
                 case ("cancel", pick):
-                    if not runs:
+                    queued = [run for run in model.open_runs if run.token is None]
+                    if not queued:
                         continue
-                    run, _ = runs.pop(pick % len(runs))
+                    run = queued[pick % len(queued)]
                     request = ledger.SettleRequest(
-                        run.run_id, Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
+                        run.draft.run_id,
+                        Outcome.CANCELED,
+                        from_statuses=frozenset({RunStatus.QUEUED}),
                     )
-                    await budgets.settle(tenant, request)
-                    settled.append(request)
+                    result = await budgets.settle(tenants[run.tenant], request)
+                    assert result.applied and result.settlement.charged_usd_micros == 0
+                    model.open_runs.remove(run)
+                    model.close(run, request, 0)
                 case ("replay", pick):
-                    if not settled:
+                    if not model.settled:
                         continue
-                    again = await budgets.settle(tenant, settled[pick % len(settled)])
+                    who, request, charged = model.settled[pick % len(model.settled)]
+                    again = await budgets.settle(tenants[who], request)
                     assert not again.applied, "a replayed settlement moved money"
-        budget = await accounts.budget(tenant)
-        assert budget["balance_usd_micros"] == credits - charges
-        assert budget["reserved_usd_micros"] == sum(run.reserved_usd_micros for run, _ in runs)
-        report = await accounts.audit(tenant)
+                    assert again.settlement.charged_usd_micros == charged
+                case ("crash_reserve", who, amount, point):
+                    run = draft(amount, minimum_fee_usd_micros=amount // 10)
+                    try:
+                        with armed(point):
+                            outcome = await budgets.reserve(tenants[who], run)
+                    except (ReservationOutcomeUnknown, InjectedCrash):
+                        committed = point == "reserve.after_commit"
+                    else:
+                        # refused before reaching the crash point: nothing fit
+                        assert isinstance(outcome, InsufficientBudget), (step, outcome)
+                        assert not model.fits(who, amount)
+                        committed = False
+                    exists = await pool.fetchval(
+                        "SELECT count(*) FROM runs WHERE id = $1", run.run_id
+                    )
+                    assert exists == committed, (step, exists)
+                    if committed:
+                        model.open(who, run)
+                    await repair()
+                case ("crash_settle", pick, actual, point):
+                    claimed = await pick_claimed(pick)
+                    if claimed is None:
+                        continue
+                    request = settle_request(claimed, "COMPLETED", actual)
+                    try:
+                        with armed(point):
+                            await budgets.settle(tenants[claimed.tenant], request)
+                    except (ActorCrashed, InjectedCrash):
+                        pass
+                    r, m = claimed.draft.reserved_usd_micros, claimed.draft.minimum_fee_usd_micros
+                    charged = expected_charge("COMPLETED", r, m, actual)
+                    # the worker's retry (or the reconciler) settles it exactly once
+                    retried = await budgets.settle(tenants[claimed.tenant], request)
+                    assert retried.applied == (point == "settle.before_commit"), step
+                    assert retried.settlement.charged_usd_micros == charged
+                    model.open_runs.remove(claimed)
+                    model.close(claimed, request, charged)
+                    await repair()
+                case ("flush_redis",):
+                    await anyio.to_thread.run_sync(delete_redis_prefix, redis_url, prefix)
+                case _:
+                    raise AssertionError(step)
+        for who, tenant in enumerate(tenants):
+            budget = await replica.accounts.budget(tenant)
+            assert budget["balance_usd_micros"] == model.balance[who], who
+            assert budget["reserved_usd_micros"] == model.reserved[who], who
+            assert budget["reserved_usd_micros"] == sum(
+                run.draft.reserved_usd_micros for run in model.open_runs if run.tenant == who
+            )
+        report = await replica.accounts.audit()
         assert report.ok, report.violations
 
 
 @settings(
-    max_examples=40,
+    max_examples=30,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -6,15 +6,18 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import anyio
+import httpx
 import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from dpp.adapters.redis import create_redis
+from dpp.app import open_runtime
 from dpp.ids import new_id
 from dpp.tenancy import ratelimit
 from dpp.tenancy.principal import Principal
 from dpp.tenancy.ratelimit import RateLimitDecision, RateLimiter, RateLimitUnavailable
+from tests.integration.conftest import BASE_URL
 
 if TYPE_CHECKING:
     from tests.services import TestServices
@@ -193,3 +196,30 @@ def test_decision_rendering() -> None:
         ("RateLimit", '"key";r=0;t=42'),
         ("Retry-After", "7"),
     ]
+
+
+async def test_a_tenant_quota_holds_across_two_replicas(
+    settings, settings_env, admin_headers
+) -> None:
+    """Two whole replicas (own pools, Redis clients, limiters) over one Redis: the
+    tenant's 5 requests a minute are 5 in total, not 5 per replica."""
+    async with (
+        open_runtime(settings, environment=settings_env, dispatch=False) as one,
+        open_runtime(settings, environment=settings_env, dispatch=False) as two,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=one.app), base_url=BASE_URL) as a,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=two.app), base_url=BASE_URL) as b,
+    ):
+        plan = {"id": "five", "requests_per_minute": 5, "max_concurrent_runs": 10,
+                "retention_days": 30}  # fmt: skip
+        assert (await a.post("/admin/plans", json=plan, headers=admin_headers)).status_code == 201
+        tenant = await a.post(
+            "/admin/tenants", json={"name": "t", "plan_id": "five"}, headers=admin_headers
+        )
+        issued = await a.post(
+            f"/admin/tenants/{tenant.json()['id']}/api-keys", json={}, headers=admin_headers
+        )
+        headers = {"Authorization": f"Bearer {issued.json()['api_key']}"}
+        statuses = [
+            (await client.get("/v1/budget", headers=headers)).status_code for client in (a, b) * 5
+        ]
+        assert statuses == [200] * 5 + [429] * 5, statuses
