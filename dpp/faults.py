@@ -6,11 +6,17 @@ lists them. Nothing is armed in production, so each call is one dict lookup.
 Tests arm a point with ``armed("name")`` and the next pass through it raises
 ``InjectedCrash`` — to the code around it, indistinguishable from a crash of
 the task (transactions roll back, actors crash and are restarted).
+
+A crash no ``finally:`` sees: a test that runs ``dpp serve`` as a child process
+sets ``DPP_FAULT_SIGKILL_AT=<point>`` in its environment, and the first pass
+through that point SIGKILLs the whole process (tests/chaos/test_sigkill.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 from collections.abc import Callable, Iterator
 
 CRASH_POINTS = (
@@ -27,6 +33,8 @@ CRASH_POINTS = (
 _armed: dict[str, int] = {}
 # The simulator's oracle (dpp/sim): asked at every pass whether to crash here.
 _injector: Callable[[str], bool] | None = None
+# Read once at import: the environment of a child process a chaos test started.
+_SIGKILL_AT = os.environ.get("DPP_FAULT_SIGKILL_AT")
 
 
 class InjectedCrash(Exception):
@@ -35,6 +43,8 @@ class InjectedCrash(Exception):
 
 async def crash_point(name: str) -> None:
     assert name in CRASH_POINTS, f"unknown crash point {name}"
+    if name == _SIGKILL_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
     remaining = _armed.get(name)
     if remaining:
         if remaining == 1:

@@ -139,3 +139,113 @@ async def test_sigkill_mid_work_then_a_fresh_replica_settles_everything_once(
         first.close()
         if second is not None:
             second.close()
+
+
+def _chaos_env(services, database_url: str, redis_prefix: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": services.redis_url,
+        "S3_ENDPOINT_URL": services.object_store_url,
+        "S3_RESULT_BUCKET": f"dpp-test-{secrets.token_hex(6)}",
+        "DPP_REDIS_PREFIX": redis_prefix,
+        "DPP_ADMIN_TOKEN": ADMIN_TOKEN,
+        "DPP_LEASE_SEC": "2",
+        "DPP_HEARTBEAT_SEC": "1",
+        "DPP_REAPER_INTERVAL_SEC": "1",
+        "DPP_RECONCILE_INTERVAL_SEC": "1",
+        "DPP_RECONCILE_THRESHOLD_SEC": "1",
+        "DPP_SHUTDOWN_GRACE_SEC": "2",
+        "DPP_WORKER_CONCURRENCY": "2",
+        "LOG_LEVEL": "INFO",
+    }
+
+
+# Where the kill lands -> what the survivor's reconciler must make of the killed run.
+KILLED_IN_FINALIZE = {
+    # CLAIMED, no result object: rolled back, minimum fee
+    "run.after_finalize_claim": {"FAILED"},
+    # CLAIMED with its receipt: rolled forward from the receipt
+    "run.after_result_put": {"COMPLETED"},
+    # the settlement's transaction dies uncommitted: CLAIMED with its receipt
+    "settle.before_commit": {"COMPLETED"},
+    # committed, the mirror never heard: drift repair
+    "settle.after_commit": {"COMPLETED"},
+}
+
+
+@pytest.mark.parametrize("point", sorted(KILLED_IN_FINALIZE))
+async def test_sigkill_during_finalize_or_settle_is_repaired_exactly_once(
+    services, database_url, redis_prefix, tmp_path, point
+) -> None:
+    """The replica SIGKILLs itself at ``point`` (DPP_FAULT_SIGKILL_AT) in the middle of
+    finishing a run; a fresh replica settles every run exactly once, each as the
+    evidence says, and the audit (the mirror included) comes out clean."""
+    env = {**_chaos_env(services, database_url, redis_prefix), "DPP_WORKER_CONCURRENCY": "1"}
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    first = Replica({**env, "DPP_FAULT_SIGKILL_AT": point}, tmp_path / "first.log")
+    second: Replica | None = None
+    try:
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            await first.wait_ready(client)
+            tenant = (
+                await client.post(
+                    f"{first.url}/admin/tenants", json={"name": "chaos"}, headers=admin
+                )
+            ).json()["id"]
+            key = (
+                await client.post(
+                    f"{first.url}/admin/tenants/{tenant}/api-keys", json={}, headers=admin
+                )
+            ).json()["api_key"]
+            credited = await client.post(
+                f"{first.url}/admin/tenants/{tenant}/credits",
+                json={"amount_usd_micros": 10_000_000},
+                headers={**admin, "Idempotency-Key": "seed"},
+            )
+            assert credited.status_code == 201, credited.text
+            bearer = {"Authorization": f"Bearer {key}"}
+            for n in range(3):
+                accepted = await client.post(
+                    f"{first.url}/v1/runs",
+                    json={"pack_type": "echo", "inputs": {"payload": n, "delay_ms": 500}},
+                    headers=bearer,
+                )
+                assert accepted.status_code == 202, accepted.text
+            # the first run to reach the point takes the whole process with it
+            assert first.process.wait(timeout=SETTLE_TIMEOUT_S) == -signal.SIGKILL, first.output()
+            stranded = await run_statuses(database_url)
+            assert set(stranded.values()) - set(TERMINAL), stranded
+
+            second = Replica(env, tmp_path / "second.log")
+            await second.wait_ready(client)
+            with anyio.fail_after(SETTLE_TIMEOUT_S):
+                while True:
+                    statuses = await run_statuses(database_url)
+                    if all(s in TERMINAL for s in statuses.values()):
+                        break
+                    await anyio.sleep(0.2)
+            # one worker: the run the kill caught ends as its evidence says, the
+            # queued ones complete, nothing is settled twice (the audit)
+            caught = [r for r, s in stranded.items() if s not in ("QUEUED", *TERMINAL)]
+            if point == "settle.after_commit":
+                assert caught == [], stranded  # its settlement had committed
+            else:
+                assert [stranded[r] for r in caught] == ["CLAIMED"], stranded
+            for run_id, status in stranded.items():
+                if run_id in caught:
+                    assert statuses[run_id] in KILLED_IN_FINALIZE[point], (run_id, statuses)
+                elif status == "QUEUED":
+                    assert statuses[run_id] == "COMPLETED", (run_id, statuses)
+            with anyio.fail_after(SETTLE_TIMEOUT_S):
+                while True:
+                    audit = (await client.get(f"{second.url}/admin/audit", headers=admin)).json()
+                    if audit["ok"]:
+                        break
+                    await anyio.sleep(0.5)
+            second.process.send_signal(signal.SIGTERM)
+            assert second.process.wait(timeout=EXIT_TIMEOUT_S) == 0, second.output()
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
