@@ -683,3 +683,27 @@ async def test_cancel_racing_claim_gives_each_run_to_exactly_one_of_them(
                 ),
             )
         await h.assert_audit_ok()
+
+
+async def test_a_stale_holders_release_cannot_take_the_run_from_its_new_holder(
+    services, database_url, redis_prefix
+) -> None:
+    """The shutdown release is guarded by the lease token alone (a cut-short
+    heartbeat may have moved the version): the first holder, whose run was
+    claimed again elsewhere, releasing it at shutdown must be refused for its
+    stale token, or the new holder's run goes back to the queue and runs twice."""
+    async with open_harness(services, database_url, redis_prefix) as h:
+        run_id = await h.submit({"payload": 1})
+        first = await h.claim_one()
+        assert await h.queue.release(first)  # its shutdown gave it back once
+        second = await h.claim_one()
+        assert second.run_id == run_id and second.lease_token != first.lease_token
+        # the first holder's release, again (a retried shutdown step)
+        assert not await h.queue.release(first)
+        row = await h.row(run_id)
+        assert row["status"] == "PROCESSING" and str(row["lease_token"]) == second.lease_token
+        _, ending, done = await run_actor(h, second)
+        with anyio.fail_after(WAIT_S):
+            await done.wait()
+        assert ending() is RunEnding.COMPLETED
+        await h.assert_audit_ok()
