@@ -26,6 +26,7 @@ from tests.moneykit import claim_for_test, create_plan, create_tenant, draft, op
 from tests.services import delete_redis_prefix
 
 TENANTS = 3
+SEED_CREDIT = 60_000
 tenant_pick = st.integers(0, TENANTS - 1)
 run_pick = st.integers(0, 200)
 
@@ -57,7 +58,7 @@ operations = st.lists(
         ),
         st.tuples(st.just("flush_redis")),
     ),
-    min_size=1,
+    min_size=5,
     max_size=40,
 )
 
@@ -67,6 +68,8 @@ class ModelRun:
     tenant: int
     draft: ledger.RunDraft
     token: str | None = None
+    status: RunStatus = RunStatus.QUEUED
+    version: int = 0
 
 
 @dataclass
@@ -109,6 +112,9 @@ async def _scenario(database_url: str, redis_url: str, prefix: str, steps: list[
             await create_plan(pool, "prop", max_concurrent_runs=10_000)
         tenants = [await create_tenant(pool, plan_id="prop") for _ in range(TENANTS)]
         model = Model()
+        for who, tenant in enumerate(tenants):  # enough for a few runs each
+            await budgets.credit(tenant, SEED_CREDIT, f"credit:{tenant}:seed")
+            model.balance[who] += SEED_CREDIT
 
         async def repair() -> None:
             """After a crash or a loss, drift repair makes the mirror Postgres's again."""
@@ -119,14 +125,38 @@ async def _scenario(database_url: str, redis_url: str, prefix: str, steps: list[
                 run.draft.run_id,
                 Outcome(outcome),
                 actual_cost_usd_micros=actual,
+                from_statuses=frozenset({run.status}),
                 lease_token=run.token,
             )
 
-        async def pick_claimed(pick: int) -> ModelRun | None:
-            if not model.open_runs:
+        async def pick_for(pick: int, outcome: str) -> ModelRun | None:
+            """An open run moved (claim, finalize) to where SPEC §2 lets ``outcome``
+            end it: COMPLETED from CLAIMED, EXPIRED from PROCESSING, FAILED from either."""
+            candidates = [
+                run
+                for run in model.open_runs
+                if not (outcome == "EXPIRED" and run.status is RunStatus.CLAIMED)
+            ]
+            if not candidates:
                 return None
-            run = model.open_runs[pick % len(model.open_runs)]
-            run.token = run.token or await claim_for_test(pool, run.draft.run_id)
+            run = candidates[pick % len(candidates)]
+            if run.status is RunStatus.QUEUED and outcome == "COMPLETED":
+                run.token = await claim_for_test(pool, run.draft.run_id)
+                run.status = RunStatus.CLAIMED
+            elif run.status is RunStatus.QUEUED:
+                claimed = await pool.fetchrow(
+                    replica.queries["claim_run_by_id"], run.draft.run_id, 60
+                )
+                run.token, run.version = str(claimed["lease_token"]), claimed["version"]
+                run.status = RunStatus.PROCESSING
+            elif run.status is RunStatus.PROCESSING and outcome == "COMPLETED":
+                assert await pool.fetchval(
+                    replica.queries["claim_for_finalize"],
+                    run.draft.run_id,
+                    run.token,
+                    run.version,
+                )
+                run.status = RunStatus.CLAIMED
             return run
 
         for index, step in enumerate(steps):
@@ -143,7 +173,7 @@ async def _scenario(database_url: str, redis_url: str, prefix: str, steps: list[
                     else:
                         assert isinstance(outcome, InsufficientBudget), (step, outcome)
                 case ("settle", pick, outcome, actual):
-                    claimed = await pick_claimed(pick)
+                    claimed = await pick_for(pick, outcome)
                     if claimed is None:
                         continue
                     request = settle_request(claimed, outcome, actual)
@@ -156,7 +186,7 @@ async def _scenario(database_url: str, redis_url: str, prefix: str, steps: list[
                     model.open_runs.remove(claimed)
                     model.close(claimed, request, charged)
                 case ("cancel", pick):
-                    queued = [run for run in model.open_runs if run.token is None]
+                    queued = [r for r in model.open_runs if r.status is RunStatus.QUEUED]
                     if not queued:
                         continue
                     run = queued[pick % len(queued)]
@@ -196,7 +226,7 @@ async def _scenario(database_url: str, redis_url: str, prefix: str, steps: list[
                         model.open(who, run)
                     await repair()
                 case ("crash_settle", pick, actual, point):
-                    claimed = await pick_claimed(pick)
+                    claimed = await pick_for(pick, "COMPLETED")
                     if claimed is None:
                         continue
                     request = settle_request(claimed, "COMPLETED", actual)
@@ -230,7 +260,7 @@ async def _scenario(database_url: str, redis_url: str, prefix: str, steps: list[
 
 
 @settings(
-    max_examples=30,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
