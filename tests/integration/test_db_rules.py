@@ -495,10 +495,11 @@ async def test_a_run_settled_without_its_entries_is_refused_at_commit(world: Wor
 @pytest.mark.parametrize(
     "statement",
     [
-        "TRUNCATE ledger_entries",
+        # CASCADE: without it a referencing table's foreign key refuses first
+        "TRUNCATE ledger_entries CASCADE",
         "TRUNCATE runs CASCADE",
         "TRUNCATE tenants CASCADE",
-        "TRUNCATE ledger_entries, runs, tenants, api_keys",
+        "TRUNCATE ledger_entries, runs, tenants, api_keys CASCADE",
     ],
 )
 async def test_truncate_of_a_money_table_is_refused(world: World, statement) -> None:

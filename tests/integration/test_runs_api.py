@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import anyio
 import httpx
-import pytest
 
 from dpp.app import open_runtime
 from dpp.config import Settings
@@ -462,29 +461,24 @@ async def test_a_crashing_budget_actor_is_restarted_and_the_front_stays_up(
     await _audit_ok(http, admin_headers)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole 1 of issue 9: a reservation committed after its key was taken over "
-    "creates a second run; the idempotency owner tokens (branch idem) fix it — "
-    "then this XPASSes and the marker goes",
-)
 async def test_a_retry_after_the_key_lock_expires_proceeds_and_one_run_is_charged(
     runtime, http, admin_headers, monkeypatch
 ) -> None:
     """Public behaviour only: a request holding an Idempotency-Key stalls past the
     key's lock; the client's retry with the key takes it over and goes on. However
     the two race, the tenant ends with exactly one run for that key, and every
-    202 either answer carries names it."""
+    202 either answer carries names it. (Before the idempotency owner tokens this
+    made two runs, both answered 202: hole 1 of issue 9.)"""
     monkeypatch.setattr(idempotency, "IDEMPOTENCY_LOCK_S", 1.0)
     stalled = LedgerStore.reserve_batch
     calls = 0
 
-    async def first_commit_is_late(self, tenant_id, drafts):
+    async def first_commit_is_late(self, *args, **kwargs):
         nonlocal calls
         calls += 1
         if calls == 1:
             await anyio.sleep(1.5)  # a slow pool, a lock wait: past the key's lock
-        return await stalled(self, tenant_id, drafts)
+        return await stalled(self, *args, **kwargs)
 
     tenant_id, key = await _tenant(http, admin_headers, 1_000_000)
     monkeypatch.setattr(LedgerStore, "reserve_batch", first_commit_is_late)
