@@ -244,8 +244,9 @@ async def reserve_batch(
     """Admit a batch in one transaction (group commit): run rows, reserve entries,
     the tenant's reserved counter and any idempotency records, all or nothing.
 
-    The tenant row lock serializes admission across replicas; the reserve
-    entries' trigger moves ``reserved`` and the schema's CHECK refuses the
+    The tenant row lock serializes admission across replicas; the runs'
+    insert writes their reserve entries, whose trigger moves ``reserved``, and
+    the schema's CHECK refuses the
     batch if available would go negative, so overspend is impossible even if
     the decision above them were wrong.
 
@@ -387,12 +388,6 @@ async def _reserve_locked(
         [d.trace_id for d in accepted],
         [d.created_at for d in accepted],
     )
-    await connection.execute(
-        queries["insert_reserve_entries"],
-        tenant_id,
-        [d.run_id for d in accepted],
-        [d.reserved_usd_micros for d in accepted],
-    )
     completions = [d.idempotency for d in accepted if d.idempotency is not None]
     if completions:
         completed = await connection.fetch(
@@ -407,7 +402,8 @@ async def _reserve_locked(
         )
         # the keys are locked and were checked owned: each one completes
         assert len(completed) == len(completions), "an owned key changed under its lock"
-    # the reserve entries' trigger moved `reserved`; the CHECK judged it
+    # the runs' insert wrote their reserve entries, whose trigger moved `reserved`
+    # (the CHECK judged it)
     budget = (await _counters_after_entries(connection, queries, [tenant_id]))[tenant_id]
     assert budget.reserved_usd_micros == after.reserved_usd_micros
     return ReserveBatchResult(decisions, budget)

@@ -16,6 +16,9 @@ SELECT count(*) FROM runs
 WHERE tenant_id = $1 AND status IN ('QUEUED', 'PROCESSING', 'CLAIMED');
 
 -- name: insert_runs
+-- The runs' insert trigger writes their reserve entries, whose trigger adds
+-- them to the tenant's reserved: the CHECK refuses the batch unless available
+-- stays >= 0 (the guard that no Redis answer can bypass).
 INSERT INTO runs (id, tenant_id, pack_type, status, inputs, metadata,
                   reserved_usd_micros, minimum_fee_usd_micros, timebox_sec,
                   trace_id, created_at)
@@ -24,13 +27,6 @@ SELECT id, $1, pack_type, 'QUEUED', inputs, metadata, reserved, minimum, timebox
 FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::bigint[],
             $7::bigint[], $8::int[], $9::text[], $10::timestamptz[])
      AS item(id, pack_type, inputs, metadata, reserved, minimum, timebox, trace_id, created_at);
-
--- name: insert_reserve_entries
--- The guard that no Redis answer can bypass: the trigger adds these to the
--- tenant's reserved, and the CHECK refuses it unless available stays >= 0.
-INSERT INTO ledger_entries (tenant_id, run_id, kind, amount_usd_micros, operation_id)
-SELECT $1, run_id, 'reserve', amount, 'reserve:' || run_id
-FROM unnest($2::text[], $3::bigint[]) AS item(run_id, amount);
 
 -- name: lock_idempotency_keys
 -- The keys of a reservation batch, locked in key order (a takeover, a release

@@ -191,6 +191,7 @@ async def test_available_never_goes_negative(world: World) -> None:
     balance, reserved, _ = await counters(world.pool, world.tenant)
     too_much = balance - reserved + 1
     run = draft(too_much, minimum_fee_usd_micros=0)
+    # the run's insert writes its reserve entry, whose counter update the CHECK refuses
     await refused(
         world.pool,
         "tenants_available_nonnegative",
@@ -200,13 +201,6 @@ async def test_available_never_goes_negative(world: World) -> None:
             " 0, 30)",
             run.run_id,
             world.tenant,
-            too_much,
-        ),
-        (
-            "INSERT INTO ledger_entries (tenant_id, run_id, kind, amount_usd_micros, operation_id)"
-            " VALUES ($1, $2, 'reserve', $3, 'reserve:' || $2)",
-            world.tenant,
-            run.run_id,
             too_much,
         ),
     )
@@ -270,20 +264,12 @@ async def test_a_second_settlement_entry_is_refused(world: World) -> None:
 
 
 async def test_an_entry_for_another_tenants_run_is_refused(world: World) -> None:
-    run = draft(R, minimum_fee_usd_micros=M)
+    run = world.runs["PROCESSING"]
     await refused(
         world.pool,
         "dpp rule entry_matches_run",
-        (
-            "INSERT INTO runs (id, tenant_id, pack_type, status, inputs, reserved_usd_micros,"
-            " minimum_fee_usd_micros, timebox_sec) VALUES ($1, $2, 'echo', 'QUEUED', '{}', $3,"
-            " $4, 30)",
-            run.run_id,
-            world.tenant,
-            R,
-            M,
-        ),
-        _entry("reserve", run.run_id, R, world.other_tenant),
+        _move(run, "FAILED", M),
+        _entry("charge", run, M, world.other_tenant),
     )
 
 
@@ -304,18 +290,31 @@ def _insert_run(run_id: str, tenant: str, status: str = "QUEUED") -> tuple[str, 
     )
 
 
-async def test_a_run_without_its_reserve_entry_is_refused_at_commit(world: World) -> None:
+async def test_a_run_is_reserved_in_the_ledger_by_its_own_insert(world: World) -> None:
+    """A run cannot exist without its reservation: inserting it writes its reserve
+    entry of R and moves reserved; no second or different reserve entry fits."""
     run = draft(R).run_id
-    await refused(world.pool, "dpp rule run_reserved", _insert_run(run, world.tenant))
+    before = await counters(world.pool, world.tenant)
+    async with rolled_back(world.pool) as connection:
+        statement, *args = _insert_run(run, world.tenant)
+        await connection.execute(statement, *args)
+        entries = await connection.fetch(
+            "SELECT kind, amount_usd_micros FROM ledger_entries WHERE run_id = $1", run
+        )
+        assert [tuple(e) for e in entries] == [("reserve", R)]
+        row = await connection.fetchrow(
+            "SELECT balance_usd_micros, reserved_usd_micros FROM tenants WHERE id = $1",
+            world.tenant,
+        )
+        assert (row[0], row[1]) == (before[0], before[1] + R)
     await refused(
         world.pool,
-        "dpp rule entry_matches_run",
+        "ledger_one_entry_per_run_kind",
         _insert_run(run, world.tenant),
         _entry("reserve", run, R - 1, world.tenant),
     )
-    await accepted(
-        world.pool, _insert_run(run, world.tenant), _entry("reserve", run, R, world.tenant)
-    )
+    # a reserve entry for a run that does not exist
+    await refused(world.pool, "foreign key", _entry("reserve", draft(R).run_id, R, world.tenant))
 
 
 @pytest.mark.parametrize("status", ["PROCESSING", "CLAIMED", "AUDIT_REQUIRED"])
