@@ -257,6 +257,7 @@ async def test_a_data_error_in_a_batch_is_answered_to_its_request_alone(
     assert len(listed.json()["data"]) == 34
 
 
+@pytest.mark.mirror_exempt  # the crashed reservations' holds stay pending until abandoned
 async def test_a_crash_looping_budget_actor_cools_its_tenant_down_alone(
     http: httpx.AsyncClient, admin_headers: dict[str, str], runtime: Runtime
 ) -> None:
