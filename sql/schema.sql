@@ -336,7 +336,6 @@ CREATE TRIGGER runs_reserve_in_ledger
 -- each transition into a terminal state allows:
 --   QUEUED -> CANCELED                               0
 --   PROCESSING -> FAILED | EXPIRED, CLAIMED -> FAILED M
---   QUEUED -> FAILED (a dead-lettered SQS message)   M  (not in SPEC §2; see docs/money.md)
 --   CLAIMED -> COMPLETED                             M <= charged <= R
 --   AUDIT_REQUIRED -> COMPLETED | FAILED (operator)  0 <= charged <= R
 -- (charged + refunded == R and refunded >= 0 are the table's CHECK.)
@@ -371,7 +370,6 @@ BEGIN
         WHEN 'PROCESSING>FAILED' THEN NEW.charged_usd_micros = NEW.minimum_fee_usd_micros
         WHEN 'PROCESSING>EXPIRED' THEN NEW.charged_usd_micros = NEW.minimum_fee_usd_micros
         WHEN 'CLAIMED>FAILED' THEN NEW.charged_usd_micros = NEW.minimum_fee_usd_micros
-        WHEN 'QUEUED>FAILED' THEN NEW.charged_usd_micros = NEW.minimum_fee_usd_micros
         WHEN 'CLAIMED>COMPLETED' THEN NEW.charged_usd_micros
             BETWEEN NEW.minimum_fee_usd_micros AND NEW.reserved_usd_micros
         WHEN 'AUDIT_REQUIRED>COMPLETED' THEN NEW.charged_usd_micros

@@ -569,26 +569,22 @@ class Reconciler:
             await self.queue.delete_dead_letter(letter)
             return
         # The row, not the message, says whose run it is and where it stands.
+        # A QUEUED run whose message kept failing delivery never started: SPEC §2
+        # has no automatic settlement for it (FAILED charges M, for work that was
+        # done), so it is set aside for an operator, its reservation still held,
+        # with the critical alert; the operator resolves it (charging 0 .. R).
         row = await self.runs.by_id(letter.run_id)
         if row is not None and row["status"] == "QUEUED":
-            request = ledger.SettleRequest(
+            before = report.audit_required
+            await self._audit(
+                report,
                 row["id"],
-                Outcome.FAILED,
-                from_statuses=frozenset({RunStatus.QUEUED}),
-                error=RunFailure.delivery_failed().document(),
-                expected_version=row["version"],
+                row["tenant_id"],
+                row["version"],
+                "its queue message failed delivery repeatedly (dead-lettered); it never started",
             )
-            try:
-                settled = await self.settler.settle(row["tenant_id"], request)
-            except ledger.SettleRefused:
-                report.lost_races += 1  # claimed or cancelled meanwhile: fine
-            else:
-                if settled.applied:
-                    report.dead_lettered += 1
-                    log.warning(
-                        "dead-lettered run settled FAILED",
-                        extra={"run_id": row["id"], "tenant_id": row["tenant_id"]},
-                    )
+            if report.audit_required > before:
+                report.dead_lettered += 1
         await self.queue.delete_dead_letter(letter)
 
     async def _repair_drift(self, report: ReconcileReport) -> None:

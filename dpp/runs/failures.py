@@ -43,7 +43,6 @@ class FailureKind(enum.Enum):
     TIMEBOX_EXCEEDED = (problem_type("timebox-exceeded"), 504)
     LEASE_EXPIRED = (problem_type("lease-expired"), 500)  # the reaper
     RESULT_MISSING = (problem_type("result-missing"), 500)  # reconcile rolled back
-    DELIVERY_FAILED = (problem_type("delivery-failed"), 503)  # dead-lettered
     AUDIT_REQUIRED = (problem_type("audit-required"), 500)  # set aside for an operator
     RESOLVED_BY_OPERATOR = (problem_type("resolved-by-operator"), 500)
 
@@ -111,14 +110,6 @@ class RunFailure:
             FailureKind.RESULT_MISSING,
             "Result not stored",
             "The run finished but its result was never stored.",
-        )
-
-    @classmethod
-    def delivery_failed(cls) -> RunFailure:
-        return cls(
-            FailureKind.DELIVERY_FAILED,
-            "Run could not be delivered",
-            "The run's queue message failed delivery repeatedly.",
         )
 
     @classmethod

@@ -14,8 +14,8 @@ from dpp.actors.run import RunEnding
 from dpp.adapters.queue import SqsQueue
 from dpp.adapters.queue.base import QueuedRun
 from dpp.limits import QUEUED_MESSAGE_LOST_AFTER_SEC
+from dpp.money.rules import Outcome
 from tests.integration.test_execution import (
-    MINIMUM_FEE_USD_MICROS,
     RESERVED_USD_MICROS,
     Harness,
     open_harness,
@@ -54,7 +54,7 @@ async def test_the_dead_letter_queue_is_found_from_the_redrive_policy(
         await h.queue.ping()
 
 
-async def test_a_message_dead_lettered_after_max_receives_settles_failed(
+async def test_a_dead_lettered_run_is_set_aside_for_an_operator_charging_nothing(
     services, database_url, redis_prefix
 ) -> None:
     async with open_harness(services, database_url, redis_prefix, queue_backend="sqs") as h:
@@ -71,14 +71,28 @@ async def test_a_message_dead_lettered_after_max_receives_settles_failed(
         assert (await h.row(run_id))["status"] == "QUEUED"
         assert await counts(h, h.dead_letter_url) == (1, 0)
 
+        # It never started: no automatic settlement (SPEC §2 has none for a
+        # QUEUED run but cancel); the operator decides, its reservation held.
         report = await (await h.start_reconciler()).reconcile_once()
-        assert report["dead_lettered"] == 1
+        assert (report["dead_lettered"], report["audit_required"]) == (1, 1)
         row = await h.row(run_id)
-        assert row["status"] == "FAILED"
-        assert row["charged_usd_micros"] == MINIMUM_FEE_USD_MICROS
-        assert row["refunded_usd_micros"] == RESERVED_USD_MICROS - MINIMUM_FEE_USD_MICROS
-        assert row["error"]["type"] == "https://dpp.dev/problems/delivery-failed"
+        assert row["status"] == "AUDIT_REQUIRED"
+        assert row["charged_usd_micros"] is None and row["refunded_usd_micros"] is None
+        assert row["error"]["type"] == "https://dpp.dev/problems/audit-required"
+        assert "dead-lettered" in row["error"]["detail"]
         assert await counts(h, h.dead_letter_url) == (0, 0)
+        audit = await h.context.accounts.audit()
+        assert audit.violations == []  # consistent; not ok until an operator resolves it
+        assert [r["run_id"] for r in audit.audit_required_runs] == [run_id]
+        # A second pass finds nothing more to do for it.
+        again = await (await h.start_reconciler()).reconcile_once()
+        assert (again["dead_lettered"], again["audit_required"]) == (0, 0)
+        # The operator resolves it charging nothing: the whole R comes back.
+        settlement = await h.context.runs.resolve(run_id, Outcome.FAILED, 0)
+        assert (settlement.charged_usd_micros, settlement.refunded_usd_micros) == (
+            0,
+            RESERVED_USD_MICROS,
+        )
         await h.assert_audit_ok()
 
 

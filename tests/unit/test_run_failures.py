@@ -50,15 +50,6 @@ BASE = "https://dpp.dev/problems/"
             },
         ),
         (
-            RunFailure.delivery_failed(),
-            {
-                "type": BASE + "delivery-failed",
-                "title": "Run could not be delivered",
-                "status": 503,
-                "detail": "The run's queue message failed delivery repeatedly.",
-            },
-        ),
-        (
             RunFailure.audit_required("reserve entry missing"),
             {
                 "type": BASE + "audit-required",

@@ -22,7 +22,8 @@
   ``maxReceiveCount`` times without being claimed or deleted (a consumer that
   keeps dying on it, a claim that keeps failing) moves to the dead-letter
   queue, found from the policy itself. The reconciler drains it
-  (``receive_dead_letters``) and settles such runs FAILED with the minimum fee.
+  (``receive_dead_letters``) and sets such runs aside AUDIT_REQUIRED for an
+  operator (they never started: nothing is charged automatically).
 """
 
 from __future__ import annotations
