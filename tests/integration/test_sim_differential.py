@@ -288,9 +288,8 @@ class Sequence:
                         outcome = fitting
                     start = {
                         Outcome.COMPLETED: RunStatus.CLAIMED,
-                        Outcome.FAILED: rng.choice(
-                            (RunStatus.PROCESSING, RunStatus.CLAIMED, RunStatus.QUEUED)
-                        ),
+                        # QUEUED -> FAILED is no transition (SPEC §2): the DB refuses it
+                        Outcome.FAILED: rng.choice((RunStatus.PROCESSING, RunStatus.CLAIMED)),
                         Outcome.EXPIRED: RunStatus.PROCESSING,
                         Outcome.CANCELED: RunStatus.QUEUED,
                     }[outcome]
