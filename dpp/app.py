@@ -40,7 +40,7 @@ from dpp.context import AppContext, ReadinessCheck
 from dpp.http.app import build_app
 from dpp.metrics import metrics_for
 from dpp.money.accounts import Accounts
-from dpp.money.drift import DriftRepair
+from dpp.money.drift import DriftRepair, PostgresCounters
 from dpp.money.ledger import LedgerStore
 from dpp.money.mirror import BudgetMirror
 from dpp.packs import PackRegistry
@@ -200,7 +200,7 @@ def build_reconciler(adapters: Adapters, budgets: Budgets, **timing: Any) -> Rec
         runs=RunStore(pool, queries),
         ledger=LedgerStore(pool, queries),
         keys=IdempotencyKeys(pool, queries),
-        drift=DriftRepair(pool, queries, adapters.mirror),
+        drift=DriftRepair(PostgresCounters(pool, queries), adapters.mirror),
         results=adapters.blobs,
         settler=budgets,
         queue=adapters.queue,

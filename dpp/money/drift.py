@@ -27,13 +27,15 @@ bad tenant never stops the others.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 
 from dpp.adapters.postgres import Pool, Queries
 from dpp.limits import PENDING_HOLD_ABANDONED_S
-from dpp.money.mirror import BudgetMirror, MirrorObservation, run_id_of_hold
+from dpp.money.mirror import MirrorBudget, MirrorObservation, run_id_of_hold
 
 log = logging.getLogger("dpp.money.drift")
 
@@ -105,22 +107,86 @@ class Observation:
         return frozen(self) == frozen(other)
 
 
+@dataclass(frozen=True, slots=True)
+class TenantCounters:
+    tenant_id: str
+    balance_usd_micros: int
+    reserved_usd_micros: int
+    ledger_version: int
+
+
+class CountersStore(Protocol):
+    """What drift repair reads of the truth (Postgres: ``PostgresCounters``; the
+    simulator's in-memory ledger in ``dpp.sim``)."""
+
+    async def tenant_ids_page(self, after_tenant_id: str, limit: int) -> list[str]: ...
+
+    async def tenant_counters(self, tenant_ids: Sequence[str]) -> list[TenantCounters]: ...
+
+    async def reserved_run_ids(self, run_ids: Sequence[str]) -> Collection[str]: ...
+
+
+class MirrorRepairs(Protocol):
+    """What drift repair reads and overwrites of the mirror (``BudgetMirror``)."""
+
+    async def observe(self, tenant_id: str) -> MirrorObservation | None: ...
+
+    async def repair(
+        self,
+        tenant_id: str,
+        observed: MirrorBudget,
+        balance: int,
+        reserved: int,
+        version: int,
+        *,
+        dropped_holds: Sequence[str] = (),
+    ) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresCounters:
+    """``CountersStore`` over one pool."""
+
+    pool: Pool
+    queries: Queries
+
+    async def tenant_ids_page(self, after_tenant_id: str, limit: int) -> list[str]:
+        rows = await self.pool.fetch(self.queries["tenant_ids_page"], after_tenant_id, limit)
+        return [row["id"] for row in rows]
+
+    async def tenant_counters(self, tenant_ids: Sequence[str]) -> list[TenantCounters]:
+        rows = await self.pool.fetch(self.queries["tenant_counters"], list(tenant_ids))
+        return [
+            TenantCounters(
+                row["id"],
+                row["balance_usd_micros"],
+                row["reserved_usd_micros"],
+                row["ledger_version"],
+            )
+            for row in rows
+        ]
+
+    async def reserved_run_ids(self, run_ids: Sequence[str]) -> Collection[str]:
+        rows = await self.pool.fetch(self.queries["reserved_run_ids"], list(run_ids))
+        return {row["run_id"] for row in rows}
+
+
 async def _observe(
-    pool: Pool, queries: Queries, mirror: BudgetMirror, tenant_ids: list[str]
+    counters: CountersStore, mirror: MirrorRepairs, tenant_ids: list[str]
 ) -> dict[str, Observation]:
     """Postgres's counters, then each mirror, then which pending holds Postgres
     committed. The reads are not one snapshot; a commit landing between them can
     make one look wrong, but never two looks alike (the ledger_version moved),
     and only a drift seen twice is repaired."""
-    rows = await pool.fetch(queries["tenant_counters"], tenant_ids)
+    rows = await counters.tenant_counters(tenant_ids)
     mirrors: dict[str, MirrorObservation | None] = {}
     for row in rows:
         try:
-            mirrors[row["id"]] = await mirror.observe(row["id"])
+            mirrors[row.tenant_id] = await mirror.observe(row.tenant_id)
         except Exception:
             log.warning(
                 "could not read a tenant's budget mirror; skipped this pass",
-                extra={"tenant_id": row["id"]},
+                extra={"tenant_id": row.tenant_id},
                 exc_info=True,
             )
     holds_by_run = {
@@ -132,20 +198,20 @@ async def _observe(
     }
     committed: frozenset[str] = frozenset()
     if holds_by_run:
-        found = await pool.fetch(queries["reserved_run_ids"], list(holds_by_run))
-        committed = frozenset(holds_by_run[row["run_id"]] for row in found)
+        found = await counters.reserved_run_ids(list(holds_by_run))
+        committed = frozenset(holds_by_run[run_id] for run_id in found)
     observations = {}
     for row in rows:
-        if row["id"] not in mirrors:
+        if row.tenant_id not in mirrors:
             continue
-        seen = mirrors[row["id"]]
+        seen = mirrors[row.tenant_id]
         mine = frozenset(
             h.hold_id for h in (seen.pending if seen else ()) if h.hold_id in committed
         )
-        observations[row["id"]] = Observation(
-            row["balance_usd_micros"],
-            row["reserved_usd_micros"],
-            row["ledger_version"],
+        observations[row.tenant_id] = Observation(
+            row.balance_usd_micros,
+            row.reserved_usd_micros,
+            row.ledger_version,
             seen,
             mine,
         )
@@ -155,25 +221,33 @@ async def _observe(
 async def repair_drift(
     pool: Pool,
     queries: Queries,
-    mirror: BudgetMirror,
+    mirror: MirrorRepairs,
+    *,
+    after_tenant_id: str = "",
+    settle_s: float = 0.5,
+) -> tuple[list[dict[str, object]], str]:
+    """One page of tenants over one pool (see ``repair_page``)."""
+    return await repair_page(
+        PostgresCounters(pool, queries), mirror, after_tenant_id=after_tenant_id, settle_s=settle_s
+    )
+
+
+async def repair_page(
+    counters: CountersStore,
+    mirror: MirrorRepairs,
     *,
     after_tenant_id: str = "",
     settle_s: float = 0.5,
 ) -> tuple[list[dict[str, object]], str]:
     """One page of tenants: returns (repairs made, cursor for the next page)."""
-    tenant_ids = [
-        row["id"]
-        for row in await pool.fetch(
-            queries["tenant_ids_page"], after_tenant_id, TENANTS_PER_PASS_MAX
-        )
-    ]
+    tenant_ids = await counters.tenant_ids_page(after_tenant_id, TENANTS_PER_PASS_MAX)
     cursor = tenant_ids[-1] if len(tenant_ids) == TENANTS_PER_PASS_MAX else ""
-    first = await _observe(pool, queries, mirror, tenant_ids)
+    first = await _observe(counters, mirror, tenant_ids)
     suspects = [tenant for tenant, seen in first.items() if seen.needs_repair]
     if not suspects:
         return [], cursor
     await anyio.sleep(settle_s)
-    second = await _observe(pool, queries, mirror, suspects)
+    second = await _observe(counters, mirror, suspects)
     repairs = []
     for tenant in suspects:
         before, now = first[tenant], second.get(tenant)
@@ -213,20 +287,16 @@ async def repair_drift(
 
 
 class DriftRepair:
-    """``repair_drift`` over one pool and mirror, a page at a time (the reconciler's)."""
+    """``repair_page`` over one truth and one mirror, a page at a time (the
+    reconciler's; the simulator builds one over its in-memory stores)."""
 
-    def __init__(self, pool: Pool, queries: Queries, mirror: BudgetMirror) -> None:
-        self._pool = pool
-        self._queries = queries
+    def __init__(self, counters: CountersStore, mirror: MirrorRepairs) -> None:
+        self._counters = counters
         self._mirror = mirror
 
     async def repair_page(
         self, after_tenant_id: str, settle_s: float
     ) -> tuple[list[dict[str, object]], str]:
-        return await repair_drift(
-            self._pool,
-            self._queries,
-            self._mirror,
-            after_tenant_id=after_tenant_id,
-            settle_s=settle_s,
+        return await repair_page(
+            self._counters, self._mirror, after_tenant_id=after_tenant_id, settle_s=settle_s
         )

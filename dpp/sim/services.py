@@ -6,13 +6,13 @@
   duplicate sends (a retried SendMessage), lost sends (the backstop re-sends),
   a claim statement that fails (the message reappears).
 - ``MemBlobs`` keeps objects with their receipt metadata.
-- ``MemDrift`` is ``dpp/money/drift.py``'s algorithm over the in-memory stores.
+- ``mem_drift`` is ``dpp/money/drift.py``'s own repair over the in-memory stores.
 - ``SimPack`` sleeps, then answers a cost or a pack error, as its inputs say.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +22,8 @@ from anyio.abc import TaskStatus
 from dpp.adapters.blobs import StoredObject
 from dpp.adapters.queue.base import STATEMENT_DEADLINE_S, ClaimedRun, DeadLetter, QueuedRun
 from dpp.limits import CLAIM_BATCH_MAX, QUEUED_MESSAGE_LOST_AFTER_SEC
-from dpp.money.drift import Observation
-from dpp.money.mirror import MirrorObservation, run_id_of_hold
+from dpp.money.drift import DriftRepair, TenantCounters
+from dpp.money.mirror import MirrorBudget, MirrorObservation
 from dpp.packs import PackContext, PackError, PackOutput
 from dpp.packs.base import FieldError
 from dpp.sim.ledger import MemLedger
@@ -219,86 +219,70 @@ class MemBlobs:
 
 
 @dataclass(slots=True)
-class MemDrift:
-    """``dpp.money.drift.repair_drift`` over the in-memory stores: the same
-    ``Observation`` (pending holds, committed holds, abandoned holds), the same
-    two looks ``settle_s`` apart, the same compare-and-set repair."""
+class MemCounters:
+    """``dpp.money.drift.CountersStore`` over the in-memory ledger, so the
+    reconciler runs the real drift repair. It remembers, per tenant, what
+    Postgres had committed at its last look: the mirror a repair writes from
+    that look includes exactly those operations (``MemMirror``'s double-apply
+    check reads it)."""
 
     ledger: MemLedger
-    mirror: MemMirror
+    committed_at_look: dict[str, set[str]] = field(default_factory=dict)
 
-    async def _observe(self, tenant_ids: list[str]) -> dict[str, tuple[Observation, set[str]]]:
+    async def tenant_ids_page(self, after_tenant_id: str, limit: int) -> list[str]:
+        return sorted(t for t in self.ledger.tenants if t > after_tenant_id)[:limit]
+
+    async def tenant_counters(self, tenant_ids: Sequence[str]) -> list[TenantCounters]:
         await self.ledger._begin("tenant_counters")
-        rows = {
-            t: (x.balance, x.reserved, x.version, self.ledger.committed_operations(t))
-            for t, x in self.ledger.tenants.items()
-            if t in tenant_ids
-        }
-        mirrors: dict[str, MirrorObservation | None] = {}
-        for tenant_id in rows:
-            try:
-                mirrors[tenant_id] = await self.mirror.observe(tenant_id)
-            except OSError:
-                continue  # skipped this pass
-        holds_by_run = {
-            run_id: hold.hold_id
-            for seen in mirrors.values()
-            if seen is not None
-            for hold in seen.pending
-            if (run_id := run_id_of_hold(hold.hold_id)) is not None
-        }
-        committed: frozenset[str] = frozenset()
-        if holds_by_run:
-            found = await self.ledger.reserved_run_ids(list(holds_by_run))
-            committed = frozenset(holds_by_run[run_id] for run_id in found)
-        observations = {}
-        for tenant_id, (balance, reserved, version, done) in rows.items():
-            if tenant_id not in mirrors:
-                continue
-            seen = mirrors[tenant_id]
-            mine = frozenset(
-                h.hold_id for h in (seen.pending if seen else ()) if h.hold_id in committed
-            )
-            observations[tenant_id] = (
-                Observation(balance, reserved, version, seen, mine),
-                done,
-            )
-        return observations
-
-    async def repair_page(
-        self, after_tenant_id: str, settle_s: float
-    ) -> tuple[list[dict[str, object]], str]:
-        tenant_ids = sorted(t for t in self.ledger.tenants if t > after_tenant_id)
-        first = await self._observe(tenant_ids)
-        suspects = [t for t, (seen, _) in first.items() if seen.needs_repair]
-        if not suspects:
-            return [], ""
-        await anyio.sleep(settle_s)
-        second = await self._observe(suspects)
-        repairs: list[dict[str, object]] = []
-        for tenant_id in suspects:
-            before = first[tenant_id][0]
-            if tenant_id not in second:
-                continue
-            now, done = second[tenant_id]
-            if not now.needs_repair or not now.same_state(before):
-                continue
-            assert now.mirror is not None
-            try:
-                repaired = await self.mirror.repair(
-                    tenant_id,
-                    now.mirror.budget,
-                    now.balance_usd_micros,
-                    now.expected_reserved_usd_micros,
-                    now.ledger_version,
-                    dropped_holds=now.dropped_holds,
-                    included=done,
+        rows = []
+        for tenant_id, tenant in self.ledger.tenants.items():
+            if tenant_id in tenant_ids:
+                self.committed_at_look[tenant_id] = self.ledger.committed_operations(tenant_id)
+                rows.append(
+                    TenantCounters(tenant_id, tenant.balance, tenant.reserved, tenant.version)
                 )
-            except OSError:
-                continue
-            if repaired and now.drifted:
-                repairs.append({"tenant_id": tenant_id})
-        return repairs, ""
+        return rows
+
+    async def reserved_run_ids(self, run_ids: Sequence[str]) -> Collection[str]:
+        return await self.ledger.reserved_run_ids(run_ids)
+
+
+@dataclass(slots=True)
+class RepairingMirror:
+    """``dpp.money.drift.MirrorRepairs`` over ``MemMirror``: a repair carries what
+    Postgres had committed when drift repair last looked at the tenant."""
+
+    mirror: MemMirror
+    counters: MemCounters
+
+    async def observe(self, tenant_id: str) -> MirrorObservation | None:
+        return await self.mirror.observe(tenant_id)
+
+    async def repair(
+        self,
+        tenant_id: str,
+        observed: MirrorBudget,
+        balance: int,
+        reserved: int,
+        version: int,
+        *,
+        dropped_holds: Sequence[str] = (),
+    ) -> bool:
+        return await self.mirror.repair(
+            tenant_id,
+            observed,
+            balance,
+            reserved,
+            version,
+            dropped_holds=dropped_holds,
+            included=self.counters.committed_at_look.get(tenant_id),
+        )
+
+
+def mem_drift(ledger: MemLedger, mirror: MemMirror) -> DriftRepair:
+    """The real drift repair over the in-memory stores."""
+    counters = MemCounters(ledger)
+    return DriftRepair(counters, RepairingMirror(mirror, counters))
 
 
 class SimPack:

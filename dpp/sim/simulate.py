@@ -52,7 +52,7 @@ from dpp.runs.service import Runs
 from dpp.runs.submission import SubmitRequest
 from dpp.sim.ledger import MemLedger
 from dpp.sim.mirror import MemMirror
-from dpp.sim.services import MemBlobs, MemDrift, MemQueue, SimPack
+from dpp.sim.services import MemBlobs, MemQueue, SimPack, mem_drift
 from dpp.sim.world import KNOWN_HOLES, SCENARIOS, Faults, Trace, Violations, now_dt
 
 LEASE_SEC = 20
@@ -217,7 +217,7 @@ class World:
             runs=cast(Any, self.ledger),
             ledger=cast(Any, self.ledger),
             keys=cast(Any, self.ledger),
-            drift=cast(Any, MemDrift(self.ledger, self.mirror)),
+            drift=mem_drift(self.ledger, self.mirror),
             results=self.blobs,
             settler=budgets,
             queue=self.queue,
