@@ -20,7 +20,13 @@ import anyio
 from anyio.abc import TaskStatus
 
 from dpp.adapters.blobs import StoredObject
-from dpp.adapters.queue.base import STATEMENT_DEADLINE_S, ClaimedRun, DeadLetter, QueuedRun
+from dpp.adapters.queue.base import (
+    STATEMENT_DEADLINE_S,
+    ClaimedRun,
+    DeadLetter,
+    QueuedRun,
+    claimed_from_row,
+)
 from dpp.limits import CLAIM_BATCH_MAX, QUEUED_MESSAGE_LOST_AFTER_SEC
 from dpp.money.drift import DriftRepair, TenantCounters
 from dpp.money.mirror import MirrorBudget, MirrorObservation
@@ -101,21 +107,7 @@ class MemQueue:
         if row is None:
             self._delete(message.handle)
             return None
-        return ClaimedRun(
-            run_id=row["id"],
-            tenant_id=row["tenant_id"],
-            pack_type=row["pack_type"],
-            inputs=row["inputs"],
-            timebox_sec=row["timebox_sec"],
-            reserved_usd_micros=row["reserved_usd_micros"],
-            minimum_fee_usd_micros=row["minimum_fee_usd_micros"],
-            trace_id=row["trace_id"],
-            lease_token=row["lease_token"],
-            version=row["version"],
-            attempts=row["attempts"],
-            claimed_at_monotonic=anyio.current_time(),
-            receipt_handle=message.handle,
-        )
+        return claimed_from_row(row, message.handle)
 
     def _delete(self, handle: str) -> None:
         # a stale receipt handle (the message was received again since) deletes nothing

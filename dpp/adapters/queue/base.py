@@ -10,7 +10,7 @@ or for a run someone else took, the guard turns into a no-op.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -80,7 +80,10 @@ class ClaimedRun:
         assert self.version >= 1 and self.attempts >= 1
 
 
-def claimed_from_row(row: asyncpg.Record, receipt_handle: str | None = None) -> ClaimedRun:
+def claimed_from_row(
+    row: asyncpg.Record | Mapping[str, Any], receipt_handle: str | None = None
+) -> ClaimedRun:
+    """A claimed run from its claim statement's row (or the simulator's likeness of it)."""
     return ClaimedRun(
         run_id=row["id"],
         tenant_id=row["tenant_id"],
