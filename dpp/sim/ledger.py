@@ -551,8 +551,9 @@ class MemLedger:
         self._end("claim")
         return dict(run)
 
-    async def renew(self, run: ClaimedRun, version: int, lease_sec: int) -> int | None:
-        await self._begin("renew")
+    def _held(self, run: ClaimedRun, version: int) -> Row | None:
+        """The run's row if this worker still holds it: renew_lease's and
+        claim_for_finalize's WHERE (lease token, PROCESSING, version)."""
         row = self.runs.get(run.run_id)
         if (
             row is None
@@ -560,6 +561,13 @@ class MemLedger:
             or row["status"] != RunStatus.PROCESSING
             or row["version"] != version
         ):
+            return None
+        return row
+
+    async def renew(self, run: ClaimedRun, version: int, lease_sec: int) -> int | None:
+        await self._begin("renew")
+        row = self._held(run, version)
+        if row is None:
             self.trace.add(f"pg renew {run.run_id} lost")
             return None
         row["lease_expires_at"] = now_s() + lease_sec
@@ -570,13 +578,8 @@ class MemLedger:
 
     async def claim_for_finalize(self, run: ClaimedRun, version: int) -> int | None:
         await self._begin("claim_for_finalize")
-        row = self.runs.get(run.run_id)
-        if (
-            row is None
-            or row["lease_token"] != run.lease_token
-            or row["status"] != RunStatus.PROCESSING
-            or row["version"] != version
-        ):
+        row = self._held(run, version)
+        if row is None:
             self.trace.add(f"pg claim_for_finalize {run.run_id} lost")
             return None
         row["status"] = RunStatus.CLAIMED.value
