@@ -35,6 +35,18 @@ class TestServices:
         return with_database(self.admin_database_url, name)
 
 
+def store_env(services: TestServices, database_url: str, redis_prefix: str) -> dict[str, str]:
+    """The settings that point a DPP process at this test's own stores: its
+    database, its Redis prefix, a fresh bucket on the suite's object store."""
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": services.redis_url,
+        "S3_ENDPOINT_URL": services.object_store_url,
+        "S3_RESULT_BUCKET": f"dpp-test-{secrets.token_hex(6)}",
+        "DPP_REDIS_PREFIX": redis_prefix,
+    }
+
+
 def with_database(url: str, name: str) -> str:
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))

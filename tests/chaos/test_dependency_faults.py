@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import secrets
 import subprocess
 import sys
 from collections import Counter
@@ -42,7 +41,7 @@ import pytest
 
 from tests import services as test_services
 from tests.replica import Replica
-from tests.services import delete_redis_prefix
+from tests.services import delete_redis_prefix, store_env
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.slow
@@ -206,11 +205,11 @@ async def rig(
         await proxy.start()
     env = {
         **os.environ,
+        **store_env(services, database_url, redis_prefix),
+        # every dependency through its proxy
         "DATABASE_URL": _through(database_url, postgres),
         "REDIS_URL": _through(services.redis_url, redis),
         "S3_ENDPOINT_URL": _through(services.object_store_url, object_storage),
-        "S3_RESULT_BUCKET": f"dpp-test-{secrets.token_hex(6)}",
-        "DPP_REDIS_PREFIX": redis_prefix,
         "DPP_ADMIN_TOKEN": ADMIN_TOKEN,
         "DPP_LEASE_SEC": "3",
         "DPP_HEARTBEAT_SEC": "1",

@@ -9,7 +9,6 @@ and the replica still stops cleanly on SIGTERM.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 
 import anyio
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 from tests.chaos.test_sigkill import EXIT_TIMEOUT_S, SETTLE_TIMEOUT_S, Replica
+from tests.services import store_env
 
 pytestmark = pytest.mark.slow
 
@@ -49,11 +49,7 @@ async def test_poison_bursts_against_a_real_replica_change_nothing(
 ) -> None:
     env = {
         **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": services.redis_url,
-        "S3_ENDPOINT_URL": services.object_store_url,
-        "S3_RESULT_BUCKET": f"dpp-test-{secrets.token_hex(6)}",
-        "DPP_REDIS_PREFIX": redis_prefix,
+        **store_env(services, database_url, redis_prefix),
         "DPP_ADMIN_TOKEN": ADMIN_TOKEN,
         "LOG_LEVEL": "WARNING",
     }

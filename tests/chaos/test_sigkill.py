@@ -12,7 +12,6 @@ Runs ``python -m dpp.cli serve`` (``dpp.app.run_server``) as real processes.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +22,7 @@ import httpx
 import pytest
 
 from tests.replica import Replica
+from tests.services import store_env
 
 pytestmark = pytest.mark.slow
 
@@ -54,11 +54,7 @@ async def test_sigkill_mid_work_then_a_fresh_replica_settles_everything_once(
 ) -> None:
     env = {
         **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": services.redis_url,
-        "S3_ENDPOINT_URL": services.object_store_url,
-        "S3_RESULT_BUCKET": f"dpp-test-{secrets.token_hex(6)}",
-        "DPP_REDIS_PREFIX": redis_prefix,
+        **store_env(services, database_url, redis_prefix),
         "DPP_ADMIN_TOKEN": ADMIN_TOKEN,
         "DPP_LEASE_SEC": "2",
         "DPP_HEARTBEAT_SEC": "1",
@@ -144,11 +140,7 @@ async def test_sigkill_mid_work_then_a_fresh_replica_settles_everything_once(
 def _chaos_env(services, database_url: str, redis_prefix: str) -> dict[str, str]:
     return {
         **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": services.redis_url,
-        "S3_ENDPOINT_URL": services.object_store_url,
-        "S3_RESULT_BUCKET": f"dpp-test-{secrets.token_hex(6)}",
-        "DPP_REDIS_PREFIX": redis_prefix,
+        **store_env(services, database_url, redis_prefix),
         "DPP_ADMIN_TOKEN": ADMIN_TOKEN,
         "DPP_LEASE_SEC": "2",
         "DPP_HEARTBEAT_SEC": "1",

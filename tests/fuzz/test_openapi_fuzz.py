@@ -34,7 +34,7 @@ from schemathesis.checks import (
 from dpp.http.routes import openapi_body
 from tests import services as test_services
 from tests.replica import Replica
-from tests.services import create_database, delete_redis_prefix, drop_database
+from tests.services import create_database, delete_redis_prefix, drop_database, store_env
 
 pytestmark = pytest.mark.slow
 
@@ -131,11 +131,7 @@ def served(
     log_path: Path = tmp_path_factory.mktemp("fuzz") / "replica.log"
     env = {
         **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": services.redis_url,
-        "S3_ENDPOINT_URL": services.object_store_url,
-        "S3_RESULT_BUCKET": f"dpp-test-{secrets.token_hex(6)}",
-        "DPP_REDIS_PREFIX": prefix,
+        **store_env(services, database_url, prefix),
         "DPP_ADMIN_TOKEN": ADMIN_TOKEN,
         "LOG_LEVEL": os.environ.get("DPP_FUZZ_LOG_LEVEL", "WARNING"),
     }

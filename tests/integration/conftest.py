@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from dpp.config import Settings, load_settings
 from dpp.context import AppContext
 from dpp.http.app import create_app
 from dpp.logs import configure_logging
-from tests.services import TestServices
+from tests.services import TestServices, store_env
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 BASE_URL = "http://testserver"
@@ -36,11 +35,7 @@ BASE_URL = "http://testserver"
 def settings_env(services: TestServices, database_url: str, redis_prefix: str) -> dict[str, str]:
     """The environment the settings are read from (a plain dict, never os.environ)."""
     return {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": services.redis_url,
-        "S3_ENDPOINT_URL": services.object_store_url,
-        "S3_RESULT_BUCKET": f"dpp-test-{secrets.token_hex(6)}",
-        "DPP_REDIS_PREFIX": redis_prefix,
+        **store_env(services, database_url, redis_prefix),
         "DPP_ADMIN_TOKEN": ADMIN_TOKEN,
         "LOG_LEVEL": "DEBUG",
     }

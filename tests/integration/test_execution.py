@@ -50,6 +50,7 @@ from dpp.money.ledger import Reserved
 from dpp.money.rules import Outcome, RunStatus
 from dpp.runs.service import RunNotCancelable
 from tests.moneykit import create_tenant
+from tests.services import store_env
 
 if TYPE_CHECKING:
     from tests.services import TestServices
@@ -219,11 +220,7 @@ async def open_harness(
     **environment: str,
 ) -> AsyncIterator[Harness]:
     env = {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": services.redis_url,
-        "S3_ENDPOINT_URL": services.object_store_url,
-        "S3_RESULT_BUCKET": f"dpp-test-{secrets.token_hex(6)}",
-        "DPP_REDIS_PREFIX": redis_prefix,
+        **store_env(services, database_url, redis_prefix),
         "DPP_LEASE_SEC": "3",
         "DPP_HEARTBEAT_SEC": "1",
         "DPP_RECONCILE_THRESHOLD_SEC": "1",
