@@ -59,10 +59,19 @@ class Settings:
     presign_expiry_sec: int
     redis_prefix: str
     development: bool
+    # `dpp serve --processes N`: N full replicas sharing the port (SO_REUSEPORT).
+    processes: int = 1
+    # Listen with SO_REUSEPORT so several replicas on one machine share the port;
+    # set by `--processes` for its children.
+    reuse_port: bool = False
 
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with some fields replaced (tests and `dpp dev` use it)."""
         return dataclasses.replace(self, **changes)
+
+
+# More replicas than this on one machine is a typo, not a plan.
+MAX_PROCESSES = 256
 
 
 def _text(env: Mapping[str, str], name: str) -> str | None:
@@ -184,6 +193,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         presign_expiry_sec=_integer(env, "DPP_PRESIGN_EXPIRY_SEC", 3_600, 60, 604_800),
         redis_prefix=prefix,
         development=_boolean(env, "DPP_DEVELOPMENT", False),
+        processes=_integer(env, "DPP_PROCESSES", 1, 1, MAX_PROCESSES),
+        reuse_port=_boolean(env, "DPP_REUSE_PORT", False),
     )
 
 

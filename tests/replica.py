@@ -27,12 +27,12 @@ def free_port() -> int:
 class Replica:
     """One `dpp serve` process and an HTTP client to it."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dpp.cli", "serve"],
+            [sys.executable, "-m", "dpp.cli", "serve", *args],
             env={**env, "PORT": str(self.port), "DPP_HOST": "127.0.0.1"},
             stdout=self._log,
             stderr=subprocess.STDOUT,

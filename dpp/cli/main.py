@@ -23,7 +23,7 @@ from typing import Any
 from dpp.actors.supervisor import IntensityExceeded
 from dpp.adapters import embedded
 from dpp.adapters.migrate import MigrationError
-from dpp.cli import credits, dev, simulate, tenancy
+from dpp.cli import credits, dev, processes, simulate, tenancy
 from dpp.cli.common import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -39,7 +39,7 @@ from dpp.cli.common import (
     run_server,
     settings_from_environment,
 )
-from dpp.config import ConfigError, Settings, StartupError, require
+from dpp.config import MAX_PROCESSES, ConfigError, Settings, StartupError, require
 from dpp.money.audit import run_audit
 
 Handler = Callable[[argparse.Namespace], int | None]
@@ -50,9 +50,19 @@ Handler = Callable[[argparse.Namespace], int | None]
 
 def command_serve(args: argparse.Namespace) -> int:
     settings = settings_from_environment()
+    if args.processes is not None:
+        settings = settings.with_overrides(processes=args.processes)
     configure_logging(settings)
+    if settings.processes > 1:
+        return processes.run_processes(settings)
     run_async(run_server, settings)
     return EXIT_OK
+
+
+def _process_count(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PROCESSES:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_PROCESSES}")
+    return int(raw)
 
 
 def register_serve(subparsers: Any) -> None:
@@ -64,6 +74,15 @@ def register_serve(subparsers: Any) -> None:
             "them behind a load balancer against the same Postgres, Redis and object "
             "storage. SIGTERM drains: stop claiming, finish in-flight work within "
             "DPP_SHUTDOWN_GRACE_SEC, then exit 0."
+        ),
+    )
+    parser.add_argument(
+        "--processes",
+        type=_process_count,
+        metavar="N",
+        help=(
+            "run N full replicas sharing the port (SO_REUSEPORT), each its own "
+            "supervision tree; a crashed one is restarted (default: DPP_PROCESSES or 1)"
         ),
     )
     parser.set_defaults(handler=command_serve)

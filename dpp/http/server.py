@@ -51,8 +51,21 @@ ShutdownTrigger = Callable[[], Awaitable[Any]] | anyio.Event
 SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 
 
-def bind_socket(host: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
-    """A listening, non-blocking TCP socket on ``host:port`` (port 0: any free one).
+def bind_socket(
+    host: str,
+    port: int,
+    *,
+    backlog: int = LISTEN_BACKLOG,
+    reuse_port: bool = False,
+    listen: bool = True,
+) -> socket.socket:
+    """A non-blocking TCP socket bound to ``host:port`` (port 0: any free one),
+    listening unless ``listen=False``.
+
+    ``reuse_port``: SO_REUSEPORT, so the replicas of ``dpp serve --processes N``
+    each listen on the same port and the kernel spreads connections among them.
+    A bound socket that does not listen receives no connections; the parent of
+    those replicas holds one to claim the port (and learn it, for port 0).
 
     Raises StartupError with one line naming the setting when it cannot listen.
     """
@@ -67,9 +80,12 @@ def bind_socket(host: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> socke
         # REUSEADDR: a restart must not wait out TIME_WAIT; on Linux it never
         # lets two live listeners share the port.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(address)
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError as error:
         sock.close()
@@ -124,7 +140,7 @@ async def serve_http(
     listens (so ``PORT=0`` works in tests). Returns after the graceful stop.
     """
     asyncio.get_running_loop()  # hypercorn serves on asyncio only: fail here, clearly
-    bound = bind_socket(settings.host, settings.port)
+    bound = bind_socket(settings.host, settings.port, reuse_port=settings.reuse_port)
     try:
         port = bound.getsockname()[1]
         log.info("listening", extra={"host": settings.host, "port": port})

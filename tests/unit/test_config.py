@@ -36,6 +36,8 @@ def test_defaults_with_nothing_set() -> None:
         presign_expiry_sec=3_600,
         redis_prefix="dpp",
         development=False,
+        processes=1,
+        reuse_port=False,
     )
 
 
@@ -54,6 +56,8 @@ def test_values_are_read_and_normalised() -> None:
             "DPP_ADMIN_TOKEN": "   ",
             "DPP_LEASE_SEC": "60",
             "DPP_HEARTBEAT_SEC": "10",
+            "DPP_PROCESSES": "4",
+            "DPP_REUSE_PORT": "yes",
         }
     )
     assert settings.queue_backend == "sqs"
@@ -63,6 +67,7 @@ def test_values_are_read_and_normalised() -> None:
     assert settings.cors_allowed_origins == ("https://a.example.com", "http://localhost:3000")
     assert settings.admin_token is None  # blank is "not configured" (SPEC §6 Admin)
     assert (settings.lease_sec, settings.heartbeat_sec) == (60, 10)
+    assert (settings.processes, settings.reuse_port) == (4, True)
 
 
 @pytest.mark.parametrize(
@@ -102,6 +107,9 @@ def test_values_are_read_and_normalised() -> None:
         ({"DPP_WEBHOOK_URL": "file:///etc/passwd"}, "DPP_WEBHOOK_URL"),
         ({"DPP_PRESIGN_EXPIRY_SEC": "1"}, "DPP_PRESIGN_EXPIRY_SEC"),
         ({"DPP_REDIS_PREFIX": "has space"}, "DPP_REDIS_PREFIX"),
+        ({"DPP_PROCESSES": "0"}, "DPP_PROCESSES"),
+        ({"DPP_PROCESSES": "257"}, "DPP_PROCESSES"),
+        ({"DPP_REUSE_PORT": "both"}, "DPP_REUSE_PORT"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable(
