@@ -31,6 +31,7 @@ TIMEOUT_S = 40.0
 EXIT_TIMEOUT_S = 40.0
 # A run the killed replica held ends by reaping or rollback; none is left open.
 SETTLED = ("COMPLETED", "EXPIRED", "FAILED")
+DEATH_SETTLE_S = 0.5
 
 
 def children_of(pid: int) -> set[int]:
@@ -114,14 +115,16 @@ async def test_replicas_share_the_port_a_dead_one_is_replaced_and_sigterm_drains
             # parent starts a replacement.
             victim = min(first)
             os.kill(victim, signal.SIGKILL)
-            # Connections already queued on the victim's socket die with it (a
-            # SO_REUSEPORT property); every connection made after it is gone
+            # Connections the kernel had queued on the victim's socket die with
+            # it (SO_REUSEPORT without net.ipv4.tcp_migrate_req=1; README), so
+            # allow the moment of death to pass; after it, every connection
             # must find a live replica.
             with anyio.fail_after(TIMEOUT_S):
                 while True:
                     if not alive(victim):
                         break
                     await anyio.sleep(0.05)
+            await anyio.sleep(DEATH_SETTLE_S)
             for _ in range(20):
                 answered = await client.get(f"{parent.url}/readyz")
                 assert answered.status_code == 200
