@@ -76,7 +76,8 @@ class AsyncClient:
                 answer = await self._http.request(
                     request.method,
                     request.url,
-                    params=request.params,
+                    # None, not (): httpx would re-encode a presigned URL's query
+                    params=request.params or None,
                     content=request.content,
                     headers=headers,
                 )
