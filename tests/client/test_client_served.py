@@ -8,7 +8,11 @@ thread whenever the proxy (which lives in the test's event loop) is in the way.
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
@@ -34,6 +38,7 @@ from tests.client.conftest import CREDIT_USD_MICROS, Served
 from tests.tcp_proxy import TcpProxy
 
 ECHO_MINIMUM_FEE_USD_MICROS = 100
+CLIENT_ROOT = Path(__file__).resolve().parents[2] / "clients" / "python"
 
 
 async def test_run_end_to_end_with_both_clients(served: Served) -> None:
@@ -137,6 +142,20 @@ async def test_retry_after_of_a_429_is_honoured(served: Served) -> None:
     assert budget.balance_usd_micros == CREDIT_USD_MICROS
     # a backoff would have retried after at most 0.5 s and been refused again
     assert waited_s >= retry_after - 1.5, (waited_s, retry_after)
+
+    # The plan's concurrent-run limit answers a submit 429 (Retry-After: 1) while
+    # another run is in flight; the retried submit (same key) gets in once it ends.
+    busy = await served.api_key(plan_id=await served.plan(max_concurrent_runs=1))
+    async with AsyncClient(served.url, busy, max_retries=0) as dpp:
+        first = await dpp.runs.create("echo", {"payload": 1, "delay_ms": 1_500})
+        with pytest.raises(RateLimited) as full:
+            await dpp.runs.create("echo", {"payload": 2})
+        assert full.value.retry_after == 1.0
+    async with AsyncClient(served.url, busy, max_retries=10) as dpp:
+        second = await dpp.runs.create("echo", {"payload": 2})
+        assert (await dpp.runs.get(first)).terminal
+        assert [run.id async for run in dpp.runs.list()] == [second.id, first.id]
+        await dpp.runs.wait(second, timeout=30)
 
 
 async def test_result_refuses_a_body_whose_sha256_does_not_match(served: Served) -> None:
@@ -257,3 +276,27 @@ async def test_list_follows_cursors_and_filters_by_status(served: Served) -> Non
             return [run.id for run in dpp.runs.list(limit=1, status="COMPLETED")]
 
     assert await anyio.to_thread.run_sync(blocking) == newest_first[1:]
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_the_async_client_runs_on_trio(served: Served, anyio_backend: str) -> None:
+    key = await served.api_key()
+    async with AsyncClient(served.url, key) as dpp:
+        assert await dpp.run("echo", {"payload": "trio"}, timeout=30) == {"payload": "trio"}
+        assert [run.status async for run in dpp.runs.list()] == ["COMPLETED"]
+
+
+async def test_the_readme_opens_with_an_example_that_runs(served: Served) -> None:
+    """clients/python/README.md's first code block, pasted as is, against a real DPP."""
+    readme = (CLIENT_ROOT / "README.md").read_text()
+    assert readme.startswith("# "), "the README opens with its title, then the example"
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert readme.index("```python") < readme.index("\n## "), "the example comes first"
+    assert len(example.strip().splitlines()) <= 12
+    key = await served.api_key()
+    env = {**os.environ, "DPP_URL": served.url, "DPP_API_KEY": key}
+    ran = await anyio.run_process(
+        [sys.executable, "-c", example], env=env, check=False, stderr=subprocess.STDOUT
+    )
+    assert ran.returncode == 0, ran.stdout.decode()
+    assert ran.stdout.decode().strip() == "{'payload': 'hello'}"
