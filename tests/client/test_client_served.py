@@ -117,6 +117,28 @@ async def test_without_retries_a_lost_answer_raises_and_the_same_key_gets_the_sa
         await dpp.runs.wait(again, timeout=30)
 
 
+async def test_concurrent_submits_with_one_key_make_one_run(served: Served) -> None:
+    """A submit racing its own twin may get 409 idempotency-key-in-use, which the
+    client retries into the replay: both calls answer the same run."""
+    key = await served.api_key()
+    async with AsyncClient(served.url, key, max_retries=10) as dpp:
+        created: dict[str, list[str]] = {}
+
+        async def submit(agent_key: str) -> None:
+            run = await dpp.runs.create("echo", {"payload": agent_key}, idempotency_key=agent_key)
+            created.setdefault(agent_key, []).append(run.id)
+
+        async with anyio.create_task_group() as group:
+            for n in range(6):
+                for _ in range(3):
+                    group.start_soon(submit, f"task-{n}")
+        assert all(len(set(ids)) == 1 and len(ids) == 3 for ids in created.values()), created
+        listed = sorted([run.id async for run in dpp.runs.list()])
+        assert listed == sorted(ids[0] for ids in created.values())
+        for ids in created.values():
+            await dpp.runs.wait(ids[0], timeout=30)
+
+
 async def test_retry_after_of_a_429_is_honoured(served: Served) -> None:
     # 20 a minute: a burst, then one request per 3 s (Retry-After: 3).
     key = await served.api_key(requests_per_minute=20)
