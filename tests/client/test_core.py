@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import socket
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -185,3 +186,44 @@ def test_the_async_client_mirrors_the_sync_one() -> None:
         for name in names - {"close", "base_url"}:
             expected = inspect.signature(getattr(sync, name)).parameters.keys()
             assert inspect.signature(getattr(asynchronous, name)).parameters.keys() == expected
+
+
+def test_a_failed_run_names_its_charge_and_its_error() -> None:
+    document = {
+        "id": "run_f",
+        "status": "FAILED",
+        "pack_type": "echo",
+        "created_at": "2026-12-01T12:00:00Z",
+        "started_at": "2026-12-01T12:00:01Z",
+        "finished_at": "2026-12-01T12:00:02Z",
+        "reserved_usd_micros": 1000,
+        "minimum_fee_usd_micros": 100,
+        "charged_usd_micros": 100,
+        "refunded_usd_micros": 900,
+        "metadata": {},
+        "result": None,
+        "error": _problem("pack-error", 500, detail="the pack said no"),
+        "retention_until": "2026-12-31T12:00:02Z",
+    }
+    run = dpp_client.Run.from_json(document)
+    failed = dpp_client.RunFailed(run)
+    assert failed.run is run and failed.status is None
+    assert failed.type.endswith("/pack-error") and failed.detail == "the pack said no"
+    assert str(failed) == "run run_f ended FAILED (charged 100 USD micros): the pack said no"
+    with pytest.raises(dpp_client.RunFailed):
+        _core.result_link(run)
+    with pytest.raises(ValueError, match="not an integer"):
+        dpp_client.Run.from_json({**document, "charged_usd_micros": 1.5})
+
+
+def test_an_unreachable_server_is_a_connection_failed_after_the_retries() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with (
+        dpp_client.Client(f"http://127.0.0.1:{port}", "dpp_live_k", max_retries=1) as dpp,
+        pytest.raises(dpp_client.ConnectionFailed) as failed,
+    ):
+        dpp.budget()
+    assert "after 2 attempt(s)" in failed.value.detail
+    assert isinstance(failed.value.__cause__, httpx.ConnectError)

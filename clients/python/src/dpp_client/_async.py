@@ -89,7 +89,8 @@ class AsyncClient:
                         client_problem(
                             "connection-failed",
                             "DPP could not be reached",
-                            f"{request.method} {request.url}: {error!r}"
+                            # no query: a download link's query is its credential
+                            f"{request.method} {request.url.split('?', 1)[0]}: {error!r}"
                             f" after {attempt + 1} attempt(s)",
                         ),
                     ) from error

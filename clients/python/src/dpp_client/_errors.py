@@ -153,12 +153,17 @@ class RunFailed(DPPError):
 
     def __init__(self, run: Run) -> None:
         self.run = run
+        # the run's own error (a problem document) says why; type/title/detail are its
         problem = dict(run.error or {})
         problem.setdefault("type", CLIENT_TYPE_BASE + "run-failed")
         problem.setdefault("title", f"Run {run.status}")
-        problem.setdefault("detail", f"run {run.id} ended {run.status}")
+        problem.setdefault("detail", "")
         super().__init__(None, problem)
-        self.title = f"Run {run.id} {run.status}"
+
+    def _message(self) -> str:
+        charged = self.run.charged_usd_micros
+        text = f"run {self.run.id} ended {self.run.status} (charged {charged} USD micros)"
+        return f"{text}: {self.detail}" if self.detail else text
 
 
 BY_STATUS: dict[int, type[DPPError]] = {
