@@ -77,14 +77,25 @@ class Served:
 
 
 @pytest.fixture
+def served_env() -> dict[str, str]:
+    """Extra settings of the replica (a test parametrizes this to change them)."""
+    return {}
+
+
+@pytest.fixture
 async def served(
-    services: TestServices, database_url: str, redis_prefix: str, tmp_path: Path
+    services: TestServices,
+    database_url: str,
+    redis_prefix: str,
+    tmp_path: Path,
+    served_env: dict[str, str],
 ) -> AsyncIterator[Served]:
     env = {
         **os.environ,
         **store_env(services, database_url, redis_prefix),
         "DPP_ADMIN_TOKEN": ADMIN_TOKEN,
         "LOG_LEVEL": "WARNING",
+        **served_env,
     }
     replica = Replica(env, tmp_path / "replica.log")
     try:

@@ -254,6 +254,30 @@ async def test_errors_map_to_their_classes(served: Served) -> None:
         assert unauthenticated.value.status == 401
 
 
+@pytest.mark.parametrize("served_env", [{"DPP_WORKER_CONCURRENCY": "1"}])
+async def test_cancel_refunds_a_queued_run_and_is_idempotent(served: Served) -> None:
+    key = await served.api_key()
+    async with AsyncClient(served.url, key) as dpp:
+        busy = await dpp.runs.create("echo", {"payload": "busy", "delay_ms": 2_000})
+        with anyio.fail_after(30):
+            while True:  # until the one worker holds it
+                if (await dpp.runs.get(busy)).status != "QUEUED":
+                    break
+                await anyio.sleep(0.05)
+        queued = await dpp.runs.create("echo", {"payload": "waits"})  # the one worker is busy
+        canceled = await dpp.runs.cancel(queued)
+        assert canceled.status == "CANCELED"
+        assert canceled.charged_usd_micros == 0
+        assert canceled.refunded_usd_micros == queued.reserved_usd_micros
+        assert (await dpp.runs.cancel(queued.id)).status == "CANCELED"  # again: 200
+        with pytest.raises(ValueError, match="CANCELED"):
+            await dpp.runs.result(canceled)
+        done = await dpp.runs.wait(busy, timeout=30)
+        budget = await dpp.budget()
+        assert budget.balance_usd_micros == CREDIT_USD_MICROS - (done.charged_usd_micros or 0)
+        assert budget.reserved_usd_micros == 0
+
+
 async def test_wait_gives_up_with_timeout_error_and_can_resume(served: Served) -> None:
     key = await served.api_key()
     async with AsyncClient(served.url, key) as dpp:
