@@ -167,6 +167,7 @@ def test_settings_come_from_the_environment_and_are_checked() -> None:
     env = {"DPP_URL": "http://dpp.example/", "DPP_API_KEY": "dpp_live_k"}
     settings = _core.resolve_settings(None, None, 3, env)
     assert (settings.base_url, settings.api_key) == ("http://dpp.example", "dpp_live_k")
+    assert "dpp_live_k" not in repr(settings)
     with pytest.raises(ValueError, match="DPP_API_KEY"):
         _core.resolve_settings("http://x", None, 3, {})
     with pytest.raises(ValueError, match="DPP_URL"):

@@ -58,8 +58,8 @@ ERROR_BODY_PREVIEW_CHARS = 200
 @dataclass(frozen=True, slots=True)
 class Settings:
     base_url: str
-    api_key: str
-    max_retries: int
+    api_key: str = field(repr=False)  # a secret: never in a repr, a log line or a traceback
+    max_retries: int = 3
 
 
 def resolve_settings(
