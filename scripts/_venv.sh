@@ -24,13 +24,16 @@ dpp_ensure_venv() {
         "$python" -m venv "$dpp_venv" || dpp_fail "could not create $dpp_venv"
         rm -f "$dpp_stamp"
     fi
-    # What the install depends on: the dependency list, and the interpreter.
+    # What the install depends on: the dependency lists (DPP's and the Python
+    # client's, installed editable beside it), and the interpreter.
     local wanted
-    wanted="$(cat "$dpp_root/pyproject.toml" "$dpp_venv/pyvenv.cfg" | sha256sum | cut -d' ' -f1)"
+    wanted="$(cat "$dpp_root/pyproject.toml" "$dpp_root/clients/python/pyproject.toml" \
+        "$dpp_venv/pyvenv.cfg" | sha256sum | cut -d' ' -f1)"
     if [[ ! -f "$dpp_stamp" || "$(cat "$dpp_stamp")" != "$wanted" ]]; then
-        echo "installing dpp and its dependencies into .venv (pyproject.toml changed)" >&2
-        (cd "$dpp_root" && "$dpp_venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev]') \
-            || dpp_fail "pip install -e '.[dev]' failed (see above)"
+        echo "installing dpp, dpp-client and their dependencies into .venv (a pyproject.toml changed)" >&2
+        (cd "$dpp_root" && "$dpp_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+            -e '.[dev]' -e ./clients/python) \
+            || dpp_fail "pip install -e '.[dev]' -e ./clients/python failed (see above)"
         echo "$wanted" >"$dpp_stamp"
     fi
 }

@@ -6,6 +6,13 @@ sides see a reset) and stops listening, so new connections are *refused*, as
 when the server is down; ``restore()`` listens again on the same port. The
 replica under test only ever knows the proxy's address.
 
+``drop_answers(n)`` loses the next ``n`` answers in transit: the request
+reaches the upstream, which acts on it, but the first bytes of its answer
+reset the client's connection instead of reaching it (a client's view of a
+load balancer or network failing after the server committed). The client
+tests put it in front of a ``dpp serve`` to prove a retried submit makes one
+run.
+
 asyncio only (it runs in the test's event loop, beside the load it drives).
 """
 
@@ -35,6 +42,8 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.connections_total = 0
         self.cuts_total = 0
+        self.answers_dropped_total = 0
+        self._answers_to_drop = 0
 
     @property
     def address(self) -> str:
@@ -58,6 +67,11 @@ class TcpProxy:
         self.cuts_total += 1
         self._abort_all()
         await asyncio.sleep(0)
+
+    def drop_answers(self, count: int = 1) -> None:
+        """Lose the next ``count`` answers (upstream to client) in transit."""
+        assert count >= 0, count
+        self._answers_to_drop += count
 
     async def restore(self) -> None:
         await self.start()
@@ -104,7 +118,7 @@ class TcpProxy:
         self._writers |= {client, upstream}
         pumps = [
             asyncio.ensure_future(self._pump(client_reader, upstream)),
-            asyncio.ensure_future(self._pump(upstream_reader, client)),
+            asyncio.ensure_future(self._pump_answers(upstream_reader, client, upstream)),
         ]
         self._tasks.update(pumps)
         try:
@@ -114,6 +128,27 @@ class TcpProxy:
             for writer in (client, upstream):
                 self._writers.discard(writer)
                 writer.transport.abort()
+
+    async def _pump_answers(
+        self,
+        reader: asyncio.StreamReader,
+        client: asyncio.StreamWriter,
+        upstream: asyncio.StreamWriter,
+    ) -> None:
+        """Upstream to client, losing an answer when ``drop_answers`` asked for it."""
+        try:
+            while chunk := await reader.read(CHUNK_BYTES):
+                if self._answers_to_drop > 0:
+                    self._answers_to_drop -= 1
+                    self.answers_dropped_total += 1
+                    return  # the finally resets the client: it never sees a byte
+                client.write(chunk)
+                await client.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            client.transport.abort()
+            upstream.transport.abort()
 
     @staticmethod
     async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
