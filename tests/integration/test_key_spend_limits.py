@@ -316,7 +316,7 @@ async def _key(pool: asyncpg.Pool, tenant_id: str, limit: int | None) -> str:
     key_id = f"key_{tenant_id[4:30]}"
     await pool.execute(
         "INSERT INTO api_keys (id, tenant_id, key_sha256, key_hint, spend_limit_usd_micros)"
-        " VALUES ($1, $2, sha256($1::bytea), 'abcd', $3)",
+        " VALUES ($1, $2, sha256(convert_to($1::text, 'UTF8')), 'abcd', $3)",
         key_id,
         tenant_id,
         limit,
