@@ -18,6 +18,8 @@ USD_MICROS: Final = 1_000_000  # one USD
 USD_MICROS_MAX: Final = 2**63 - 1
 # One credit top-up: ten million USD, far below the BIGINT ceiling however many.
 CREDIT_USD_MICROS_MAX: Final = 10_000_000 * USD_MICROS
+# an API key's spend limit (SPEC §7): 1 .. 10^13 micros (10 million USD)
+SPEND_LIMIT_USD_MICROS_MAX: Final = 10**13
 
 # --- runs (SPEC §3, §6) ------------------------------------------------------------------
 

@@ -29,7 +29,9 @@ class Metrics:
     http_request_duration: Histogram  # method, route
     runs_submitted: Counter  # pack_type
     runs_settled: Counter  # outcome: COMPLETED | FAILED | EXPIRED | CANCELED
-    reservations: Counter  # result: reserved | insufficient | rejected | key_not_held
+    reservations: (
+        Counter  # result: reserved | insufficient | key_spend_limit | rejected | key_not_held
+    )
     budget_actors: Gauge  # live budget actors on this replica
     mailbox_full_rejections: Counter  # actor kind
     actor_crashes: Counter  # actor kind: keyed actors (budget) that crashed

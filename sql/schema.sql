@@ -46,7 +46,15 @@ CREATE TABLE api_keys (
     requests_per_minute  INTEGER CHECK (requests_per_minute BETWEEN 1 AND 1000000),
     created_at           TIMESTAMPTZ NOT NULL DEFAULT now(),
     last_used_at         TIMESTAMPTZ,
-    revoked_at           TIMESTAMPTZ
+    revoked_at           TIMESTAMPTZ,
+    -- SPEC §7: NULL is no limit beyond the tenant's budget
+    spend_limit_usd_micros BIGINT
+        CHECK (spend_limit_usd_micros BETWEEN 1 AND 10000000000000),
+    -- R of the key's open runs + charged of its settled runs (ledger trigger only)
+    spent_usd_micros     BIGINT NOT NULL DEFAULT 0 CHECK (spent_usd_micros >= 0),
+    -- spent when the limit was last set (a trigger writes it): the audit's evidence
+    spent_when_limit_set_usd_micros BIGINT NOT NULL DEFAULT 0,
+    CONSTRAINT api_keys_id_tenant UNIQUE (id, tenant_id)
 );
 CREATE INDEX api_keys_tenant ON api_keys (tenant_id);
 
@@ -83,6 +91,8 @@ CREATE TABLE runs (
     -- set once the run's SQS message is sent (the SQS backend only); NULL on a
     -- QUEUED run means "send it again" to the reconciler's backstop
     enqueued_at               TIMESTAMPTZ,
+    -- the key the run was submitted with (SPEC §7); fixed for the run's life
+    api_key_id                TEXT,
     CONSTRAINT runs_minimum_fee_within_reservation
         CHECK (minimum_fee_usd_micros <= reserved_usd_micros),
     -- a run is settled exactly when it is terminal, and then charged + refunded == R
@@ -100,7 +110,9 @@ CREATE TABLE runs (
         CHECK (status <> 'CANCELED' OR charged_usd_micros = 0),
     CONSTRAINT runs_lease_only_while_working CHECK (
         (status IN ('PROCESSING', 'CLAIMED')) = (lease_token IS NOT NULL)
-    )
+    ),
+    CONSTRAINT runs_api_key_of_tenant
+        FOREIGN KEY (api_key_id, tenant_id) REFERENCES api_keys (id, tenant_id)
 );
 CREATE INDEX runs_tenant_created ON runs (tenant_id, created_at DESC, id DESC);
 CREATE INDEX runs_queued ON runs (created_at, id) WHERE status = 'QUEUED';
@@ -112,6 +124,7 @@ CREATE INDEX runs_open_by_tenant ON runs (tenant_id)
     WHERE status IN ('QUEUED', 'PROCESSING', 'CLAIMED');
 CREATE INDEX runs_retention ON runs (retention_until)
     WHERE result_key IS NOT NULL AND result_deleted_at IS NULL;
+CREATE INDEX runs_api_key ON runs (api_key_id) WHERE api_key_id IS NOT NULL;
 
 -- Append-only money ledger. operation_id is the idempotency id of the
 -- movement: replaying an operation hits the UNIQUE and moves nothing.
@@ -290,6 +303,23 @@ BEGIN
         ORDER BY tenant_id
     ) AS d
     WHERE t.id = d.tenant_id;
+
+    -- The keys' spent, after the tenants (every writer locks a tenant before
+    -- its keys): + R per reserve, - the refund per refund; a charge was spent
+    -- when it was reserved. api_keys_spend_within_limit judges the increase.
+    UPDATE api_keys AS k
+    SET spent_usd_micros = k.spent_usd_micros + d.spent_delta
+    FROM (
+        SELECT r.api_key_id,
+               sum(CASE e.kind WHEN 'reserve' THEN e.amount_usd_micros
+                               ELSE -e.amount_usd_micros END)::bigint AS spent_delta
+        FROM inserted_entries e
+        JOIN runs r ON r.id = e.run_id
+        WHERE e.kind IN ('reserve', 'refund') AND r.api_key_id IS NOT NULL
+        GROUP BY r.api_key_id
+        ORDER BY r.api_key_id
+    ) AS d
+    WHERE k.id = d.api_key_id AND d.spent_delta <> 0;
     RETURN NULL;
 END;
 $$;
@@ -431,3 +461,84 @@ CREATE CONSTRAINT TRIGGER runs_settled_in_ledger
     WHEN (NEW.status IN ('COMPLETED', 'FAILED', 'EXPIRED', 'CANCELED')
           AND OLD.status NOT IN ('COMPLETED', 'FAILED', 'EXPIRED', 'CANCELED'))
     EXECUTE FUNCTION runs_settled_in_ledger();
+
+-- Per-key spend limits (migration 0005; SPEC §7): spent moves only with the
+-- ledger, a reservation never takes it above the limit, a run keeps its key.
+
+CREATE TRIGGER api_keys_no_truncate BEFORE TRUNCATE ON api_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION dpp_refuse_truncate();
+
+-- spent moves only from inside the ledger trigger (depth >= 2, as for tenants).
+CREATE FUNCTION api_keys_spent_from_ledger_only() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_trigger_depth() < 2 THEN
+        RAISE EXCEPTION 'dpp rule key_spent_from_ledger: key % spent changes only through '
+            'ledger entries', NEW.id
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER api_keys_spent_starts_at_zero
+    BEFORE INSERT ON api_keys
+    FOR EACH ROW
+    WHEN (NEW.spent_usd_micros <> 0)
+    EXECUTE FUNCTION api_keys_spent_from_ledger_only();
+
+CREATE TRIGGER api_keys_spent_moves_with_ledger
+    BEFORE UPDATE ON api_keys
+    FOR EACH ROW
+    WHEN (OLD.spent_usd_micros IS DISTINCT FROM NEW.spent_usd_micros)
+    EXECUTE FUNCTION api_keys_spent_from_ledger_only();
+
+-- The key's limit, judged on every increase of spent (a reservation).
+CREATE FUNCTION api_keys_spend_within_limit() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'dpp rule key_spend_limit: key % would spend % above its limit %',
+        NEW.id, NEW.spent_usd_micros, NEW.spend_limit_usd_micros
+        USING ERRCODE = 'integrity_constraint_violation';
+END;
+$$;
+
+CREATE TRIGGER api_keys_spend_within_limit
+    BEFORE UPDATE ON api_keys
+    FOR EACH ROW
+    WHEN (NEW.spent_usd_micros > OLD.spent_usd_micros
+          AND NEW.spent_usd_micros > NEW.spend_limit_usd_micros)
+    EXECUTE FUNCTION api_keys_spend_within_limit();
+
+-- Derived, never written by hand: the spent at which the limit was last set.
+CREATE FUNCTION api_keys_limit_remembers_spent() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT'
+        OR NEW.spend_limit_usd_micros IS DISTINCT FROM OLD.spend_limit_usd_micros THEN
+        NEW.spent_when_limit_set_usd_micros := NEW.spent_usd_micros;
+    ELSE
+        NEW.spent_when_limit_set_usd_micros := OLD.spent_when_limit_set_usd_micros;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER api_keys_limit_remembers_spent
+    BEFORE INSERT OR UPDATE ON api_keys
+    FOR EACH ROW EXECUTE FUNCTION api_keys_limit_remembers_spent();
+
+-- A run keeps the key it was submitted with (its counter moved by that key).
+CREATE FUNCTION runs_key_fixed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'dpp rule run_key_fixed: run % keeps the key it was submitted with', OLD.id
+        USING ERRCODE = 'integrity_constraint_violation';
+END;
+$$;
+
+CREATE TRIGGER runs_key_fixed
+    BEFORE UPDATE ON runs
+    FOR EACH ROW
+    WHEN (OLD.api_key_id IS DISTINCT FROM NEW.api_key_id)
+    EXECUTE FUNCTION runs_key_fixed();

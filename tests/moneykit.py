@@ -79,6 +79,7 @@ def draft(
     *,
     minimum_fee_usd_micros: int = 100,
     pack_type: str = "echo",
+    api_key_id: str | None = None,
 ) -> ledger.RunDraft:
     return ledger.RunDraft(
         run_id=ids.new_id("run"),
@@ -90,6 +91,7 @@ def draft(
         timebox_sec=30,
         trace_id=None,
         created_at=datetime.now(UTC),
+        api_key_id=api_key_id,
     )
 
 

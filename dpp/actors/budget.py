@@ -43,6 +43,7 @@ from dpp.money.ledger import (
     ConcurrencyLimited,
     DeadlinePassed,
     InsufficientBudget,
+    KeySpendLimited,
     Reserved,
     ReserveOutcome,
 )
@@ -333,6 +334,16 @@ class BudgetActor(Actor[BudgetMessage]):
                     message.reply.set(
                         InsufficientBudget(
                             decision.available_usd_micros, message.draft.reserved_usd_micros
+                        )
+                    )
+                case Admission.KEY_SPEND_LIMIT:
+                    spend = decision.key_spend
+                    assert spend is not None and spend.spend_limit_usd_micros is not None
+                    message.reply.set(
+                        KeySpendLimited(
+                            spend.spend_limit_usd_micros,
+                            spend.spent_usd_micros,
+                            message.draft.reserved_usd_micros,
                         )
                     )
                 case Admission.CONCURRENCY_LIMITED:

@@ -31,6 +31,9 @@ from dpp.tenancy.service import Tenancy
 __all__ = ["register"]
 
 WHOLE_NUMBER = re.compile(r"[0-9]{1,9}")
+# amounts: up to 20 digits, so a value above the limit is refused by its range check
+AMOUNT = re.compile(r"[0-9]{1,20}")
+NO_LIMIT = "none"
 
 Command = Callable[[Tenancy, argparse.Namespace], Awaitable[Any]]
 
@@ -41,6 +44,15 @@ def _whole_number(text: str | None, field: str) -> int | None:
         return None
     if WHOLE_NUMBER.fullmatch(text) is None:
         raise InvalidField(field, "expected a whole number")
+    return int(text)
+
+
+def _spend_limit(text: str | None, field: str = "spend_limit_usd_micros") -> int | None:
+    """A spend limit argument: whole USD micros, or ``none`` (no limit)."""
+    if text is None or text == NO_LIMIT:
+        return None
+    if AMOUNT.fullmatch(text) is None:
+        raise InvalidField(field, "expected a whole number of USD micros, or 'none'")
     return int(text)
 
 
@@ -89,9 +101,22 @@ async def _tenant_show(tenancy: Tenancy, args: argparse.Namespace) -> Any:
 
 async def _key_issue(tenancy: Tenancy, args: argparse.Namespace) -> Any:
     record, key = await tenancy.issue_key_record(
-        args.tenant, args.name, _whole_number(args.rpm, "requests_per_minute")
+        args.tenant,
+        args.name,
+        _whole_number(args.rpm, "requests_per_minute"),
+        _spend_limit(args.spend_limit),
     )
     return {**record.document(), "api_key": key}
+
+
+async def _key_limit(tenancy: Tenancy, args: argparse.Namespace) -> Any:
+    record = await tenancy.set_key_spend_limit(args.key_id, _spend_limit(args.spend_limit))
+    return record.document()
+
+
+async def _key_show(tenancy: Tenancy, args: argparse.Namespace) -> Any:
+    record = await tenancy.get_api_key(args.key_id)
+    return record.document()
 
 
 async def _key_revoke(tenancy: Tenancy, args: argparse.Namespace) -> Any:
@@ -132,5 +157,17 @@ def register(subparsers: Any) -> None:
     issue.add_argument("--tenant", required=True, help="tenant id (ten_...)")
     issue.add_argument("--name", default=None)
     issue.add_argument("--rpm", default=None, help="the key's own, lower requests per minute")
+    issue.add_argument(
+        "--spend-limit",
+        default=None,
+        help="USD micros the key's runs may spend over its life (default: no limit)",
+    )
+    limit = _command(
+        key_commands, "limit", "set a key's spend limit (or 'none' to remove it)", _key_limit
+    )
+    limit.add_argument("key_id")
+    limit.add_argument("--spend-limit", required=True, help="USD micros, or 'none' for no limit")
+    show = _command(key_commands, "show", "a key's limits and what it has spent", _key_show)
+    show.add_argument("key_id")
     revoke = _command(key_commands, "revoke", "revoke a key on every replica", _key_revoke)
     revoke.add_argument("key_id")

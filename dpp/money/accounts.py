@@ -6,12 +6,14 @@ Reads only; money moves through the budget actors (``dpp.actors.budgets``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from dpp.adapters.postgres import Pool, Queries, Record
 from dpp.money import ledger
 from dpp.money.audit import AuditReport, run_audit
 from dpp.money.mirror import BudgetMirror, MirrorBudget
-from dpp.schemas import USD_MICROS, Schema, all_required
+from dpp.money.rules import KeySpend
+from dpp.schemas import USD_MICROS, Schema, all_required, id_pattern
 
 BUDGET_VIEW = Schema(
     "BudgetView",
@@ -36,6 +38,47 @@ def budget_view(balance_usd_micros: int, reserved_usd_micros: int) -> dict[str, 
         "reserved_usd_micros": reserved_usd_micros,
         "available_usd_micros": balance_usd_micros - reserved_usd_micros,
     }
+
+
+KEY_BUDGET = Schema(
+    "KeyBudget",
+    all_required(
+        {
+            "id": id_pattern("key"),
+            "spend_limit_usd_micros": {
+                **USD_MICROS,
+                "type": ["integer", "null"],
+                "description": "The key's spend limit; null: none beyond the tenant's budget.",
+            },
+            "spent_usd_micros": {
+                **USD_MICROS,
+                "description": "R of the key's open runs + charged of its settled runs.",
+            },
+            "available_usd_micros": {
+                **USD_MICROS,
+                "description": "min(tenant available, max(limit - spent, 0)), or the tenant's"
+                " available when the key has no limit.",
+            },
+        },
+        description="The calling API key's spend (SPEC §7).",
+    ),
+)
+
+
+def key_budget(key_id: str, spend: KeySpend, tenant_available_usd_micros: int) -> dict[str, Any]:
+    """The ``key`` member of ``GET /v1/budget`` (SPEC §7)."""
+    room = spend.room_usd_micros()
+    available = (
+        tenant_available_usd_micros if room is None else min(tenant_available_usd_micros, room)
+    )
+    document = {
+        "id": key_id,
+        "spend_limit_usd_micros": spend.spend_limit_usd_micros,
+        "spent_usd_micros": spend.spent_usd_micros,
+        "available_usd_micros": available,
+    }
+    assert document.keys() == KEY_BUDGET.members and available >= 0
+    return document
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +106,14 @@ class Accounts:
     async def budget(self, tenant_id: str) -> Record:
         """Balance, reserved and the plan's limits; raises ``ledger.TenantNotFound``."""
         return await ledger.read_budget(self._pool, self._queries, tenant_id)
+
+    async def key_spend(self, tenant_id: str, key_id: str) -> KeySpend:
+        """The key's limit and spent; raises ``ledger.TenantNotFound`` when the key
+        is not one of the tenant's (it authenticated the request: it is)."""
+        row = await self._pool.fetchrow(self._queries["api_key_spend"], key_id, tenant_id)
+        if row is None:
+            raise ledger.TenantNotFound(tenant_id)
+        return KeySpend(row["spend_limit_usd_micros"], row["spent_usd_micros"])
 
     async def both_stores(self, tenant_id: str) -> BothStores:
         """Raises ``ledger.TenantNotFound``."""

@@ -1,4 +1,4 @@
-"""The audit: SPEC §1's five invariants, proven from storage.
+"""The audit: SPEC §1's five invariants and §7's sixth, proven from storage.
 
 1. balance == sum(credits) - sum(charges), per tenant;
 2. reserved == sum(R) over the tenant's open runs (AUDIT_REQUIRED runs count
@@ -7,7 +7,13 @@
 3. available >= 0;
 4. every terminal run has exactly one settlement (one charge and one refund
    entry) with charged + refunded == R, and every run exactly one reserve;
-5. the Redis mirror equals Postgres (callers run it once in-flight work is done).
+5. the Redis mirror equals Postgres (callers run it once in-flight work is done);
+6. (SPEC §7) every API key's spent equals what its runs imply, and no
+   reservation took it above the limit in force at the time: a key above its
+   limit must be at or below the spent its limit was set at (a lowered limit;
+   spent rises only by reservations, which the database keeps within the
+   limit). A reservation that broke a limit and was refunded back below it
+   leaves no trace this can see; the database's trigger is what refuses it.
 
 Reads only; `dpp audit` and `GET /admin/audit` print what it returns.
 """
@@ -133,6 +139,16 @@ async def run_audit(
                 reserve_entries=row["reserve_count"] or 0,
                 charge_entries=row["charge_count"] or 0,
                 refund_entries=row["refund_count"] or 0,
+            )
+        for row in await connection.fetch(queries["audit_key_spend"], tenant_id):
+            report.add(
+                6,
+                key_id=row["key_id"],
+                tenant_id=row["tenant_id"],
+                spend_limit_usd_micros=row["spend_limit_usd_micros"],
+                spent_usd_micros=row["spent_usd_micros"],
+                runs_usd_micros=row["implied"],
+                spent_when_limit_set_usd_micros=row["spent_when_limit_set_usd_micros"],
             )
         for row in await connection.fetch(queries["audit_required_runs"], tenant_id):
             report.audit_required_runs.append(

@@ -27,7 +27,15 @@ from dpp.adapters.postgres import STATEMENT_CANCELED, Connection, Pool, Queries,
 from dpp.faults import crash_point
 from dpp.limits import LEDGER_BATCH_MAX, TIMEBOX_SEC_MAX, TIMEBOX_SEC_MIN
 from dpp.money import rules
-from dpp.money.rules import Admission, AdmissionDecision, Budget, Outcome, RunStatus, Settlement
+from dpp.money.rules import (
+    Admission,
+    AdmissionDecision,
+    Budget,
+    KeySpend,
+    Outcome,
+    RunStatus,
+    Settlement,
+)
 
 
 class TenantNotFound(Exception):
@@ -173,9 +181,12 @@ class RunDraft:
     trace_id: str | None
     created_at: datetime
     idempotency: IdempotencyCompletion | None = None
+    # the API key it is submitted with: its spend limit applies (SPEC §7)
+    api_key_id: str | None = None
 
     def __post_init__(self) -> None:
         assert rules.is_amount(self.reserved_usd_micros) and self.reserved_usd_micros > 0
+        assert self.api_key_id is None or self.api_key_id.startswith("key_")
         assert 0 <= self.minimum_fee_usd_micros <= self.reserved_usd_micros
         assert TIMEBOX_SEC_MIN <= self.timebox_sec <= TIMEBOX_SEC_MAX
 
@@ -231,7 +242,23 @@ class ConcurrencyLimited:
     max_concurrent_runs: int
 
 
-ReserveOutcome = Reserved | InsufficientBudget | ConcurrencyLimited | KeyNotHeld | DeadlinePassed
+@dataclass(frozen=True, slots=True)
+class KeySpendLimited:
+    """The key's spend limit does not cover this run (SPEC §7): nothing reserved."""
+
+    spend_limit_usd_micros: int
+    spent_usd_micros: int
+    required_usd_micros: int
+
+
+ReserveOutcome = (
+    Reserved
+    | InsufficientBudget
+    | ConcurrencyLimited
+    | KeySpendLimited
+    | KeyNotHeld
+    | DeadlinePassed
+)
 
 
 async def reserve_batch(
@@ -337,6 +364,24 @@ async def _withdrawn(
     return withdrawn
 
 
+async def _lock_key_spend(
+    connection: Connection, queries: Queries, tenant_id: str, drafts: Sequence[RunDraft]
+) -> dict[str, KeySpend]:
+    """Lock the drafts' keys (after the tenant row, in id order) and read their
+    spend: the same transaction that reserves judges every key's limit, so
+    concurrent submits through one key on any replica serialize here."""
+    key_ids = sorted({d.api_key_id for d in drafts if d.api_key_id is not None})
+    if not key_ids:
+        return {}
+    rows = await connection.fetch(queries["lock_api_key_spend"], tenant_id, key_ids)
+    keys = {
+        row["id"]: KeySpend(row["spend_limit_usd_micros"], row["spent_usd_micros"]) for row in rows
+    }
+    # a key authenticated this request; keys are never deleted, only revoked
+    assert keys.keys() == set(key_ids), "a run's key is not one of its tenant's keys"
+    return keys
+
+
 async def _reserve_locked(
     connection: Connection,
     queries: Queries,
@@ -350,11 +395,14 @@ async def _reserve_locked(
     withdrawn = await _withdrawn(connection, queries, tenant_id, drafts, deadlines)
     eligible = [draft for draft, why in zip(drafts, withdrawn, strict=True) if why is None]
     open_runs = await connection.fetchval(queries["count_open_runs"], tenant_id)
+    keys = await _lock_key_spend(connection, queries, tenant_id, eligible)
     decided, after = rules.decide_batch(
         Budget(locked["balance_usd_micros"], locked["reserved_usd_micros"]),
         [draft.reserved_usd_micros for draft in eligible],
         open_runs=open_runs,
         max_concurrent_runs=locked["max_concurrent_runs"],
+        key_ids=[draft.api_key_id for draft in eligible],
+        keys=keys,
     )
     remaining = iter(decided)
     decisions: list[AdmissionDecision | Withdrawn] = [
@@ -387,6 +435,7 @@ async def _reserve_locked(
         [d.timebox_sec for d in accepted],
         [d.trace_id for d in accepted],
         [d.created_at for d in accepted],
+        [d.api_key_id for d in accepted],
     )
     completions = [d.idempotency for d in accepted if d.idempotency is not None]
     if completions:

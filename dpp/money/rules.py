@@ -8,7 +8,7 @@ the same invariants.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeGuard
 
@@ -106,16 +106,45 @@ class Budget:
         assert self.available_usd_micros >= 0, self
 
 
+@dataclass(frozen=True, slots=True)
+class KeySpend:
+    """An API key's limit and spent (SPEC §7): spent = R of its open runs +
+    charged of its settled ones. ``spent`` may exceed the limit (a limit
+    lowered below it); then nothing more is admitted through the key."""
+
+    spend_limit_usd_micros: int | None
+    spent_usd_micros: int
+
+    def __post_init__(self) -> None:
+        assert is_amount(self.spent_usd_micros) and self.spent_usd_micros >= 0, self
+        assert self.spend_limit_usd_micros is None or (
+            is_amount(self.spend_limit_usd_micros) and self.spend_limit_usd_micros >= 1
+        ), self
+
+    def admits(self, amount_usd_micros: int) -> bool:
+        """Whether reserving ``amount`` keeps spent within the limit."""
+        limit = self.spend_limit_usd_micros
+        return limit is None or self.spent_usd_micros + amount_usd_micros <= limit
+
+    def room_usd_micros(self) -> int | None:
+        """What the key may still reserve (None: no limit of its own)."""
+        limit = self.spend_limit_usd_micros
+        return None if limit is None else max(limit - self.spent_usd_micros, 0)
+
+
 class Admission(enum.Enum):
     ACCEPTED = "accepted"
     INSUFFICIENT_BUDGET = "insufficient_budget"
     CONCURRENCY_LIMITED = "concurrency_limited"
+    KEY_SPEND_LIMIT = "key_spend_limit"
 
 
 @dataclass(frozen=True, slots=True)
 class AdmissionDecision:
     admission: Admission
     available_usd_micros: int  # what was available when this item was decided
+    # the item's key as it stood when it was decided (None: no key, or no limit)
+    key_spend: KeySpend | None = None
 
 
 def decide_batch(
@@ -124,28 +153,43 @@ def decide_batch(
     *,
     open_runs: int,
     max_concurrent_runs: int,
+    key_ids: Sequence[str | None] | None = None,
+    keys: Mapping[str, KeySpend] | None = None,
 ) -> tuple[list[AdmissionDecision], Budget]:
     """Admit a batch of reservations in order, as if one at a time.
 
-    Each item is accepted when it fits in what is still available and the
-    tenant's open runs stay within the plan; a refused item does not block a
-    later, smaller one. Returns the decisions and the budget after them.
+    Each item is accepted when it fits in what is still available, the
+    tenant's open runs stay within the plan, and its key's spent (``key_ids``,
+    one per item, looked up in ``keys``) stays within the key's limit; a
+    refused item does not block a later, smaller one. The tenant's refusals
+    come first (SPEC §7: both short is the tenant's 402). Returns the
+    decisions and the budget after them.
     """
     budget.check()
     assert open_runs >= 0 and max_concurrent_runs >= 1
+    assert key_ids is None or len(key_ids) == len(amounts_usd_micros)
+    spends = dict(keys or {})
     decisions = []
     reserved = budget.reserved_usd_micros
-    for amount in amounts_usd_micros:
+    for index, amount in enumerate(amounts_usd_micros):
         assert is_amount(amount) and amount > 0
         available = budget.balance_usd_micros - reserved
+        key_id = None if key_ids is None else key_ids[index]
+        spend = None if key_id is None else spends[key_id]
         if open_runs >= max_concurrent_runs:
             decisions.append(AdmissionDecision(Admission.CONCURRENCY_LIMITED, available))
         elif amount > available:
             decisions.append(AdmissionDecision(Admission.INSUFFICIENT_BUDGET, available))
+        elif spend is not None and not spend.admits(amount):
+            decisions.append(AdmissionDecision(Admission.KEY_SPEND_LIMIT, available, spend))
         else:
             reserved += amount
             open_runs += 1
-            decisions.append(AdmissionDecision(Admission.ACCEPTED, available))
+            decisions.append(AdmissionDecision(Admission.ACCEPTED, available, spend))
+            if key_id is not None and spend is not None:
+                spends[key_id] = KeySpend(
+                    spend.spend_limit_usd_micros, spend.spent_usd_micros + amount
+                )
     after = Budget(budget.balance_usd_micros, reserved)
     after.check()
     return decisions, after

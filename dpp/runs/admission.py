@@ -33,6 +33,7 @@ from dpp.money.ledger import (
     IdempotencyCompletion,
     InsufficientBudget,
     KeyNotHeld,
+    KeySpendLimited,
     Reserved,
     ReserveOutcome,
     RunDraft,
@@ -166,6 +167,17 @@ class BudgetShort:
 
 
 @dataclass(frozen=True, slots=True)
+class KeySpendShort:
+    """402 ``key-spend-limit`` (SPEC §7): the calling key's spend limit does not
+    cover this run; nothing reserved. Stored for the key like ``BudgetShort``."""
+
+    spend_limit_usd_micros: int
+    spent_usd_micros: int
+    required_usd_micros: int
+    key: Held | None
+
+
+@dataclass(frozen=True, slots=True)
 class ConcurrencyLimit:
     """429: the plan's concurrent-run limit is reached (not stored: a retry is safe)."""
 
@@ -173,7 +185,14 @@ class ConcurrencyLimit:
 
 
 SubmitOutcome = (
-    Admitted | Replayed | KeyInFlight | KeyTakenOver | KeyReused | BudgetShort | ConcurrencyLimit
+    Admitted
+    | Replayed
+    | KeyInFlight
+    | KeyTakenOver
+    | KeyReused
+    | BudgetShort
+    | KeySpendShort
+    | ConcurrencyLimit
 )
 
 
@@ -207,9 +226,12 @@ class Admission:
         body: Any,
         idempotency_key: str | None,
         trace_id: str | None,
+        api_key_id: str | None = None,
     ) -> SubmitOutcome:
         """Admit one checked submission. ``body`` is the parsed JSON the key's
-        fingerprint is taken from; raises ``ReservationUnavailable``."""
+        fingerprint is taken from; ``api_key_id`` is the calling key, whose spend
+        limit (SPEC §7) is judged with the tenant's budget in the same
+        reservation; raises ``ReservationUnavailable``."""
         key: Held | None = None
         if idempotency_key is not None:
             scope = Scope(tenant_id, SUBMIT_METHOD, SUBMIT_PATH, idempotency_key)
@@ -226,7 +248,7 @@ class Admission:
                 case Proceed(held=held):
                     key = held
         try:
-            return await self._admit(tenant_id, request, key, trace_id)
+            return await self._admit(tenant_id, request, key, trace_id, api_key_id)
         except BaseException:
             # Nothing of this request committed, or its outcome is unknown:
             # either way its record goes at once (``_release`` says why that is safe).
@@ -234,7 +256,12 @@ class Admission:
             raise
 
     async def _admit(
-        self, tenant_id: str, request: SubmitRequest, key: Held | None, trace_id: str | None
+        self,
+        tenant_id: str,
+        request: SubmitRequest,
+        key: Held | None,
+        trace_id: str | None,
+        api_key_id: str | None,
     ) -> SubmitOutcome:
         """Draft, reserve and announce one run, holding ``key`` if any."""
         run_id = self._new_run_id()
@@ -273,6 +300,7 @@ class Admission:
             trace_id=trace_id,
             created_at=created_at,
             idempotency=completion,
+            api_key_id=api_key_id,
         )
         outcome = await self._reserve(tenant_id, draft)
 
@@ -288,6 +316,11 @@ class Admission:
             case InsufficientBudget(available_usd_micros=available, required_usd_micros=required):
                 self._metrics.reservations.labels("insufficient").inc()
                 return BudgetShort(available, required, key)
+            case KeySpendLimited(
+                spend_limit_usd_micros=limit, spent_usd_micros=spent, required_usd_micros=required
+            ):
+                self._metrics.reservations.labels("key_spend_limit").inc()
+                return KeySpendShort(limit, spent, required, key)
             case ConcurrencyLimited(max_concurrent_runs=limit):
                 self._metrics.reservations.labels("rejected").inc()
                 await self._release(key)
@@ -305,8 +338,8 @@ class Admission:
         raise AssertionError(f"unexpected reservation outcome {outcome!r}")
 
     async def remember_refusal(
-        self, refusal: BudgetShort, media_type: str, body: bytes
-    ) -> BudgetShort | KeyTakenOver:
+        self, refusal: BudgetShort | KeySpendShort, media_type: str, body: bytes
+    ) -> BudgetShort | KeySpendShort | KeyTakenOver:
         """Store a 402's answer for its key, so a retry replays it (SPEC §6). Only
         while this request owns the key: one that lost it to a retry stores nothing
         and answers ``KeyTakenOver`` (the key's outcome is the retry's)."""

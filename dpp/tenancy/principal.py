@@ -21,6 +21,8 @@ from dpp.limits import (
     PLAN_ID_CHARS_MAX,
     REQUESTS_PER_MINUTE_MAX,
     RETENTION_DAYS_MAX,
+    SPEND_LIMIT_USD_MICROS_MAX,
+    USD_MICROS_MAX,
 )
 from dpp.schemas import TIMESTAMP, TIMESTAMP_OR_NULL, Schema, all_required, id_pattern, integer, obj
 from dpp.tenancy.keys import KEY_HINT_LENGTH, KEY_PATTERN
@@ -78,6 +80,13 @@ TENANT = Schema(
         }
     ),
 )
+SPEND_LIMIT: dict[str, Any] = {
+    **integer(1, SPEND_LIMIT_USD_MICROS_MAX),
+    "type": ["integer", "null"],
+    "description": "What runs submitted with this key may spend over its life, in USD"
+    " micros (reserved while open, charged once settled); null: no limit beyond the"
+    " tenant's budget (SPEC §7).",
+}
 API_KEY_CREATE = Schema(
     "ApiKeyCreate",
     obj(
@@ -88,8 +97,13 @@ API_KEY_CREATE = Schema(
                 "type": ["integer", "null"],
                 "description": "The key's own limit; binds below the plan's (policy \"key\").",
             },
+            "spend_limit_usd_micros": SPEND_LIMIT,
         }
     ),
+)
+API_KEY_UPDATE = Schema(
+    "ApiKeyUpdate",
+    obj({"spend_limit_usd_micros": SPEND_LIMIT}, required=("spend_limit_usd_micros",)),
 )
 _API_KEY: dict[str, Any] = {
     "id": id_pattern("key"),
@@ -101,6 +115,12 @@ _API_KEY: dict[str, Any] = {
         "description": "The last characters of the key, to tell keys apart.",
     },
     "requests_per_minute": {**REQUESTS_PER_MINUTE, "type": ["integer", "null"]},
+    "spend_limit_usd_micros": SPEND_LIMIT,
+    "spent_usd_micros": {
+        **integer(0, USD_MICROS_MAX),
+        "description": "R of the key's open runs + charged of its settled runs (SPEC §7);"
+        " may exceed a limit lowered below it.",
+    },
     "created_at": TIMESTAMP,
     "last_used_at": TIMESTAMP_OR_NULL,
     "revoked_at": TIMESTAMP_OR_NULL,
@@ -202,6 +222,13 @@ def check_requests_per_minute(value: object, field: str = "requests_per_minute")
     return check_whole_number(value, field, 1, REQUESTS_PER_MINUTE_MAX)
 
 
+def check_spend_limit(value: object, field: str = "spend_limit_usd_micros") -> int | None:
+    """A key's spend limit: a whole number of USD micros 1..10^13, or None (no limit)."""
+    if value is None:
+        return None
+    return check_whole_number(value, field, 1, SPEND_LIMIT_USD_MICROS_MAX)
+
+
 # --- records ---------------------------------------------------------------------------
 
 
@@ -281,14 +308,20 @@ class ApiKey:
     created_at: datetime.datetime
     last_used_at: datetime.datetime | None
     revoked_at: datetime.datetime | None
+    spend_limit_usd_micros: int | None = None
+    spent_usd_micros: int = 0
 
     def document(self) -> dict[str, Any]:
+        """The key view (SPEC §7), with the key's hint and last use besides."""
+        assert self.spent_usd_micros >= 0
         document = {
             "id": self.id,
             "tenant_id": self.tenant_id,
             "name": self.name,
             "key_hint": self.key_hint,
             "requests_per_minute": self.requests_per_minute,
+            "spend_limit_usd_micros": self.spend_limit_usd_micros,
+            "spent_usd_micros": self.spent_usd_micros,
             "created_at": timestamp_text(self.created_at),
             "last_used_at": timestamp_text(self.last_used_at),
             "revoked_at": timestamp_text(self.revoked_at),

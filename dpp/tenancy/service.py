@@ -47,6 +47,7 @@ from dpp.tenancy.principal import (
     check_name,
     check_plan_id,
     check_requests_per_minute,
+    check_spend_limit,
     check_whole_number,
 )
 
@@ -94,6 +95,8 @@ def _api_key(row: Record) -> ApiKey:
         created_at=row["created_at"],
         last_used_at=row["last_used_at"],
         revoked_at=row["revoked_at"],
+        spend_limit_usd_micros=row["spend_limit_usd_micros"],
+        spent_usd_micros=row["spent_usd_micros"],
     )
 
 
@@ -234,16 +237,19 @@ class Tenancy:
         tenant_id: str,
         name: object = None,
         requests_per_minute: object = None,
+        spend_limit_usd_micros: object = None,
     ) -> tuple[ApiKey, str]:
         """A new key for the tenant: its stored record and the key (shown once).
 
         ``requests_per_minute`` (optional) is the key's own limit; it binds only
-        when lower than the tenant's plan (SPEC §6).
+        when lower than the tenant's plan (SPEC §6). ``spend_limit_usd_micros``
+        (optional) caps what runs submitted with the key may spend (SPEC §7).
         """
         name_text = "" if name is None else check_name(name)
         key_rpm = (
             None if requests_per_minute is None else check_requests_per_minute(requests_per_minute)
         )
+        spend_limit = check_spend_limit(spend_limit_usd_micros)
         if not isinstance(tenant_id, str) or not is_id(tenant_id, "ten"):
             raise TenantNotFound("no such tenant")
         key = generate_api_key()
@@ -255,6 +261,7 @@ class Tenancy:
             key_sha256(key),
             key_hint(key),
             key_rpm,
+            spend_limit,
         )
         if row is None:
             raise TenantNotFound("no such tenant")
@@ -283,6 +290,28 @@ class Tenancy:
         if row is None:
             raise ApiKeyNotFound("no such API key")
         return _api_key(row)
+
+    async def set_key_spend_limit(self, key_id: str, spend_limit_usd_micros: object) -> ApiKey:
+        """Set (or with None, remove) a live key's spend limit (SPEC §7). A limit
+        below what the key has spent is accepted: later submits are refused until
+        refunds or a higher limit make room. ``ApiKeyNotFound`` for an unknown or
+        revoked key. The limit is read by each reservation under the key's row
+        lock, so no cache needs telling."""
+        spend_limit = check_spend_limit(spend_limit_usd_micros)
+        if not isinstance(key_id, str) or not is_id(key_id, "key"):
+            raise ApiKeyNotFound("no such API key")
+        row = await self._pool.fetchrow(
+            self._queries["api_key_set_spend_limit"], key_id, spend_limit
+        )
+        if row is None:
+            raise ApiKeyNotFound("no such API key")
+        record = _api_key(row)
+        assert record.spend_limit_usd_micros == spend_limit and record.revoked_at is None
+        log.info(
+            "api key spend limit set",
+            extra={"tenant_id": record.tenant_id, "key_id": record.id},
+        )
+        return record
 
     async def revoke_key(self, key_id: str) -> ApiKey:
         """Revoke (idempotent) and tell every replica to forget the key now.

@@ -19,14 +19,26 @@ WHERE tenant_id = $1 AND status IN ('QUEUED', 'PROCESSING', 'CLAIMED');
 -- The runs' insert trigger writes their reserve entries, whose trigger adds
 -- them to the tenant's reserved: the CHECK refuses the batch unless available
 -- stays >= 0 (the guard that no Redis answer can bypass).
+-- A run's key (SPEC §7) is charged the same way: the key's spent moves with the
+-- entries, and Postgres refuses an increase past the key's limit.
 INSERT INTO runs (id, tenant_id, pack_type, status, inputs, metadata,
                   reserved_usd_micros, minimum_fee_usd_micros, timebox_sec,
-                  trace_id, created_at)
+                  trace_id, created_at, api_key_id)
 SELECT id, $1, pack_type, 'QUEUED', inputs, metadata, reserved, minimum, timebox,
-       trace_id, created_at
+       trace_id, created_at, api_key_id
 FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::bigint[],
-            $7::bigint[], $8::int[], $9::text[], $10::timestamptz[])
-     AS item(id, pack_type, inputs, metadata, reserved, minimum, timebox, trace_id, created_at);
+            $7::bigint[], $8::int[], $9::text[], $10::timestamptz[], $11::text[])
+     AS item(id, pack_type, inputs, metadata, reserved, minimum, timebox, trace_id, created_at,
+             api_key_id);
+
+-- name: lock_api_key_spend
+-- The batch's keys (SPEC §7), after the tenant row and in id order: every
+-- writer of a key's spent holds its tenant first, so this cannot deadlock.
+SELECT id, spend_limit_usd_micros, spent_usd_micros
+FROM api_keys
+WHERE tenant_id = $1 AND id = ANY($2::text[])
+ORDER BY id
+FOR UPDATE;
 
 -- name: lock_idempotency_keys
 -- The keys of a reservation batch, locked in key order (a takeover, a release
@@ -198,6 +210,42 @@ LIMIT 1000;
 SELECT id, tenant_id, reserved_usd_micros, error, created_at
 FROM runs WHERE status = 'AUDIT_REQUIRED' AND ($1::text IS NULL OR tenant_id = $1)
 ORDER BY created_at LIMIT 1000;
+
+-- name: audit_key_spend
+-- Invariant 6 per key: spent against what its runs imply (open runs hold R, an
+-- AUDIT_REQUIRED run what its ledger entries hold, a settled run its charge),
+-- and a key above its limit only where a lowered limit explains it (spent no
+-- higher than when the limit was set: spent rises only by reservations, each
+-- kept within the limit in force). One row per key with a problem.
+SELECT k.id AS key_id, k.tenant_id, k.spend_limit_usd_micros, k.spent_usd_micros,
+       k.spent_when_limit_set_usd_micros, COALESCE(r.implied, 0)::bigint AS implied
+FROM api_keys k
+LEFT JOIN (
+    SELECT r.api_key_id,
+           sum(CASE WHEN r.status IN ('QUEUED', 'PROCESSING', 'CLAIMED')
+                        THEN r.reserved_usd_micros
+                    WHEN r.status = 'AUDIT_REQUIRED' THEN COALESCE(h.held, 0)
+                    ELSE r.charged_usd_micros END) AS implied
+    FROM runs r
+    LEFT JOIN (
+        SELECT run_id, sum(CASE WHEN kind = 'reserve' THEN amount_usd_micros
+                                ELSE -amount_usd_micros END) AS held
+        FROM ledger_entries WHERE run_id IS NOT NULL GROUP BY run_id
+    ) h ON h.run_id = r.id AND r.status = 'AUDIT_REQUIRED'
+    WHERE r.api_key_id IS NOT NULL
+    GROUP BY r.api_key_id
+) r ON r.api_key_id = k.id
+WHERE ($1::text IS NULL OR k.tenant_id = $1)
+  AND (k.spent_usd_micros <> COALESCE(r.implied, 0)
+       OR (k.spent_usd_micros > k.spend_limit_usd_micros
+           AND k.spent_usd_micros > k.spent_when_limit_set_usd_micros))
+ORDER BY k.id
+LIMIT 1000;
+
+-- name: api_key_spend
+-- The calling key's limit and spent (GET /v1/budget).
+SELECT spend_limit_usd_micros, spent_usd_micros
+FROM api_keys WHERE id = $1 AND tenant_id = $2;
 
 -- name: tenant_ids_page
 SELECT id FROM tenants WHERE id > $1 ORDER BY id LIMIT $2;

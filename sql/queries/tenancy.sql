@@ -50,15 +50,26 @@ RETURNING tenants.id;
 
 -- name: api_key_insert
 -- Inserts only when the tenant exists; no row means an unknown tenant.
-INSERT INTO api_keys (id, tenant_id, name, key_sha256, key_hint, requests_per_minute)
-SELECT $1, tenants.id, $3, $4, $5, $6 FROM tenants WHERE tenants.id = $2
+INSERT INTO api_keys (id, tenant_id, name, key_sha256, key_hint, requests_per_minute,
+                      spend_limit_usd_micros)
+SELECT $1, tenants.id, $3, $4, $5, $6, $7 FROM tenants WHERE tenants.id = $2
 RETURNING id, tenant_id, name, key_hint, requests_per_minute, created_at, last_used_at,
-          revoked_at;
+          revoked_at, spend_limit_usd_micros, spent_usd_micros;
 
 -- name: api_key_by_id
-SELECT id, tenant_id, name, key_hint, requests_per_minute, created_at, last_used_at, revoked_at
+SELECT id, tenant_id, name, key_hint, requests_per_minute, created_at, last_used_at, revoked_at,
+       spend_limit_usd_micros, spent_usd_micros
 FROM api_keys
 WHERE id = $1;
+
+-- name: api_key_set_spend_limit
+-- Only a live key (no row: unknown or revoked). A limit below spent is allowed:
+-- it stops further reservations only (SPEC §7); the row lock orders it with them.
+UPDATE api_keys
+SET spend_limit_usd_micros = $2
+WHERE id = $1 AND revoked_at IS NULL
+RETURNING id, tenant_id, name, key_hint, requests_per_minute, created_at, last_used_at,
+          revoked_at, spend_limit_usd_micros, spent_usd_micros;
 
 -- name: api_key_revoke
 -- Idempotent: a second revoke keeps the first revoked_at.
@@ -66,7 +77,7 @@ UPDATE api_keys
 SET revoked_at = coalesce(revoked_at, now())
 WHERE id = $1
 RETURNING id, tenant_id, name, key_hint, requests_per_minute, created_at, last_used_at,
-          revoked_at, key_sha256;
+          revoked_at, spend_limit_usd_micros, spent_usd_micros, key_sha256;
 
 -- name: api_key_authenticate
 -- One round trip: the key (by the unique hash index), its tenant's plan, and

@@ -36,6 +36,8 @@ SPEC_SURFACE = {
     ("POST", "/admin/tenants"),
     ("POST", "/admin/tenants/{tenant_id}/api-keys"),
     ("DELETE", "/admin/api-keys/{key_id}"),
+    ("GET", "/admin/api-keys/{key_id}"),  # SPEC §7
+    ("PATCH", "/admin/api-keys/{key_id}"),  # SPEC §7
     ("POST", "/admin/tenants/{tenant_id}/credits"),
     ("GET", "/admin/tenants/{tenant_id}/budget"),
     ("GET", "/admin/actors"),
@@ -277,6 +279,17 @@ async def test_served_answers_match_the_document(
             json={"outcome": "FAILED", "charged_usd_micros": 0},
         )
         await call(200, "/admin/actors", "GET", "/admin/actors", headers=admin)
+        key_path = f"/admin/api-keys/{issued['id']}"
+        await call(200, "/admin/api-keys/{key_id}", "GET", key_path, headers=admin)
+        for expect, limit in ((200, 5_000_000), (422, 0)):
+            await call(
+                expect,
+                "/admin/api-keys/{key_id}",
+                "PATCH",
+                key_path,
+                headers=admin,
+                json={"spend_limit_usd_micros": limit},
+            )
         await call(
             204,
             "/admin/api-keys/{key_id}",

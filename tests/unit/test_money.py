@@ -15,6 +15,7 @@ from dpp.money.rules import (
     TERMINAL_STATUSES,
     Admission,
     Budget,
+    KeySpend,
     Outcome,
     RunStatus,
     decide_batch,
@@ -97,6 +98,76 @@ def test_the_plan_concurrency_limit_is_counted_across_the_batch() -> None:
         Admission.CONCURRENCY_LIMITED,
         Admission.CONCURRENCY_LIMITED,
     ]
+
+
+def test_a_keys_spend_limit_is_counted_across_the_batch() -> None:
+    keys = {"key_a": KeySpend(2_500, 500), "key_b": KeySpend(None, 10**9)}
+    decisions, after = decide_batch(
+        Budget(10_000, 0),
+        [1_000, 1_000, 1_000, 500, 1_000, 3_000],
+        open_runs=0,
+        max_concurrent_runs=10,
+        key_ids=["key_a", "key_a", "key_a", None, "key_b", "key_a"],
+        keys=keys,
+    )
+    assert [d.admission for d in decisions] == [
+        Admission.ACCEPTED,
+        Admission.ACCEPTED,  # spent 2,500: exactly the limit
+        Admission.KEY_SPEND_LIMIT,
+        Admission.ACCEPTED,
+        Admission.ACCEPTED,  # no limit of its own
+        Admission.KEY_SPEND_LIMIT,
+    ]
+    assert decisions[2].key_spend == KeySpend(2_500, 2_500)
+    assert after == Budget(10_000, 3_500)
+    assert keys["key_a"] == KeySpend(2_500, 500)  # the caller's mapping is not changed
+
+
+def test_when_tenant_and_key_are_both_short_the_tenant_refuses() -> None:
+    decisions, _ = decide_batch(
+        Budget(500, 0),
+        [1_000],
+        open_runs=0,
+        max_concurrent_runs=10,
+        key_ids=["key_a"],
+        keys={"key_a": KeySpend(100, 0)},
+    )
+    assert decisions[0].admission is Admission.INSUFFICIENT_BUDGET
+
+
+def test_a_key_above_a_lowered_limit_admits_nothing() -> None:
+    spend = KeySpend(1_000, 3_000)
+    assert not spend.admits(1) and spend.room_usd_micros() == 0
+    assert KeySpend(None, 5).admits(10**15) and KeySpend(None, 5).room_usd_micros() is None
+    assert KeySpend(10, 4).room_usd_micros() == 6
+
+
+@given(
+    limit=st.integers(1, 10**6),
+    spent=st.integers(0, 10**6),
+    amounts=st.lists(st.integers(1, 10**5), min_size=1, max_size=64),
+)
+def test_a_key_never_goes_above_its_limit_by_admission(limit, spent, amounts) -> None:
+    decisions, _ = decide_batch(
+        Budget(10**12, 0),
+        amounts,
+        open_runs=0,
+        max_concurrent_runs=100,
+        key_ids=["key_a"] * len(amounts),
+        keys={"key_a": KeySpend(limit, spent)},
+    )
+    accepted = [
+        a for a, d in zip(amounts, decisions, strict=True) if d.admission is Admission.ACCEPTED
+    ]
+    assert not accepted or spent + sum(accepted) <= limit
+    # refused items were refused because they did not fit at their turn
+    running = spent
+    for amount, decision in zip(amounts, decisions, strict=True):
+        if decision.admission is Admission.ACCEPTED:
+            running += amount
+        else:
+            assert decision.admission is Admission.KEY_SPEND_LIMIT
+            assert running + amount > limit
 
 
 @given(

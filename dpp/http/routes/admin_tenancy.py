@@ -28,8 +28,10 @@ from dpp.http.endpoints import (
 )
 from dpp.http.problems import Problem, field_problem
 from dpp.tenancy.principal import (
+    API_KEY,
     API_KEY_CREATE,
     API_KEY_CREATED,
+    API_KEY_UPDATE,
     DEFAULT_PLAN_ID,
     PLAN,
     PLAN_CREATE,
@@ -123,11 +125,29 @@ async def get_tenant(request: Request, tenancy: Tenancy) -> Response:
 async def issue_key(request: Request, tenancy: Tenancy) -> Response:
     body = body_object(await _optional_json_body(request), API_KEY_CREATE.members)
     record, key = await tenancy.issue_key_record(
-        request.path_params["tenant_id"], body.get("name"), body.get("requests_per_minute")
+        request.path_params["tenant_id"],
+        body.get("name"),
+        body.get("requests_per_minute"),
+        body.get("spend_limit_usd_micros"),
     )
     document = {**record.document(), "api_key": key}
     # the key is shown only here: no cache anywhere may keep this response
     return json_response(document, status=201, headers=NO_STORE)
+
+
+async def get_key(request: Request, tenancy: Tenancy) -> Response:
+    record = await tenancy.get_api_key(request.path_params["key_id"])
+    return json_response(record.document())
+
+
+async def update_key(request: Request, tenancy: Tenancy) -> Response:
+    body = body_object(
+        await read_json_body(request), API_KEY_UPDATE.members, API_KEY_UPDATE.required
+    )
+    record = await tenancy.set_key_spend_limit(
+        request.path_params["key_id"], body["spend_limit_usd_micros"]
+    )
+    return json_response(record.document())
 
 
 async def revoke_key(request: Request, tenancy: Tenancy) -> Response:
@@ -196,6 +216,38 @@ ENDPOINTS = (
         request=API_KEY_CREATE,
         request_required=False,
         name="admin_issue_api_key",
+    ),
+    Endpoint(
+        "GET",
+        "/admin/api-keys/{key_id}",
+        _with_tenancy(get_key),
+        "getApiKey",
+        "An API key: its limits and what it has spent",
+        "admin",
+        ADMIN_TOKEN,
+        (
+            Reply(200, "The key view (never the key itself).", API_KEY),
+            problem(404, "No such API key."),
+        ),
+        parameters=(KEY_ID,),
+        name="admin_get_api_key",
+    ),
+    Endpoint(
+        "PATCH",
+        "/admin/api-keys/{key_id}",
+        _with_tenancy(update_key),
+        "updateApiKey",
+        "Set or remove an API key's spend limit",
+        "admin",
+        ADMIN_TOKEN,
+        (
+            Reply(200, "The key view.", API_KEY),
+            problem(404, "No such API key, or it is revoked."),
+            problem(422, "An invalid member."),
+        ),
+        parameters=(KEY_ID,),
+        request=API_KEY_UPDATE,
+        name="admin_update_api_key",
     ),
     Endpoint(
         "DELETE",

@@ -32,7 +32,7 @@ from dpp.limits import (
     USAGE_DAYS_DEFAULT,
     USAGE_DAYS_MAX,
 )
-from dpp.money.accounts import BUDGET_VIEW, budget_view
+from dpp.money.accounts import BUDGET_VIEW, KEY_BUDGET, budget_view, key_budget
 from dpp.money.rules import ALL_STATUSES, RunStatus
 from dpp.packs import PACK_CATALOG, FieldError
 from dpp.runs import idempotency
@@ -42,6 +42,7 @@ from dpp.runs.admission import (
     ConcurrencyLimit,
     KeyInFlight,
     KeyReused,
+    KeySpendShort,
     KeyTakenOver,
     Replayed,
     ReservationBusy,
@@ -152,6 +153,7 @@ async def submit_run(request: Request) -> Response:
             body=body,
             idempotency_key=raw_key,
             trace_id=_trace_id(request),
+            api_key_id=principal.key_id,
         )
     except ReservationBusy:
         raise _busy("This tenant's budget is busy; nothing was reserved. Retry shortly.") from None
@@ -208,13 +210,22 @@ async def submit_run(request: Request) -> Response:
                 f"This run needs {required} USD micros reserved; {available} are available.",
                 extensions={"available_usd_micros": available, "required_usd_micros": required},
             )
-            response = problem_response(problem, request.url.path)
-            remembered = await context.admission.remember_refusal(
-                outcome, "application/problem+json", bytes(response.body)
+            return await _stored_refusal(context, request, outcome, problem)
+        case KeySpendShort(
+            spend_limit_usd_micros=limit, spent_usd_micros=spent, required_usd_micros=required
+        ):
+            problem = Problem(
+                402,
+                "key-spend-limit",
+                f"This run needs {required} USD micros reserved; this API key has spent"
+                f" {spent} of its {limit} USD micros limit.",
+                extensions={
+                    "spend_limit_usd_micros": limit,
+                    "spent_usd_micros": spent,
+                    "required_usd_micros": required,
+                },
             )
-            if isinstance(remembered, KeyTakenOver):
-                raise _key_taken_over()
-            return response
+            return await _stored_refusal(context, request, outcome, problem)
         case ConcurrencyLimit(max_concurrent_runs=limit):
             raise Problem(
                 429,
@@ -224,6 +235,19 @@ async def submit_run(request: Request) -> Response:
                 headers={"Retry-After": "1"},
             )
     raise AssertionError(f"unexpected admission outcome {outcome!r}")
+
+
+async def _stored_refusal(
+    context: AppContext, request: Request, outcome: BudgetShort | KeySpendShort, problem: Problem
+) -> Response:
+    """A 402, stored for the request's Idempotency-Key so a retry replays it (SPEC §6)."""
+    response = problem_response(problem, request.url.path)
+    remembered = await context.admission.remember_refusal(
+        outcome, "application/problem+json", bytes(response.body)
+    )
+    if isinstance(remembered, KeyTakenOver):
+        raise _key_taken_over()
+    return response
 
 
 async def get_run(request: Request) -> Response:
@@ -312,7 +336,13 @@ async def get_budget(request: Request) -> Response:
         row["max_concurrent_runs"],
         row["retention_days"],
     )
-    document = {**budget_view(row["balance_usd_micros"], row["reserved_usd_micros"]), "plan": plan}
+    view = budget_view(row["balance_usd_micros"], row["reserved_usd_micros"])
+    spend = await context.accounts.key_spend(principal.tenant_id, principal.key_id)
+    document = {
+        **view,
+        "plan": plan,
+        "key": key_budget(principal.key_id, spend, view["available_usd_micros"]),
+    }
     assert document.keys() == BUDGET.members
     return json_response(document)
 
@@ -352,7 +382,10 @@ async def list_packs(request: Request) -> Response:
     return json_response({"packs": context.packs.catalog()})
 
 
-BUDGET = Schema("Budget", all_required({**BUDGET_VIEW.properties, "plan": PLAN_LIMITS}))
+BUDGET = Schema(
+    "Budget",
+    all_required({**BUDGET_VIEW.properties, "plan": PLAN_LIMITS, "key": KEY_BUDGET}),
+)
 _STATUS_NAMES = "|".join(status.value for status in RunStatus)
 LIMIT = Parameter(
     "limit",
@@ -391,7 +424,12 @@ ENDPOINTS = (
                 RUN,
                 ("Location", *RUN_COSTS, "Idempotent-Replayed"),
             ),
-            problem(402, "Budget short: nothing reserved (available/required members)."),
+            problem(
+                402,
+                "Budget short (insufficient-budget: available/required members), or the"
+                " calling key's spend limit short (key-spend-limit: spend_limit, spent and"
+                " required members): nothing reserved.",
+            ),
             problem(
                 409,
                 "The same Idempotency-Key is being processed concurrently, or another"
@@ -472,7 +510,7 @@ ENDPOINTS = (
         "/v1/budget",
         get_budget,
         "getBudget",
-        "Balance, reserved, available and plan limits",
+        "Balance, reserved, available, plan limits and the calling key's spend",
         "budget",
         API_KEY,
         (Reply(200, "The tenant's budget.", BUDGET),),
