@@ -26,6 +26,7 @@ from dpp_client import (
     ConnectionFailed,
     InsufficientBudget,
     InvalidRequest,
+    KeySpendLimitExceeded,
     NotFound,
     RateLimited,
     ResultIntegrityError,
@@ -252,6 +253,26 @@ async def test_errors_map_to_their_classes(served: Served) -> None:
         with pytest.raises(AuthenticationError) as unauthenticated:
             await dpp.budget()
         assert unauthenticated.value.status == 401
+
+
+async def test_a_key_at_its_spend_limit_raises_and_budget_shows_the_keys_share(
+    served: Served,
+) -> None:
+    # A limit of one micro covers no run: the first submit is the key's 402,
+    # while the tenant's own budget is untouched.
+    key = await served.api_key(spend_limit_usd_micros=1)
+    async with AsyncClient(served.url, key) as dpp:
+        with pytest.raises(KeySpendLimitExceeded) as capped:
+            await dpp.runs.create("echo", {"payload": 0})
+        assert capped.value.status == 402
+        assert capped.value.spend_limit_usd_micros == 1
+        assert capped.value.spent_usd_micros == 0
+        budget = await dpp.budget()
+        assert budget.available_usd_micros == CREDIT_USD_MICROS
+        assert budget.key is not None
+        assert (budget.key.spend_limit_usd_micros, budget.key.spent_usd_micros) == (1, 0)
+        assert budget.key.available_usd_micros == 1
+        assert [run async for run in dpp.runs.list()] == []
 
 
 @pytest.mark.parametrize("served_env", [{"DPP_WORKER_CONCURRENCY": "1"}])
