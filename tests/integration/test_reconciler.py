@@ -126,9 +126,9 @@ async def expired_run(h: Harness) -> str:
 
 
 async def test_contradictory_receipt_sets_the_run_aside_with_a_critical_alert(
-    services, database_url, redis_prefix, caplog
+    services, database_url, redis_prefix, result_store, caplog
 ) -> None:
-    async with open_harness(services, database_url, redis_prefix) as h:
+    async with open_harness(services, database_url, redis_prefix, **result_store) as h:
         run_id = await claimed_run(h, receipt={RECEIPT_RUN: "run_" + "z" * 26})
         reconciler = await h.start_reconciler()
         with caplog.at_level(logging.ERROR, logger="dpp.reconciler"):
@@ -163,9 +163,9 @@ async def test_contradictory_receipt_sets_the_run_aside_with_a_critical_alert(
 
 @pytest.mark.audit_exempt  # the broken row stays for an operator, by design
 async def test_a_run_without_its_reserve_entry_is_never_settled(
-    services, database_url, redis_prefix
+    services, database_url, redis_prefix, result_store
 ) -> None:
-    async with open_harness(services, database_url, redis_prefix) as h:
+    async with open_harness(services, database_url, redis_prefix, **result_store) as h:
         run_id = "run_" + "q" * 26
         # A row no reservation produced (a restore gone wrong): the database's
         # rules refuse it, so write it the way a restore does, as a superuser with
@@ -190,9 +190,9 @@ async def test_a_run_without_its_reserve_entry_is_never_settled(
 
 
 async def test_two_reconcilers_racing_settle_each_run_exactly_once(
-    services, database_url, redis_prefix
+    services, database_url, redis_prefix, result_store
 ) -> None:
-    async with open_harness(services, database_url, redis_prefix) as h:
+    async with open_harness(services, database_url, redis_prefix, **result_store) as h:
         expired = [await expired_run(h) for _ in range(4)]
         forward = [await claimed_run(h, receipt={}) for _ in range(3)]
         back = [await claimed_run(h, receipt=None) for _ in range(3)]
@@ -230,9 +230,9 @@ async def test_two_reconcilers_racing_settle_each_run_exactly_once(
 
 
 async def test_receipt_cost_is_clamped_by_the_settlement(
-    services, database_url, redis_prefix
+    services, database_url, redis_prefix, result_store
 ) -> None:
-    async with open_harness(services, database_url, redis_prefix) as h:
+    async with open_harness(services, database_url, redis_prefix, **result_store) as h:
         above = await claimed_run(h, receipt={RECEIPT_COST: str(10 * RESERVED_USD_MICROS)})
         below = await claimed_run(h, receipt={RECEIPT_COST: "0"})
         report = await (await h.start_reconciler()).reconcile_once()
@@ -243,10 +243,10 @@ async def test_receipt_cost_is_clamped_by_the_settlement(
 
 
 async def test_young_claimed_and_live_leases_are_left_alone(
-    services, database_url, redis_prefix
+    services, database_url, redis_prefix, result_store
 ) -> None:
     async with open_harness(
-        services, database_url, redis_prefix, DPP_RECONCILE_THRESHOLD_SEC="3600"
+        services, database_url, redis_prefix, **result_store, DPP_RECONCILE_THRESHOLD_SEC="3600"
     ) as h:
         working = await h.submit({"payload": 1})
         await h.claim_one()
@@ -261,9 +261,9 @@ async def test_young_claimed_and_live_leases_are_left_alone(
 
 
 async def test_retention_deletes_the_object_then_marks_the_row(
-    services, database_url, redis_prefix
+    services, database_url, redis_prefix, result_store
 ) -> None:
-    async with open_harness(services, database_url, redis_prefix) as h:
+    async with open_harness(services, database_url, redis_prefix, **result_store) as h:
         run_id = await claimed_run(h, receipt={})
         reconciler = await h.start_reconciler()
         assert (await reconciler.reconcile_once())["rolled_forward"] == 1
