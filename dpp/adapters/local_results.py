@@ -73,9 +73,13 @@ def _b64decode(text: str) -> bytes:
     if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
         raise TokenRefused("not base64url")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except ValueError:
         raise TokenRefused("not base64url") from None
+    # one spelling per token: a last character differing only in unused bits is refused
+    if _b64encode(data) != text:
+        raise TokenRefused("not canonical base64url")
+    return data
 
 
 @dataclass(frozen=True, slots=True)

@@ -185,20 +185,21 @@ def test_a_token_names_its_key_until_it_expires() -> None:
     assert "/" not in token and len(token) <= local_results.TOKEN_CHARS_MAX
 
 
-def flip(text: str, index: int) -> str:
-    replacement = "A" if text[index] != "A" else "B"
-    return text[:index] + replacement + text[index + 1 :]
-
-
-def test_every_tampered_token_is_refused() -> None:
-    signer = tokens()
+@pytest.mark.parametrize("expiry_sec", [60, 61, 62])  # payloads of every length mod 3
+def test_every_tampered_token_is_refused(expiry_sec: int) -> None:
+    signer = tokens(expiry_sec)
+    for key in (KEY, KEY + "7", KEY + "78"):
+        token = signer.sign(key)
+        for index in range(len(token)):
+            if token[index] == ".":
+                continue
+            for replacement in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_":
+                if replacement == token[index]:
+                    continue
+                tampered = token[:index] + replacement + token[index + 1 :]
+                with pytest.raises(TokenRefused):
+                    signer.verify(tampered)
     token = signer.sign(KEY)
-    for index in range(len(token)):
-        if token[index] == ".":
-            continue
-        tampered = flip(token, index)
-        with pytest.raises(TokenRefused):
-            assert signer.verify(tampered) == KEY, f"accepted with character {index} changed"
     for bad in ("", ".", "r1..", "r1.x.y", token + "x", token[:-1], "r2" + token[2:], "é" * 5):
         with pytest.raises(TokenRefused):
             signer.verify(bad)
