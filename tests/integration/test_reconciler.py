@@ -30,6 +30,7 @@ from dpp.adapters.blobs import (
     StoredObject,
     open_blobs,
 )
+from dpp.adapters.local_results import LocalResults
 from dpp.http.app import create_app
 from dpp.http.endpoints import routes_for
 from dpp.http.routes import admin_reconcile
@@ -37,6 +38,7 @@ from dpp.limits import EVIDENCE_READ_FAILURES_MAX
 from dpp.money import ledger
 from dpp.money.rules import Outcome, RunStatus
 from dpp.runs.store import RunStore
+from tests.conftest import TEST_RESULT_SIGNING_KEY
 from tests.integration.test_execution import (
     ECHO_COST_USD_MICROS,
     MINIMUM_FEE_USD_MICROS,
@@ -510,6 +512,50 @@ async def test_the_reaper_loses_to_a_heartbeat_that_renewed_after_it_looked(
                 from_statuses=frozenset({RunStatus.PROCESSING}),
                 lease_token=claimed.lease_token,
                 expected_version=row["version"],
+            ),
+        )
+        await h.assert_audit_ok()
+
+
+async def test_a_corrupt_local_result_file_is_never_read_as_absent(
+    services, database_url, redis_prefix, tmp_path, caplog
+) -> None:
+    """The local store's twin of the unreadable S3 object: a result file whose
+    receipt line is damaged is unreadable evidence, retried each pass and then
+    set aside — never rolled back as if the result did not exist."""
+    async with open_harness(
+        services,
+        database_url,
+        redis_prefix,
+        DPP_RESULTS_DIR=str(tmp_path / "results"),
+        DPP_RESULT_SIGNING_KEY=TEST_RESULT_SIGNING_KEY,
+    ) as h:
+        damaged = await claimed_run(h, receipt={})
+        store = h.adapters.blobs
+        assert isinstance(store, LocalResults)
+        path = store.root / result_key(h.tenant_id, damaged)
+        path.write_bytes(b"\x00" * 64)  # a torn disk block, say
+        reconciler = await h.start_reconciler()
+        for _ in range(EVIDENCE_READ_FAILURES_MAX - 1):
+            report = await reconciler.reconcile_once()
+            assert (report["rolled_back"], report["evidence_unreadable"]) == (0, 1)
+            assert (await h.row(damaged))["status"] == "CLAIMED"
+        with caplog.at_level(logging.ERROR, logger="dpp.reconciler"):
+            last = await reconciler.reconcile_once()
+        assert last["audit_required"] == 1
+        row = await h.row(damaged)
+        assert row["status"] == "AUDIT_REQUIRED" and row["charged_usd_micros"] is None
+        alerts = [r for r in caplog.records if getattr(r, "severity", None) == "CRITICAL"]
+        assert [a.run_id for a in alerts] == [damaged]
+        assert "ResultFileCorrupt" in alerts[0].reason
+        # the operator resolves it; the money is whole
+        await h.budgets.settle(
+            h.tenant_id,
+            ledger.SettleRequest(
+                damaged,
+                Outcome.FAILED,
+                from_statuses=frozenset({RunStatus.AUDIT_REQUIRED}),
+                charged_override_usd_micros=MINIMUM_FEE_USD_MICROS,
             ),
         )
         await h.assert_audit_ok()
