@@ -63,7 +63,7 @@ def token_of(url: str) -> str:
 
 
 async def test_a_completed_runs_link_downloads_its_result_without_an_api_key(
-    services, database_url, redis_prefix, tmp_path
+    services, database_url, redis_prefix, tmp_path, captured_logs
 ) -> None:
     async with local_store(services, database_url, redis_prefix, tmp_path) as (h, client, key):
         run = await completed_run(h, client, key)
@@ -86,6 +86,11 @@ async def test_a_completed_runs_link_downloads_its_result_without_an_api_key(
         (listed,) = listing.json()["data"]
         assert listed["result"]["download_url"].startswith(f"{BASE_URL}/v1/results/")
         await h.assert_audit_ok()
+        # the token is a credential: the access log names the route, never the token
+        # (the test's own HTTP client, httpx, logs its URLs: only DPP's lines count)
+        dpp_lines = [line for line in captured_logs.lines() if line["logger"].startswith("dpp")]
+        assert not [line for line in dpp_lines if token_of(result["download_url"]) in str(line)]
+        assert any(line.get("path") == "/v1/results/<redacted>" for line in dpp_lines)
 
 
 async def test_tampered_and_expired_links_are_403_problems(
