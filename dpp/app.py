@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +30,9 @@ from dpp.actors.reconciler import Reconciler
 from dpp.actors.run import RunServices
 from dpp.actors.supervisor import ChildSpec, Restart, Supervisor, SupervisorSpec
 from dpp.adapters import postgres
-from dpp.adapters.blobs import Blobs, open_blobs
+from dpp.adapters.blobs import ResultStore, open_blobs
 from dpp.adapters.failures import unavailable_dependency
+from dpp.adapters.local_results import LocalResults, open_local_results
 from dpp.adapters.postgres import Pool, Queries, connect_postgres
 from dpp.adapters.queue import open_queue
 from dpp.adapters.queue.base import LeaseStore, RunQueue
@@ -45,6 +47,7 @@ from dpp.money.ledger import LedgerStore
 from dpp.money.mirror import BudgetMirror
 from dpp.packs import PackRegistry
 from dpp.runs.admission import Admission
+from dpp.runs.downloads import ResultDownloads
 from dpp.runs.idempotency import IdempotencyKeys
 from dpp.runs.service import Runs
 from dpp.runs.store import RunStore
@@ -84,7 +87,7 @@ class Adapters:
     settings: Settings
     pool: Pool
     redis: Redis
-    blobs: Blobs
+    blobs: ResultStore  # S3 (adapters.blobs) or a local directory (adapters.local_results)
     queries: Queries
     queue: RunQueue
     mirror: BudgetMirror
@@ -115,20 +118,9 @@ async def open_adapters(
     redis = create_redis(redis_url)
     try:
         async with (
-            open_blobs(
-                settings.s3_endpoint_url,
-                settings.s3_result_bucket,
-                settings.s3_region,
-                settings.presign_expiry_sec,
-            ) as blobs,
+            open_results(settings) as blobs,
             open_queue(settings, pool, queries) as queue,
         ):
-            try:
-                await blobs.ensure_bucket()
-            except Exception as error:
-                raise StartupError(
-                    f"S3_ENDPOINT_URL: cannot reach object storage ({type(error).__name__})"
-                ) from error
             yield Adapters(
                 settings=settings,
                 pool=pool,
@@ -144,6 +136,47 @@ async def open_adapters(
         with anyio.CancelScope(shield=True):
             await redis.aclose()
             await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def open_results(settings: Settings) -> AsyncIterator[ResultStore]:
+    """The results store SPEC §5 says: a local directory when DPP_RESULTS_DIR is
+    set, else the S3 bucket (created if missing)."""
+    if settings.results_dir is not None:
+        signing_key = settings.result_signing_key
+        if signing_key is None:
+            # only in development (config refuses it otherwise): links die with the process
+            assert settings.development, "DPP_RESULT_SIGNING_KEY is required outside development"
+            log.warning("DPP_RESULT_SIGNING_KEY unset: result links last until this process exits")
+            signing_key = secrets.token_urlsafe(32)
+        try:
+            local = await open_local_results(
+                settings.results_dir, signing_key, settings.presign_expiry_sec
+            )
+        except OSError as error:
+            raise StartupError(
+                f"DPP_RESULTS_DIR: cannot use {settings.results_dir} ({type(error).__name__})"
+            ) from error
+        yield local
+        return
+    async with open_blobs(
+        settings.s3_endpoint_url,
+        settings.s3_result_bucket,
+        settings.s3_region,
+        settings.presign_expiry_sec,
+    ) as blobs:
+        try:
+            await blobs.ensure_bucket()
+        except Exception as error:
+            raise StartupError(
+                f"S3_ENDPOINT_URL: cannot reach object storage ({type(error).__name__})"
+            ) from error
+        yield blobs
+
+
+def local_results_of(adapters: Adapters) -> LocalResults | None:
+    """The local store when the replica uses one (it serves /v1/results/{token})."""
+    return adapters.blobs if isinstance(adapters.blobs, LocalResults) else None
 
 
 def readiness_checks(adapters: Adapters) -> tuple[ReadinessCheck, ...]:
@@ -238,6 +271,7 @@ def build_context(
         runs=Runs(RunStore(pool, queries), adapters.blobs, budgets),
         reconciler=reconciler,
         unavailable_dependency=unavailable_dependency,
+        downloads=ResultDownloads(local_results_of(adapters)),
     )
 
 

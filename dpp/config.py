@@ -20,6 +20,7 @@ T = TypeVar("T")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 QUEUE_BACKENDS = ("postgres", "sqs")
+SIGNING_KEY_CHARS_MIN = 32
 BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
@@ -64,6 +65,10 @@ class Settings:
     # Listen with SO_REUSEPORT so several replicas on one machine share the port;
     # set by `--processes` for its children.
     reuse_port: bool = False
+    # SPEC §5: a local results store instead of S3 when set (an absolute path)
+    results_dir: str | None = None
+    # signs /v1/results/{token} links of a local store; never logged
+    result_signing_key: str | None = dataclasses.field(default=None, repr=False)
 
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with some fields replaced (tests and `dpp dev` use it)."""
@@ -166,6 +171,21 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", prefix):
         raise ConfigError(f"DPP_REDIS_PREFIX={prefix!r}: expected 1-64 of [A-Za-z0-9_.:-]")
     admin_token = _text(env, "DPP_ADMIN_TOKEN")
+    development = _boolean(env, "DPP_DEVELOPMENT", False)
+    results_dir = _text(env, "DPP_RESULTS_DIR")
+    if results_dir is not None and not results_dir.startswith("/"):
+        raise ConfigError(f"DPP_RESULTS_DIR={results_dir!r}: expected an absolute path")
+    signing_key = _text(env, "DPP_RESULT_SIGNING_KEY")
+    if signing_key is not None and len(signing_key.encode("utf-8")) < SIGNING_KEY_CHARS_MIN:
+        # the value itself is a secret: never echoed
+        raise ConfigError(
+            f"DPP_RESULT_SIGNING_KEY: expected at least {SIGNING_KEY_CHARS_MIN} characters"
+        )
+    if results_dir is not None and signing_key is None and not development:
+        raise ConfigError(
+            "DPP_RESULT_SIGNING_KEY: required with DPP_RESULTS_DIR (it signs result "
+            "download links; e.g. `openssl rand -hex 32`)"
+        )
     return Settings(
         database_url=_url(env, "DATABASE_URL", ("postgres", "postgresql")),
         redis_url=_url(env, "REDIS_URL", ("redis", "rediss", "unix")),
@@ -192,7 +212,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         webhook_url=_url(env, "DPP_WEBHOOK_URL", ("http", "https")),
         presign_expiry_sec=_integer(env, "DPP_PRESIGN_EXPIRY_SEC", 3_600, 60, 604_800),
         redis_prefix=prefix,
-        development=_boolean(env, "DPP_DEVELOPMENT", False),
+        development=development,
+        results_dir=results_dir,
+        result_signing_key=signing_key,
         processes=_integer(env, "DPP_PROCESSES", 1, 1, MAX_PROCESSES),
         reuse_port=_boolean(env, "DPP_REUSE_PORT", False),
     )

@@ -9,7 +9,7 @@ HTTP layer never sees a pool, a Redis client or a bucket.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -20,6 +20,7 @@ from dpp.config import Settings
 from dpp.money.accounts import Accounts
 from dpp.packs import PackRegistry
 from dpp.runs.admission import Admission
+from dpp.runs.downloads import ResultDownloads
 from dpp.runs.service import Runs
 from dpp.tenancy.ratelimit import RateLimiter
 from dpp.tenancy.service import Tenancy
@@ -58,3 +59,5 @@ class AppContext:
     # down, or None: such a request answers 503 with Retry-After, never 500. The
     # composition root wires dpp.adapters.failures.unavailable_dependency.
     unavailable_dependency: Callable[[BaseException], str | None] = no_dependency
+    # GET /v1/results/{token} of a local results store (with S3: every token is 404)
+    downloads: ResultDownloads = field(default_factory=lambda: ResultDownloads(None))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,22 @@ from tests.services import (
 
 # Every in-process HTTP response is checked against the OpenAPI document.
 pytest_plugins = ["tests.openapi_contract_plugin"]
+
+
+# A signing key for tests of a local results store (SPEC §5): fixed, not a secret.
+TEST_RESULT_SIGNING_KEY = "test-result-signing-key-0123456789abcdef"
+
+
+@pytest.fixture(params=["s3", "local"])
+def result_store(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """The settings of each results store (SPEC §5), for tests that must hold on
+    both: S3 (moto, the suite's default) and a local directory of the test's own."""
+    if request.param == "s3":
+        return {}
+    return {
+        "DPP_RESULTS_DIR": str(tmp_path / "results"),
+        "DPP_RESULT_SIGNING_KEY": TEST_RESULT_SIGNING_KEY,
+    }
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,8 @@ class StoredObject:
 
 
 class ResultStore(Protocol):
-    """Where results and their receipts live (S3 here; SPEC §5 also allows local disk)."""
+    """Where results and their receipts live: S3 (``Blobs``) or local disk
+    (``dpp.adapters.local_results.LocalResults``, SPEC §5)."""
 
     presign_expiry_sec: int
 
@@ -57,8 +58,10 @@ class ResultStore(Protocol):
         """Remove the object; removing a missing one is not an error."""
         ...
 
-    async def presigned_get(self, key: str) -> str:
-        """A download link valid for ``presign_expiry_sec``, needing no credentials."""
+    async def presigned_get(self, key: str, *, base_url: str | None = None) -> str:
+        """A download link valid for ``presign_expiry_sec``, needing no credentials.
+        ``base_url`` is the API's own (``http://host:port``) as the client reached it:
+        a store whose links DPP serves itself builds them on it; S3 ignores it."""
         ...
 
 
@@ -107,7 +110,7 @@ class Blobs:
     async def delete(self, key: str) -> None:
         await self._client.delete_object(Bucket=self.bucket, Key=key)
 
-    async def presigned_get(self, key: str) -> str:
+    async def presigned_get(self, key: str, *, base_url: str | None = None) -> str:
         return await self._client.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket, "Key": key},

@@ -9,7 +9,8 @@ of these packages.
 
 What survives a restart: Postgres keeps its data directory and Redis its RDB
 file under the directory given; moto keeps S3 objects and SQS queues in
-memory only, so result objects are gone when the process exits.
+memory only (`dpp dev` therefore keeps results in a local results store,
+``dpp.adapters.local_results``, and starts moto only for an SQS queue).
 
 Postgres and Redis run as daemons in their own sessions (pg_ctl and redis
 both ``setsid``), so a terminal's Ctrl-C reaches only DPP, which then drains

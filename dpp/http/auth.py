@@ -6,6 +6,7 @@ it; tests may install it on a bare ``create_app``). For every path under
 ``/v1`` (SPEC §6 "Routing"):
 
 * a CORS preflight passes (the CORS layer answers it; none reaches here);
+* ``GET /v1/results/{token}`` passes: its signed token is its credential (§5);
 * no key, a malformed or revoked key → ``401`` + ``WWW-Authenticate: Bearer``
   and no rate-limit fields, whether or not the path exists — so an unknown
   path says nothing to a stranger;
@@ -60,6 +61,19 @@ RETRY_AFTER_UNAVAILABLE_S = 1
 
 def is_api_path(path: str) -> bool:
     return path == API_PREFIX or path.startswith(API_PREFIX + "/")
+
+
+# A result link (SPEC §5, §6 Routing): its signed token is the credential.
+RESULT_DOWNLOAD_PREFIX = API_PREFIX + "/results/"
+
+
+def _is_result_download(scope: Scope) -> bool:
+    path: str = scope["path"]
+    return (
+        scope["method"] in ("GET", "HEAD")
+        and path.startswith(RESULT_DOWNLOAD_PREFIX)
+        and "/" not in path[len(RESULT_DOWNLOAD_PREFIX) :]
+    )
 
 
 def principal_of(request: Request) -> Principal:
@@ -117,7 +131,12 @@ class ApiAuthMiddleware:
         self.rate_limiter = rate_limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_api_path(scope["path"]) or _is_preflight(scope):
+        if (
+            scope["type"] != "http"
+            or not is_api_path(scope["path"])
+            or _is_preflight(scope)
+            or _is_result_download(scope)
+        ):
             await self.app(scope, receive, send)
             return
         path = scope["path"]

@@ -228,6 +228,20 @@ class RequestContextMiddleware:
 # Probes hit these every few seconds; a success is logged at DEBUG, a failure as usual.
 PROBE_PATHS = frozenset({"/health", "/readyz", "/metrics"})
 LOGGED_PATH_CHARS_MAX = 512
+# Paths whose last segment is a credential (SPEC §5: a result link's signed
+# token works without an API key): logged without it.
+CREDENTIAL_PATH_PREFIXES = ("/v1/results/",)
+REDACTED_SEGMENT = "<redacted>"
+
+
+def logged_path(path: str) -> str:
+    """``path`` as a log line may carry it: bounded, and with no credential in it."""
+    for prefix in CREDENTIAL_PATH_PREFIXES:
+        if path.startswith(prefix):
+            return prefix + REDACTED_SEGMENT
+    return path[:LOGGED_PATH_CHARS_MAX]
+
+
 LOGGED_ERROR_CHARS_MAX = 200
 STATUS_CLIENT_GONE = 499  # no response was sent: the client went away first
 
@@ -272,7 +286,7 @@ class AccessLogMiddleware:
     def _record(self, scope: Scope, status: int, duration_s: float, bytes_sent: int) -> None:
         route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
         method = scope["method"]
-        path = scope["path"][:LOGGED_PATH_CHARS_MAX]
+        path = logged_path(scope["path"])
         if self.metrics is not None:
             self.metrics.observe_http(method, route, status, duration_s)
         if status >= 500:
@@ -492,7 +506,7 @@ class UnhandledErrorMiddleware:
                 "%s unavailable in %s %s; answering 503",
                 dependency,
                 scope["method"],
-                scope["path"][:LOGGED_PATH_CHARS_MAX],
+                logged_path(scope["path"]),
                 extra={
                     "dependency": dependency,
                     "error_type": type(error).__name__,
@@ -504,7 +518,7 @@ class UnhandledErrorMiddleware:
             "unhandled %s in %s %s",
             type(error).__name__,
             scope["method"],
-            scope["path"][:LOGGED_PATH_CHARS_MAX],
+            logged_path(scope["path"]),
             exc_info=error,
             extra={"error_type": type(error).__name__, "response_started": response_started},
         )

@@ -106,8 +106,10 @@ class Runs:
         self._results = results
         self._settler = settler
 
-    async def get(self, tenant_id: str, run_id: str) -> RunView:
-        """The tenant's run; ``RunNotFound``, or ``RunGone`` past retention."""
+    async def get(self, tenant_id: str, run_id: str, *, base_url: str | None = None) -> RunView:
+        """The tenant's run; ``RunNotFound``, or ``RunGone`` past retention.
+        ``base_url``: the API's address as the client reached it, for result links
+        DPP serves itself (a local results store)."""
         row = await self._owned(tenant_id, run_id)
         retention = row["retention_until"]
         if (
@@ -116,7 +118,7 @@ class Runs:
             and retention <= datetime.now(UTC)
         ):
             raise RunGone(row)
-        return RunView(row, run_object(row, await self._result_link(row)))
+        return RunView(row, run_object(row, await self._result_link(row, base_url)))
 
     async def page(
         self,
@@ -125,12 +127,13 @@ class Runs:
         statuses: list[RunStatus] | None,
         after: tuple[datetime, str] | None,
         limit: int,
+        base_url: str | None = None,
     ) -> RunPage:
         """Newest first, after the cursor; one row more than asked says whether more exist."""
         rows = await self._store.page(tenant_id, statuses, after, limit + 1)
         has_more = len(rows) > limit
         rows = rows[:limit]
-        documents = [run_object(row, await self._result_link(row)) for row in rows]
+        documents = [run_object(row, await self._result_link(row, base_url)) for row in rows]
         next_cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if has_more else None
         return RunPage(documents, next_cursor, has_more)
 
@@ -183,14 +186,14 @@ class Runs:
             raise RunNotFound(run_id)
         return row
 
-    async def _result_link(self, row: RunRow) -> dict[str, Any] | None:
+    async def _result_link(self, row: RunRow, base_url: str | None) -> dict[str, Any] | None:
         if row["status"] != RunStatus.COMPLETED or row["result_key"] is None:
             return None
         if row["result_deleted_at"]:
             return None
         expires_at = datetime.now(UTC) + timedelta(seconds=self._results.presign_expiry_sec)
         return {
-            "download_url": await self._results.presigned_get(row["result_key"]),
+            "download_url": await self._results.presigned_get(row["result_key"], base_url=base_url),
             "expires_at": timestamp(expires_at),
             "sha256": row["result_sha256"],
             "bytes": row["result_bytes"],

@@ -206,7 +206,7 @@ class MemBlobs:
         self.bodies.pop(key, None)
         self.trace.add(f"s3 delete {key}")
 
-    async def presigned_get(self, key: str) -> str:
+    async def presigned_get(self, key: str, *, base_url: str | None = None) -> str:
         return f"sim://{key}"
 
 

@@ -45,9 +45,9 @@ async def crash_run_at(h: Harness, point: str) -> tuple[str, Any]:
 
 
 async def test_crash_after_claim_is_reaped_expired_with_the_minimum_fee(
-    services, database_url, redis_prefix
+    services, database_url, redis_prefix, result_store
 ) -> None:
-    async with open_harness(services, database_url, redis_prefix) as h:
+    async with open_harness(services, database_url, redis_prefix, **result_store) as h:
         run_id, (dispatcher, crashes) = await crash_run_at(h, "run.after_claim")
         assert crashes == [run_id]
         assert dispatcher.endings[RunEnding.CRASHED] == 1
@@ -65,9 +65,9 @@ async def test_crash_after_claim_is_reaped_expired_with_the_minimum_fee(
 
 
 async def test_crash_after_finalize_claim_rolls_back_failed_with_the_minimum_fee(
-    services, database_url, redis_prefix
+    services, database_url, redis_prefix, result_store
 ) -> None:
-    async with open_harness(services, database_url, redis_prefix) as h:
+    async with open_harness(services, database_url, redis_prefix, **result_store) as h:
         run_id, (dispatcher, _) = await crash_run_at(h, "run.after_finalize_claim")
         assert dispatcher.endings[RunEnding.CRASHED] == 1
         assert (await h.row(run_id))["status"] == "CLAIMED"
@@ -83,9 +83,9 @@ async def test_crash_after_finalize_claim_rolls_back_failed_with_the_minimum_fee
 
 
 async def test_crash_after_result_put_rolls_forward_charging_the_receipts_cost(
-    services, database_url, redis_prefix
+    services, database_url, redis_prefix, result_store
 ) -> None:
-    async with open_harness(services, database_url, redis_prefix) as h:
+    async with open_harness(services, database_url, redis_prefix, **result_store) as h:
         run_id, _ = await crash_run_at(h, "run.after_result_put")
         assert (await h.row(run_id))["status"] == "CLAIMED"
         key = result_key(h.tenant_id, run_id)
@@ -104,9 +104,9 @@ async def test_crash_after_result_put_rolls_forward_charging_the_receipts_cost(
 
 
 async def test_crash_inside_the_settlement_before_commit_rolls_forward_later(
-    services, database_url, redis_prefix
+    services, database_url, redis_prefix, result_store
 ) -> None:
-    async with open_harness(services, database_url, redis_prefix) as h:
+    async with open_harness(services, database_url, redis_prefix, **result_store) as h:
         run_id, (dispatcher, _) = await crash_run_at(h, "settle.before_commit")
         # the settlement rolled back: the worker cannot tell, so it leaves the run
         assert dispatcher.endings[RunEnding.UNKNOWN] == 1
@@ -122,9 +122,9 @@ async def test_crash_inside_the_settlement_before_commit_rolls_forward_later(
 
 
 async def test_crash_after_the_settlement_commit_leaves_drift_that_repair_fixes(
-    services, database_url, redis_prefix
+    services, database_url, redis_prefix, result_store
 ) -> None:
-    async with open_harness(services, database_url, redis_prefix) as h:
+    async with open_harness(services, database_url, redis_prefix, **result_store) as h:
         run_id, _ = await crash_run_at(h, "settle.after_commit")
         row = await h.row(run_id)
         assert row["status"] == "COMPLETED"
@@ -140,11 +140,16 @@ async def test_crash_after_the_settlement_commit_leaves_drift_that_repair_fixes(
     "point", ["run.after_claim", "run.after_finalize_claim", "run.after_result_put"]
 )
 async def test_every_run_crash_point_ends_terminal_with_money_balanced(
-    services, database_url, redis_prefix, point
+    services, database_url, redis_prefix, result_store, point
 ) -> None:
     """The same recovery with the lease and claim left to age for real."""
     async with open_harness(
-        services, database_url, redis_prefix, DPP_LEASE_SEC="2", DPP_RECONCILE_THRESHOLD_SEC="1"
+        services,
+        database_url,
+        redis_prefix,
+        **result_store,
+        DPP_LEASE_SEC="2",
+        DPP_RECONCILE_THRESHOLD_SEC="1",
     ) as h:
         run_id, _ = await crash_run_at(h, point)
         reconciler = await h.start_reconciler(reaper_interval_s=0.5, reconcile_interval_s=0.5)

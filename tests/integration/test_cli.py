@@ -102,6 +102,19 @@ async def test_serve_without_a_database_url_exits_2_naming_it() -> None:
     assert_one_line_error(stderr, "DATABASE_URL: required")
 
 
+async def test_serve_with_a_local_results_store_but_no_signing_key_refuses_to_start(
+    service_environment: dict[str, str], tmp_path: Path
+) -> None:
+    """SPEC §5: outside development a local store needs DPP_RESULT_SIGNING_KEY;
+    without one, `serve` stops before touching anything, in one line."""
+    environment = {**service_environment, "DPP_RESULTS_DIR": str(tmp_path / "results")}
+    status, stdout, stderr = await run_dpp("serve", environment=environment)
+    assert status == 2
+    assert_one_line_error(stderr, "DPP_RESULT_SIGNING_KEY: required with DPP_RESULTS_DIR")
+    assert stdout == ""
+    assert not (tmp_path / "results").exists()
+
+
 # --- migrate ----------------------------------------------------------------------------
 
 

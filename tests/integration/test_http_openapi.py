@@ -28,6 +28,7 @@ SPEC_SURFACE = {
     ("GET", "/v1/budget"),
     ("GET", "/v1/usage"),
     ("GET", "/v1/packs"),
+    ("GET", "/v1/results/{token}"),  # SPEC §5, §6 Routing: a local store's result links
     ("GET", "/health"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -113,6 +114,9 @@ def test_operations_are_well_formed() -> None:
             if path.startswith("/admin"):
                 assert operation["tags"] == ["admin"]
                 assert operation["security"] == [{"adminToken": []}]
+            elif path == "/v1/results/{token}":
+                # SPEC §6 Routing: the signed token is the credential
+                assert operation["security"] == []
             elif path.startswith("/v1"):
                 assert operation["security"] == [{"apiKey": []}]
                 assert "admin" not in operation["tags"]

@@ -30,6 +30,7 @@ from dpp.adapters.blobs import (
     StoredObject,
     open_blobs,
 )
+from dpp.adapters.local_results import LocalResults
 from dpp.http.app import create_app
 from dpp.http.endpoints import routes_for
 from dpp.http.routes import admin_reconcile
@@ -37,6 +38,7 @@ from dpp.limits import EVIDENCE_READ_FAILURES_MAX
 from dpp.money import ledger
 from dpp.money.rules import Outcome, RunStatus
 from dpp.runs.store import RunStore
+from tests.conftest import TEST_RESULT_SIGNING_KEY
 from tests.integration.test_execution import (
     ECHO_COST_USD_MICROS,
     MINIMUM_FEE_USD_MICROS,
@@ -126,9 +128,9 @@ async def expired_run(h: Harness) -> str:
 
 
 async def test_contradictory_receipt_sets_the_run_aside_with_a_critical_alert(
-    services, database_url, redis_prefix, caplog
+    services, database_url, redis_prefix, result_store, caplog
 ) -> None:
-    async with open_harness(services, database_url, redis_prefix) as h:
+    async with open_harness(services, database_url, redis_prefix, **result_store) as h:
         run_id = await claimed_run(h, receipt={RECEIPT_RUN: "run_" + "z" * 26})
         reconciler = await h.start_reconciler()
         with caplog.at_level(logging.ERROR, logger="dpp.reconciler"):
@@ -163,9 +165,9 @@ async def test_contradictory_receipt_sets_the_run_aside_with_a_critical_alert(
 
 @pytest.mark.audit_exempt  # the broken row stays for an operator, by design
 async def test_a_run_without_its_reserve_entry_is_never_settled(
-    services, database_url, redis_prefix
+    services, database_url, redis_prefix, result_store
 ) -> None:
-    async with open_harness(services, database_url, redis_prefix) as h:
+    async with open_harness(services, database_url, redis_prefix, **result_store) as h:
         run_id = "run_" + "q" * 26
         # A row no reservation produced (a restore gone wrong): the database's
         # rules refuse it, so write it the way a restore does, as a superuser with
@@ -190,9 +192,9 @@ async def test_a_run_without_its_reserve_entry_is_never_settled(
 
 
 async def test_two_reconcilers_racing_settle_each_run_exactly_once(
-    services, database_url, redis_prefix
+    services, database_url, redis_prefix, result_store
 ) -> None:
-    async with open_harness(services, database_url, redis_prefix) as h:
+    async with open_harness(services, database_url, redis_prefix, **result_store) as h:
         expired = [await expired_run(h) for _ in range(4)]
         forward = [await claimed_run(h, receipt={}) for _ in range(3)]
         back = [await claimed_run(h, receipt=None) for _ in range(3)]
@@ -230,9 +232,9 @@ async def test_two_reconcilers_racing_settle_each_run_exactly_once(
 
 
 async def test_receipt_cost_is_clamped_by_the_settlement(
-    services, database_url, redis_prefix
+    services, database_url, redis_prefix, result_store
 ) -> None:
-    async with open_harness(services, database_url, redis_prefix) as h:
+    async with open_harness(services, database_url, redis_prefix, **result_store) as h:
         above = await claimed_run(h, receipt={RECEIPT_COST: str(10 * RESERVED_USD_MICROS)})
         below = await claimed_run(h, receipt={RECEIPT_COST: "0"})
         report = await (await h.start_reconciler()).reconcile_once()
@@ -243,10 +245,10 @@ async def test_receipt_cost_is_clamped_by_the_settlement(
 
 
 async def test_young_claimed_and_live_leases_are_left_alone(
-    services, database_url, redis_prefix
+    services, database_url, redis_prefix, result_store
 ) -> None:
     async with open_harness(
-        services, database_url, redis_prefix, DPP_RECONCILE_THRESHOLD_SEC="3600"
+        services, database_url, redis_prefix, **result_store, DPP_RECONCILE_THRESHOLD_SEC="3600"
     ) as h:
         working = await h.submit({"payload": 1})
         await h.claim_one()
@@ -261,9 +263,9 @@ async def test_young_claimed_and_live_leases_are_left_alone(
 
 
 async def test_retention_deletes_the_object_then_marks_the_row(
-    services, database_url, redis_prefix
+    services, database_url, redis_prefix, result_store
 ) -> None:
-    async with open_harness(services, database_url, redis_prefix) as h:
+    async with open_harness(services, database_url, redis_prefix, **result_store) as h:
         run_id = await claimed_run(h, receipt={})
         reconciler = await h.start_reconciler()
         assert (await reconciler.reconcile_once())["rolled_forward"] == 1
@@ -510,6 +512,50 @@ async def test_the_reaper_loses_to_a_heartbeat_that_renewed_after_it_looked(
                 from_statuses=frozenset({RunStatus.PROCESSING}),
                 lease_token=claimed.lease_token,
                 expected_version=row["version"],
+            ),
+        )
+        await h.assert_audit_ok()
+
+
+async def test_a_corrupt_local_result_file_is_never_read_as_absent(
+    services, database_url, redis_prefix, tmp_path, caplog
+) -> None:
+    """The local store's twin of the unreadable S3 object: a result file whose
+    receipt line is damaged is unreadable evidence, retried each pass and then
+    set aside — never rolled back as if the result did not exist."""
+    async with open_harness(
+        services,
+        database_url,
+        redis_prefix,
+        DPP_RESULTS_DIR=str(tmp_path / "results"),
+        DPP_RESULT_SIGNING_KEY=TEST_RESULT_SIGNING_KEY,
+    ) as h:
+        damaged = await claimed_run(h, receipt={})
+        store = h.adapters.blobs
+        assert isinstance(store, LocalResults)
+        path = store.root / result_key(h.tenant_id, damaged)
+        path.write_bytes(b"\x00" * 64)  # a torn disk block, say
+        reconciler = await h.start_reconciler()
+        for _ in range(EVIDENCE_READ_FAILURES_MAX - 1):
+            report = await reconciler.reconcile_once()
+            assert (report["rolled_back"], report["evidence_unreadable"]) == (0, 1)
+            assert (await h.row(damaged))["status"] == "CLAIMED"
+        with caplog.at_level(logging.ERROR, logger="dpp.reconciler"):
+            last = await reconciler.reconcile_once()
+        assert last["audit_required"] == 1
+        row = await h.row(damaged)
+        assert row["status"] == "AUDIT_REQUIRED" and row["charged_usd_micros"] is None
+        alerts = [r for r in caplog.records if getattr(r, "severity", None) == "CRITICAL"]
+        assert [a.run_id for a in alerts] == [damaged]
+        assert "ResultFileCorrupt" in alerts[0].reason
+        # the operator resolves it; the money is whole
+        await h.budgets.settle(
+            h.tenant_id,
+            ledger.SettleRequest(
+                damaged,
+                Outcome.FAILED,
+                from_statuses=frozenset({RunStatus.AUDIT_REQUIRED}),
+                charged_override_usd_micros=MINIMUM_FEE_USD_MICROS,
             ),
         )
         await h.assert_audit_ok()

@@ -23,6 +23,7 @@ from dpp.http.routes import (
     admin_reconcile,
     admin_tenancy,
     ops,
+    results,
     runs,
 )
 
@@ -32,6 +33,7 @@ FRAME_ENDPOINTS: tuple[Endpoint, ...] = (*ops.ENDPOINTS, *admin_actors.ENDPOINTS
 # The tenant API and the rest of the admin API (``build_app`` adds them).
 API_ENDPOINTS: tuple[Endpoint, ...] = (
     *runs.ENDPOINTS,
+    *results.ENDPOINTS,
     *admin_tenancy.ENDPOINTS,
     *admin_money.ENDPOINTS,
     *admin_reconcile.ENDPOINTS,

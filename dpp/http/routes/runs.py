@@ -254,7 +254,9 @@ async def get_run(request: Request) -> Response:
     context: AppContext = request.app.state.context
     principal = principal_of(request)
     try:
-        view = await context.runs.get(principal.tenant_id, request.path_params["run_id"])
+        view = await context.runs.get(
+            principal.tenant_id, request.path_params["run_id"], base_url=api_base_url(request)
+        )
     except RunNotFound:
         raise _not_found(request) from None
     except RunGone as gone:
@@ -269,6 +271,11 @@ async def get_run(request: Request) -> Response:
             },
         ) from None
     return json_response(view.document, headers=cost_headers(view.row))
+
+
+def api_base_url(request: Request) -> str:
+    """Where the client reached this API (scheme, host, root path), for links to it."""
+    return str(request.base_url).rstrip("/")
 
 
 def _query_problem(name: str, detail: str) -> Problem:
@@ -305,7 +312,13 @@ async def list_runs(request: Request) -> Response:
         after = decode_cursor(raw_cursor)
         if after is None:
             raise _query_problem("cursor", "cursor is not one this API returned.")
-    page = await context.runs.page(principal.tenant_id, statuses=statuses, after=after, limit=limit)
+    page = await context.runs.page(
+        principal.tenant_id,
+        statuses=statuses,
+        after=after,
+        limit=limit,
+        base_url=api_base_url(request),
+    )
     return json_response(page_document(page.documents, page.next_cursor, page.has_more))
 
 

@@ -1,0 +1,323 @@
+"""Results on local disk (SPEC §5): the ``ResultStore`` port over a directory.
+
+One file per result, ``<root>/<key>``: a first line holding the receipt as JSON
+(``content_type`` and the metadata ``actual-cost-usd-micros``, ``run-id``,
+``sha256``), then the body's bytes. A result and its receipt are therefore one
+write with one commit point: a temporary file in the same directory
+(``.tmp-<random>``), written, fsynced, renamed over the key, and the directory
+fsynced. A reader (the reconciler's ``head``, a download) sees the whole
+result with its receipt or nothing — never a body without its receipt, nor a
+receipt of another body — exactly as an S3 PUT behaves, so the reconciler's
+roll-forward / roll-back works unchanged. A crash leaves at most a temporary
+file, which ``open_local_results`` removes once it is older than any write can
+take (another replica on a shared volume may be writing its own right now).
+
+Download links are DPP's own ``/v1/results/{token}``: the token names the key
+and an expiry, signed with HMAC-SHA256 under ``DPP_RESULT_SIGNING_KEY``
+(``ResultTokens``); verifying it compares in constant time, and only a key
+this process could have signed (``results/<tenant id>/<run id>``) is ever
+turned into a path, which must also stay under the root.
+
+Blocking file calls run in worker threads (``anyio.to_thread``).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hmac
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import orjson
+
+from dpp.adapters.blobs import StoredObject
+
+TEMP_PREFIX = ".tmp-"
+# A temporary file older than this is from a dead writer: the run actor gives a
+# finalize 60 s (dpp.actors.run.FINALIZE_DEADLINE_S), so ten times that is safe.
+TEMP_STALE_SEC = 600
+# The receipt line is a few hundred bytes; anything longer is not one of ours.
+RECEIPT_LINE_BYTES_MAX = 4_096
+# Keys as dpp.actors.run.result_key builds them; nothing else becomes a path.
+KEY_PATTERN = re.compile(r"results/ten_[A-Za-z0-9]{1,64}/run_[A-Za-z0-9]{1,64}")
+TOKEN_VERSION = "r1"
+TOKEN_CHARS_MAX = 512
+SIGNING_KEY_BYTES_MIN = 32
+DOWNLOAD_PATH = "/v1/results/"
+
+
+class ResultFileCorrupt(Exception):
+    """A result file whose receipt line cannot be read: evidence that is unreadable
+    (the reconciler counts it and, if it persists, sets the run aside)."""
+
+
+class TokenRefused(Exception):
+    """A download token that is malformed, tampered with or signed by another key."""
+
+
+class TokenExpired(TokenRefused):
+    """A genuine download token past its expiry."""
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
+        raise TokenRefused("not base64url")
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:
+        raise TokenRefused("not base64url") from None
+    # one spelling per token: a last character differing only in unused bits is refused
+    if _b64encode(data) != text:
+        raise TokenRefused("not canonical base64url")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class ResultTokens:
+    """Signs and verifies download tokens: ``r1.<base64url(expiry:key)>.<base64url(mac)>``."""
+
+    signing_key: bytes
+    expiry_sec: int
+
+    def __post_init__(self) -> None:
+        assert len(self.signing_key) >= SIGNING_KEY_BYTES_MIN, "signing key too short"
+        assert self.expiry_sec > 0
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(
+            self.signing_key, TOKEN_VERSION.encode() + b"." + payload, "sha256"
+        ).digest()
+
+    def sign(self, key: str, *, now: float | None = None) -> str:
+        assert KEY_PATTERN.fullmatch(key), key
+        expires = int((time.time() if now is None else now) + self.expiry_sec)
+        payload = f"{expires}:{key}".encode("ascii")
+        return f"{TOKEN_VERSION}.{_b64encode(payload)}.{_b64encode(self._mac(payload))}"
+
+    def verify(self, token: str, *, now: float | None = None) -> str:
+        """The key a genuine, unexpired token names; ``TokenRefused`` (or its
+        ``TokenExpired``) otherwise. The signature is checked before anything
+        in the payload is believed."""
+        if len(token) > TOKEN_CHARS_MAX:
+            raise TokenRefused("too long")
+        version, _, rest = token.partition(".")
+        encoded_payload, _, encoded_mac = rest.partition(".")
+        if version != TOKEN_VERSION or not encoded_payload or not encoded_mac:
+            raise TokenRefused("malformed")
+        payload, mac = _b64decode(encoded_payload), _b64decode(encoded_mac)
+        if not hmac.compare_digest(mac, self._mac(payload)):
+            raise TokenRefused("bad signature")
+        expires_text, _, key = payload.decode("ascii", "replace").partition(":")
+        # signed by us, so well-formed; asserted all the same before it names a file
+        if not expires_text.isdigit() or not KEY_PATTERN.fullmatch(key):
+            raise TokenRefused("malformed payload")
+        if int(expires_text) <= (time.time() if now is None else now):
+            raise TokenExpired("expired")
+        return key
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    """A result as a download serves it."""
+
+    body: bytes
+    content_type: str
+    sha256: str
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _ensure_directory(root: Path, directory: Path) -> None:
+    """Create ``directory`` (under ``root``) durably: each new level's parent is fsynced."""
+    missing: list[Path] = []
+    current = directory
+    while current != root and not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    for level in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            level.mkdir(mode=0o700)
+        _fsync_directory(level.parent)
+
+
+def _write_atomically(root: Path, path: Path, chunks: tuple[bytes, ...]) -> None:
+    """Temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
+    _ensure_directory(root, path.parent)
+    temporary = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            for chunk in chunks:
+                file.write(chunk)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    _fsync_directory(path.parent)
+
+
+def _parse_receipt(head: bytes, name: str) -> tuple[dict[str, object], int]:
+    """The receipt line at the start of a result file, and where the body begins."""
+    end = head.find(b"\n", 0, RECEIPT_LINE_BYTES_MAX + 1)
+    if end < 0:
+        raise ResultFileCorrupt(f"{name}: no receipt line")
+    try:
+        receipt = orjson.loads(head[:end])
+    except orjson.JSONDecodeError:
+        raise ResultFileCorrupt(f"{name}: the receipt line is not JSON") from None
+    if not isinstance(receipt, dict):
+        raise ResultFileCorrupt(f"{name}: the receipt line is not an object")
+    return receipt, end + 1
+
+
+def _read_receipt(path: Path) -> tuple[dict[str, object], int, int] | None:
+    """The receipt, where the body begins and the file's size; None when absent."""
+    try:
+        with path.open("rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            head = file.read(RECEIPT_LINE_BYTES_MAX + 1)
+    except FileNotFoundError:
+        return None
+    receipt, offset = _parse_receipt(head, path.name)
+    return receipt, offset, size
+
+
+def _stored_object(key: str, receipt: dict[str, object], body_bytes: int) -> StoredObject:
+    content_type = receipt.get("content_type")
+    metadata = receipt.get("metadata")
+    if not isinstance(content_type, str) or not isinstance(metadata, dict):
+        raise ResultFileCorrupt(f"{key}: the receipt lacks content_type or metadata")
+    return StoredObject(
+        key=key,
+        bytes=body_bytes,
+        content_type=content_type,
+        metadata={str(k).lower(): str(v) for k, v in metadata.items()},
+    )
+
+
+def remove_stale_temporaries(root: Path, *, older_than_sec: float = TEMP_STALE_SEC) -> int:
+    """Delete ``.tmp-*`` files a dead writer left; answer how many."""
+    removed = 0
+    cutoff = time.time() - older_than_sec
+    for directory, _, files in os.walk(root):
+        for name in files:
+            if not name.startswith(TEMP_PREFIX):
+                continue
+            path = Path(directory, name)
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+    return removed
+
+
+class LocalResults:
+    """``ResultStore`` over a directory; ``read_signed`` serves a download token."""
+
+    def __init__(self, root: Path, tokens: ResultTokens) -> None:
+        assert root.is_absolute(), root
+        self.root = root
+        self.tokens = tokens
+        self.presign_expiry_sec = tokens.expiry_sec
+
+    def _path(self, key: str) -> Path:
+        """The file of ``key`` (called in a worker thread: it resolves symlinks)."""
+        assert KEY_PATTERN.fullmatch(key), f"not a result key: {key!r}"
+        path = self.root / key
+        # the pattern admits no '..' and exactly two '/': asserted again on the real path
+        assert path.resolve().is_relative_to(self.root), key
+        return path
+
+    async def ping(self) -> None:
+        await anyio.to_thread.run_sync(self._ping)
+
+    def _ping(self) -> None:
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise OSError(f"results directory {self.root} is not writable")
+
+    async def put(self, key: str, body: bytes, content_type: str, metadata: dict[str, str]) -> None:
+        receipt = orjson.dumps({"content_type": content_type, "metadata": metadata}) + b"\n"
+        assert len(receipt) <= RECEIPT_LINE_BYTES_MAX, "receipt line too long"
+        await anyio.to_thread.run_sync(
+            lambda: _write_atomically(self.root, self._path(key), (receipt, body))
+        )
+
+    async def head(self, key: str) -> StoredObject | None:
+        answer = await anyio.to_thread.run_sync(lambda: _read_receipt(self._path(key)))
+        if answer is None:
+            return None
+        receipt, offset, size = answer
+        return _stored_object(key, receipt, size - offset)
+
+    async def get(self, key: str) -> bytes:
+        answer = await anyio.to_thread.run_sync(self._read, key)
+        if answer is None:
+            raise FileNotFoundError(key)
+        return answer.body
+
+    def _read(self, key: str) -> StoredResult | None:
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        receipt, offset = _parse_receipt(data, key)
+        stored = _stored_object(key, receipt, len(data) - offset)
+        return StoredResult(data[offset:], stored.content_type, stored.metadata.get("sha256", ""))
+
+    async def delete(self, key: str) -> None:
+        await anyio.to_thread.run_sync(self._delete, key)
+
+    def _delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        _fsync_directory(path.parent)
+
+    async def presigned_get(self, key: str, *, base_url: str | None = None) -> str:
+        """``<base_url>/v1/results/<token>``; a path alone when no base URL is known."""
+        path = DOWNLOAD_PATH + self.tokens.sign(key)
+        return (base_url or "").rstrip("/") + path
+
+    async def read_signed(self, token: str) -> StoredResult | None:
+        """The result a download token names; ``TokenRefused`` / ``TokenExpired``
+        for a bad token, None when the result is gone (retention, or deleted)."""
+        key = self.tokens.verify(token)
+        return await anyio.to_thread.run_sync(self._read, key)
+
+
+async def open_local_results(
+    directory: str, signing_key: str, presign_expiry_sec: int
+) -> LocalResults:
+    """The store under ``directory`` (created if missing), stale temporaries removed."""
+
+    def prepare() -> Path:
+        root = Path(directory).resolve()
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(f"{root} is not writable")
+        remove_stale_temporaries(root)
+        return root
+
+    root = await anyio.to_thread.run_sync(prepare)
+    return LocalResults(root, ResultTokens(signing_key.encode("utf-8"), presign_expiry_sec))

@@ -1,0 +1,78 @@
+"""``GET /v1/results/{token}``: a local results store's downloads (SPEC §5).
+
+No API key: the signed, expiring token is the credential (``ApiAuthMiddleware``
+lets this path through). A bad or expired token is 403, a result deleted by
+retention 404, an unreadable disk 503 — never 500.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from dpp.context import AppContext
+from dpp.http.endpoints import Endpoint, Parameter, Reply, problem
+from dpp.http.problems import Problem
+from dpp.runs.downloads import DownloadGone, DownloadRefused, DownloadUnavailable
+
+RESULTS_PREFIX = "/v1/results/"
+TOKEN = Parameter(
+    "token", "path", {"type": "string"}, "The signed token of a result link.", required=True
+)
+
+
+async def download_result(request: Request) -> Response:
+    context: AppContext = request.app.state.context
+    try:
+        download = await context.downloads.fetch(request.path_params["token"])
+    except DownloadRefused as refused:
+        detail = "This result link has expired." if refused.expired else "Invalid result link."
+        raise Problem(
+            403, "result-link-invalid", detail + " Get a fresh one from GET /v1/runs/{run_id}."
+        ) from None
+    except DownloadGone:
+        raise Problem(404, "not-found", "This result no longer exists.") from None
+    except DownloadUnavailable:
+        raise Problem(
+            503,
+            "unavailable",
+            "The result could not be read now; retry.",
+            headers={"Retry-After": "1"},
+        ) from None
+    return Response(
+        download.body,
+        200,
+        headers={
+            "ETag": f'"{download.sha256}"',
+            "Cache-Control": "private, no-cache",
+            # served from the API's own origin: never sniffed or run as a page
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "sandbox",
+        },
+        media_type=download.content_type,
+    )
+
+
+ENDPOINTS = (
+    Endpoint(
+        "GET",
+        "/v1/results/{token}",
+        download_result,
+        "downloadResult",
+        "Download a run's result (a local results store's signed link)",
+        "runs",
+        None,
+        (
+            Reply(200, "The stored result, with its content type.", media_type="*/*"),
+            problem(403, "A tampered, malformed or expired link."),
+            problem(404, "The result was deleted (retention), or results are kept in S3."),
+            problem(503, "The result could not be read now.", "Retry-After"),
+        ),
+        parameters=(TOKEN,),
+        description=(
+            "The run object's `result.download_url` when results are kept on local disk "
+            "(DPP_RESULTS_DIR). The link is signed and expires like a presigned URL; "
+            "no API key is needed."
+        ),
+    ),
+)

@@ -1,0 +1,66 @@
+"""Result downloads a local results store serves itself (SPEC §5, ``/v1/results/{token}``).
+
+The token is the credential (no API key, like a presigned URL): the store
+verifies its signature and expiry before anything it names is read. A bad
+token is ``DownloadRefused`` (403), a result that is no longer there (deleted
+by retention, or lost) ``DownloadGone`` (404), a disk that cannot be read
+``DownloadUnavailable`` (503). With S3 results DPP serves no downloads: every
+token is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from dpp.adapters.local_results import LocalResults, ResultFileCorrupt, TokenExpired, TokenRefused
+
+log = logging.getLogger("dpp.results")
+
+
+class DownloadRefused(Exception):
+    """The token is malformed, tampered with, signed with another key, or expired."""
+
+    def __init__(self, reason: str, *, expired: bool = False) -> None:
+        super().__init__(reason)
+        self.expired = expired
+
+
+class DownloadGone(Exception):
+    """A genuine token whose result no longer exists (retention deleted it)."""
+
+
+class DownloadUnavailable(Exception):
+    """The results directory could not be read now; retrying is safe."""
+
+
+@dataclass(frozen=True, slots=True)
+class Download:
+    body: bytes
+    content_type: str
+    sha256: str
+
+
+class ResultDownloads:
+    def __init__(self, store: LocalResults | None) -> None:
+        self._store = store
+
+    async def fetch(self, token: str) -> Download:
+        if self._store is None:
+            raise DownloadGone("results are not served by DPP (S3 store)")
+        try:
+            stored = await self._store.read_signed(token)
+        except TokenExpired:
+            raise DownloadRefused("expired", expired=True) from None
+        except TokenRefused as refused:
+            raise DownloadRefused(str(refused)) from None
+        except ResultFileCorrupt:
+            # evidence for the reconciler and the operator, not for this client
+            log.error("a result file's receipt is unreadable", exc_info=True)
+            raise DownloadGone("unreadable") from None
+        except OSError as error:
+            log.warning("could not read a result file", exc_info=True)
+            raise DownloadUnavailable(type(error).__name__) from None
+        if stored is None:
+            raise DownloadGone("deleted")
+        return Download(stored.body, stored.content_type, stored.sha256)
