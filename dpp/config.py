@@ -59,6 +59,8 @@ class Settings:
     presign_expiry_sec: int
     redis_prefix: str
     development: bool
+    # how long an MCP tool call waits for its run to finish before answering (SPEC §7)
+    mcp_wait_sec: int = 60
 
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with some fields replaced (tests and `dpp dev` use it)."""
@@ -184,6 +186,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         presign_expiry_sec=_integer(env, "DPP_PRESIGN_EXPIRY_SEC", 3_600, 60, 604_800),
         redis_prefix=prefix,
         development=_boolean(env, "DPP_DEVELOPMENT", False),
+        mcp_wait_sec=_integer(env, "DPP_MCP_WAIT_SEC", 60, 0, 3_600),
     )
 
 
