@@ -123,8 +123,10 @@ class ApiAuthMiddleware:
         self.rate_limiter = rate_limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gated = is_api_path(scope["path"]) or is_mcp_path(scope["path"])
-        if scope["type"] != "http" or not gated or _is_preflight(scope):
+        if scope["type"] != "http" or _is_preflight(scope):
+            await self.app(scope, receive, send)
+            return
+        if not is_api_path(scope["path"]) and not is_mcp_path(scope["path"]):
             await self.app(scope, receive, send)
             return
         path = scope["path"]
