@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import httpx
 import httpx2
 import pytest
@@ -52,11 +53,13 @@ async def replicas(env: dict[str, str], tmp_path, count: int) -> AsyncIterator[l
             replica.close()
 
 
-async def tenant_key(url: str, credits_usd_micros: int) -> str:
+async def tenant_key(
+    url: str, credits_usd_micros: int, key_body: dict[str, Any] | None = None
+) -> str:
     """A fresh tenant with this much credit, and an API key of it."""
     async with httpx.AsyncClient(base_url=url, headers=ADMIN, timeout=10.0) as client:
         tenant = (await client.post("/admin/tenants", json={"name": "agent"})).json()["id"]
-        key = (await client.post(f"/admin/tenants/{tenant}/api-keys", json={})).json()
+        key = (await client.post(f"/admin/tenants/{tenant}/api-keys", json=key_body or {})).json()
         if credits_usd_micros:
             credited = await client.post(
                 f"/admin/tenants/{tenant}/credits",
@@ -160,7 +163,15 @@ async def raw_call(
     return answer
 
 
-async def test_mcp_over_http_against_a_real_replica(env, tmp_path) -> None:
+async def all_runs(database_url: str) -> int:
+    connection = await asyncpg.connect(database_url)
+    try:
+        return int(await connection.fetchval("SELECT count(*) FROM runs"))
+    finally:
+        await connection.close()
+
+
+async def test_mcp_over_http_against_a_real_replica(env, database_url, tmp_path) -> None:
     async with replicas(env, tmp_path, 1) as [replica]:
         url = replica.url
         api_key = await tenant_key(url, 10 * ECHO_RESERVATION)
@@ -247,6 +258,17 @@ async def test_mcp_over_http_against_a_real_replica(env, tmp_path) -> None:
             assert problem["required_usd_micros"] == ECHO_RESERVATION
             assert structured(await session.call_tool("get_budget", {}))["reserved_usd_micros"] == 0
         assert await run_count(url, broke_key) == 0
+
+        # Over the key's rate limit: the call is an isError 429 with the retry delay.
+        slow_key = await tenant_key(url, 10 * ECHO_RESERVATION, {"requests_per_minute": 5})
+        runs_before = await all_runs(database_url)
+        async with mcp_session(url, slow_key) as (session, _):
+            answers = [await session.call_tool("echo", {"payload": n}) for n in range(6)]
+        limited = [structured(a) for a in answers if a.is_error]
+        assert limited, "a sixth request within the minute is over the limit"
+        assert all(p["status"] == 429 and p["retry_after_s"] > 0 for p in limited)
+        # (the /v1 count would be rate-limited too: ask the database)
+        assert await all_runs(database_url) - runs_before == len(answers) - len(limited)
 
 
 async def test_mcp_sessions_need_no_sticky_routing(env, tmp_path) -> None:
