@@ -101,10 +101,27 @@ def _usd(micros: int) -> str:
     return f"{micros / USD_MICROS:.6f}".rstrip("0").rstrip(".") + " USD"
 
 
+def _price(pricing: dict[str, Any]) -> str:
+    """A pack's pricing in words: ``{"model": "fixed", "usd_micros_per_run": 1000}``
+    is "fixed: 0.001 USD per run"."""
+    parts = []
+    for name, value in pricing.items():
+        if name == "model":
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and "usd_micros" in name:
+            if name.startswith("usd_micros_per_"):
+                parts.append(f"{_usd(value)} per {name.removeprefix('usd_micros_per_')}")
+            else:
+                parts.append(f"{name.replace('_usd_micros', '')} {_usd(value)}")
+        else:
+            parts.append(f"{name} {value}")
+    return f"{pricing.get('model', 'price')}: {', '.join(parts)}"
+
+
 def _tool_description(pack: dict[str, Any]) -> str:
     return (
         f"{pack['description']} Runs the DPP pack {pack['pack_type']!r} and waits for its"
-        f" result. Price: {orjson.dumps(pack['pricing']).decode()}; minimum fee"
+        f" result. Price ({_price(pack['pricing'])}); minimum fee"
         f" {_usd(pack['minimum_fee_usd_micros'])}; each call reserves"
         f" {_usd(pack['default_reservation_usd_micros'])} (the default reservation) and is"
         " charged the actual cost, the rest refunded."
@@ -161,13 +178,16 @@ def _hint(problem: dict[str, Any]) -> str:
     retry_after = problem.get("retry_after_s")
     if retry_after is not None:
         return f" Retry after {retry_after} s."
-    if status == 422 and "field" in problem:
-        return f" Fix the argument {problem['field']!r} and call again."
+    if status == 422 and isinstance(problem.get("field"), str):
+        # a pack's arguments are the run's inputs: name the argument as the agent sent it
+        field = problem["field"].removeprefix("inputs.")
+        return f" Fix the argument {field!r} and call again."
     return ""
 
 
 def refused_result(problem: dict[str, Any]) -> types.CallToolResult:
-    text = f"{problem.get('title', 'Error')}: {problem.get('detail', '')}{_hint(problem)}"
+    detail = str(problem.get("detail", "")).rstrip(".")
+    text = f"{problem.get('title', 'Error')}: {detail}.{_hint(problem)}"
     content: list[types.ContentBlock] = [types.TextContent(type="text", text=text), *_text(problem)]
     return types.CallToolResult(content=content, structured_content=problem, is_error=True)
 
@@ -197,9 +217,9 @@ async def _run_result(backend: Backend, run: dict[str, Any]) -> types.CallToolRe
     }
     if status in FAILED_STATUSES:
         structured["error"] = run.get("error")
-        detail = (run.get("error") or {}).get("detail", "")
+        detail = str((run.get("error") or {}).get("detail", "")).rstrip(".")
         text = (
-            f"Run {run['id']} {status}: {detail} Charged {run['charged_usd_micros']} USD"
+            f"Run {run['id']} {status}: {detail}. Charged {run['charged_usd_micros']} USD"
             f" micros, refunded {run['refunded_usd_micros']}."
         )
         content: list[types.ContentBlock] = [

@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import asyncpg
 import httpx
 import httpx2
 import pytest
+from mcp.client import Client
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
@@ -272,28 +274,56 @@ async def test_mcp_over_http_against_a_real_replica(env, database_url, tmp_path)
 
 
 async def test_mcp_sessions_need_no_sticky_routing(env, tmp_path) -> None:
-    async with replicas(env, tmp_path, 2) as pair:
-        api_key = await tenant_key(pair[0].url, 10 * ECHO_RESERVATION)
+    # A short wait, so that a slow run answers still running and get_run picks it up.
+    async with replicas({**env, "DPP_MCP_WAIT_SEC": "1"}, tmp_path, 2) as pair:
+        url = pair[0].url
+        api_key = await tenant_key(url, 10 * ECHO_RESERVATION)
         transport = Alternating([pair[0].port, pair[1].port])
-        async with mcp_session(pair[0].url, api_key, transport) as (session, http):
+        async with mcp_session(url, api_key, transport) as (session, http):
             tools = (await session.list_tools()).tools
             assert "echo" in {tool.name for tool in tools}
             run = structured(await session.call_tool("echo", {"payload": "anywhere"}))
             assert run["status"] == "COMPLETED" and run["result"] == {"payload": "anywhere"}
-            assert (
-                structured(await session.call_tool("get_run", {"run_id": run["run_id"]}))["run_id"]
-                == run["run_id"]
-            )
+            fetched = structured(await session.call_tool("get_run", {"run_id": run["run_id"]}))
+            assert fetched["run_id"] == run["run_id"]
+
+            # Still running at the wait limit: not an error; get_run continues.
+            slow = await session.call_tool("echo", {"payload": "slow", "delay_ms": 2_500})
+            assert not slow.is_error, slow
+            assert structured(slow)["status"] in ("QUEUED", "PROCESSING")
+            assert structured(slow)["result"] is None
+            with anyio.fail_after(30):
+                while True:
+                    later = await session.call_tool(
+                        "get_run", {"run_id": structured(slow)["run_id"]}
+                    )
+                    if structured(later)["status"] == "COMPLETED":
+                        break
+                    await anyio.sleep(0.2)
+            assert structured(later)["result"] == {"payload": "slow"}
+
             # A retry of one call lands on each replica in turn: still one run.
-            session_id = await raw_session(http, pair[0].url)
-            before = await run_count(pair[0].url, api_key)
+            session_id = await raw_session(http, url)
+            before = await run_count(url, api_key)
             answers = [
-                await raw_call(http, pair[0].url, session_id, 77, {"payload": "retry"})
-                for _ in range(2)
+                await raw_call(http, url, session_id, 77, {"payload": "retry"}) for _ in range(2)
             ]
             ids = {answer["result"]["structuredContent"]["run_id"] for answer in answers}
             assert len(ids) == 1
-            assert await run_count(pair[0].url, api_key) == before + 1
+            assert await run_count(url, api_key) == before + 1
+        assert {pair[0].port, pair[1].port} <= set(transport.sent_to)
+
+        # The SDK's high-level client negotiates the newest protocol (no initialize
+        # handshake); it too is served by either replica.
+        transport = Alternating([pair[1].port, pair[0].port])
+        headers = {"Authorization": f"Bearer {api_key}"}
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=60.0, transport=transport) as http,
+            Client(streamable_http_client(f"{url}/mcp", http_client=http)) as client,
+        ):
+            assert {"echo", "get_budget"} <= {t.name for t in (await client.list_tools()).tools}
+            run = structured(await client.call_tool("echo", {"payload": "modern"}))
+            assert run["status"] == "COMPLETED" and run["result"] == {"payload": "modern"}
         assert {pair[0].port, pair[1].port} <= set(transport.sent_to)
 
 
