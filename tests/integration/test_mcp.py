@@ -20,6 +20,7 @@ from mcp.client import Client
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 from tests.replica import Replica
 from tests.services import store_env
@@ -231,6 +232,10 @@ async def test_mcp_over_http_against_a_real_replica(env, database_url, tmp_path)
             assert structured(bad)["status"] == 422
             assert "delay_ms" in structured(bad)["field"]
             assert structured(await session.call_tool("get_budget", {})) == middle
+
+            # An unknown tool is a JSON-RPC error (invalid params), not a 500.
+            with pytest.raises(MCPError, match="Unknown tool"):
+                await session.call_tool("no_such_pack", {})
 
             # The same JSON-RPC request id in the same session, retried: one run.
             session_id = await raw_session(http, url)
