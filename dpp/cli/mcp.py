@@ -30,14 +30,19 @@ from mcp.server.stdio import stdio_server
 
 from dpp.cli.common import EXIT_OK
 from dpp.config import ConfigError
-from dpp.http.mcp_tools import Backend, Refused, build_server, idempotency_key
+from dpp.http.mcp_tools import (
+    RESULT_INLINE_BYTES_MAX,
+    Backend,
+    Refused,
+    build_server,
+    idempotency_key,
+)
 
 __all__ = ["RemoteBackend", "register"]
 
 log = logging.getLogger("dpp.cli.mcp")
 
 REQUEST_TIMEOUT_S = 30.0
-RESULT_BYTES_MAX = 64 * 1024 * 1024  # a result body larger than this is not inlined
 WAIT_SEC_DEFAULT = 60
 RETRY_AFTER_S_MAX = 3_600
 
@@ -108,7 +113,7 @@ class RemoteBackend:
 
     async def result(self, run: dict[str, Any]) -> Any:
         link = run.get("result")
-        if not isinstance(link, dict) or link.get("bytes", 0) > RESULT_BYTES_MAX:
+        if not isinstance(link, dict) or link.get("bytes", 0) > RESULT_INLINE_BYTES_MAX:
             return None
         url = link["download_url"]
         if url.startswith("/"):  # a local results store's link is relative to the API

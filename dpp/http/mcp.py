@@ -32,7 +32,13 @@ from starlette.types import Message, Receive, Scope, Send
 
 from dpp.context import AppContext
 from dpp.http.auth import MCP_PATH
-from dpp.http.mcp_tools import Backend, Refused, build_server, idempotency_key
+from dpp.http.mcp_tools import (
+    RESULT_INLINE_BYTES_MAX,
+    Backend,
+    Refused,
+    build_server,
+    idempotency_key,
+)
 from dpp.http.problems import Problem, problem_response
 from dpp.http.routes.runs import budget_document
 from dpp.packs import FieldError
@@ -198,6 +204,8 @@ class LocalBackend:
 
     async def result(self, run: dict[str, Any]) -> Any:
         view = await self._context.runs.get(self._principal.tenant_id, run["id"])
+        if (view.row["result_bytes"] or 0) > RESULT_INLINE_BYTES_MAX:
+            return None
         body = await self._context.runs.result_body(view.row)
         return None if body is None else orjson.loads(body)
 

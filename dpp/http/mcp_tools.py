@@ -36,6 +36,7 @@ from dpp.money.rules import TERMINAL_STATUSES, RunStatus
 __all__ = [
     "GET_BUDGET",
     "GET_RUN",
+    "RESULT_INLINE_BYTES_MAX",
     "Backend",
     "Refused",
     "build_server",
@@ -52,6 +53,9 @@ USD_MICROS = 1_000_000
 POLL_INTERVAL_MIN_S = 0.05
 POLL_INTERVAL_MAX_S = 1.0
 RUN_ID_CHARS_MAX = 64
+# A result document larger than this is not inlined (``result`` is null; the run's
+# download link still serves it): an agent's context is no place for it anyway.
+RESULT_INLINE_BYTES_MAX = 4 * 1024 * 1024
 FAILED_STATUSES = frozenset({RunStatus.FAILED, RunStatus.EXPIRED})
 
 
