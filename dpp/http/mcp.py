@@ -54,7 +54,7 @@ from dpp.runs.admission import (
     ReservationSuspended,
     ReservationUnavailable,
 )
-from dpp.runs.service import RunGone, RunNotFound
+from dpp.runs.service import RunGone, RunNotFound, RunView
 from dpp.runs.submission import parse_submit
 from dpp.tenancy.principal import Principal
 
@@ -184,9 +184,13 @@ class LocalBackend:
                 )
         raise AssertionError(f"unexpected admission outcome {outcome!r}")
 
+    async def _view(self, run_id: str) -> RunView:
+        """The caller's run, as ``GET /v1/runs/{run_id}`` reads it (the one call to it)."""
+        return await self._context.runs.get(self._principal.tenant_id, run_id)
+
     async def run(self, run_id: str) -> dict[str, Any] | Refused:
         try:
-            view = await self._context.runs.get(self._principal.tenant_id, run_id)
+            view = await self._view(run_id)
         except RunNotFound:
             return _problem(404, "not-found", "No run with this id.")
         except RunGone as gone:
@@ -203,7 +207,7 @@ class LocalBackend:
         return view.document
 
     async def result(self, run: dict[str, Any]) -> Any:
-        view = await self._context.runs.get(self._principal.tenant_id, run["id"])
+        view = await self._view(run["id"])
         if (view.row["result_bytes"] or 0) > RESULT_INLINE_BYTES_MAX:
             return None
         body = await self._context.runs.result_body(view.row)
