@@ -69,6 +69,8 @@ class Settings:
     results_dir: str | None = None
     # signs /v1/results/{token} links of a local store; never logged
     result_signing_key: str | None = dataclasses.field(default=None, repr=False)
+    # how long an MCP tool call waits for its run to finish before answering (SPEC §7)
+    mcp_wait_sec: int = 60
 
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with some fields replaced (tests and `dpp dev` use it)."""
@@ -217,6 +219,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         result_signing_key=signing_key,
         processes=_integer(env, "DPP_PROCESSES", 1, 1, MAX_PROCESSES),
         reuse_port=_boolean(env, "DPP_REUSE_PORT", False),
+        mcp_wait_sec=_integer(env, "DPP_MCP_WAIT_SEC", 60, 0, 3_600),
     )
 
 

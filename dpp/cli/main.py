@@ -23,7 +23,7 @@ from typing import Any
 from dpp.actors.supervisor import IntensityExceeded
 from dpp.adapters import embedded
 from dpp.adapters.migrate import MigrationError
-from dpp.cli import credits, dev, processes, simulate, tenancy
+from dpp.cli import credits, dev, mcp, processes, simulate, tenancy
 from dpp.cli.common import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         credits.register,
         register_audit,
         simulate.register,
+        mcp.register,
     ):
         register(subparsers)
     return parser

@@ -17,18 +17,20 @@ Every error the stack can produce leaves as ``application/problem+json`` with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Route
 
 from dpp.context import AppContext
 from dpp.http import routes as route_table
-from dpp.http.auth import AdminAuthMiddleware, ApiAuthMiddleware
+from dpp.http.auth import MCP_PATH, AdminAuthMiddleware, ApiAuthMiddleware
+from dpp.http.mcp import McpEndpoint
 from dpp.http.middleware import (
     AccessLogMiddleware,
     CORSMiddleware,
@@ -45,10 +47,13 @@ __all__ = ["build_app", "create_app"]
 
 
 def build_app(context: AppContext) -> Starlette:
-    """The whole HTTP front of a replica (SPEC §3): every route, the /v1 gate."""
+    """The whole HTTP front of a replica (SPEC §3): every route, the /v1 gate, and
+    the MCP server at /mcp (SPEC §7) behind the same gate."""
+    mcp = McpEndpoint(context)
     return create_app(
         context,
-        extra_routes=route_table.api_routes(),
+        extra_routes=[*route_table.api_routes(), Route(MCP_PATH, mcp)],
+        lifespan=lambda app: mcp.running(),
         inner_middleware=[
             Middleware(
                 ApiAuthMiddleware, tenancy=context.tenancy, rate_limiter=context.rate_limiter
@@ -62,6 +67,7 @@ def create_app(
     *,
     extra_routes: Sequence[BaseRoute] = (),
     inner_middleware: Sequence[Middleware] = (),
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
 ) -> Starlette:
     """The frame of the HTTP front: ops routes and ``/admin/actors``, plus
     ``extra_routes``. ``inner_middleware`` runs after CORS and the error layer
@@ -80,6 +86,7 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=middleware,
+        lifespan=lifespan,
         exception_handlers={
             Problem: _problem_handler,
             HTTPException: _http_exception_handler,

@@ -49,6 +49,7 @@ __all__ = [
     "admin_problem",
     "is_admin_path",
     "is_api_path",
+    "is_mcp_path",
     "principal_of",
     "require_admin",
 ]
@@ -56,6 +57,7 @@ __all__ = [
 log = logging.getLogger("dpp.http.auth")
 
 API_PREFIX = "/v1"
+MCP_PATH = "/mcp"  # the MCP server (dpp.http.mcp): the same keys and limits as /v1
 RETRY_AFTER_UNAVAILABLE_S = 1
 
 
@@ -74,6 +76,10 @@ def _is_result_download(scope: Scope) -> bool:
         and path.startswith(RESULT_DOWNLOAD_PREFIX)
         and "/" not in path[len(RESULT_DOWNLOAD_PREFIX) :]
     )
+
+
+def is_mcp_path(path: str) -> bool:
+    return path == MCP_PATH
 
 
 def principal_of(request: Request) -> Principal:
@@ -131,12 +137,10 @@ class ApiAuthMiddleware:
         self.rate_limiter = rate_limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or not is_api_path(scope["path"])
-            or _is_preflight(scope)
-            or _is_result_download(scope)
-        ):
+        if scope["type"] != "http" or _is_preflight(scope) or _is_result_download(scope):
+            await self.app(scope, receive, send)
+            return
+        if not is_api_path(scope["path"]) and not is_mcp_path(scope["path"]):
             await self.app(scope, receive, send)
             return
         path = scope["path"]
@@ -174,9 +178,12 @@ class ApiAuthMiddleware:
                 extensions={"policy": decision.policy, "retry_after_s": decision.retry_after_s},
                 headers=dict(decision.headers()),
             )
-            with bind(tenant_id=principal.tenant_id):
-                await problem_response(problem, path)(scope, receive, send)
-            return
+            if not is_mcp_path(path):
+                with bind(tenant_id=principal.tenant_id):
+                    await problem_response(problem, path)(scope, receive, send)
+                return
+            # MCP answers it inside the protocol: an isError result an agent can act on
+            state["rate_limited"] = problem.body(path)
         state["principal"] = principal
 
         async def send_with_rate_limit(message: Message) -> None:

@@ -151,6 +151,15 @@ class Runs:
             raise RunNotCancelable(refused.status) from None
         return await self._owned(tenant_id, row["id"])
 
+    async def result_body(self, row: RunRow) -> bytes | None:
+        """The stored result document of a COMPLETED run (the MCP tools answer it
+        inline); None when there is none or it is past retention."""
+        if row["status"] != RunStatus.COMPLETED or row["result_key"] is None:
+            return None
+        if row["result_deleted_at"]:
+            return None
+        return await self._results.get(row["result_key"])
+
     async def usage(self, tenant_id: str, first: date, last: date) -> list[Record]:
         return await self._store.usage(tenant_id, first, last)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -65,7 +66,7 @@ from dpp.runs.documents import (
 from dpp.runs.service import RunGone, RunNotCancelable, RunNotFound, SettlementUnavailable
 from dpp.runs.submission import SUBMISSION, parse_submit
 from dpp.schemas import DATE, Schema, all_required, integer
-from dpp.tenancy.principal import PLAN_LIMITS, plan_limits
+from dpp.tenancy.principal import PLAN_LIMITS, Principal, plan_limits
 
 DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 TRACE_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
@@ -341,7 +342,11 @@ async def cancel_run(request: Request) -> Response:
 
 async def get_budget(request: Request) -> Response:
     context: AppContext = request.app.state.context
-    principal = principal_of(request)
+    return json_response(await budget_document(context, principal_of(request)))
+
+
+async def budget_document(context: AppContext, principal: Principal) -> dict[str, Any]:
+    """``GET /v1/budget``'s document for the calling key (the MCP get_budget tool too)."""
     row = await context.accounts.budget(principal.tenant_id)
     plan = plan_limits(
         row["plan_id"],
@@ -357,7 +362,7 @@ async def get_budget(request: Request) -> Response:
         "key": key_budget(principal.key_id, spend, view["available_usd_micros"]),
     }
     assert document.keys() == BUDGET.members
-    return json_response(document)
+    return document
 
 
 def _parse_date(name: str, value: str) -> date:

@@ -1,0 +1,60 @@
+"""The pure parts of the MCP tools (dpp/http/mcp_tools.py): idempotency keys,
+tool descriptions, refusals. The tools end to end: tests/integration/test_mcp.py."""
+
+from __future__ import annotations
+
+from dpp.http.mcp_tools import GET_BUDGET, GET_RUN, idempotency_key, list_tools, refused_result
+from dpp.packs import PackRegistry
+from dpp.runs.idempotency import valid_key
+
+
+def test_idempotency_keys_are_valid_keys_and_tell_every_part_apart() -> None:
+    base = idempotency_key("key_a", "session-1", 1)
+    assert valid_key(base)
+    assert base == idempotency_key("key_a", "session-1", 1)  # a retry: the same key
+    others = {
+        idempotency_key("key_b", "session-1", 1),  # another API key
+        idempotency_key("key_a", "session-2", 1),  # another session
+        idempotency_key("key_a", "session-1", 2),  # another request
+        idempotency_key("key_a", "session-1", "1"),  # 1 and "1" are different ids
+    }
+    assert base not in others and len(others) == 4
+    # the parts are not concatenated: no shifting of characters between them
+    assert idempotency_key("key_a", "s1", 11) != idempotency_key("key_a", "s11", 1)
+    assert "session-1" not in base and "key_a" not in base
+
+
+def test_one_tool_per_pack_with_its_schema_and_prices_plus_budget_and_run() -> None:
+    catalog = PackRegistry.load({}).catalog()  # the built-in packs
+    tools = list_tools(catalog)
+    assert [tool.name for tool in tools] == [p["pack_type"] for p in catalog] + [
+        GET_BUDGET,
+        GET_RUN,
+    ]
+    for tool, pack in zip(tools, catalog, strict=False):
+        assert tool.input_schema == pack["input_schema"]
+        description = tool.description or ""
+        minimum = pack["minimum_fee_usd_micros"] / 1_000_000
+        reservation = pack["default_reservation_usd_micros"] / 1_000_000
+        assert f"minimum fee {minimum:g} USD" in description
+        assert f"reserves {reservation:g} USD" in description
+
+
+def test_a_refusal_is_an_error_result_with_the_problem_and_what_to_do() -> None:
+    problem = {
+        "type": "https://dpp.dev/problems/insufficient-budget",
+        "title": "Payment Required",
+        "status": 402,
+        "detail": "This run needs 1000 USD micros reserved; 0 are available.",
+        "available_usd_micros": 0,
+        "required_usd_micros": 1_000,
+    }
+    result = refused_result(problem)
+    assert result.is_error is True
+    assert result.structured_content == problem
+    text = " ".join(getattr(block, "text", "") for block in result.content)
+    assert "Available: 0" in text and "needs 1000" in text
+    throttled = refused_result({"status": 429, "detail": "Slow down.", "retry_after_s": 7})
+    assert "Retry after 7 s." in getattr(throttled.content[0], "text", "")
+    invalid = refused_result({"status": 422, "detail": "bad", "field": "inputs.delay_ms"})
+    assert "'delay_ms'" in getattr(invalid.content[0], "text", "")
