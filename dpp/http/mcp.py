@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 from mcp.server import ServerRequestContext
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
 from dpp.context import AppContext
@@ -40,7 +41,7 @@ from dpp.http.mcp_tools import (
     idempotency_key,
 )
 from dpp.http.problems import Problem, problem_response
-from dpp.http.routes.runs import budget_document
+from dpp.http.routes.runs import api_base_url, budget_document, short_problem
 from dpp.packs import FieldError
 from dpp.runs.admission import (
     Admitted,
@@ -48,6 +49,7 @@ from dpp.runs.admission import (
     ConcurrencyLimit,
     KeyInFlight,
     KeyReused,
+    KeySpendShort,
     KeyTakenOver,
     Replayed,
     ReservationInvalid,
@@ -87,10 +89,18 @@ class LocalBackend:
     """The tools' backend inside a replica: the services of the ``AppContext``,
     for one authenticated caller. Refusals are the problems ``/v1`` answers."""
 
-    def __init__(self, context: AppContext, principal: Principal, trace_id: str | None) -> None:
+    def __init__(
+        self,
+        context: AppContext,
+        principal: Principal,
+        trace_id: str | None,
+        base_url: str | None = None,
+    ) -> None:
         self._context = context
         self._principal = principal
         self._trace_id = trace_id
+        # the download links' origin, as the caller reached this replica
+        self._base_url = base_url
 
     async def catalog(self) -> list[dict[str, Any]]:
         return self._context.packs.catalog()
@@ -110,6 +120,7 @@ class LocalBackend:
                 body=body,
                 idempotency_key=idempotency_key,
                 trace_id=self._trace_id,
+                api_key_id=self._principal.key_id,
             )
         except ReservationSuspended as suspended:
             return _problem(
@@ -156,13 +167,8 @@ class LocalBackend:
                     " arguments; send a new request id.",
                     {"field": "id"},
                 )
-            case BudgetShort(available_usd_micros=available, required_usd_micros=required):
-                refused = _problem(
-                    402,
-                    "insufficient-budget",
-                    f"This run needs {required} USD micros reserved; {available} are available.",
-                    {"available_usd_micros": available, "required_usd_micros": required},
-                )
+            case BudgetShort() | KeySpendShort():
+                refused = Refused(short_problem(outcome).body(MCP_PATH))
                 # stored for the key like a 402 of POST /v1/runs: a retry answers the same
                 remembered = await admission.remember_refusal(
                     outcome, "application/problem+json", orjson.dumps(refused.problem)
@@ -186,7 +192,9 @@ class LocalBackend:
 
     async def _view(self, run_id: str) -> RunView:
         """The caller's run, as ``GET /v1/runs/{run_id}`` reads it (the one call to it)."""
-        return await self._context.runs.get(self._principal.tenant_id, run_id)
+        return await self._context.runs.get(
+            self._principal.tenant_id, run_id, base_url=self._base_url
+        )
 
     async def run(self, run_id: str) -> dict[str, Any] | Refused:
         try:
@@ -240,8 +248,12 @@ class McpEndpoint:
 
         def backend_of(ctx: ServerRequestContext[Any, Any]) -> Backend:
             trace_id = _state(ctx).get("trace_id")
+            base_url = _state(ctx).get("base_url")
             return LocalBackend(
-                context, _principal(ctx), trace_id if isinstance(trace_id, str) else None
+                context,
+                _principal(ctx),
+                trace_id if isinstance(trace_id, str) else None,
+                base_url if isinstance(base_url, str) else None,
             )
 
         def key_of(ctx: ServerRequestContext[Any, Any]) -> str | None:
@@ -288,7 +300,9 @@ class McpEndpoint:
             # call made without it never replays another call's run.
             session_id = secrets.token_hex(16)
         assert session_id is not None
-        scope.setdefault("state", {})["mcp_session_id"] = session_id
+        state = scope.setdefault("state", {})
+        state["mcp_session_id"] = session_id
+        state["base_url"] = api_base_url(Request(scope))
         session_header = (SESSION_HEADER, session_id.encode("latin-1"))
 
         async def send_with_session(message: Message) -> None:

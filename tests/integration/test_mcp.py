@@ -266,6 +266,25 @@ async def test_mcp_over_http_against_a_real_replica(env, database_url, tmp_path)
             assert structured(await session.call_tool("get_budget", {}))["reserved_usd_micros"] == 0
         assert await run_count(url, broke_key) == 0
 
+        # A key's own spend limit (SPEC §7): room for one reservation, then an
+        # isError 402 of type key-spend-limit; get_budget shows the key's share.
+        capped_key = await tenant_key(
+            url, 10 * ECHO_RESERVATION, {"spend_limit_usd_micros": ECHO_RESERVATION}
+        )
+        async with mcp_session(url, capped_key) as (session, _):
+            first_run = await session.call_tool("echo", {"payload": 1})
+            assert not first_run.is_error, first_run
+            capped = await session.call_tool("echo", {"payload": 2})
+            assert capped.is_error
+            problem = structured(capped)
+            assert problem["status"] == 402
+            assert problem["type"].endswith("/key-spend-limit")
+            assert problem["spend_limit_usd_micros"] == ECHO_RESERVATION
+            key_share = structured(await session.call_tool("get_budget", {}))["key"]
+            assert key_share["spend_limit_usd_micros"] == ECHO_RESERVATION
+            assert 0 < key_share["spent_usd_micros"] <= ECHO_RESERVATION
+        assert await run_count(url, capped_key) == 1
+
         # Over the key's rate limit: the call is an isError 429 with the retry delay.
         slow_key = await tenant_key(url, 10 * ECHO_RESERVATION, {"requests_per_minute": 5})
         runs_before = await all_runs(database_url)

@@ -204,18 +204,34 @@ async def submit_run(request: Request) -> Response:
                 "This Idempotency-Key was used with a different request body.",
                 extensions={"field": "Idempotency-Key"},
             )
+        case BudgetShort() | KeySpendShort():
+            return await _stored_refusal(context, request, outcome, short_problem(outcome))
+        case ConcurrencyLimit(max_concurrent_runs=limit):
+            raise Problem(
+                429,
+                "concurrency-limit",
+                f"The plan allows {limit} runs queued or in progress at once.",
+                extensions={"max_concurrent_runs": limit},
+                headers={"Retry-After": "1"},
+            )
+    raise AssertionError(f"unexpected admission outcome {outcome!r}")
+
+
+def short_problem(outcome: BudgetShort | KeySpendShort) -> Problem:
+    """The 402 of a refused reservation: the tenant's budget or the key's spend
+    limit (SPEC §3, §7). ``POST /v1/runs`` and the MCP tools answer the same."""
+    match outcome:
         case BudgetShort(available_usd_micros=available, required_usd_micros=required):
-            problem = Problem(
+            return Problem(
                 402,
                 "insufficient-budget",
                 f"This run needs {required} USD micros reserved; {available} are available.",
                 extensions={"available_usd_micros": available, "required_usd_micros": required},
             )
-            return await _stored_refusal(context, request, outcome, problem)
         case KeySpendShort(
             spend_limit_usd_micros=limit, spent_usd_micros=spent, required_usd_micros=required
         ):
-            problem = Problem(
+            return Problem(
                 402,
                 "key-spend-limit",
                 f"This run needs {required} USD micros reserved; this API key has spent"
@@ -226,16 +242,6 @@ async def submit_run(request: Request) -> Response:
                     "required_usd_micros": required,
                 },
             )
-            return await _stored_refusal(context, request, outcome, problem)
-        case ConcurrencyLimit(max_concurrent_runs=limit):
-            raise Problem(
-                429,
-                "concurrency-limit",
-                f"The plan allows {limit} runs queued or in progress at once.",
-                extensions={"max_concurrent_runs": limit},
-                headers={"Retry-After": "1"},
-            )
-    raise AssertionError(f"unexpected admission outcome {outcome!r}")
 
 
 async def _stored_refusal(
