@@ -15,10 +15,11 @@ repair walk tenants from Postgres and read each one's keys by name.
 from __future__ import annotations
 
 import logging
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from redis.asyncio import BlockingConnectionPool, RedisCluster
 from redis.asyncio import Redis as SingleRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from dpp.config import StartupError
@@ -75,10 +76,39 @@ def create_redis(url: str) -> SingleRedis:
     return SingleRedis.from_pool(pool)  # the client owns (and closes) the pool
 
 
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, with one of its races named for what it is.
+
+    When a primary dies, the client disconnects that node's connections while
+    other tasks are still writing on them (or re-handshaking them): the writer
+    is gone and redis-py raises AttributeError ('NoneType' ... 'writelines').
+    That is a lost connection — a 503, not a 500 — so it is re-raised as one.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except AttributeError as error:
+            if not _raised_in_redis_connection(error):
+                raise
+            raise RedisConnectionError(
+                "redis connection closed under a command (cluster reconnect)"
+            ) from error
+
+
+def _raised_in_redis_connection(error: BaseException) -> bool:
+    traceback = error.__traceback__
+    module = ""
+    while traceback is not None:
+        module = str(traceback.tb_frame.f_globals.get("__name__", ""))
+        traceback = traceback.tb_next
+    return module == "redis.asyncio.connection"
+
+
 def create_cluster(url: str) -> RedisCluster:
     """redis-py's cluster client, started from the node ``url`` names (it learns the
     rest of the cluster from that node and follows MOVED/ASK itself)."""
-    return RedisCluster.from_url(
+    return _Cluster.from_url(
         url,
         max_connections=CLUSTER_CONNECTIONS_PER_NODE_MAX,
         socket_timeout=SOCKET_TIMEOUT_S,
