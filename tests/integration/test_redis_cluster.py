@@ -364,3 +364,34 @@ async def test_redis_loss_on_every_primary_mid_storm_never_overspends(
         await drift.repair_drift(replica.pool, replica.queries, replica.mirror, settle_s=0.05)
         report = await replica.accounts.audit()
         assert report.ok, report.violations
+
+
+@on_cluster
+async def test_readyz_reports_redis_down_while_a_master_is_dead(
+    settings: Settings,
+    settings_env: dict[str, str],
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    """/readyz pings every primary: one dead master (a third of the tenants
+    unserved) is 'redis down', and ready again once it is back."""
+    async with (
+        open_runtime(settings, environment=settings_env, dispatch=False) as runtime,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=runtime.app), base_url=BASE_URL
+        ) as http,
+    ):
+        assert (await http.get("/readyz")).status_code == 200
+        victim = redis_cluster.ports[2]  # not the node REDIS_URL names
+        await anyio.to_thread.run_sync(redis_cluster.kill, victim)
+        try:
+            with anyio.fail_after(30):
+                answer = await http.get("/readyz")
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["checks"]["redis"] == "down"
+        finally:
+            await anyio.to_thread.run_sync(redis_cluster.restart, victim)
+            await anyio.to_thread.run_sync(redis_cluster.wait_ok)
+        deadline = time.monotonic() + 30
+        while (await http.get("/readyz")).status_code != 200:
+            assert time.monotonic() < deadline, "not ready again after the master is back"
+            await anyio.sleep(0.2)
