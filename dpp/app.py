@@ -36,7 +36,7 @@ from dpp.adapters.local_results import LocalResults, open_local_results
 from dpp.adapters.postgres import Pool, Queries, connect_postgres
 from dpp.adapters.queue import open_queue
 from dpp.adapters.queue.base import LeaseStore, RunQueue
-from dpp.adapters.redis import Redis, create_redis
+from dpp.adapters.redis import Redis, open_redis, ping_all
 from dpp.config import Settings, StartupError, require
 from dpp.context import AppContext, ReadinessCheck
 from dpp.http.app import build_app
@@ -115,7 +115,12 @@ async def open_adapters(
     packs = _load_packs(env)
     queries = Queries.load()
     pool = await connect_postgres(database_url)
-    redis = create_redis(redis_url)
+    try:
+        redis = await open_redis(redis_url)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await pool.close()
+        raise
     try:
         async with (
             open_results(settings) as blobs,
@@ -184,7 +189,7 @@ def readiness_checks(adapters: Adapters) -> tuple[ReadinessCheck, ...]:
     redis, blobs, queue = adapters.redis, adapters.blobs, adapters.queue
 
     async def redis_ping() -> None:
-        await redis.ping()
+        await ping_all(redis)
 
     checks = [
         ReadinessCheck("postgres", lambda: postgres.ping(adapters.pool, READINESS_TIMEOUT_S)),

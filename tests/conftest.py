@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from dpp.adapters.postgres import Queries, create_pool
-from dpp.adapters.redis import create_redis
+from dpp.adapters.redis import open_redis
 from dpp.money.audit import AuditReport, run_audit
 from dpp.money.mirror import BudgetMirror
+from tests.redis_cluster import RedisClusterNodes, missing_binaries, skip_or_fail
 from tests.services import (
     ServiceStack,
     TestServices,
@@ -42,12 +44,47 @@ def result_store(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, st
 
 
 @pytest.fixture(scope="session")
-def services() -> Iterator[TestServices]:
+def service_stack() -> Iterator[TestServices]:
+    """The services, started (or found) once per session."""
     stack = ServiceStack()
     try:
         yield stack.start()
     finally:
         stack.stop()
+
+
+@pytest.fixture
+def redis_topology() -> str:
+    """The Redis a test runs on: ``single`` unless the test is parametrized with
+    ``tests.redis_cluster.single_and_cluster`` (then also ``cluster``)."""
+    return "single"
+
+
+@pytest.fixture
+def services(
+    service_stack: TestServices, redis_topology: str, request: pytest.FixtureRequest
+) -> TestServices:
+    """The session's services, with ``redis_url`` naming a node of the session's
+    Redis Cluster when the test runs on it (function-scoped so a test can choose;
+    fixtures of a wider scope use ``service_stack``)."""
+    if redis_topology == "single":
+        return service_stack
+    assert redis_topology == "cluster", redis_topology
+    cluster: RedisClusterNodes = request.getfixturevalue("redis_cluster")
+    return dataclasses.replace(service_stack, redis_url=cluster.url)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterNodes]:
+    """A three-master cluster on loopback, started on first use, stopped at the end."""
+    missing = missing_binaries()
+    if missing:
+        skip_or_fail(missing)
+    nodes = RedisClusterNodes.start()
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
 
 
 @pytest.fixture
@@ -81,7 +118,7 @@ def database_url(
 
 async def _audit(url: str, redis_url: str, prefix: str | None) -> AuditReport:
     pool = await create_pool(url, max_size=2)
-    redis = create_redis(redis_url)
+    redis = await open_redis(redis_url)
     try:
         mirror = None if prefix is None else BudgetMirror(redis, prefix)
         return await run_audit(pool, Queries.load(), mirror)

@@ -9,12 +9,11 @@ from datetime import UTC, datetime
 
 import anyio
 import asyncpg
-from redis.asyncio import Redis
 
 from dpp import ids
 from dpp.actors.budgets import Budgets
 from dpp.adapters.postgres import Queries, create_pool
-from dpp.adapters.redis import create_redis
+from dpp.adapters.redis import Redis, open_redis
 from dpp.money import ledger
 from dpp.money.accounts import Accounts
 from dpp.money.ledger import LedgerStore
@@ -39,7 +38,7 @@ async def open_replica(
     database_url: str, redis_url: str, prefix: str, *, idle_timeout_s: float = 30.0
 ) -> AsyncIterator[Replica]:
     pool = await create_pool(database_url)
-    redis = create_redis(redis_url)
+    redis = await open_redis(redis_url)
     queries = Queries.load()
     mirror = BudgetMirror(redis, prefix)
     budgets = Budgets(LedgerStore(pool, queries), mirror, idle_timeout_s=idle_timeout_s)

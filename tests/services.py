@@ -80,18 +80,44 @@ def drop_database(services: TestServices, name: str) -> None:
 
 
 def delete_redis_prefix(redis_url: str, prefix: str) -> None:
-    client = redis_sync.Redis.from_url(redis_url)
+    """Delete every key under ``prefix``: on a cluster, scanned on every primary
+    (each holds its own slots) and deleted one key at a time (no cross-slot DEL)."""
+    probe = redis_sync.Redis.from_url(redis_url)
     try:
-        batch = []
-        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                client.delete(*batch)
-                batch.clear()
-        if batch:
-            client.delete(*batch)
+        clustered = int(probe.info("cluster").get("cluster_enabled", 0)) == 1
+        if not clustered:
+            _delete_matching(probe, f"{prefix}:*")
+            return
     finally:
-        client.close()
+        probe.close()
+    cluster = redis_sync.RedisCluster.from_url(redis_url)
+    try:
+        for node in cluster.get_primaries():
+            client = cluster.get_redis_connection(node)
+            _delete_matching(client, f"{prefix}:*", one_by_one=True)
+    finally:
+        cluster.close()
+
+
+def _delete_matching(client: redis_sync.Redis, match: str, *, one_by_one: bool = False) -> None:
+    batch: list[bytes] = []
+
+    def flush() -> None:
+        if one_by_one:
+            pipeline = client.pipeline(transaction=False)
+            for key in batch:
+                pipeline.delete(key)
+            pipeline.execute()
+        else:
+            client.delete(*batch)
+        batch.clear()
+
+    for key in client.scan_iter(match=match, count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            flush()
+    if batch:
+        flush()
 
 
 class ServiceStack:

@@ -45,8 +45,18 @@ _REDIS_DOWN: Final[tuple[type[Exception], ...]] = (
     redis_errors.ConnectionError,  # refused, reset, BusyLoading, MaxConnections
     redis_errors.TimeoutError,
     redis_errors.ReadOnlyError,  # a replica promoted under us
-    redis_errors.ClusterDownError,
+    redis_errors.ClusterError,  # CLUSTERDOWN, MASTERDOWN, and a cluster client out of retries
     redis_errors.TryAgainError,
+    # a redirection storm the cluster client gave up following (slots moving
+    # while a primary restarts or fails over): the cluster is busy, not the request
+    redis_errors.AskError,  # and MovedError, its subclass
+    redis_errors.SlotNotCoveredError,  # a primary that owns slots is gone
+)
+# What the cluster client raises (not a RedisError) when no node it knows answers.
+_REDIS_CLUSTER_UNREACHABLE: Final = (
+    "Redis Cluster cannot be connected",
+    "All slots are not covered",
+    "startup_nodes could not agree",
 )
 _S3_DOWN: Final[tuple[type[Exception], ...]] = (BotoConnectionError, HTTPClientError)
 # S3/SQS answers that mean "the service, not the request": retry later.
@@ -78,6 +88,10 @@ def unavailable_dependency(error: BaseException) -> str | None:
     if isinstance(error, _POSTGRES_DOWN):
         return POSTGRES
     if isinstance(error, _REDIS_DOWN):
+        return REDIS
+    if isinstance(error, redis_errors.RedisClusterException) and str(error).startswith(
+        _REDIS_CLUSTER_UNREACHABLE
+    ):
         return REDIS
     if isinstance(error, _S3_DOWN):
         return OBJECT_STORAGE

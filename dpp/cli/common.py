@@ -23,7 +23,7 @@ import orjson
 from dpp.adapters import migrate
 from dpp.adapters.migrate import MigrationError
 from dpp.adapters.postgres import POSTGRES_ERRORS, Pool, Queries, connect_postgres, create_pool
-from dpp.adapters.redis import Redis, create_redis
+from dpp.adapters.redis import Redis, open_redis
 from dpp.config import Settings, load_settings, require
 from dpp.logs import configure_logging as configure_dpp_logging
 from dpp.money.mirror import BudgetMirror
@@ -121,7 +121,12 @@ async def open_stores(settings: Settings, *, patient: bool = False) -> AsyncIter
         pool = await connect_postgres(database_url, max_size=CLI_POOL_SIZE_MAX)
     else:
         pool = await create_pool(database_url, max_size=CLI_POOL_SIZE_MAX)
-    redis = create_redis(redis_url)
+    try:
+        redis = await open_redis(redis_url)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await pool.close()
+        raise
     try:
         yield Stores(pool, redis, Queries.load(), BudgetMirror(redis, settings.redis_prefix))
     finally:

@@ -123,8 +123,9 @@ def _tenant_key(url: str) -> str:
 
 @pytest.fixture(scope="module")
 def served(
-    services: test_services.TestServices, tmp_path_factory: pytest.TempPathFactory
+    service_stack: test_services.TestServices, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
+    services = service_stack  # module-scoped: the session's services, single Redis
     name = f"dpp_test_{secrets.token_hex(6)}"
     database_url = create_database(services, name)
     prefix = f"dpptest{secrets.token_hex(5)}"

@@ -15,6 +15,7 @@ from dpp.money.rules import Outcome, RunStatus
 from dpp.runs.admission import ReservationOutcomeUnknown
 from dpp.runs.service import SettlementUnavailable
 from tests.moneykit import claim_for_test, create_plan, create_tenant, draft, open_replica
+from tests.redis_cluster import single_and_cluster
 from tests.services import delete_redis_prefix
 
 RESERVATION = 1_000
@@ -33,6 +34,7 @@ async def _storm(replicas, tenant_id: str, count: int) -> list[object]:
     return outcomes
 
 
+@single_and_cluster
 @pytest.mark.parametrize("replica_count", [1, 2])
 async def test_exactly_ten_of_a_hundred_concurrent_reservations_fit(
     database_url, services, redis_prefix, replica_count
@@ -154,6 +156,7 @@ async def test_cancel_refunds_everything_and_is_idempotent(
         assert (await replica.accounts.audit()).ok
 
 
+@single_and_cluster
 async def test_credit_replay_adds_nothing_and_conflict_is_refused(
     database_url, services, redis_prefix
 ) -> None:
@@ -168,6 +171,7 @@ async def test_credit_replay_adds_nothing_and_conflict_is_refused(
         assert (await replica.accounts.audit()).ok
 
 
+@single_and_cluster
 async def test_redis_loss_mid_storm_never_overspends(database_url, services, redis_prefix) -> None:
     async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
         await create_plan(replica.pool, "wide", max_concurrent_runs=1000)
@@ -216,6 +220,7 @@ async def _storm_with_flushes(replicas, tenant: str, redis_url: str, prefix: str
     return outcomes
 
 
+@single_and_cluster
 async def test_two_replicas_and_a_redis_flush_mid_storm_admit_exactly_the_budget(
     database_url, services, redis_prefix
 ) -> None:

@@ -8,16 +8,16 @@ from typing import TYPE_CHECKING
 import anyio
 import httpx
 import pytest
-from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from dpp.adapters.redis import create_redis
+from dpp.adapters.redis import Redis, create_redis, open_redis
 from dpp.app import open_runtime
 from dpp.ids import new_id
 from dpp.tenancy import ratelimit
 from dpp.tenancy.principal import Principal
 from dpp.tenancy.ratelimit import RateLimitDecision, RateLimiter, RateLimitUnavailable
 from tests.integration.conftest import BASE_URL
+from tests.redis_cluster import single_and_cluster
 
 if TYPE_CHECKING:
     from tests.services import TestServices
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 @pytest.fixture
 async def redis(services: TestServices) -> AsyncIterator[Redis]:
-    client = create_redis(services.redis_url)
+    client = await open_redis(services.redis_url)
     try:
         yield client
     finally:
@@ -72,6 +72,7 @@ async def test_first_request_from_idle(limiter: RateLimiter) -> None:
     ]
 
 
+@single_and_cluster
 async def test_quota_then_refusal_with_retry_after(limiter: RateLimiter) -> None:
     who = principal(5)  # one request per 12 s, bursts of 5
     remaining = [(await limiter.check(who)).remaining for _ in range(5)]
@@ -100,6 +101,7 @@ async def test_refusals_cost_nothing(limiter: RateLimiter, redis: Redis) -> None
     assert 0 < ttl_ms <= 60_000
 
 
+@single_and_cluster
 async def test_a_lower_key_limit_is_its_own_policy(limiter: RateLimiter) -> None:
     tenant_id = new_id("ten")
     limited = principal(5, 3, tenant_id=tenant_id)
@@ -142,6 +144,7 @@ async def test_a_key_limit_at_or_above_the_tenants_is_ignored(limiter: RateLimit
     assert decision.policy == "tenant" and decision.quota == 5
 
 
+@single_and_cluster
 async def test_concurrent_checks_never_over_admit(limiter: RateLimiter) -> None:
     who = principal(20)
     outcomes: list[bool] = []
@@ -162,6 +165,7 @@ async def test_state_keys_share_the_tenant_hash_slot(limiter: RateLimiter) -> No
     assert key_slot(tenant_key.encode()) == key_slot(key_key.encode())
 
 
+@single_and_cluster
 async def test_script_missing_from_the_cache_falls_back_to_eval(
     limiter: RateLimiter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -198,6 +202,7 @@ def test_decision_rendering() -> None:
     ]
 
 
+@single_and_cluster
 async def test_a_tenant_quota_holds_across_two_replicas(
     settings, settings_env, admin_headers
 ) -> None:

@@ -11,6 +11,7 @@ from dpp.money import ledger
 from dpp.money.ledger import LedgerStore
 from dpp.runs import idempotency
 from dpp.runs.failures import RunFailure
+from tests.redis_cluster import single_and_cluster
 
 BASE_URL = "http://testserver"
 
@@ -136,6 +137,7 @@ async def test_hundred_concurrent_submits_for_a_budget_of_ten(http, admin_header
     await _audit_ok(http, admin_headers)
 
 
+@single_and_cluster
 async def test_idempotent_submit_replays_and_guards(http, admin_headers) -> None:
     _, key = await _tenant(http, admin_headers, 1_000_000)
     headers = {**key, "Idempotency-Key": "order-1"}
@@ -333,6 +335,7 @@ async def test_packs_catalog(http, admin_headers) -> None:
         assert pack["default_reservation_usd_micros"] <= pack["max_reservation_usd_micros"]
 
 
+@single_and_cluster
 async def test_admin_credits_are_idempotent(http, admin_headers) -> None:
     tenant_id, _ = await _tenant(http, admin_headers, 0)
     url = f"/admin/tenants/{tenant_id}/credits"

@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from dpp.adapters.postgres import Queries, create_pool
-from dpp.adapters.redis import create_redis
+from dpp.adapters.redis import create_redis, open_redis
 from dpp.config import Settings, load_settings
 from dpp.ids import new_id
 from dpp.tenancy.keys import generate_api_key
@@ -28,6 +28,7 @@ from dpp.tenancy.principal import (
     TenantNotFound,
 )
 from dpp.tenancy.service import Tenancy
+from tests.redis_cluster import single_and_cluster
 
 if TYPE_CHECKING:
     from tests.services import TestServices
@@ -335,13 +336,15 @@ async def test_concurrent_cold_lookups_share_one_query(tenancy: Tenancy) -> None
     assert tenancy.statistics().lookups == 1
 
 
+@single_and_cluster
 async def test_revocation_reaches_every_replica_at_once(
     pool: asyncpg.Pool, settings: Settings, services: TestServices
 ) -> None:
-    """Two replicas, warm caches; revoking on one refuses the key on both."""
+    """Two replicas, warm caches; revoking on one refuses the key on both (on a
+    cluster, PUBLISH reaches subscribers on every node)."""
     queries = Queries.load()
-    redis_a = create_redis(services.redis_url)
-    redis_b = create_redis(services.redis_url)
+    redis_a = await open_redis(services.redis_url)
+    redis_b = await open_redis(services.redis_url)
     replica_a = Tenancy(pool, queries, redis_a, settings)
     replica_b = Tenancy(pool, queries, redis_b, settings)
     try:
