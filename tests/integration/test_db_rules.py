@@ -426,6 +426,34 @@ async def test_a_transition_charging_what_the_table_forbids_is_refused(
     assert refusal is not None and f"dpp rule {rule}" in refusal, refusal
 
 
+@pytest.mark.parametrize("refund_error", [-1, 1])
+async def test_a_settlement_whose_charge_and_refund_miss_r_is_refused(
+    world: World, refund_error: int
+) -> None:
+    # An allowed move and charge, with ledger entries equal to the columns: only
+    # charged + refunded = R is wrong. Short, R would stay reserved forever;
+    # over, the tenant would get back money it never reserved.
+    run = world.runs["PROCESSING"]
+    refunded = R - M + refund_error
+    with pytest.raises(asyncpg.PostgresError) as caught:
+        async with rolled_back(world.pool) as connection:
+            await connection.execute(
+                "UPDATE runs SET status = 'FAILED', lease_token = NULL,"
+                " charged_usd_micros = $2, refunded_usd_micros = $3,"
+                " finished_at = now(), retention_until = now() WHERE id = $1",
+                run,
+                M,
+                refunded,
+            )
+            for statement, *args in (
+                _entry("charge", run, M, world.tenant),
+                _entry("refund", run, refunded, world.tenant),
+            ):
+                await connection.execute(statement, *args)
+            await connection.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    assert "runs_settlement_matches_status" in str(caught.value), caught.value
+
+
 @pytest.mark.parametrize("charged", [0, M - 1, R])
 async def test_an_operator_resolve_may_charge_anything_up_to_r(world: World, charged) -> None:
     for target in ("COMPLETED", "FAILED"):
