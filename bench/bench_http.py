@@ -15,7 +15,10 @@ and reports each as a ratio of the baseline. The load generator shares the
 machine's two cores with the server, so absolute numbers understate a real
 deployment; the ratios are what to compare across changes.
 
-    .venv/bin/python bench/bench_http.py [--seconds 5] [--connections 32]
+    .venv/bin/python bench/bench_http.py [--seconds 5] [--connections 32] [--processes N]
+
+With ``--processes N`` the server is ``dpp serve --processes N``: N replicas
+sharing the port, the kernel spreading the connections over them.
 """
 
 from __future__ import annotations
@@ -82,7 +85,9 @@ async def hammer(
     return sum(statuses.values()) / elapsed, statuses
 
 
-async def main(seconds: float, connections: int, only: str | None = None) -> None:
+async def main(
+    seconds: float, connections: int, only: str | None = None, replicas: int = 1
+) -> None:
     admin_url = os.environ.get(
         "DPP_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
     )
@@ -120,7 +125,7 @@ async def main(seconds: float, connections: int, only: str | None = None) -> Non
         await wait_http(f"http://127.0.0.1:{moto_port}/")
         processes.append(
             subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
-                [str(ROOT / ".venv" / "bin" / "dpp"), "serve"],
+                [str(ROOT / ".venv" / "bin" / "dpp"), "serve", "--processes", str(replicas)],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -128,6 +133,9 @@ async def main(seconds: float, connections: int, only: str | None = None) -> Non
         )
         base = f"http://127.0.0.1:{port}"
         await wait_http(base + "/health")
+        if replicas > 1:
+            # /health answered from the first replica up; give the rest time to listen
+            await asyncio.sleep(10)
         admin_headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         async with aiohttp.ClientSession(base) as session:
             plan = {
@@ -190,5 +198,11 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--only", help="measure only the endpoints whose label contains this")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="dpp serve --processes N (replicas sharing the port)",
+    )
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.seconds, arguments.connections, arguments.only))
+    asyncio.run(main(arguments.seconds, arguments.connections, arguments.only, arguments.processes))
