@@ -92,6 +92,29 @@ async def test_a_settlement_mirrored_after_a_repair_copied_it_is_not_counted_twi
         await assert_mirror_equals_postgres(replica, tenant)
 
 
+async def test_a_mirror_write_delivered_twice_is_applied_once(
+    database_url, services, redis_prefix
+) -> None:
+    # A script call whose reply is lost is sent again (the caller cannot tell
+    # whether it ran): its operation marker makes the second delivery a no-op.
+    async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
+        tenant = await create_tenant(replica.pool)
+        await replica.budgets.credit(tenant, 10_000, "credit:seed")
+        run = draft(3_000, minimum_fee_usd_micros=300)
+        assert isinstance(await replica.budgets.reserve(tenant, run), Reserved)
+        cancel = ledger.SettleRequest(
+            run.run_id, Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
+        )
+        # committed in Postgres; the mirror has not heard yet
+        result = await ledger.settle(replica.pool, replica.queries, cancel)
+        assert result.applied and result.budget is not None
+        item = [(f"settle:{run.run_id}", 3_000, 0)]
+        version = result.budget.ledger_version
+        assert await replica.mirror.settle_many(tenant, item, version)
+        await replica.mirror.settle_many(tenant, item, version)  # the same call, again
+        await assert_mirror_equals_postgres(replica, tenant)
+
+
 async def test_a_reservation_whose_commit_is_held_is_not_taken_for_drift(
     database_url, services, redis_prefix
 ) -> None:
