@@ -65,30 +65,34 @@ async def test_a_replayed_cancel_or_credit_whose_marker_is_gone_moves_the_mirror
         await assert_mirror_equals_postgres(replica, tenant)
 
 
+async def cancel_unmirrored(replica: Replica) -> tuple[str, list[tuple[str, int, int]], int]:
+    """A tenant with a run reserved, then cancelled in Postgres only: its mirror
+    write not sent yet. The tenant, that write's items and its ledger version."""
+    tenant = await create_tenant(replica.pool)
+    await replica.budgets.credit(tenant, 10_000, "credit:seed")
+    run = draft(3_000, minimum_fee_usd_micros=300)
+    assert isinstance(await replica.budgets.reserve(tenant, run), Reserved)
+    cancel = ledger.SettleRequest(
+        run.run_id, Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
+    )
+    result = await ledger.settle(replica.pool, replica.queries, cancel)
+    assert result.applied and result.budget is not None
+    return tenant, [(f"settle:{run.run_id}", 3_000, 0)], result.budget.ledger_version
+
+
 async def test_a_settlement_mirrored_after_a_repair_copied_it_is_not_counted_twice(
     database_url, services, redis_prefix
 ) -> None:
     async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
-        tenant = await create_tenant(replica.pool)
-        await replica.budgets.credit(tenant, 10_000, "credit:seed")
-        run = draft(3_000, minimum_fee_usd_micros=300)
-        assert isinstance(await replica.budgets.reserve(tenant, run), Reserved)
         # Committed in Postgres; its mirror write is slow (not landed yet)...
-        cancel = ledger.SettleRequest(
-            run.run_id, Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
-        )
-        result = await ledger.settle(replica.pool, replica.queries, cancel)
-        assert result.applied and result.budget is not None
+        tenant, items, version = await cancel_unmirrored(replica)
         # ...for longer than drift repair's stability window: repaired from Postgres
         repairs, _ = await drift.repair_drift(
             replica.pool, replica.queries, replica.mirror, settle_s=0.05
         )
         assert len(repairs) == 1
         # then the late write lands: the repair already holds it
-        applied = await replica.mirror.settle_many(
-            tenant, [(f"settle:{run.run_id}", 3_000, 0)], result.budget.ledger_version
-        )
-        assert not applied
+        assert not await replica.mirror.settle_many(tenant, items, version)
         await assert_mirror_equals_postgres(replica, tenant)
 
 
@@ -98,20 +102,9 @@ async def test_a_mirror_write_delivered_twice_is_applied_once(
     # A script call whose reply is lost is sent again (the caller cannot tell
     # whether it ran): its operation marker makes the second delivery a no-op.
     async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
-        tenant = await create_tenant(replica.pool)
-        await replica.budgets.credit(tenant, 10_000, "credit:seed")
-        run = draft(3_000, minimum_fee_usd_micros=300)
-        assert isinstance(await replica.budgets.reserve(tenant, run), Reserved)
-        cancel = ledger.SettleRequest(
-            run.run_id, Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
-        )
-        # committed in Postgres; the mirror has not heard yet
-        result = await ledger.settle(replica.pool, replica.queries, cancel)
-        assert result.applied and result.budget is not None
-        item = [(f"settle:{run.run_id}", 3_000, 0)]
-        version = result.budget.ledger_version
-        assert await replica.mirror.settle_many(tenant, item, version)
-        await replica.mirror.settle_many(tenant, item, version)  # the same call, again
+        tenant, items, version = await cancel_unmirrored(replica)
+        assert await replica.mirror.settle_many(tenant, items, version)
+        await replica.mirror.settle_many(tenant, items, version)  # the same call, again
         await assert_mirror_equals_postgres(replica, tenant)
 
 
