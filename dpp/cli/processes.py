@@ -27,10 +27,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from types import FrameType
 
+from dpp.actors.supervisor import RestartIntensity
 from dpp.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from dpp.config import Settings
 from dpp.http.server import bind_socket
@@ -128,7 +128,7 @@ def run_processes(settings: Settings) -> int:
         number: signal.signal(number, stop.handle) for number in (signal.SIGTERM, signal.SIGINT)
     }
     children: list[_Child] = []
-    restarts: deque[float] = deque()
+    restarts = RestartIntensity(RESTART_LIMIT, RESTART_WINDOW_SEC)
     status = EXIT_OK
     try:
         log.info("dpp serving", extra={"port": port, "processes": settings.processes})
@@ -145,14 +145,10 @@ def run_processes(settings: Settings) -> int:
                     status = EXIT_CONFIG
                     stop.requested = True
                     break
-                now = time.monotonic()
-                restarts.append(now)
-                while restarts and now - restarts[0] > RESTART_WINDOW_SEC:
-                    restarts.popleft()
-                if len(restarts) > RESTART_LIMIT:
+                if not restarts.record(time.monotonic()):
                     log.error(
                         "replicas restart too often; stopping every replica",
-                        extra={"restarts": len(restarts), "window_sec": RESTART_WINDOW_SEC},
+                        extra={"restarts": restarts.count(), "window_sec": RESTART_WINDOW_SEC},
                     )
                     status = EXIT_FAILURE
                     stop.requested = True
