@@ -509,6 +509,42 @@ async def test_a_run_claimed_again_elsewhere_is_settled_once_by_its_new_holder(
         await h.assert_audit_ok()
 
 
+async def test_a_stale_holders_failure_cannot_settle_the_run_of_its_new_holder(
+    services, database_url, redis_prefix
+) -> None:
+    """The FAILED twin of the test above: the first holder's pack fails while a
+    second worker holds the run. Its FAILED settlement carries its own (stale)
+    lease token and version, is refused, and the run is settled once, by the
+    holder that owns it."""
+    async with open_harness(services, database_url, redis_prefix) as h:
+        run_id = await h.submit({"payload": 1, "delay_ms": 300, "fail": True})
+        first = await h.claim_one()
+        paused = dataclasses.replace(h.run_services, heartbeat_sec=3600.0)
+        released = await h.pool.fetchval(
+            h.adapters.queries["release_run"], run_id, first.lease_token
+        )
+        assert released is not None
+        second = await h.claim_one()
+        assert second.run_id == run_id and second.lease_token != first.lease_token
+        _, first_ending, first_done = await run_actor(h, first, paused)
+        with anyio.fail_after(WAIT_S):
+            await first_done.wait()
+        # the stale holder failed first, and was refused: the run is still the second's
+        assert first_ending() is RunEnding.LEASE_LOST
+        row = await h.row(run_id)
+        assert row["status"] == "PROCESSING" and str(row["lease_token"]) == second.lease_token
+        assert set(await h.entries(run_id)) == {"reserve"}
+        _, second_ending, second_done = await run_actor(h, second)
+        with anyio.fail_after(WAIT_S):
+            await second_done.wait()
+        assert second_ending() is RunEnding.FAILED
+        row = await h.row(run_id)
+        assert row["status"] == "FAILED" and row["attempts"] == 2
+        assert row["charged_usd_micros"] == MINIMUM_FEE_USD_MICROS
+        assert sorted(await h.entries(run_id)) == ["charge", "refund", "reserve"]
+        await h.assert_audit_ok()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_shutdown_finishes_what_it_can_and_releases_the_rest_uncharged(
     services, database_url, redis_prefix, backend

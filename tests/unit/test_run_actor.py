@@ -149,6 +149,9 @@ async def test_a_pack_error_settles_failed_from_processing_without_an_upload() -
     assert run_services.results.objects == {}
     (request,) = run_services.settler.requests
     assert request.outcome is Outcome.FAILED and request.from_statuses == {"PROCESSING"}
+    # guarded like the completion: only this holder's lease, at the version it holds
+    renewals = run_services.leases.calls.count("renew")  # each beat bumps the version
+    assert request.lease_token == TOKEN and request.expected_version == 1 + renewals
     assert request.error["type"] == "https://dpp.dev/problems/pack-error"
     assert "claim" not in run_services.leases.calls
 
