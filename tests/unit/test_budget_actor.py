@@ -49,6 +49,8 @@ class FakeStore:
     open_runs: int = 0
     calls: list[tuple[str, int]] = field(default_factory=list)
     fail_next_reserve: bool = False
+    # the reserve call (1-based) that loses its connection, whatever it carries
+    fail_reserve_call: int | None = None
     version: int = 0
     settled: dict[str, ledger.Settlement] = field(default_factory=dict)
     credited: set[str] = field(default_factory=set)
@@ -71,7 +73,8 @@ class FakeStore:
         deadlines: Sequence[float] | None = None,
     ):
         self.calls.append(("reserve", len(drafts)))
-        if self.fail_next_reserve:
+        reserve_calls = sum(kind == "reserve" for kind, _ in self.calls)
+        if self.fail_next_reserve or reserve_calls == self.fail_reserve_call:
             self.fail_next_reserve = False
             raise ConnectionError("postgres went away")
         if any(d.run_id in self.poison for d in drafts):
@@ -390,6 +393,35 @@ async def test_a_data_error_fails_its_own_draft_alone_and_the_rest_commit() -> N
     assert store.reserved == 4 * 1_000
     assert mirror.budget == MirrorBudget(10_000, 4 * 1_000, 0)  # the culprit's hold is back
     assert isinstance(await after.wait(), ledger.CreditResult)
+
+
+async def test_a_lost_connection_after_a_committed_slice_gives_back_only_the_rest() -> None:
+    """A data error splits the batch; the first half commits; the second half's
+    commit loses its connection. The committed half keeps its holds in the mirror
+    and its callers' answers; only the unanswered half is given back and told the
+    outcome is unknown (the mirror must not under-hold what Postgres reserved)."""
+    store = FakeStore(fail_reserve_call=3)
+    mirror = FakeMirror(budget=MirrorBudget(10_000, 0, 0))
+    drafts = [draft() for _ in range(4)]
+    store.poison = {drafts[3].run_id}
+    replies = [Reply() for _ in drafts]
+    actor = BudgetActor(TENANT, BudgetBackend(store, mirror))
+    for d, reply in zip(drafts, replies, strict=True):
+        actor.ref.tell_nowait(Reserve(d, reply, LATER))
+    with pytest.raises(BaseException) as raised:  # the actor crashes for its supervisor
+        async with anyio.create_task_group() as group:
+            await group.start(actor.run)
+    assert isinstance(raised.value, ConnectionError) or raised.group_contains(ConnectionError)
+    # 4 -> [2, 2]: the first half commits, the second's connection is lost
+    assert store.calls == [("reserve", 4), ("reserve", 2), ("reserve", 2)]
+    for reply in replies[:2]:
+        assert isinstance(await reply.wait(), Reserved)
+    for reply in replies[2:]:
+        with pytest.raises(ActorCrashed):
+            await reply.wait()
+    assert store.reserved == 2 * 1_000
+    assert mirror.budget == MirrorBudget(10_000, 2 * 1_000, 0)
+    assert mirror.holds == {}  # the committed holds resolved as kept, the rest given back
 
 
 async def test_a_data_error_in_a_settlement_fails_that_settlement_alone() -> None:
