@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 
 from dpp import ids
-from dpp.actors.budgets import Budgets
+from dpp.actors.budgets import Budgets, CreditUnavailable
 from dpp.adapters.postgres import POSTGRES_ERRORS
 from dpp.adapters.redis import REDIS_ERRORS
 from dpp.cli.common import EXIT_CONFIG, EXIT_FAILURE, fail, open_stores, print_json
@@ -79,6 +79,14 @@ def command_add(args: argparse.Namespace) -> int:
         return fail(str(error), EXIT_CONFIG)
     except CreditRefused as error:
         return fail(str(error), EXIT_FAILURE)
+    except CreditUnavailable as error:
+        # Busy, timed out or crashed: whether it applied is unknown, and the
+        # idempotency key makes the retry safe either way.
+        return fail(
+            f"credit not confirmed ({error}); run the same command again with the same"
+            " --idempotency-key: it applies once",
+            EXIT_FAILURE,
+        )
     except (*POSTGRES_ERRORS, *REDIS_ERRORS) as error:
         return fail(f"storage unavailable: {type(error).__name__}", EXIT_FAILURE)
     print_json(document)

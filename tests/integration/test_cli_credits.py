@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import asyncpg
 import orjson
 import pytest
 
+from dpp.actors import budgets
 from dpp.cli.main import main
 from tests.moneykit import create_tenant
 
@@ -42,6 +44,47 @@ def test_credits_add_is_idempotent_per_key(env, database_url, capsys) -> None:
     other = ["credits", "add", "--tenant", tenant, "--amount", "1", "--idempotency-key", "k1"]
     assert main(other) == 1
     assert "different amount" in capsys.readouterr().err
+
+
+def test_a_credit_that_cannot_be_confirmed_says_retry_and_the_retry_adds_once(
+    env, database_url, capsys, monkeypatch
+) -> None:
+    """The tenant's row is locked by another transaction past the budget actor's
+    answer deadline: one line telling the operator to retry with the same key
+    (not a traceback), and the retry adds the credit exactly once."""
+    tenant = _tenant(database_url)
+    monkeypatch.setattr(budgets, "ASK_TIMEOUT_S", 0.5)
+    args = ["credits", "add", "--tenant", tenant, "--amount", "700", "--idempotency-key", "k-busy"]
+
+    locked, release = threading.Event(), threading.Event()
+
+    async def hold_the_tenant_row() -> None:
+        connection = await asyncpg.connect(database_url)
+        try:
+            async with connection.transaction():
+                await connection.execute("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE", tenant)
+                locked.set()
+                await asyncio.to_thread(release.wait, 30)
+        finally:
+            await connection.close()
+
+    holder = threading.Thread(target=asyncio.run, args=(hold_the_tenant_row(),))
+    holder.start()
+    try:
+        assert locked.wait(10)
+        assert main(args) == 1  # the CLI installs signal handlers: main thread only
+    finally:
+        release.set()
+        holder.join(30)
+    err = capsys.readouterr().err
+    assert "credit not confirmed" in err and "--idempotency-key" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    outputs = []
+    for _ in range(2):
+        assert main(args) == 0
+        outputs.append(orjson.loads(capsys.readouterr().out))
+    assert [o["balance_usd_micros"] for o in outputs] == [700, 700]
+    assert [o["replayed"] for o in outputs] == [False, True]
 
 
 @pytest.mark.parametrize(
