@@ -18,7 +18,9 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import orjson
 import redis as redis_sync
+from aiobotocore.session import get_session
 
 from dpp.adapters import embedded
 from dpp.adapters.migrate import apply_migrations
@@ -156,3 +158,22 @@ class ServiceStack:
                 stop()
             except Exception as error:  # keep stopping the rest
                 print(f"test service did not stop cleanly: {error!r}")
+
+
+async def create_sqs_queues(endpoint_url: str, *, max_receive_count: int = 2) -> tuple[str, str]:
+    """A fresh work queue with a dead-letter queue behind it; (queue_url, dlq_url)."""
+    name = f"dpp-test-{secrets.token_hex(6)}"
+    async with get_session().create_client(
+        "sqs", endpoint_url=endpoint_url, region_name="us-east-1"
+    ) as client:
+        dead = (await client.create_queue(QueueName=f"{name}-dlq"))["QueueUrl"]
+        arn = (await client.get_queue_attributes(QueueUrl=dead, AttributeNames=["QueueArn"]))[
+            "Attributes"
+        ]["QueueArn"]
+        policy = {"deadLetterTargetArn": arn, "maxReceiveCount": str(max_receive_count)}
+        work = (
+            await client.create_queue(
+                QueueName=name, Attributes={"RedrivePolicy": orjson.dumps(policy).decode()}
+            )
+        )["QueueUrl"]
+    return work, dead

@@ -1,9 +1,9 @@
 """Dependencies fail mid-storm; a served replica answers 503 + Retry-After, loses nothing.
 
-A real ``dpp serve`` reaches Postgres, Redis and S3 only through a ``TcpProxy``
-each. While clients submit runs (each with its own Idempotency-Key, retried
-with it on 503), read them, list them and read the budget, and runs execute,
-one fault strikes for a few seconds:
+A real ``dpp serve`` reaches Postgres, Redis and S3 (and, for the SQS fault,
+SQS) only through a ``TcpProxy`` each. While clients submit runs (each with
+its own Idempotency-Key, retried with it on 503), read them, list them and
+read the budget, and runs execute, one fault strikes for a few seconds:
 
 * a dependency is *down*: every connection reset, new ones refused, then back;
 * the replica's Postgres sessions are killed (``pg_terminate_backend``) in rounds;
@@ -190,19 +190,37 @@ class Rig:
     postgres: TcpProxy
     redis: TcpProxy
     object_storage: TcpProxy
+    # the SQS endpoint's own proxy (the same moto server), when runs go through SQS
+    queue: TcpProxy | None
     replica: Replica
     env: dict[str, str]
 
 
 @pytest.fixture
 async def rig(
-    services: test_services.TestServices, database_url: str, redis_prefix: str, tmp_path: Path
+    request: pytest.FixtureRequest,
+    services: test_services.TestServices,
+    database_url: str,
+    redis_prefix: str,
+    tmp_path: Path,
 ) -> AsyncIterator[Rig]:
     postgres = TcpProxy(*_host_port(database_url))
     redis = TcpProxy(*_host_port(services.redis_url))
     object_storage = TcpProxy(*_host_port(services.object_store_url))
-    for proxy in (postgres, redis, object_storage):
+    proxies = [postgres, redis, object_storage]
+    queue = None
+    queue_env: dict[str, str] = {}
+    if request.node.callspec.params.get("fault", "").startswith("sqs"):
+        # Runs announced through SQS, reached through a proxy of its own so only
+        # the queue is cut (S3 is served by the same moto server).
+        queue = TcpProxy(*_host_port(services.object_store_url))
+        proxies.append(queue)
+        queue_url, _ = await test_services.create_sqs_queues(services.object_store_url)
+        queue_env = {"DPP_QUEUE": "sqs", "SQS_QUEUE_URL": queue_url}
+    for proxy in proxies:
         await proxy.start()
+    if queue is not None:
+        queue_env["SQS_ENDPOINT_URL"] = _through(services.object_store_url, queue)
     env = {
         **os.environ,
         **store_env(services, database_url, redis_prefix),
@@ -210,6 +228,7 @@ async def rig(
         "DATABASE_URL": _through(database_url, postgres),
         "REDIS_URL": _through(services.redis_url, redis),
         "S3_ENDPOINT_URL": _through(services.object_store_url, object_storage),
+        **queue_env,
         "DPP_ADMIN_TOKEN": ADMIN_TOKEN,
         "DPP_LEASE_SEC": "3",
         "DPP_HEARTBEAT_SEC": "1",
@@ -228,12 +247,13 @@ async def rig(
             postgres=postgres,
             redis=redis,
             object_storage=object_storage,
+            queue=queue,
             replica=replica,
             env=env,
         )
     finally:
         replica.close()
-        for proxy in (postgres, redis, object_storage):
+        for proxy in proxies:
             await proxy.close()
 
 
@@ -257,6 +277,11 @@ async def _terminate_sessions(database_url: str) -> int:
     return sum(1 for row in rows if row["killed"])
 
 
+def _required(proxy: TcpProxy | None) -> TcpProxy:
+    assert proxy is not None, "this fault needs the rig's SQS proxy"
+    return proxy
+
+
 def _fault(rig: Rig, kind: str) -> Callable[[], Awaitable[None]]:
     async def outage(proxy: TcpProxy) -> None:
         async with proxy.outage():
@@ -278,6 +303,7 @@ def _fault(rig: Rig, kind: str) -> Callable[[], Awaitable[None]]:
         "postgres_down": lambda: outage(rig.postgres),
         "redis_down": lambda: outage(rig.redis),
         "object_storage_down": lambda: outage(rig.object_storage),
+        "sqs_down": lambda: outage(_required(rig.queue)),
         "postgres_sessions_killed": terminate_rounds,
         "redis_data_lost": flush,
     }
@@ -374,6 +400,7 @@ async def _check_results(storm: Storm, completed: list[str]) -> None:
         "postgres_down",
         "redis_down",
         "object_storage_down",
+        "sqs_down",
         "postgres_sessions_killed",
         "redis_data_lost",
     ],

@@ -11,8 +11,8 @@ import pytest
 
 from dpp.app import Runtime, open_runtime
 from dpp.config import load_settings
-from tests.integration.test_execution import create_sqs_queues
 from tests.integration.test_runs_api import BASE_URL, ECHO, _audit_ok, _tenant
+from tests.services import create_sqs_queues
 
 TERMINAL = {"COMPLETED", "FAILED", "EXPIRED", "CANCELED"}
 

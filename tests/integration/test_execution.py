@@ -50,7 +50,7 @@ from dpp.money.ledger import Reserved
 from dpp.money.rules import Outcome, RunStatus
 from dpp.runs.service import RunNotCancelable
 from tests.moneykit import create_tenant
-from tests.services import store_env
+from tests.services import create_sqs_queues, store_env
 
 if TYPE_CHECKING:
     from tests.services import TestServices
@@ -206,25 +206,6 @@ class Harness:
                 claimed = await self.queue.claim_batch(1)
                 if claimed:
                     return claimed[0]
-
-
-async def create_sqs_queues(endpoint_url: str, *, max_receive_count: int = 2) -> tuple[str, str]:
-    """A fresh work queue with a dead-letter queue behind it; (queue_url, dlq_url)."""
-    name = f"dpp-test-{secrets.token_hex(6)}"
-    async with get_session().create_client(
-        "sqs", endpoint_url=endpoint_url, region_name="us-east-1"
-    ) as client:
-        dead = (await client.create_queue(QueueName=f"{name}-dlq"))["QueueUrl"]
-        arn = (await client.get_queue_attributes(QueueUrl=dead, AttributeNames=["QueueArn"]))[
-            "Attributes"
-        ]["QueueArn"]
-        policy = {"deadLetterTargetArn": arn, "maxReceiveCount": str(max_receive_count)}
-        work = (
-            await client.create_queue(
-                QueueName=name, Attributes={"RedrivePolicy": orjson.dumps(policy).decode()}
-            )
-        )["QueueUrl"]
-    return work, dead
 
 
 @contextlib.asynccontextmanager
