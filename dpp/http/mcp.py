@@ -106,6 +106,9 @@ class LocalBackend:
         self._trace_id = trace_id
         # the download links' origin, as the caller reached this replica
         self._base_url = base_url
+        # the view ``run`` answered last: ``result`` reads that run's stored result
+        # without reading the run again (one backend serves one request)
+        self._last_view: RunView | None = None
 
     async def catalog(self) -> list[dict[str, Any]]:
         return self._context.packs.catalog()
@@ -217,10 +220,14 @@ class LocalBackend:
                     "refunded_usd_micros": gone.refunded_usd_micros,
                 },
             )
+        self._last_view = view
         return view.document
 
     async def result(self, run: dict[str, Any]) -> Any:
-        view = await self._view(run["id"])
+        view = self._last_view
+        if view is None or view.document is not run:
+            # not the document ``run`` just answered (the tools always pass that one)
+            view = await self._view(run["id"])
         if (view.row["result_bytes"] or 0) > RESULT_INLINE_BYTES_MAX:
             return None
         body = await self._context.runs.result_body(view.row)

@@ -3,6 +3,12 @@ tool descriptions, refusals. The tools end to end: tests/integration/test_mcp.py
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
+from dpp.cli.common import EXIT_CONFIG
+from dpp.cli.main import main
 from dpp.http.mcp_tools import (
     GET_BUDGET,
     GET_RUN,
@@ -76,3 +82,13 @@ def test_a_refusal_is_an_error_result_with_the_problem_and_what_to_do() -> None:
     assert "Retry after 7 s." in getattr(throttled.content[0], "text", "")
     invalid = refused_result({"status": 422, "detail": "bad", "field": "inputs.delay_ms"})
     assert "'delay_ms'" in getattr(invalid.content[0], "text", "")
+
+
+def test_dpp_mcp_without_the_python_client_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "dpp_client", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "dpp.cli.mcp_remote", raising=False)
+    monkeypatch.setenv("DPP_API_KEY", "dpp_live_x")
+    assert main(["mcp", "--url", "http://127.0.0.1:9"]) == EXIT_CONFIG
+    assert "pip install ./clients/python" in capsys.readouterr().err
