@@ -8,12 +8,16 @@ marked (``scope["state"]["rate_limited"]``), so that a tool call answers the
 429 as an ``isError`` result an agent can act on.
 
 No sticky routing: the SDK keeps no session (stateless mode), so any replica
-serves any request. The ``Mcp-Session-Id`` this endpoint hands out (random, on
-a response to a request that carried none) serves only to derive the
-idempotency key of a tool call — (API key id, session id, JSON-RPC request id),
-hashed — so a client's retry of a call submits nothing new, on whichever
-replica it lands. A session id is never trusted for anything else: the key id
-is part of the hash, so one key cannot reach another's calls.
+serves any request. A tool call's idempotency key (``call_key``, hashed with
+the API key id, so one key cannot reach another's calls) is the key the client
+sent (``Idempotency-Key`` header or ``_meta`` ``dev.dpp/idempotencyKey``), else
+(session id, JSON-RPC request id) when the request carries an
+``Mcp-Session-Id``, so a client's retry of a call submits nothing new, on
+whichever replica it lands. The session id this endpoint hands out (random, on
+a response to a request that carried none, e.g. ``initialize``) serves only
+that. A request without one (the 2026-07-28 protocol has no sessions) and
+without a key of its own is never deduplicated: nothing in it tells a retry
+from another client's call with the same request id.
 
 Every call into DPP's services is in ``LocalBackend`` below (one small place).
 """
@@ -38,7 +42,7 @@ from dpp.http.mcp_tools import (
     Backend,
     Refused,
     build_server,
-    idempotency_key,
+    call_key,
 )
 from dpp.http.problems import Problem, problem_response
 from dpp.http.routes.runs import api_base_url, budget_document, short_problem
@@ -63,6 +67,7 @@ from dpp.tenancy.principal import Principal
 __all__ = ["LocalBackend", "McpEndpoint"]
 
 SESSION_HEADER = b"mcp-session-id"
+IDEMPOTENCY_HEADER = b"idempotency-key"
 SESSION_ID_CHARS_MAX = 128
 
 
@@ -101,6 +106,9 @@ class LocalBackend:
         self._trace_id = trace_id
         # the download links' origin, as the caller reached this replica
         self._base_url = base_url
+        # the view ``run`` answered last: ``result`` reads that run's stored result
+        # without reading the run again (one backend serves one request)
+        self._last_view: RunView | None = None
 
     async def catalog(self) -> list[dict[str, Any]]:
         return self._context.packs.catalog()
@@ -163,9 +171,9 @@ class LocalBackend:
                 return _problem(
                     422,
                     "idempotency-key-reused",
-                    "This session already used this JSON-RPC request id with other"
-                    " arguments; send a new request id.",
-                    {"field": "id"},
+                    "This call's idempotency key was already used with other arguments"
+                    " (the same JSON-RPC request id in this MCP session, or the same"
+                    " idempotency key the client sent); send a new request id or key.",
                 )
             case BudgetShort() | KeySpendShort():
                 refused = Refused(short_problem(outcome).body(MCP_PATH))
@@ -212,10 +220,14 @@ class LocalBackend:
                     "refunded_usd_micros": gone.refunded_usd_micros,
                 },
             )
+        self._last_view = view
         return view.document
 
     async def result(self, run: dict[str, Any]) -> Any:
-        view = await self._view(run["id"])
+        view = self._last_view
+        if view is None or view.document is not run:
+            # not the document ``run`` just answered (the tools always pass that one)
+            view = await self._view(run["id"])
         if (view.row["result_bytes"] or 0) > RESULT_INLINE_BYTES_MAX:
             return None
         body = await self._context.runs.result_body(view.row)
@@ -256,11 +268,16 @@ class McpEndpoint:
                 base_url if isinstance(base_url, str) else None,
             )
 
-        def key_of(ctx: ServerRequestContext[Any, Any]) -> str | None:
-            session_id = _state(ctx).get("mcp_session_id")
-            if ctx.request_id is None or not isinstance(session_id, str):
-                return None
-            return idempotency_key(_principal(ctx).key_id, session_id, ctx.request_id)
+        def key_of(ctx: ServerRequestContext[Any, Any]) -> str | Refused | None:
+            state = _state(ctx)
+            session_id = state.get("mcp_session_id")
+            header = state.get("idempotency_key")
+            return call_key(
+                ctx,
+                _principal(ctx).key_id,
+                session_id if isinstance(session_id, str) else None,
+                header=header if isinstance(header, str) else None,
+            )
 
         def throttle_of(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any] | None:
             problem = _state(ctx).get("rate_limited")
@@ -295,13 +312,19 @@ class McpEndpoint:
         sessions = [v for k, v in scope["headers"] if k.lower() == SESSION_HEADER]
         session_id = sessions[0].decode("latin-1") if len(sessions) == 1 else None
         new_session = session_id is None or not 0 < len(session_id) <= SESSION_ID_CHARS_MAX
-        if new_session:
-            # A request without a (usable) session id starts one. It is random, so a
-            # call made without it never replays another call's run.
-            session_id = secrets.token_hex(16)
-        assert session_id is not None
         state = scope.setdefault("state", {})
-        state["mcp_session_id"] = session_id
+        if new_session:
+            # A request without a (usable) session id starts one for the requests
+            # after it; its own calls have no session (only a key the client sent
+            # makes them idempotent), so none ever replays another call's run.
+            session_id = secrets.token_hex(16)
+        else:
+            state["mcp_session_id"] = session_id
+        assert session_id is not None
+        keys = [v for k, v in scope["headers"] if k.lower() == IDEMPOTENCY_HEADER]
+        if keys:
+            # more than one header is no key: refused as malformed (empty)
+            state["idempotency_key"] = keys[0].decode("latin-1") if len(keys) == 1 else ""
         state["base_url"] = api_base_url(Request(scope))
         session_header = (SESSION_HEADER, session_id.encode("latin-1"))
 

@@ -3,8 +3,7 @@
 One tool per offered pack (named by its ``pack_type``, ``inputSchema`` = the
 pack's, the description states its prices), plus ``get_budget`` and
 ``get_run``. A pack's call submits a run with the pack's default reservation
-under an idempotency key derived from the caller's key, the MCP session and
-the JSON-RPC request id (``idempotency_key``), waits up to ``wait_sec`` for a
+under the call's idempotency key (``call_key``), waits up to ``wait_sec`` for a
 terminal state and answers ``structuredContent`` ``{"run_id", "status",
 "charged_usd_micros", "refunded_usd_micros", "result"}`` with the same JSON as
 text. Refusals an agent can act on (402, 422, 429, 503, a FAILED or EXPIRED
@@ -32,6 +31,7 @@ from mcp.server import Server, ServerRequestContext
 from mcp.shared.exceptions import MCPError
 
 from dpp.money.rules import TERMINAL_STATUSES, RunStatus
+from dpp.runs.idempotency import valid_key
 
 __all__ = [
     "GET_BUDGET",
@@ -40,7 +40,9 @@ __all__ = [
     "Backend",
     "Refused",
     "build_server",
+    "call_key",
     "call_tool",
+    "client_key",
     "idempotency_key",
     "list_tools",
 ]
@@ -57,6 +59,11 @@ RUN_ID_CHARS_MAX = 64
 # download link still serves it): an agent's context is no place for it anyway.
 RESULT_INLINE_BYTES_MAX = 4 * 1024 * 1024
 FAILED_STATUSES = frozenset({RunStatus.FAILED, RunStatus.EXPIRED})
+# Where a client names a tool call's idempotency key itself: a member of the
+# call's ``_meta`` (MCP leaves non-reserved, prefixed keys to servers), or the
+# ``Idempotency-Key`` header of the HTTP POST that carries it (``/mcp`` only).
+IDEMPOTENCY_META_KEY = "dev.dpp/idempotencyKey"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +106,58 @@ def idempotency_key(api_key_id: str, session_id: str, request_id: str | int) -> 
     request id's type is part of it (1 and "1" are different requests)."""
     material = orjson.dumps([api_key_id, session_id, type(request_id).__name__, request_id])
     return "mcp-" + hashlib.sha256(material).hexdigest()
+
+
+def client_key(api_key_id: str, supplied: str) -> str:
+    """The Idempotency-Key of a tool call whose client named its key: the same key
+    from the same API key is the same call, whichever session or request id
+    carries it. Hashed like ``idempotency_key`` (and never equal to one of its
+    keys: the hashed material has another shape)."""
+    material = orjson.dumps([api_key_id, "client", supplied])
+    return "mcp-" + hashlib.sha256(material).hexdigest()
+
+
+def _supplied_key(meta: Any, header: str | None) -> str | Refused | None:
+    """The key the client sent (``_meta`` member or HTTP header), a refusal when it
+    is malformed or the two disagree, ``None`` when it sent none."""
+    from_meta = meta.get(IDEMPOTENCY_META_KEY) if isinstance(meta, dict) else None
+    field = f"_meta.{IDEMPOTENCY_META_KEY}"
+    if from_meta is not None and not (isinstance(from_meta, str) and valid_key(from_meta)):
+        return _field_refusal(field, "must be 1-255 printable ASCII characters")
+    if header is not None and not valid_key(header):
+        return _field_refusal(IDEMPOTENCY_HEADER, "must be 1-255 printable ASCII characters")
+    if from_meta is not None and header is not None and from_meta != header:
+        return _field_refusal(field, f"differs from the {IDEMPOTENCY_HEADER} header")
+    return from_meta if from_meta is not None else header
+
+
+def call_key(
+    ctx: ServerRequestContext[Any, Any],
+    api_key_id: str,
+    session_id: str | None,
+    *,
+    header: str | None,
+) -> str | Refused | None:
+    """The idempotency key of one ``tools/call`` (SPEC §7), or a refusal of the key
+    the client sent.
+
+    - The client named one (``_meta`` ``dev.dpp/idempotencyKey``, or the
+      ``Idempotency-Key`` header): that key, for this API key.
+    - Else, in a session (an ``Mcp-Session-Id`` the client sent back, or the
+      stdio process): the session and the JSON-RPC request id, for this API key.
+    - Else ``None``: a sessionless request (protocol 2026-07-28 has no sessions)
+      repeats nothing that tells its retry from another call — SDK clients
+      number requests 1, 2, 3 in every process — so it is never deduplicated
+      rather than risk answering one call with another call's run.
+    """
+    supplied = _supplied_key(ctx.meta, header)
+    if isinstance(supplied, Refused):
+        return supplied
+    if supplied is not None:
+        return client_key(api_key_id, supplied)
+    if session_id is None or ctx.request_id is None:
+        return None
+    return idempotency_key(api_key_id, session_id, ctx.request_id)
 
 
 def _usd(micros: int) -> str:
@@ -255,10 +314,12 @@ async def call_tool(
     name: str,
     arguments: dict[str, Any] | None,
     *,
-    idempotency_key: str | None,
+    idempotency_key: str | Refused | None,
     wait_sec: float,
 ) -> types.CallToolResult:
-    """One ``tools/call``; unknown tool names are a JSON-RPC error (invalid params)."""
+    """One ``tools/call``; unknown tool names are a JSON-RPC error (invalid params).
+    ``idempotency_key`` is a pack call's key, or the refusal of the key the client
+    sent (only a pack's call, which submits, answers it)."""
     assert wait_sec >= 0 and math.isfinite(wait_sec)
     arguments = arguments or {}
     answer: dict[str, Any] | Refused
@@ -283,6 +344,8 @@ async def call_tool(
         return await _run_result(backend, answer)
     if name not in {pack["pack_type"] for pack in await backend.catalog()}:
         raise MCPError(types.INVALID_PARAMS, f"Unknown tool: {name}")
+    if isinstance(idempotency_key, Refused):
+        return refused_result(idempotency_key.problem)  # nothing submitted
     answer = await backend.submit(name, arguments, idempotency_key)
     if not isinstance(answer, Refused):
         answer = await _wait_terminal(backend, answer, wait_sec)
@@ -292,7 +355,7 @@ async def call_tool(
 
 
 BackendOf = Callable[[ServerRequestContext[Any, Any]], Backend]
-KeyOf = Callable[[ServerRequestContext[Any, Any]], str | None]
+KeyOf = Callable[[ServerRequestContext[Any, Any]], str | Refused | None]
 ThrottleOf = Callable[[ServerRequestContext[Any, Any]], dict[str, Any] | None]
 RATE_LIMITED_CODE = -32029  # a server-defined JSON-RPC error: over the rate limit
 

@@ -1,6 +1,8 @@
 """The MCP server (SPEC §7) end to end: the SDK's own client against real `dpp serve`
 processes — over streamable HTTP at /mcp (one replica, then two with the client's
-requests alternating between them), and `dpp mcp` over stdio against a replica.
+requests alternating between them), and `dpp mcp` over stdio against a replica;
+sessionless calls (protocol 2026-07-28, or no initialize) dedupe only by a key
+the client sends.
 """
 
 from __future__ import annotations
@@ -16,19 +18,24 @@ import asyncpg
 import httpx
 import httpx2
 import pytest
+from dpp_client import AsyncClient
 from mcp.client import Client
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from dpp.cli.mcp_remote import RemoteBackend
+from dpp.http.mcp_tools import IDEMPOTENCY_META_KEY, call_tool
 from tests.replica import Replica
 from tests.services import store_env
+from tests.tcp_proxy import TcpProxy
 
 ADMIN_TOKEN = "mcp-admin-token-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 ECHO_RESERVATION = 1_000  # echo's default reservation (dpp/packs/echo.py)
 PROTOCOL_VERSION = "2025-11-25"
+MODERN_PROTOCOL_VERSION = "2026-07-28"  # no initialize, no session: every POST stands alone
 
 
 @pytest.fixture
@@ -164,6 +171,64 @@ async def raw_call(
     assert response.status_code == 200, response.text
     answer: dict[str, Any] = response.json()
     return answer
+
+
+async def sessionless_call(
+    http: httpx2.AsyncClient,
+    url: str,
+    request_id: int,
+    arguments: dict[str, Any],
+    *,
+    key_header: str | None = None,
+    meta_key: str | None = None,
+    modern: bool = True,
+) -> dict[str, Any]:
+    """One tools/call POSTed with no initialize before it and no Mcp-Session-Id: as a
+    2026-07-28 client sends it (the per-request ``_meta`` envelope), or an older
+    client that skipped initialize. The client's own key goes in the
+    ``Idempotency-Key`` header or the ``_meta`` member, when given."""
+    meta: dict[str, Any] = {}
+    headers = {"Accept": "application/json, text/event-stream"}
+    if modern:
+        meta = {
+            "io.modelcontextprotocol/protocolVersion": MODERN_PROTOCOL_VERSION,
+            "io.modelcontextprotocol/clientInfo": {"name": "retrying-agent", "version": "1"},
+            "io.modelcontextprotocol/clientCapabilities": {},
+        }
+        headers |= {
+            "MCP-Protocol-Version": MODERN_PROTOCOL_VERSION,
+            "Mcp-Method": "tools/call",
+            "Mcp-Name": "echo",
+        }
+    if meta_key is not None:
+        meta[IDEMPOTENCY_META_KEY] = meta_key
+    if key_header is not None:
+        headers["Idempotency-Key"] = key_header
+    params: dict[str, Any] = {"name": "echo", "arguments": arguments}
+    if meta:
+        params["_meta"] = meta
+    response = await http.post(
+        f"{url}/mcp",
+        json={"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params},
+        headers=headers,
+    )
+    assert response.status_code == 200, response.text
+    assert "mcp-session-id" not in {k.lower() for k in response.request.headers}
+    answer: dict[str, Any] = response.json()
+    assert "result" in answer, answer
+    return answer
+
+
+def run_of(answer: dict[str, Any]) -> str:
+    content = answer["result"]["structuredContent"]
+    assert not answer["result"].get("isError"), content
+    return str(content["run_id"])
+
+
+def problem_of(answer: dict[str, Any]) -> dict[str, Any]:
+    assert answer["result"].get("isError"), answer
+    problem: dict[str, Any] = answer["result"]["structuredContent"]
+    return problem
 
 
 async def all_runs(database_url: str) -> int:
@@ -348,12 +413,23 @@ async def test_mcp_sessions_need_no_sticky_routing(env, tmp_path) -> None:
             assert {"echo", "get_budget"} <= {t.name for t in (await client.list_tools()).tools}
             run = structured(await client.call_tool("echo", {"payload": "modern"}))
             assert run["status"] == "COMPLETED" and run["result"] == {"payload": "modern"}
+            # its retry, with the client's key, on the other replica: the same run
+            before = await run_count(url, api_key)
+            meta = {IDEMPOTENCY_META_KEY: "modern-retry"}
+            keyed = [
+                structured(await client.call_tool("echo", {"payload": "once"}, meta=meta))
+                for _ in range(2)
+            ]
+            assert keyed[0]["run_id"] == keyed[1]["run_id"]
+            assert await run_count(url, api_key) == before + 1
         assert {pair[0].port, pair[1].port} <= set(transport.sent_to)
 
 
 async def test_dpp_mcp_over_stdio_against_a_real_replica(env, tmp_path) -> None:
     async with replicas(env, tmp_path, 1) as [replica]:
-        api_key = await tenant_key(replica.url, 10 * ECHO_RESERVATION)
+        api_key = await tenant_key(
+            replica.url, 10 * ECHO_RESERVATION, {"spend_limit_usd_micros": 2 * ECHO_RESERVATION}
+        )
         parameters = StdioServerParameters(
             command=sys.executable,
             args=["-m", "dpp.cli", "mcp", "--url", replica.url],
@@ -374,3 +450,154 @@ async def test_dpp_mcp_over_stdio_against_a_real_replica(env, tmp_path) -> None:
             )
             bad = await session.call_tool("echo", {"payload": 1, "delay_ms": "soon"})
             assert bad.is_error and structured(bad)["status"] == 422
+            keyed = structured(
+                await session.call_tool("echo", {"payload": 3}, meta={IDEMPOTENCY_META_KEY: "k1"})
+            )
+            fetched = structured(await session.call_tool("get_run", {"run_id": keyed["run_id"]}))
+            assert fetched == keyed
+
+        # A retry with the client's key from a new `dpp mcp` process: the same run,
+        # nothing reserved again; then the key's spend limit refuses a new call.
+        async with (
+            stdio_client(parameters) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            again = await session.call_tool(
+                "echo", {"payload": 3}, meta={IDEMPOTENCY_META_KEY: "k1"}
+            )
+            assert structured(again) == keyed
+            capped = await session.call_tool("echo", {"payload": 4})
+            assert capped.is_error
+            problem = structured(capped)
+            assert problem["status"] == 402 and problem["type"].endswith("/key-spend-limit")
+            assert problem["spend_limit_usd_micros"] == 2 * ECHO_RESERVATION
+        assert await run_count(replica.url, api_key) == 2
+
+        # A tenant without money: the 402 insufficient-budget isError, with the figures.
+        broke_key = await tenant_key(replica.url, 0)
+        parameters.env = {**(parameters.env or {}), "DPP_API_KEY": broke_key}
+        async with (
+            stdio_client(parameters) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            short = await session.call_tool("echo", {"payload": 1})
+            assert short.is_error
+            assert structured(short)["status"] == 402
+            assert structured(short)["available_usd_micros"] == 0
+            assert structured(short)["required_usd_micros"] == ECHO_RESERVATION
+
+
+async def test_mcp_sessionless_calls_dedupe_by_the_clients_key_only(env, tmp_path) -> None:
+    async with replicas(env, tmp_path, 1) as [replica]:
+        url = replica.url
+        api_key = await tenant_key(url, 100 * ECHO_RESERVATION)
+        other_key = await tenant_key(url, 100 * ECHO_RESERVATION)
+        headers = {"Authorization": f"Bearer {api_key}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=60.0) as http:
+            # Without a session or a key of its own, nothing tells a retry from
+            # another client's call: every SDK client numbers its requests 1, 2, 3.
+            # So two such calls, even alike, are two calls (never one run for both).
+            for modern in (True, False):
+                alike = [
+                    await sessionless_call(http, url, 1, {"payload": "alike"}, modern=modern)
+                    for _ in range(2)
+                ]
+                assert run_of(alike[0]) != run_of(alike[1])
+            assert await run_count(url, api_key) == 4
+
+            # The client's key in the Idempotency-Key header: a retry (even under
+            # another request id) is the same call, one run.
+            first = await sessionless_call(http, url, 1, {"payload": 1}, key_header="call-a")
+            retry = await sessionless_call(http, url, 2, {"payload": 1}, key_header="call-a")
+            assert run_of(retry) == run_of(first)
+            # ... or in the call's _meta, from a client that skipped initialize too.
+            meta_first = await sessionless_call(http, url, 1, {"payload": 1}, meta_key="call-b")
+            meta_retry = await sessionless_call(
+                http, url, 1, {"payload": 1}, meta_key="call-b", modern=False
+            )
+            assert run_of(meta_retry) == run_of(meta_first) != run_of(first)
+            # both at once, agreeing: the same call again
+            both = await sessionless_call(
+                http, url, 3, {"payload": 1}, key_header="call-b", meta_key="call-b"
+            )
+            assert run_of(both) == run_of(meta_first)
+            assert await run_count(url, api_key) == 6
+
+            # Another key with the same arguments is another call.
+            another = await sessionless_call(http, url, 1, {"payload": 1}, key_header="call-c")
+            assert run_of(another) not in {run_of(first), run_of(meta_first)}
+            assert await run_count(url, api_key) == 7
+
+            # The same key with other arguments is a mistake, not a retry: refused,
+            # nothing reserved; so are malformed or disagreeing keys.
+            budget_before = (await http.get(f"{url}/v1/budget")).json()
+            reused = problem_of(
+                await sessionless_call(http, url, 4, {"payload": 2}, key_header="call-a")
+            )
+            assert reused["status"] == 422 and reused["type"].endswith("/idempotency-key-reused")
+            too_long = problem_of(
+                await sessionless_call(http, url, 5, {"payload": 1}, key_header="k" * 256)
+            )
+            assert too_long["status"] == 422 and too_long["field"] == "Idempotency-Key"
+            not_text = problem_of(
+                await sessionless_call(http, url, 6, {"payload": 1}, meta_key="caf\u00e9")
+            )
+            assert not_text["status"] == 422
+            assert not_text["field"] == f"_meta.{IDEMPOTENCY_META_KEY}"
+            disagree = problem_of(
+                await sessionless_call(
+                    http, url, 7, {"payload": 1}, key_header="call-a", meta_key="call-b"
+                )
+            )
+            assert disagree["status"] == 422
+            assert (await http.get(f"{url}/v1/budget")).json() == budget_before
+            assert await run_count(url, api_key) == 7
+
+        # Keys are the API key's own: another key's "call-a" is another call.
+        async with httpx2.AsyncClient(
+            headers={"Authorization": f"Bearer {other_key}"}, timeout=60.0
+        ) as http:
+            theirs = await sessionless_call(http, url, 1, {"payload": 1}, key_header="call-a")
+            assert run_of(theirs) != run_of(first)
+
+        # The SDK's own high-level client (2026-07-28: no initialize, no session)
+        # retrying a call with its key in _meta: one run.
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=60.0) as http,
+            Client(streamable_http_client(f"{url}/mcp", http_client=http)) as client,
+        ):
+            meta = {IDEMPOTENCY_META_KEY: "sdk-call-1"}
+            answers = [
+                structured(await client.call_tool("echo", {"payload": "sdk"}, meta=meta))
+                for _ in range(2)
+            ]
+            assert answers[0]["run_id"] == answers[1]["run_id"]
+            assert answers[0]["result"] == {"payload": "sdk"}
+            plain = structured(await client.call_tool("echo", {"payload": "sdk"}))
+            assert plain["run_id"] != answers[0]["run_id"]
+        assert await run_count(url, api_key) == 9
+
+
+async def test_dpp_mcp_backend_retries_a_lost_submit_through_the_client(env, tmp_path) -> None:
+    """`dpp mcp`'s backend is the Python client: its retry of a submit whose answer
+    was lost reuses the call's key, so the tool call still makes one run."""
+    async with replicas(env, tmp_path, 1) as [replica]:
+        api_key = await tenant_key(replica.url, 10 * ECHO_RESERVATION)
+        proxy = TcpProxy("127.0.0.1", replica.port)
+        await proxy.start()
+        try:
+            async with AsyncClient(f"http://{proxy.address}", api_key) as client:
+                backend = RemoteBackend(client)
+                assert "echo" in {pack["pack_type"] for pack in await backend.catalog()}
+                proxy.drop_answers(1)  # the submit reaches DPP; its answer does not
+                called = await call_tool(
+                    backend, "echo", {"payload": "once"}, idempotency_key="mcp-lost", wait_sec=20
+                )
+                assert proxy.answers_dropped_total == 1
+                run = structured(called)
+                assert not called.is_error and run["result"] == {"payload": "once"}
+        finally:
+            await proxy.close()
+        assert await run_count(replica.url, api_key) == 1
