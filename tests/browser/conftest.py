@@ -70,7 +70,9 @@ async def browser(chromium_path: str) -> AsyncIterator[Browser]:
 @pytest.fixture
 async def browser_page(browser: Browser) -> AsyncIterator[Page]:
     """A fresh context (no cookies) and one page in it, 1280 px wide; every
-    ``console.error`` and uncaught page error fails the test at teardown."""
+    ``console.error`` and uncaught page error fails the test at teardown (but
+    for chromium's note of a 4xx page's status, which the tests assert), as
+    does any answer of 500 or more but 503."""
     context = await browser.new_context(viewport={"width": 1280, "height": 900})
     page = await context.new_page()
     problems: list[str] = []
@@ -78,7 +80,13 @@ async def browser_page(browser: Browser) -> AsyncIterator[Page]:
     page.on(
         "console",
         lambda message: problems.append(f"console {message.type}: {message.text}")
-        if message.type == "error"
+        if message.type == "error" and not _status_note(message.text)
+        else None,
+    )
+    page.on(
+        "response",
+        lambda response: problems.append(f"{response.status} from {response.url}")
+        if response.status >= 500 and response.status != 503
         else None,
     )
     try:
@@ -86,6 +94,12 @@ async def browser_page(browser: Browser) -> AsyncIterator[Page]:
     finally:
         await context.close()
     assert not problems, problems
+
+
+def _status_note(text: str) -> bool:
+    """Chromium's console line for a page answered 4xx (a 404 page, a 403)."""
+    prefix = "Failed to load resource: the server responded with a status of 4"
+    return text.startswith(prefix)
 
 
 async def screenshot(page: Page, name: str) -> Path:

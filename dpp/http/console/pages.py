@@ -218,8 +218,8 @@ async def reconcile(call: Call) -> Response:
     except ReconcilerUnavailable:
         raise PageError(503, "The reconciler did not answer in time; retry shortly.", 5) from None
     log.info("console: reconciliation pass run")
-    document = report.as_json()
-    errors = document.pop("errors")
+    document = dict(report)
+    errors = list(document.pop("errors", []))
     return page(
         "reconciled.html",
         _base(call, "overview", "Reconciliation pass", report=document, errors=errors),
