@@ -79,15 +79,19 @@ async def browser_page(browser: Browser) -> AsyncIterator[Page]:
     page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
     page.on(
         "console",
-        lambda message: problems.append(f"console {message.type}: {message.text}")
-        if message.type == "error" and not _status_note(message.text)
-        else None,
+        lambda message: (
+            problems.append(f"console {message.type}: {message.text}")
+            if message.type == "error" and not _status_note(message.text)
+            else None
+        ),
     )
     page.on(
         "response",
-        lambda response: problems.append(f"{response.status} from {response.url}")
-        if response.status >= 500 and response.status != 503
-        else None,
+        lambda response: (
+            problems.append(f"{response.status} from {response.url}")
+            if response.status >= 500 and response.status != 503
+            else None
+        ),
     )
     try:
         yield page

@@ -55,7 +55,9 @@ async def test_sign_in_and_overview(browser_page: Page, console_replica: Console
 ECHO = {"pack_type": "echo", "inputs": {"payload": {"n": 1}}}
 
 
-async def run_to_end(served: ConsoleReplica, key: str, body: dict[str, object]) -> dict[str, object]:
+async def run_to_end(
+    served: ConsoleReplica, key: str, body: dict[str, object]
+) -> dict[str, object]:
     """Submit a run with the tenant's key and wait until it settled."""
     async with httpx.AsyncClient(
         base_url=served.url, headers={"Authorization": f"Bearer {key}"}, timeout=15.0
@@ -84,9 +86,7 @@ async def test_reconcile_button_runs_one_pass(
     await page.click("text=Run one reconciliation pass")
     await page.wait_for_url(f"{console_replica.url}/console/reconcile")
     assert "One pass ran." in await page.locator("#reconciled").inner_text()
-    report = dict(
-        (name, value) for name, value in await cell_texts(page, "#reconcile-report")
-    )
+    report = dict((name, value) for name, value in await cell_texts(page, "#reconcile-report"))
     assert report["expired"] == "0" and report["drift repairs"] == "0", report
     await screenshot(page, "reconciled")
 
@@ -149,9 +149,7 @@ async def test_topup_double_submit_adds_once(
     assert await page.locator("#notice").inner_text() == "Credit added."
     assert await page.locator("#pg-balance").inner_text() == usd(13_500_000)
     # the same form sent again (a double click, a resend after a timeout)
-    again = await page.request.post(
-        f"{served.url}/console/tenants/{tenant_id}/credits", form=form
-    )
+    again = await page.request.post(f"{served.url}/console/tenants/{tenant_id}/credits", form=form)
     assert again.ok and again.url.endswith("?topup=replayed"), again.url
     assert "already applied; nothing was added again" in await again.text()
     assert await served.balance(tenant_id) == 13_500_000  # added once

@@ -20,6 +20,7 @@ BOTTOM = 40  # room for the dates
 TOP = 16
 RIGHT = 16
 COLOURS = 6
+BAR_WIDTH_MAX = 40.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +61,9 @@ class Chart:
 
 
 def _usd(micros: int) -> str:
-    return f"${micros / 1_000_000:,.2f}"
+    """Exact, as the console's tables print it: two to six decimals."""
+    whole, fraction = divmod(micros, 1_000_000)
+    return f"${whole:,}.{f'{fraction:06d}'.rstrip('0').ljust(2, '0')}"
 
 
 def _nice_ceiling(value: int) -> int:
@@ -85,12 +88,13 @@ def usage_chart(points: list[UsagePoint]) -> Chart:
     plot_height = HEIGHT - TOP - BOTTOM
     plot_bottom = HEIGHT - BOTTOM
     group = plot_width / max(len(days), 1)
-    bar_width = max(1.0, group * 0.8 / max(2 * len(packs), 1))
+    bar_width = min(BAR_WIDTH_MAX, max(1.0, group * 0.8 / max(2 * len(packs), 1)))
+    content = bar_width * 2 * len(packs)
     by_key = {(p.day, p.pack): p for p in points}
     bars: list[Bar] = []
     x_ticks: list[Tick] = []
     for day_index, day in enumerate(days):
-        start = LEFT + day_index * group + group * 0.1
+        start = LEFT + day_index * group + (group - content) / 2
         x_ticks.append(Tick(LEFT + day_index * group + group / 2, day.isoformat()))
         for pack_index, pack in enumerate(packs):
             point = by_key.get((day, pack))

@@ -111,9 +111,7 @@ def console_endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response
         try:
             return await handler(Call(request, context, csrf, form))
         except PageError as refused:
-            return error_page(
-                refused.status, refused.detail, retry_after_s=refused.retry_after_s
-            )
+            return error_page(refused.status, refused.detail, retry_after_s=refused.retry_after_s)
         except RateLimitUnavailable:
             return dependency_page("redis")
         except Exception as error:

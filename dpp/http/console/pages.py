@@ -131,7 +131,9 @@ async def sign_in(request: Request) -> Response:
         dependency = context.unavailable_dependency(error) or "redis"
         log.warning("console sign-in: rate limiter unavailable", extra={"dependency": dependency})
         return error_page(
-            503, "The sign-in limiter is unavailable; retry shortly.", signed_in=False,
+            503,
+            "The sign-in limiter is unavailable; retry shortly.",
+            signed_in=False,
             retry_after_s=2,
         )
     if wait_s is not None:
@@ -303,7 +305,8 @@ async def credit(call: Call) -> Response:
     if amount is None:
         limit = CREDIT_USD_MICROS_MAX // 1_000_000
         raise PageError(
-            422, f"The amount must be a positive number of USD (at most six decimals, {limit:,} max)."
+            422,
+            f"The amount must be a positive number of USD (at most six decimals, {limit:,} max).",
         )
     try:
         result = await call.context.budgets.credit(
@@ -435,7 +438,8 @@ async def resolve(call: Call) -> Response:
         ) from None
     except ChargeAboveReservation as above:
         raise PageError(
-            422, f"charged_usd_micros must be at most the reservation ({above.reserved_usd_micros})."
+            422,
+            f"charged_usd_micros must be at most the reservation ({above.reserved_usd_micros}).",
         ) from None
     except SettlementUnavailable as busy:
         raise PageError(
@@ -469,7 +473,9 @@ async def usage(call: Call) -> Response:
     last = _date(call.query("to"), today)
     first = _date(call.query("from"), last - timedelta(days=USAGE_DAYS_MAX_DEFAULT))
     if first > last or (last - first).days >= USAGE_DAYS_MAX:
-        raise PageError(400, f"from must not be after to, and a range covers at most {USAGE_DAYS_MAX} dates.")
+        raise PageError(
+            400, f"from must not be after to, and a range covers at most {USAGE_DAYS_MAX} dates."
+        )
     tenant_id = call.query("tenant")
     if tenant_id:
         await _tenant_or_404(call, tenant_id)
@@ -477,7 +483,9 @@ async def usage(call: Call) -> Response:
     else:
         rows = await call.context.runs.usage_all(first, last)
     points = [
-        UsagePoint(row["day"], row["pack_type"], row["charged_usd_micros"], row["refunded_usd_micros"])
+        UsagePoint(
+            row["day"], row["pack_type"], row["charged_usd_micros"], row["refunded_usd_micros"]
+        )
         for row in rows
     ]
     return page(

@@ -49,10 +49,11 @@ def when(value: datetime.datetime | None) -> str:
 def as_json(value: Any) -> str:
     """A JSON value (metadata, an error) pretty-printed; escaped by the template."""
     if isinstance(value, str):
+        text: str = value
         try:
-            value = json.loads(value)
+            value = json.loads(text)
         except ValueError:
-            return value
+            return text
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
 
 
