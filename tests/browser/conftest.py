@@ -40,8 +40,8 @@ def _skip_or_fail(reason: str) -> None:
 def chromium_path() -> str:
     """The system chromium (``DPP_CHROMIUM`` overrides where to find it)."""
     path = os.environ.get("DPP_CHROMIUM") or shutil.which("chromium")
-    if path is None:
-        _skip_or_fail("no chromium on PATH (apt-get install chromium)")
+    if path is None or not os.access(path, os.X_OK):
+        _skip_or_fail(f"no chromium at {path or 'PATH'} (apt-get install chromium)")
     try:
         import playwright.async_api  # noqa: F401
     except ImportError:

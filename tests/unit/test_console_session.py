@@ -109,7 +109,7 @@ def test_the_usage_chart_scales_bars_to_the_largest_amount() -> None:
         UsagePoint(date(2026, 1, 2), "echo", 2_000_000, 0),
         UsagePoint(date(2026, 1, 2), "decision", 1_000_000, 500_000),
     ]
-    chart = usage_chart(points)
+    chart = usage_chart(points, date(2026, 1, 1), date(2026, 1, 3))
     assert [label for label, _ in chart.legend] == ["decision", "echo"]
     assert len(chart.bars) == 6  # charged and refunded of each (day, pack) point
     tallest = max(chart.bars, key=lambda bar: bar.height)
@@ -117,7 +117,9 @@ def test_the_usage_chart_scales_bars_to_the_largest_amount() -> None:
     plot_height = chart.plot_bottom - 16
     assert tallest.height == pytest.approx(plot_height * 4 / 5)  # scale tops at $5
     assert chart.y_ticks[-1].label == "$5.00"
-    assert [tick.label for tick in chart.x_ticks] == ["2026-01-01", "2026-01-02"]
+    assert [tick.label for tick in chart.x_ticks] == ["2026-01-01", "2026-01-02", "2026-01-03"]
+    year = usage_chart(points, date(2025, 1, 3), date(2026, 1, 2))  # a quiet year
+    assert len(year.x_ticks) <= 8 and len(year.bars) == 6
     for bar in chart.bars:
         assert chart.plot_left <= bar.x and bar.x + bar.width <= chart.plot_right
         assert bar.y + bar.height == pytest.approx(chart.plot_bottom)

@@ -9,7 +9,7 @@ refunded (pale), in the pack's colour class (``pack-0`` .. ``pack-5``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 
 __all__ = ["Bar", "Chart", "Tick", "UsagePoint", "usage_chart"]
 
@@ -21,6 +21,7 @@ TOP = 16
 RIGHT = 16
 COLOURS = 6
 BAR_WIDTH_MAX = 40.0
+LABELS_MAX = 8  # dates written under the axis, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +77,13 @@ def _nice_ceiling(value: int) -> int:
         step *= 10
 
 
-def usage_chart(points: list[UsagePoint]) -> Chart:
+def usage_chart(points: list[UsagePoint], first: date, last: date) -> Chart:
+    """Every date from ``first`` to ``last`` is a slot on the time axis (a day
+    without runs stays empty); about ten of them are labelled."""
+    assert first <= last and all(first <= point.day <= last for point in points)
     packs = sorted({point.pack for point in points})
-    days = sorted({point.day for point in points})
+    days = [first + timedelta(days=offset) for offset in range((last - first).days + 1)]
+    label_every = max(1, -(-len(days) // LABELS_MAX))
     colour = {pack: f"pack-{index % COLOURS}" for index, pack in enumerate(packs)}
     top_value = max(
         [p.charged_usd_micros for p in points] + [p.refunded_usd_micros for p in points] + [1]
@@ -95,7 +100,8 @@ def usage_chart(points: list[UsagePoint]) -> Chart:
     x_ticks: list[Tick] = []
     for day_index, day in enumerate(days):
         start = LEFT + day_index * group + (group - content) / 2
-        x_ticks.append(Tick(LEFT + day_index * group + group / 2, day.isoformat()))
+        if day_index % label_every == 0:
+            x_ticks.append(Tick(LEFT + day_index * group + group / 2, day.isoformat()))
         for pack_index, pack in enumerate(packs):
             point = by_key.get((day, pack))
             if point is None:

@@ -498,7 +498,7 @@ async def usage(call: Call) -> Response:
             first=first.isoformat(),
             last=last.isoformat(),
             rows=rows,
-            chart=usage_chart(points) if points else None,
+            chart=usage_chart(points, first, last) if points else None,
             total_charged=sum(p.charged_usd_micros for p in points),
             total_refunded=sum(p.refunded_usd_micros for p in points),
         ),
