@@ -30,6 +30,7 @@ from starlette.routing import BaseRoute, Route
 from dpp.context import AppContext
 from dpp.http import routes as route_table
 from dpp.http.auth import MCP_PATH, AdminAuthMiddleware, ApiAuthMiddleware
+from dpp.http.console import console_routes
 from dpp.http.mcp import McpEndpoint
 from dpp.http.middleware import (
     AccessLogMiddleware,
@@ -47,12 +48,13 @@ __all__ = ["build_app", "create_app"]
 
 
 def build_app(context: AppContext) -> Starlette:
-    """The whole HTTP front of a replica (SPEC §3): every route, the /v1 gate, and
-    the MCP server at /mcp (SPEC §7) behind the same gate."""
+    """The whole HTTP front of a replica (SPEC §3): every route, the /v1 gate, the
+    MCP server at /mcp (SPEC §7) behind the same gate, and the operator console
+    at /console (its own sign-in; 404 without an admin token, like /admin)."""
     mcp = McpEndpoint(context)
     return create_app(
         context,
-        extra_routes=[*route_table.api_routes(), Route(MCP_PATH, mcp)],
+        extra_routes=[*route_table.api_routes(), Route(MCP_PATH, mcp), *console_routes()],
         lifespan=lambda app: mcp.running(),
         inner_middleware=[
             Middleware(

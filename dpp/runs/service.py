@@ -163,6 +163,28 @@ class Runs:
     async def usage(self, tenant_id: str, first: date, last: date) -> list[Record]:
         return await self._store.usage(tenant_id, first, last)
 
+    # --- operators (the console): any tenant's runs, read only ---------------------------
+
+    async def operator_page(
+        self, tenant_id: str | None, statuses: list[RunStatus] | None, limit: int
+    ) -> list[Record]:
+        """Any tenant's runs, or one tenant's, newest first (at most ``limit``)."""
+        assert 1 <= limit <= 1000, limit
+        if tenant_id is not None and not ids.is_id(tenant_id, "ten"):
+            return []
+        return await self._store.operator_page(tenant_id, statuses, limit)
+
+    async def operator_get(self, run_id: str) -> tuple[Record, list[Record]]:
+        """Any tenant's run and its ledger entries; ``RunNotFound``."""
+        row = await self._store.operator_get(run_id) if ids.is_id(run_id, "run") else None
+        if row is None:
+            raise RunNotFound(run_id)
+        return row, await self._store.ledger_entries(run_id)
+
+    async def usage_all(self, first: date, last: date) -> list[Record]:
+        """Runs, charged and refunded per UTC creation date and pack, every tenant."""
+        return await self._store.usage_all(first, last)
+
     async def resolve(self, run_id: str, outcome: Outcome, charged_usd_micros: int) -> Settlement:
         """An operator settles an AUDIT_REQUIRED run once, charging exactly this."""
         assert outcome in (Outcome.COMPLETED, Outcome.FAILED), outcome

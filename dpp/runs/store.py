@@ -58,6 +58,32 @@ class RunStore:
         row: Record | None = await self._pool.fetchrow(self._queries["run_by_id"], run_id)
         return row
 
+    async def operator_page(
+        self, tenant_id: str | None, statuses: Sequence[RunStatus] | None, limit: int
+    ) -> list[Record]:
+        """Any tenant's runs (or one tenant's), newest first: the operator console."""
+        return list(
+            await self._pool.fetch(
+                self._queries["operator_list_runs"],
+                tenant_id,
+                None if statuses is None else [status.value for status in statuses],
+                limit,
+            )
+        )
+
+    async def operator_get(self, run_id: str) -> Record | None:
+        """Any tenant's run with every column (the operator console's run page)."""
+        row: Record | None = await self._pool.fetchrow(self._queries["operator_get_run"], run_id)
+        return row
+
+    async def ledger_entries(self, run_id: str) -> list[Record]:
+        """The run's ledger entries, in the order they were written (read only)."""
+        return list(await self._pool.fetch(self._queries["run_ledger_entries"], run_id))
+
+    async def usage_all(self, first: date, last: date) -> list[Record]:
+        """``usage`` over every tenant."""
+        return list(await self._pool.fetch(self._queries["usage_by_day_all"], first, last))
+
     async def lapsed_leases(self, limit: int) -> list[Record]:
         """PROCESSING runs whose lease passed (the reaper's candidates), oldest first."""
         return list(await self._pool.fetch(self._queries["lapsed_leases"], limit))

@@ -30,6 +30,15 @@ POLICY_TENANT: Final = "tenant"
 POLICY_KEY: Final = "key"
 SCRIPT: Final = Path(__file__).with_name("ratelimit.lua").read_text(encoding="utf-8")
 SCRIPT_SHA1: Final = hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest()
+# A fixed window counter for attempts (the console's sign-in): count this one,
+# start the window on the first, answer the count and the window's time left.
+ATTEMPT_SCRIPT: Final = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local left = redis.call('PTTL', KEYS[1])
+if left < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]); left = tonumber(ARGV[1]) end
+return {count, left}
+"""
 
 
 class RateLimitUnavailable(Exception):
@@ -127,3 +136,21 @@ class RateLimiter:
             reset_s=_whole_seconds_up(reset_us),
             retry_after_s=None if allowed else max(1, _whole_seconds_up(retry_after_us)),
         )
+
+    async def attempt(self, name: str, quota: int, window_s: int) -> int | None:
+        """Count one attempt at ``name`` (e.g. a sign-in from one address) in Redis,
+        so the limit holds across replicas: None while at most ``quota`` attempts
+        fell in the current ``window_s`` window, else the seconds until it ends.
+        Raises RateLimitUnavailable (fail closed) when Redis cannot answer."""
+        assert quota >= 1 and window_s >= 1 and name
+        key = f"{self._prefix}:attempts:{name}"
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                count, left_ms = await self._redis.eval(ATTEMPT_SCRIPT, 1, key, window_s * 1000)
+        except REDIS_ERRORS as error:
+            raise RateLimitUnavailable(
+                f"rate limiter unavailable ({type(error).__name__})"
+            ) from error
+        if int(count) <= quota:
+            return None
+        return max(1, math.ceil(int(left_ms) / 1000))

@@ -218,6 +218,14 @@ class Tenancy:
             raise TenantNotFound("no such tenant")
         return _tenant(row)
 
+    async def search_tenants(self, text: str, limit: int = 50) -> list[Tenant]:
+        """Operators' search: the tenant with this exact id, or those whose name
+        contains ``text`` (case-insensitive), newest first, at most ``limit``."""
+        assert 1 <= limit <= 500, limit
+        pattern = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = await self._pool.fetch(self._queries["tenant_search"], pattern, text, limit)
+        return [_tenant(row) for row in rows]
+
     async def set_tenant_plan(self, tenant_id: str, plan_id: object) -> Tenant:
         """Move a tenant to another plan; every replica forgets its cached principals."""
         plan_id = check_plan_id(plan_id, "plan_id")
@@ -290,6 +298,14 @@ class Tenancy:
         if row is None:
             raise ApiKeyNotFound("no such API key")
         return _api_key(row)
+
+    async def tenant_keys(self, tenant_id: str, limit: int = 200) -> list[ApiKey]:
+        """Every key of the tenant, revoked ones too, newest first (never the key)."""
+        assert 1 <= limit <= 1000, limit
+        if not isinstance(tenant_id, str) or not is_id(tenant_id, "ten"):
+            return []
+        rows = await self._pool.fetch(self._queries["api_keys_of_tenant"], tenant_id, limit)
+        return [_api_key(row) for row in rows]
 
     async def set_key_spend_limit(self, key_id: str, spend_limit_usd_micros: object) -> ApiKey:
         """Set (or with None, remove) a live key's spend limit (SPEC §7). A limit

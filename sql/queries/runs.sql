@@ -80,3 +80,39 @@ WHERE ctid IN (
       AND (state = 'done' OR locked_until < now())
     LIMIT $2
 );
+
+-- name: operator_list_runs
+-- The operator console: any tenant's runs (or one tenant's, $1), newest first.
+SELECT r.id, r.tenant_id, r.pack_type, r.status, r.reserved_usd_micros,
+       r.charged_usd_micros, r.refunded_usd_micros, r.created_at, r.started_at,
+       r.claimed_at, r.finished_at, r.attempts, r.error, r.result_key, r.result_sha256,
+       r.result_bytes
+FROM runs r
+WHERE ($1::text IS NULL OR r.tenant_id = $1)
+  AND ($2::text[] IS NULL OR r.status = ANY($2::text[]))
+ORDER BY r.created_at DESC, r.id DESC
+LIMIT $3;
+
+-- name: operator_get_run
+-- The operator console: any tenant's run, every column.
+SELECT r.* FROM runs r WHERE r.id = $1;
+
+-- name: run_ledger_entries
+-- The operator console: the ledger entries of one run, in the order written.
+SELECT id, kind, amount_usd_micros, operation_id, created_at
+FROM ledger_entries
+WHERE run_id = $1
+ORDER BY id;
+
+-- name: usage_by_day_all
+-- usage_by_day over every tenant (the operator console's usage page).
+SELECT (r.created_at AT TIME ZONE 'UTC')::date AS day,
+       r.pack_type,
+       count(*) AS runs,
+       COALESCE(sum(r.charged_usd_micros), 0)::bigint AS charged_usd_micros,
+       COALESCE(sum(r.refunded_usd_micros), 0)::bigint AS refunded_usd_micros
+FROM runs r
+WHERE r.created_at >= ($1::date)::timestamp AT TIME ZONE 'UTC'
+  AND r.created_at < (($2::date) + 1)::timestamp AT TIME ZONE 'UTC'
+GROUP BY 1, 2
+ORDER BY 1, 2;

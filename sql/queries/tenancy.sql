@@ -104,3 +104,24 @@ SELECT found.id AS key_id, found.tenant_id, found.key_sha256,
 FROM found
 JOIN tenants ON tenants.id = found.tenant_id
 JOIN plans ON plans.id = tenants.plan_id;
+
+-- name: tenant_search
+-- The operator console's tenant search: an exact id, or a name containing $1
+-- (case-insensitive; $1 arrives with LIKE's wildcards escaped); newest first.
+SELECT tenants.id, tenants.name, tenants.plan_id, tenants.created_at,
+       plans.requests_per_minute, plans.max_concurrent_runs, plans.retention_days,
+       plans.created_at AS plan_created_at, plans.updated_at AS plan_updated_at
+FROM tenants
+JOIN plans ON plans.id = tenants.plan_id
+WHERE tenants.id = $2 OR tenants.name ILIKE '%' || $1 || '%' ESCAPE '\'
+ORDER BY tenants.created_at DESC, tenants.id DESC
+LIMIT $3;
+
+-- name: api_keys_of_tenant
+-- Every key of the tenant (revoked ones too), newest first.
+SELECT id, tenant_id, name, key_hint, requests_per_minute, created_at, last_used_at, revoked_at,
+       spend_limit_usd_micros, spent_usd_micros
+FROM api_keys
+WHERE tenant_id = $1
+ORDER BY created_at DESC, id DESC
+LIMIT $2;

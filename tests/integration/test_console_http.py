@@ -1,0 +1,214 @@
+"""The console's gate over HTTP, in process: sign-in, cookies, CSRF, the rate limit.
+
+What a browser cannot show cheaply: the cookie's attributes, the CSP header,
+the sign-in limit holding across two replicas (it lives in Redis), the token
+in no log line, 404 without an admin token, and a 503 page while Postgres is
+down. The pages themselves are tested in chromium (tests/browser).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+import pytest
+
+from dpp.app import Runtime, open_runtime
+from dpp.config import Settings
+from dpp.http.console.pages import SIGN_IN_ATTEMPTS
+from dpp.http.console.session import SESSION_COOKIE, SESSION_TTL_S
+from tests.integration.conftest import ADMIN_TOKEN, BASE_URL, CapturedLogs
+from tests.tcp_proxy import TcpProxy
+
+CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+def csrf_of(html: str) -> str:
+    found = CSRF.search(html)
+    assert found is not None, html
+    return found.group(1)
+
+
+async def sign_in_form(client: httpx.AsyncClient) -> str:
+    form = await client.get("/console/sign-in")
+    assert form.status_code == 200
+    return csrf_of(form.text)
+
+
+async def sign_in(client: httpx.AsyncClient, token: str = ADMIN_TOKEN) -> httpx.Response:
+    csrf = await sign_in_form(client)
+    return await client.post("/console/sign-in", data={"csrf": csrf, "token": token})
+
+
+async def test_sign_in_sets_a_strict_session_cookie(
+    http: httpx.AsyncClient, captured_logs: CapturedLogs
+) -> None:
+    assert (await http.get("/console")).headers["location"] == "/console/sign-in"
+    signed = await sign_in(http)
+    assert signed.status_code == 303 and signed.headers["location"] == "/console"
+    cookie = next(
+        value
+        for name, value in signed.headers.multi_items()
+        if name == "set-cookie" and value.startswith(f"{SESSION_COOKIE}=")
+    )
+    attributes = {part.strip().split("=")[0].lower() for part in cookie.split(";")}
+    assert {"httponly", "samesite", "max-age", "path"} <= attributes
+    assert "samesite=strict" in cookie.lower() and f"max-age={SESSION_TTL_S}" in cookie.lower()
+    assert "path=/console" in cookie.lower()
+    assert "secure" not in attributes  # plain http here; see the https test
+    overview = await http.get("/console")
+    assert overview.status_code == 200 and "Supervision tree" in overview.text
+    csp = overview.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src" not in csp and "'unsafe" not in csp
+    assert "frame-ancestors 'none'" in csp and "form-action 'self'" in csp
+    assert overview.headers["cache-control"] == "no-store"
+    assert "<script" not in overview.text
+    assert ADMIN_TOKEN not in overview.text
+    await sign_in(http, "wrong-token")
+    assert ADMIN_TOKEN not in captured_logs.text() and "wrong-token" not in captured_logs.text()
+    assert "console sign-in" in captured_logs.text()
+
+
+async def test_over_https_the_cookie_is_secure(runtime: Runtime) -> None:
+    transport = httpx.ASGITransport(app=runtime.app)
+    async with httpx.AsyncClient(transport=transport, base_url="https://console.test") as client:
+        signed = await sign_in(client)
+    assert signed.status_code == 303
+    cookie = signed.headers.get_list("set-cookie")
+    session = next(value for value in cookie if value.startswith(f"{SESSION_COOKIE}="))
+    assert "secure" in session.lower()
+
+
+async def test_a_post_without_the_session_csrf_token_is_403(
+    http: httpx.AsyncClient, admin_headers: dict[str, str], runtime: Runtime
+) -> None:
+    tenant = await http.post("/admin/tenants", json={"name": "csrf"}, headers=admin_headers)
+    tenant_id = tenant.json()["id"]
+    await sign_in(http)
+    page = await http.get(f"/console/tenants/{tenant_id}")
+    topup_id = re.search(r'name="topup_id" value="([^"]+)"', page.text)
+    assert topup_id is not None
+    url = f"/console/tenants/{tenant_id}/credits"
+    body = {"topup_id": topup_id.group(1), "amount_usd": "5"}
+    for csrf in (None, "", "forged", csrf_of(page.text) + "x"):
+        sent = body if csrf is None else {**body, "csrf": csrf}
+        refused = await http.post(url, data=sent)
+        assert refused.status_code == 403, refused.text
+        assert "text/html" in refused.headers["content-type"]
+    # the sign-in form's own token is not this session's
+    transport = httpx.ASGITransport(app=runtime.app)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as stranger:
+        other = await sign_in_form(stranger)
+    assert (await http.post(url, data={**body, "csrf": other})).status_code == 403
+    for path in ("/console/reconcile", "/console/sign-out"):
+        assert (await http.post(path, data={"csrf": "forged"})).status_code == 403
+    budget = await http.get(f"/admin/tenants/{tenant_id}/budget", headers=admin_headers)
+    assert budget.json()["postgres"]["balance_usd_micros"] == 0
+    accepted = await http.post(url, data={**body, "csrf": csrf_of(page.text)})
+    assert accepted.status_code == 303
+    budget = await http.get(f"/admin/tenants/{tenant_id}/budget", headers=admin_headers)
+    assert budget.json()["postgres"]["balance_usd_micros"] == 5_000_000
+
+
+async def test_the_sign_in_form_needs_its_csrf_token(http: httpx.AsyncClient) -> None:
+    await sign_in_form(http)
+    refused = await http.post("/console/sign-in", data={"csrf": "x", "token": ADMIN_TOKEN})
+    assert refused.status_code == 403
+    assert SESSION_COOKIE not in refused.headers.get("set-cookie", "")
+
+
+async def test_the_sign_in_limit_holds_across_replicas(
+    runtime: Runtime, settings: Settings, settings_env: dict[str, str]
+) -> None:
+    async with open_runtime(settings, environment=settings_env, dispatch=False) as second:
+        clients = [
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE_URL)
+            for app in (runtime.app, second.app)
+        ]
+        try:
+            for attempt in range(SIGN_IN_ATTEMPTS):
+                wrong = await sign_in(clients[attempt % 2], "wrong")
+                assert wrong.status_code == 401, wrong.text
+            for client in clients:
+                refused = await sign_in(client)  # even the right token, now
+                assert refused.status_code == 429, refused.text
+                assert 1 <= int(refused.headers["retry-after"]) <= 60
+                assert SESSION_COOKIE not in refused.headers.get("set-cookie", "")
+        finally:
+            for client in clients:
+                await client.aclose()
+
+
+@pytest.fixture
+def no_admin_token_env(settings_env: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in settings_env.items() if name != "DPP_ADMIN_TOKEN"}
+
+
+async def test_without_an_admin_token_the_console_is_404(
+    no_admin_token_env: dict[str, str],
+) -> None:
+    from dpp.config import load_settings
+
+    settings = load_settings(no_admin_token_env)
+    assert settings.admin_token is None
+    async with open_runtime(settings, environment=no_admin_token_env, dispatch=False) as replica:
+        transport = httpx.ASGITransport(app=replica.app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
+            unknown = await client.get("/no-such-page")
+            for method, path in (
+                ("GET", "/console"),
+                ("GET", "/console/sign-in"),
+                ("POST", "/console/sign-in"),
+                ("GET", "/console/static/console.css"),
+                ("GET", "/console/tenants"),
+            ):
+                answer = await client.request(method, path)
+                assert answer.status_code == 404, (method, path)
+                assert answer.json()["type"] == unknown.json()["type"]
+
+
+# --- a dependency down: a 503 page, not a 500 ------------------------------------------
+
+
+@pytest.fixture
+async def postgres_proxy(database_url: str) -> AsyncIterator[TcpProxy]:
+    parts = urlsplit(database_url)
+    assert parts.hostname and parts.port
+    proxy = TcpProxy(parts.hostname, parts.port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+@pytest.fixture
+def settings_env(settings_env: dict[str, str], request: pytest.FixtureRequest) -> dict[str, str]:
+    if "postgres_proxy" not in request.fixturenames:
+        return settings_env
+    proxy: TcpProxy = request.getfixturevalue("postgres_proxy")
+    parts = urlsplit(settings_env["DATABASE_URL"])
+    user = parts.netloc.rsplit("@", 1)
+    netloc = proxy.address if len(user) == 1 else f"{user[0]}@{proxy.address}"
+    return {**settings_env, "DATABASE_URL": parts._replace(netloc=netloc).geturl()}
+
+
+async def test_postgres_down_is_a_503_page(
+    http: httpx.AsyncClient, postgres_proxy: TcpProxy
+) -> None:
+    await sign_in(http)
+    assert (await http.get("/console/tenants")).status_code == 200
+    async with postgres_proxy.outage():
+        for path in ("/console/tenants", "/console", "/console/runs", "/console/usage"):
+            down = await http.get(path)
+            assert down.status_code == 503, (path, down.text)
+            assert int(down.headers["retry-after"]) >= 1
+            assert "postgres" in down.text and "text/html" in down.headers["content-type"]
+    with anyio.fail_after(15):
+        while True:
+            if (await http.get("/console/tenants")).status_code == 200:
+                break
+            await anyio.sleep(0.2)
