@@ -96,8 +96,7 @@ async def test_the_page_runs_under_a_strict_content_security_policy(
     assert policy["script-src"] == ["'self'"]  # no inline script, no eval, no CDN
     assert policy["connect-src"] == ["'self'"]  # it fetches /openapi.json and nothing else
     assert policy["object-src"] == ["'none'"] and policy["frame-ancestors"] == ["'none'"]
-    # only styles may be inline (Swagger UI's React style attributes)
-    assert policy["style-src"] == ["'self'", "'unsafe-inline'"]
+    assert policy["style-src"] == ["'self'"]  # nothing inline, styles included
     for values in policy.values():
         assert not any(value.startswith(("http:", "https:")) for value in values)
 
