@@ -80,3 +80,15 @@ WHERE ctid IN (
       AND (state = 'done' OR locked_until < now())
     LIMIT $2
 );
+
+-- name: waiting_by_pack
+-- /metrics (dpp.runs.gauges): the deployment's queue and AUDIT_REQUIRED runs by pack.
+-- Two arms, so each reads its own partial index (runs_queued, runs_audit_required)
+-- and the cost follows the rows counted, not the size of the runs table.
+SELECT 'QUEUED' AS status, pack_type, count(*)::bigint AS runs,
+       EXTRACT(EPOCH FROM (now() - min(created_at)))::float8 AS oldest_age_sec
+FROM runs WHERE status = 'QUEUED' GROUP BY pack_type
+UNION ALL
+SELECT 'AUDIT_REQUIRED', pack_type, count(*)::bigint,
+       EXTRACT(EPOCH FROM (now() - min(created_at)))::float8
+FROM runs WHERE status = 'AUDIT_REQUIRED' GROUP BY pack_type;
