@@ -76,16 +76,18 @@ class OperatorGauges:
     async def refresh(self) -> None:
         """Bring each gauge up to date if it is older than its interval. Concurrent
         scrapes wait for the one refresh under way and reuse its numbers."""
-        async with self._lock:
+        async with self._lock, anyio.create_task_group() as group:
+            # side by side: a scrape waits at most the longer bound (8 s), inside
+            # Prometheus's default 10 s scrape timeout
             now = anyio.current_time()
             if self._queue_at is None or now - self._queue_at >= self.queue_ttl_s:
                 self._queue_at = now
-                await self._refresh_queue()
+                group.start_soon(self._refresh_queue)
             if self.audit_interval_s > 0 and (
                 self._audit_at is None or now - self._audit_at >= self.audit_interval_s
             ):
                 self._audit_at = now
-                await self._refresh_audit()
+                group.start_soon(self._refresh_audit)
 
     async def _refresh_queue(self) -> None:
         self.queue_queries += 1
