@@ -48,6 +48,7 @@ from dpp.money.mirror import BudgetMirror
 from dpp.packs import PackRegistry
 from dpp.runs.admission import Admission
 from dpp.runs.downloads import ResultDownloads
+from dpp.runs.gauges import OperatorGauges
 from dpp.runs.idempotency import IdempotencyKeys
 from dpp.runs.service import Runs
 from dpp.runs.store import RunStore
@@ -221,6 +222,7 @@ def build_run_services(adapters: Adapters, budgets: Budgets) -> RunServices:
         packs=adapters.packs,
         lease_sec=settings.lease_sec,
         heartbeat_sec=settings.heartbeat_sec,
+        metrics=metrics_for(adapters.metrics_registry),
     )
 
 
@@ -242,6 +244,7 @@ def build_reconciler(adapters: Adapters, budgets: Budgets, **timing: Any) -> Rec
         results=adapters.blobs,
         settler=budgets,
         queue=adapters.queue,
+        metrics=metrics_for(adapters.metrics_registry),
         **(intervals | timing),
     )
 
@@ -257,6 +260,7 @@ def build_context(
     settings = adapters.settings
     pool, queries, redis = adapters.pool, adapters.queries, adapters.redis
     metrics = metrics_for(adapters.metrics_registry)
+    accounts = Accounts(pool, queries, adapters.mirror)
     return AppContext(
         settings=settings,
         packs=adapters.packs,
@@ -265,7 +269,7 @@ def build_context(
         actors_tree=actors_tree or no_tree,
         tenancy=Tenancy(pool, queries, redis, settings),
         rate_limiter=RateLimiter(redis, settings.redis_prefix),
-        accounts=Accounts(pool, queries, adapters.mirror),
+        accounts=accounts,
         budgets=budgets,
         admission=Admission(
             keys=IdempotencyKeys(pool, queries),
@@ -275,6 +279,12 @@ def build_context(
         ),
         runs=Runs(RunStore(pool, queries), adapters.blobs, budgets),
         reconciler=reconciler,
+        gauges=OperatorGauges(
+            RunStore(pool, queries),
+            lambda: accounts.audit(include_mirror=False),
+            metrics,
+            adapters.packs.pack_types(),
+        ),
         unavailable_dependency=unavailable_dependency,
         downloads=ResultDownloads(local_results_of(adapters)),
     )
@@ -352,8 +362,10 @@ async def open_runtime(
         return supervisor.statistics() if supervisor is not None else no_tree()
 
     async with open_adapters(settings, environment=environment) as adapters:
+        metrics = metrics_for(adapters.metrics_registry)
         budgets = build_budgets(adapters)
         reconciler = build_reconciler(adapters, budgets)
+
         context = build_context(adapters, budgets, reconciler=reconciler, actors_tree=tree)
         dispatcher = None
         if dispatch:
@@ -366,6 +378,7 @@ async def open_runtime(
         app = build_app(context)
 
         def on_child_crash(supervisor_name: str, child: str, error: BaseException) -> None:
+            metrics.supervisor_restarts.labels(child).inc()
             log.error(
                 "actor crashed; restarting and reconciling",
                 extra={

@@ -21,6 +21,7 @@ from dpp.money.accounts import Accounts
 from dpp.packs import PackRegistry
 from dpp.runs.admission import Admission
 from dpp.runs.downloads import ResultDownloads
+from dpp.runs.gauges import OperatorGauges
 from dpp.runs.service import Runs
 from dpp.tenancy.ratelimit import RateLimiter
 from dpp.tenancy.service import Tenancy
@@ -55,6 +56,8 @@ class AppContext:
     runs: Runs  # read, page, cancel, usage, resolve
     # one reconciliation pass on demand (POST /admin/reconcile); None off the tree
     reconciler: Reconciler | None = None
+    # the deployment's queue and audit gauges, refreshed when /metrics is scraped
+    gauges: OperatorGauges | None = None
     # which dependency (postgres, redis, object_storage) an unhandled error says is
     # down, or None: such a request answers 503 with Retry-After, never 500. The
     # composition root wires dpp.adapters.failures.unavailable_dependency.

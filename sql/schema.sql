@@ -120,6 +120,7 @@ CREATE INDEX runs_queued_unsent ON runs (created_at)
     WHERE status = 'QUEUED' AND enqueued_at IS NULL;
 CREATE INDEX runs_working_lease ON runs (lease_expires_at) WHERE status = 'PROCESSING';
 CREATE INDEX runs_claimed ON runs (claimed_at) WHERE status = 'CLAIMED';
+CREATE INDEX runs_audit_required ON runs (created_at) WHERE status = 'AUDIT_REQUIRED';
 CREATE INDEX runs_open_by_tenant ON runs (tenant_id)
     WHERE status IN ('QUEUED', 'PROCESSING', 'CLAIMED');
 CREATE INDEX runs_retention ON runs (retention_until)

@@ -170,7 +170,12 @@ class Budgets:
         except _UNAVAILABLE as error:
             raise SettlementUnavailable(str(error), retry_after_s(error)) from error
         if result.applied and self._metrics is not None:
-            self._metrics.runs_settled.labels(result.settlement.outcome.value).inc()
+            settlement = result.settlement
+            self._metrics.observe_settlement(
+                settlement.outcome.value,
+                settlement.charged_usd_micros,
+                settlement.refunded_usd_micros,
+            )
         return result
 
     async def credit(

@@ -118,6 +118,9 @@ class Dispatcher:
         self._close_mailbox = spec.stop
         # Graceful stop = stop claiming, grace, release (not just a mailbox close).
         self._spec = dataclasses.replace(spec, stop=self.stop, statistics=self.tree_node)
+        if services.metrics is not None:
+            services.metrics.worker_slots.set(concurrency)
+            services.metrics.runs_in_flight.set_function(self._hosted_count)
 
     def _new_incarnation(self) -> DispatcherActor:
         self.incarnations += 1
@@ -148,6 +151,9 @@ class Dispatcher:
         """Stop claiming now; in-flight runs get the grace period (sync, idempotent)."""
         self.draining.set()
         self._close_mailbox()
+
+    def _hosted_count(self) -> int:
+        return 0 if self._actor is None else len(self._actor.hosted)
 
     def in_flight(self) -> list[str]:
         assert self._actor is not None

@@ -65,6 +65,7 @@ from dpp.adapters.blobs import (
 )
 from dpp.adapters.queue.base import DeadLetter, RunQueue
 from dpp.limits import EVIDENCE_READ_FAILURES_MAX, RECONCILER_MAILBOX_SIZE, USD_MICROS_MAX
+from dpp.metrics import Metrics
 from dpp.money import ledger
 from dpp.money.drift import DriftRepair
 from dpp.money.ledger import LedgerStore
@@ -252,6 +253,7 @@ class Reconciler:
         unsent_after_sec: int = UNSENT_AFTER_SEC_DEFAULT,
         drift_settle_s: float = DRIFT_SETTLE_S_DEFAULT,
         name: str = "reconciler",
+        metrics: Metrics | None = None,
     ) -> None:
         assert reaper_interval_s > 0 and reconcile_interval_s > 0
         assert claimed_threshold_sec >= 1 and unsent_after_sec >= 0
@@ -268,6 +270,7 @@ class Reconciler:
         self.claimed_threshold_sec = claimed_threshold_sec
         self.unsent_after_sec = unsent_after_sec
         self.drift_settle_s = drift_settle_s
+        self.metrics = metrics
         self.passes = 0
         self.last_report: dict[str, Any] | None = None
         self.incarnations = 0
@@ -368,11 +371,28 @@ class Reconciler:
         await self.guarded_step(report, "retention", self._delete_expired_results)
         await self.guarded_step(report, "idempotency", self._sweep_idempotency)
         report.duration_ms = int((time.monotonic() - started) * 1000)
+        self.count_actions(report)
         self.passes += 1
         self.last_report = report.as_json()
         if report.moved_anything():
             log.info("reconcile pass", extra=self.last_report)
         return report
+
+    def count_actions(self, report: ReconcileReport) -> None:
+        """``dpp_reconciler_actions_total``: what one pass (or reaper pass) repaired."""
+        if self.metrics is None:
+            return
+        self.metrics.count_reconciler_actions(
+            {
+                "reaped": report.expired,
+                "rolled_forward": report.rolled_forward,
+                "rolled_back": report.rolled_back,
+                "audit_required": report.audit_required,
+                "drift_repaired": report.drift_repairs,
+                "requeued": report.requeued,
+                "dead_lettered": report.dead_lettered,
+            }
+        )
 
     async def guarded_step(
         self,
@@ -642,6 +662,7 @@ class ReconcilerActor(Actor[ReconcilerMessage]):
                 reconciler.reap_pending = False
                 report = ReconcileReport()
                 await reconciler.guarded_step(report, "reap", reconciler.reap)
+                reconciler.count_actions(report)
                 if report.moved_anything():
                     log.info("reaper pass", extra=report.as_json())
             case Reconcile(reply=reply):

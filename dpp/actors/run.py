@@ -41,6 +41,7 @@ from dpp.adapters.queue.base import ClaimedRun, LeaseStore, RunQueue
 from dpp.faults import crash_point
 from dpp.limits import RUN_MAILBOX_SIZE
 from dpp.logs import bind
+from dpp.metrics import Metrics
 from dpp.money import ledger
 from dpp.money.rules import Outcome, RunStatus
 from dpp.packs import PackContext, PackError, PackOutput, PackRegistry
@@ -131,6 +132,8 @@ class RunServices:
     packs: PackRegistry
     lease_sec: int
     heartbeat_sec: float
+    # run durations (dpp_run_duration_seconds); None where nothing is scraped
+    metrics: Metrics | None = None
 
     def __post_init__(self) -> None:
         assert self.lease_sec >= 1
@@ -387,6 +390,10 @@ class RunActor(Actor[RunMessage]):
                 "replayed": not result.applied,
             },
         )
+        if result.applied and self.services.metrics is not None:
+            self.services.metrics.run_duration.labels(
+                self.claimed.pack_type, request.outcome.value
+            ).observe(anyio.current_time() - self.claimed.claimed_at_monotonic)
         return settled
 
     # ---------------------------------------------------------- endings

@@ -2,7 +2,7 @@
 
 ``build_app(context)`` is the app a replica serves: every route of
 ``dpp.http.routes`` behind the ``/v1`` gate. ``create_app(context)`` is its
-frame (the ops endpoints and ``/admin/actors``), which tests fill with routes
+frame (the ops endpoints, ``/admin/actors`` and the ``/docs`` page), which tests fill with routes
 and middleware of their own.
 
 Middleware, outermost first (see ``dpp.http.middleware``)::
@@ -31,6 +31,7 @@ from dpp.context import AppContext
 from dpp.http import routes as route_table
 from dpp.http.auth import MCP_PATH, AdminAuthMiddleware, ApiAuthMiddleware
 from dpp.http.console import console_routes
+from dpp.http.docs import docs_routes
 from dpp.http.mcp import McpEndpoint
 from dpp.http.middleware import (
     AccessLogMiddleware,
@@ -75,7 +76,8 @@ def create_app(
     ``extra_routes``. ``inner_middleware`` runs after CORS and the error layer
     but before routing: the place for the /v1 gate."""
     settings = context.settings
-    routes = [*route_table.frame_routes(), *extra_routes]
+    # /docs renders /openapi.json in the browser: both belong to every app
+    routes = [*route_table.frame_routes(), *docs_routes(), *extra_routes]
     middleware = [
         Middleware(RequestBodyDrainMiddleware, max_body_bytes=settings.max_body_bytes),
         Middleware(RequestContextMiddleware),

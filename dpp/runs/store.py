@@ -53,6 +53,11 @@ class RunStore:
 
     # --- operators and the reconciler --------------------------------------------------
 
+    async def waiting_by_pack(self) -> list[Record]:
+        """QUEUED and AUDIT_REQUIRED runs of every tenant per (status, pack_type): count
+        and the oldest one's age in seconds (the /metrics gauges; two partial indexes)."""
+        return list(await self._pool.fetch(self._queries["waiting_by_pack"]))
+
     async def by_id(self, run_id: str) -> Record | None:
         """Any tenant's run: id, tenant, status, version, reservation."""
         row: Record | None = await self._pool.fetchrow(self._queries["run_by_id"], run_id)

@@ -116,3 +116,15 @@ WHERE r.created_at >= ($1::date)::timestamp AT TIME ZONE 'UTC'
   AND r.created_at < (($2::date) + 1)::timestamp AT TIME ZONE 'UTC'
 GROUP BY 1, 2
 ORDER BY 1, 2;
+
+-- name: waiting_by_pack
+-- /metrics (dpp.runs.gauges): the deployment's queue and AUDIT_REQUIRED runs by pack.
+-- Two arms, so each reads its own partial index (runs_queued, runs_audit_required)
+-- and the cost follows the rows counted, not the size of the runs table.
+SELECT 'QUEUED' AS status, pack_type, count(*)::bigint AS runs,
+       EXTRACT(EPOCH FROM (now() - min(created_at)))::float8 AS oldest_age_sec
+FROM runs WHERE status = 'QUEUED' GROUP BY pack_type
+UNION ALL
+SELECT 'AUDIT_REQUIRED', pack_type, count(*)::bigint,
+       EXTRACT(EPOCH FROM (now() - min(created_at)))::float8
+FROM runs WHERE status = 'AUDIT_REQUIRED' GROUP BY pack_type;

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from dpp.context import AppContext, ReadinessCheck
 from dpp.http.endpoints import Endpoint, Reply, problem
 from dpp.http.problems import Problem
+from dpp.metrics import metrics_for
 from dpp.schemas import Schema, all_required
 
 __all__ = ["ENDPOINTS", "METRICS_CONTENT_TYPE", "READINESS_TIMEOUT_S", "check_readiness"]
@@ -71,9 +72,18 @@ async def health(request: Request) -> Response:
     return Response(b'{"status":"ok"}', media_type="application/json", headers=NO_STORE)
 
 
+async def _readiness_gauges(context: AppContext) -> dict[str, bool]:
+    """Ask every dependency (the module constant is read per call, so a test can
+    shorten it) and record the answers in ``dpp_dependency_up``."""
+    results = await check_readiness(context.readiness, READINESS_TIMEOUT_S)
+    dependency_up = metrics_for(context.metrics_registry).dependency_up
+    for name, up in results.items():
+        dependency_up.labels(name).set(1 if up else 0)
+    return results
+
+
 async def readyz(request: Request) -> Response:
-    # the module constant is read per call, so a test can shorten it
-    results = await check_readiness(_context(request).readiness, READINESS_TIMEOUT_S)
+    results = await _readiness_gauges(_context(request))
     checks = {name: "ok" if up else "down" for name, up in results.items()}
     down = [name for name, up in results.items() if not up]
     if down:
@@ -90,7 +100,15 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    body = generate_latest(_context(request).metrics_registry)
+    """Refresh what is computed on scrape (readiness, and the deployment's queue and
+    audit gauges, each bounded in time), then render; a refresh that fails keeps
+    the last values, so a scrape always answers."""
+    context = _context(request)
+    async with anyio.create_task_group() as group:
+        group.start_soon(_readiness_gauges, context)
+        if context.gauges is not None:
+            group.start_soon(context.gauges.refresh)
+    body = generate_latest(context.metrics_registry)
     return Response(body, headers={"Content-Type": METRICS_CONTENT_TYPE, **NO_STORE})
 
 
