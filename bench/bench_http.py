@@ -19,12 +19,18 @@ deployment; the ratios are what to compare across changes.
 
 With ``--processes N`` the server is ``dpp serve --processes N``: N replicas
 sharing the port, the kernel spreading the connections over them.
+
+With ``--otlp`` the server traces every request and exports with OTLP/HTTP
+(``OTEL_EXPORTER_OTLP_ENDPOINT``) to a sink in this process
+(``tests/otlp_sink.py``), which counts the spans it receives. Without it any
+``OTEL_*`` variable of the environment is dropped, so tracing is off.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -40,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dpp.adapters.migrate import apply_migrations  # noqa: E402
+from tests.otlp_sink import otlp_sink  # noqa: E402
 from tests.services import delete_redis_prefix, with_database  # noqa: E402
 
 ADMIN_TOKEN = "bench-admin-token-0123456789"
@@ -86,7 +93,11 @@ async def hammer(
 
 
 async def main(
-    seconds: float, connections: int, only: str | None = None, replicas: int = 1
+    seconds: float,
+    connections: int,
+    only: str | None = None,
+    replicas: int = 1,
+    otlp: str | None = None,
 ) -> None:
     admin_url = os.environ.get(
         "DPP_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -110,7 +121,8 @@ async def main(
             )
         )
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+            **({"OTEL_EXPORTER_OTLP_ENDPOINT": otlp} if otlp else {}),
             **aws,
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
@@ -204,5 +216,20 @@ if __name__ == "__main__":
         default=1,
         help="dpp serve --processes N (replicas sharing the port)",
     )
+    parser.add_argument(
+        "--otlp", action="store_true", help="tracing on: export to a local OTLP sink"
+    )
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.seconds, arguments.connections, arguments.only, arguments.processes))
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(otlp_sink(keep=False)) if arguments.otlp else None
+        asyncio.run(
+            main(
+                arguments.seconds,
+                arguments.connections,
+                arguments.only,
+                arguments.processes,
+                sink.url if sink else None,
+            )
+        )
+    if sink is not None:
+        print(f"  tracing on: the sink received {sink.spans} spans in {sink.posts} exports")

@@ -11,14 +11,14 @@ environment itself. Off, every helper here returns at once (a shared
 
 One run, one trace: its trace id is the one the request's logs carry (the
 incoming ``traceparent``'s, else a fresh one), stored on the run row. A run's
-spans hang under its *admit* span, whose span id is derived from the run id
+spans hang under its *enqueue* span, whose span id is derived from the run id
 (``run_span_context``), so any replica, after any restart, continues the trace
 from the row's ``trace_id`` and ``id`` alone, with nothing else stored:
 
     POST /v1/runs                      (server span, http/middleware.py)
-    └── dpp.run.admit                  (span id = f(run id))
-        ├── dpp.budget.reserve         (waiting for the budget actor)
-        ├── dpp.queue.enqueue
+    └── dpp.run.enqueue                (admission; span id = f(run id))
+        ├── dpp.budget.reserve         (the run row committed QUEUED, money held)
+        ├── dpp.queue.announce         (NOTIFY / the SQS message)
         ├── dpp.run.claim              (recorded by the dispatcher)
         ├── dpp.run.execute            (the pack)
         ├── dpp.run.upload             (the result to the results store)
@@ -79,7 +79,7 @@ TRACER_NAME = "dpp"
 DEFAULT_SERVICE_NAME = "dpp"
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
-ADMIT_SPAN = "dpp.run.admit"
+RUN_SPAN = "dpp.run.enqueue"
 CLAIM_SPAN = "dpp.run.claim"
 CLAIM_BATCH_SPAN = "dpp.queue.claim_batch"
 RUN_ID_ATTRIBUTE = "dpp.run.id"
@@ -122,17 +122,15 @@ def tracing_endpoint(environ: Mapping[str, str]) -> str | None:
     return None
 
 
-def configure_tracing(
-    environ: Mapping[str, str] | None = None, *, exporter: SpanExporter | None = None
-) -> bool:
-    """Install the SDK when an OTLP endpoint is configured; answer whether tracing is on.
+def configure_tracing(*, exporter: SpanExporter | None = None) -> bool:
+    """Install the SDK when the environment names an OTLP endpoint; answer
+    whether tracing is on. The SDK reads its settings from ``os.environ``.
 
     ``exporter`` (tests, benchmarks) exports there instead, synchronously, with
     no endpoint needed. Call ``shutdown_tracing`` to flush and switch off.
     """
     global _tracer, _provider
-    environ = os.environ if environ is None else environ
-    if exporter is None and tracing_endpoint(environ) is None:
+    if exporter is None and tracing_endpoint(os.environ) is None:
         return False
     # Imported only when tracing is on: off costs no import time either.
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -173,7 +171,7 @@ def _make_id_generator() -> Any:
     from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 
     class ForcedIdGenerator(IdGenerator):
-        """Random ids, except where ``_start`` forces them (a run's admit span,
+        """Random ids, except where ``_start`` forces them (a run's enqueue span,
         a request's root span that must carry the logs' trace id)."""
 
         def __init__(self) -> None:
@@ -211,10 +209,10 @@ def run_trace_id(trace_id: str | None, run_id: str) -> int:
 
 
 def run_span_context(trace_id: str | None, run_id: str) -> SpanContext:
-    """The context of the run's admit span, computed from the run row alone."""
+    """The context of the run's enqueue span, computed from the run row alone."""
     return SpanContext(
         trace_id=run_trace_id(trace_id, run_id),
-        span_id=_digest("dpp.run.admit", run_id, 8),
+        span_id=_digest("dpp.run.enqueue", run_id, 8),
         is_remote=True,
         trace_flags=TraceFlags(TraceFlags.SAMPLED),
     )
@@ -249,7 +247,9 @@ def _start(
 def _current(span: Span) -> Iterator[Span]:
     """``span`` as the current span until the block ends, then ended. An
     exception marks it failed with the exception's type only."""
-    with trace.use_span(span, end_on_exit=True, record_exception=False) as current:
+    with trace.use_span(
+        span, end_on_exit=True, record_exception=False, set_status_on_exception=False
+    ) as current:
         try:
             yield current
         except Exception as error:
@@ -336,9 +336,9 @@ def finish_server_span(span: Span, method: str, route: str | None, status: int) 
 
 
 def run_span(
-    name: str, trace_id: str | None, run_id: str, attributes: Mapping[str, Any] | None = None
+    trace_id: str | None, run_id: str, attributes: Mapping[str, Any] | None = None
 ) -> contextlib.AbstractContextManager[Span | None]:
-    """The run's admit span (its id derived from ``run_id``), current for the
+    """The run's enqueue span (its id derived from ``run_id``), current for the
     block: under the request's span when that is in the run's trace, else a
     root of the run's trace."""
     if _tracer is None:
@@ -348,7 +348,7 @@ def run_span(
     inside = current.is_valid and current.trace_id == wanted
     attributes = {RUN_ID_ATTRIBUTE: run_id, **(attributes or {})}
     started = _start(
-        name,
+        RUN_SPAN,
         context=None if inside else Context(),
         attributes=attributes,
         trace_id=None if inside else wanted,
@@ -358,17 +358,22 @@ def run_span(
 
 
 def continue_run(trace_id: str | None, run_id: str) -> contextlib.AbstractContextManager[Any]:
-    """Make the run's admit span the parent of every span opened in the block
+    """Make the run's enqueue span the parent of every span opened in the block
     (and in the tasks it starts): a worker continues the run's trace."""
     if _tracer is None:
         return _NOTHING
     return trace.use_span(NonRecordingSpan(run_span_context(trace_id, run_id)))
 
 
-def record_claims(started_ns: int, claimed: Sequence[TraceIds]) -> None:
+def record_claims(started_ns: int, claimed: Sequence[TraceIds], *, waited: bool) -> None:
     """A batched claim that began at ``started_ns`` and just returned
     ``claimed``: its batch span, linked to each run, and each run's claim span
-    in the run's trace, linked back to the batch."""
+    in the run's trace, linked back to the batch.
+
+    ``waited``: the claim began with a wait for messages (SQS's long poll),
+    which may have begun before the runs existed; their claim spans then mark
+    the moment the batch returned rather than the whole wait, which the batch
+    span keeps."""
     if _tracer is None or not claimed:
         return
     runs = [run_span_context(run.trace_id, run.run_id) for run in claimed]
@@ -376,7 +381,7 @@ def record_claims(started_ns: int, claimed: Sequence[TraceIds]) -> None:
         CLAIM_BATCH_SPAN,
         context=Context(),
         kind=SpanKind.CONSUMER,
-        attributes={BATCH_SIZE_ATTRIBUTE: len(claimed)},
+        attributes={BATCH_SIZE_ATTRIBUTE: len(claimed), "dpp.queue.waited": waited},
         links=[Link(run) for run in runs],
         start_time=started_ns,
     )
@@ -388,5 +393,5 @@ def record_claims(started_ns: int, claimed: Sequence[TraceIds]) -> None:
             context=trace.set_span_in_context(NonRecordingSpan(parent)),
             attributes={RUN_ID_ATTRIBUTE: run.run_id},
             links=[Link(batch.get_span_context())],
-            start_time=started_ns,
+            start_time=ended_ns if waited else started_ns,
         ).end(ended_ns)

@@ -292,7 +292,7 @@ class DispatcherActor(Actor[DispatcherMessage]):
             log.warning("claiming failed; retrying at the next poll", exc_info=True)
             return
         assert len(claimed) <= free, (len(claimed), free)
-        tracing.record_claims(started_ns, claimed)
+        tracing.record_claims(started_ns, claimed, waited=queue.claim_waits)
         for run in claimed:
             if dispatcher.draining.is_set():
                 # Stopped while the claim (an SQS long poll) was under way.

@@ -265,10 +265,9 @@ class Admission:
     ) -> SubmitOutcome:
         """Draft, reserve and announce one run, holding ``key`` if any."""
         run_id = self._new_run_id()
-        # the run's own span: every later span of the run, on any replica, hangs under it
-        with tracing.run_span(
-            tracing.ADMIT_SPAN, trace_id, run_id, {"dpp.pack.type": request.pack.pack_type}
-        ):
+        # the run's own span (its reservation commits it QUEUED): every later span
+        # of the run, on any replica, hangs under it
+        with tracing.run_span(trace_id, run_id, {"dpp.pack.type": request.pack.pack_type}):
             return await self._admit_run(run_id, tenant_id, request, key, trace_id, api_key_id)
 
     async def _admit_run(
@@ -404,7 +403,7 @@ class Admission:
         if self._announcer is None:
             return
         try:
-            with tracing.span("dpp.queue.enqueue", kind=tracing.SpanKind.PRODUCER):
+            with tracing.span("dpp.queue.announce", kind=tracing.SpanKind.PRODUCER):
                 await self._announcer.enqueue([run])
         except Exception:
             # The run is durable and QUEUED; the queue's backstop finds it.
