@@ -13,7 +13,9 @@ keep-alive connections for a fixed time per endpoint:
 
 and reports each as a ratio of the baseline. The load generator shares the
 machine's two cores with the server, so absolute numbers understate a real
-deployment; the ratios are what to compare across changes.
+deployment; the ratios are what to compare across changes. It also reports the
+server's CPU time per request (user + system, all its processes), which moves
+far less than req/s when other work shares the machine.
 
     .venv/bin/python bench/bench_http.py [--seconds 5] [--connections 32] [--processes N]
 
@@ -41,6 +43,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -70,6 +73,16 @@ async def wait_http(url: str, timeout_s: float = 60.0) -> None:
                 pass
             await asyncio.sleep(0.1)
     raise TimeoutError(url)
+
+
+def server_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of the server and its replicas so far."""
+    server = psutil.Process(pid)
+    total = 0.0
+    for process in [server, *server.children(recursive=True)]:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
 
 
 async def hammer(
@@ -187,11 +200,13 @@ async def main(
             cases = [cases[0], *[case for case in cases[1:] if only in case[0]]]
         for label, method, path, request in cases:
             await hammer(base, method, path, 1.0, connections, **request)  # warm up
+            cpu_before = server_cpu_s(processes[-1].pid)
             rate, statuses = await hammer(base, method, path, seconds, connections, **request)
+            cpu_us = (server_cpu_s(processes[-1].pid) - cpu_before) * 1e6 / sum(statuses.values())
             baseline = baseline or rate
             print(
                 f"  {label:16s} {rate:7.0f} req/s  ({rate / baseline:.2f}x baseline)  "
-                f"statuses {dict(sorted(statuses.items()))}"
+                f"server CPU {cpu_us:5.0f} us/request  statuses {dict(sorted(statuses.items()))}"
             )
     finally:
         for process in reversed(processes):

@@ -57,16 +57,14 @@ log = logging.getLogger("dpp.budget")
 # ---------------------------------------------------------------- messages
 
 
-# A request's ``span``: its sender's span, taken where the message is made (the
-# asking task), which the batch that serves it links to (``dpp.tracing``).
-
-
 @dataclass(frozen=True, slots=True)
 class Reserve:
     draft: ledger.RunDraft
     reply: Reply[ReserveOutcome]
     # anyio.current_time() at which the caller stops waiting: past it, refused
     deadline: float
+    # the sender's span, taken where the message is made (in the asking task):
+    # the batch that serves it links to it (dpp.tracing; None when tracing is off)
     span: tracing.SpanContext | None = field(default_factory=tracing.current_span_context)
 
 
@@ -74,7 +72,7 @@ class Reserve:
 class Settle:
     request: ledger.SettleRequest
     reply: Reply[ledger.SettleResult]
-    span: tracing.SpanContext | None = field(default_factory=tracing.current_span_context)
+    span: tracing.SpanContext | None = field(default_factory=tracing.current_span_context)  # ditto
 
 
 @dataclass(frozen=True, slots=True)
