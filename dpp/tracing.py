@@ -122,12 +122,13 @@ def tracing_endpoint(environ: Mapping[str, str]) -> str | None:
     return None
 
 
-def configure_tracing(*, exporter: SpanExporter | None = None) -> bool:
+def configure_tracing(*, exporter: SpanExporter | None = None, batched: bool = False) -> bool:
     """Install the SDK when the environment names an OTLP endpoint; answer
     whether tracing is on. The SDK reads its settings from ``os.environ``.
 
-    ``exporter`` (tests, benchmarks) exports there instead, synchronously, with
-    no endpoint needed. Call ``shutdown_tracing`` to flush and switch off.
+    ``exporter`` (tests, benchmarks) exports there instead, with no endpoint
+    needed: as each span ends, or ``batched`` like the OTLP exporter. Call
+    ``shutdown_tracing`` to flush and switch off.
     """
     global _tracer, _provider
     if exporter is None and tracing_endpoint(os.environ) is None:
@@ -147,6 +148,8 @@ def configure_tracing(*, exporter: SpanExporter | None = None) -> bool:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         processor = BatchSpanProcessor(OTLPSpanExporter())
+    elif batched:
+        processor = BatchSpanProcessor(exporter)
     else:
         processor = SimpleSpanProcessor(exporter)
     provider.add_span_processor(processor)
