@@ -365,7 +365,21 @@ def continue_run(trace_id: str | None, run_id: str) -> contextlib.AbstractContex
     (and in the tasks it starts): a worker continues the run's trace."""
     if _tracer is None:
         return _NOTHING
-    return trace.use_span(NonRecordingSpan(run_span_context(trace_id, run_id)))
+    return trace.use_span(NonRecordingSpan(_run_parent(trace_id, run_id)))
+
+
+def _run_parent(trace_id: str | None, run_id: str) -> SpanContext:
+    """``run_span_context``, sampled as the sampler decides for the run's trace
+    id as a root: the row keeps no sampled flag, and a trace-id-ratio sampler
+    decides the same way on every replica (always on: every run is sampled)."""
+    from opentelemetry.sdk.trace.sampling import Decision
+
+    context = run_span_context(trace_id, run_id)
+    assert _provider is not None
+    result = _provider.sampler.should_sample(Context(), context.trace_id, RUN_SPAN)
+    if result.decision is Decision.RECORD_AND_SAMPLE:
+        return context
+    return SpanContext(context.trace_id, context.span_id, is_remote=True, trace_flags=TraceFlags(0))
 
 
 def record_claims(started_ns: int, claimed: Sequence[TraceIds], *, waited: bool) -> None:
@@ -390,7 +404,8 @@ def record_claims(started_ns: int, claimed: Sequence[TraceIds], *, waited: bool)
     )
     ended_ns = time.time_ns()
     batch.end(ended_ns)
-    for run, parent in zip(claimed, runs, strict=True):
+    for run in claimed:
+        parent = _run_parent(run.trace_id, run.run_id)
         _start(
             CLAIM_SPAN,
             context=trace.set_span_in_context(NonRecordingSpan(parent)),

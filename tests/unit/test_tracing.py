@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Iterator
 
@@ -20,6 +21,7 @@ OTEL_VARIABLES = (
     "OTEL_SERVICE_NAME",
     "OTEL_RESOURCE_ATTRIBUTES",
     "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
 )
 
 
@@ -169,3 +171,27 @@ def test_a_failed_span_records_the_error_type_only(spans: InMemorySpanExporter) 
     assert span.status.description == "ValueError"
     assert span.attributes is not None and span.attributes["error.type"] == "ValueError"
     assert not span.events  # no exception event: its message may carry data
+
+
+@pytest.mark.parametrize(("ratio", "kept"), [("0", 0), ("1", 1)])
+def test_a_worker_samples_a_run_as_the_trace_id_ratio_says(
+    monkeypatch: pytest.MonkeyPatch, ratio: str, kept: int
+) -> None:
+    """The row keeps no sampled flag: a ratio sampler decides from the trace id,
+    the same way on every replica."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", ratio)
+    exporter = InMemorySpanExporter()
+    assert tracing.configure_tracing(exporter=exporter)
+    trace_id, run_id = secrets.token_hex(16), "run_" + "C" * 26
+    with tracing.continue_run(trace_id, run_id), tracing.span("dpp.run.execute"):
+        pass
+    tracing.record_claims(0, [_Claimed(run_id, trace_id)], waited=False)
+    run_spans = [s for s in exporter.get_finished_spans() if s.name.startswith("dpp.run.")]
+    assert len(run_spans) == 2 * kept
+
+
+@dataclasses.dataclass(frozen=True)
+class _Claimed:
+    run_id: str
+    trace_id: str | None
