@@ -23,6 +23,8 @@ from opentelemetry.trace import SpanKind
 from dpp import tracing
 from dpp.app import Runtime, open_runtime
 from dpp.config import load_settings
+from dpp.http.app import create_app
+from dpp.http.middleware import TracingMiddleware
 from tests.integration.test_end_to_end import _until_terminal
 from tests.integration.test_execution import create_sqs_queues
 from tests.integration.test_runs_api import BASE_URL, ECHO, _tenant
@@ -230,3 +232,15 @@ async def test_every_request_gets_a_server_span_named_by_its_route(
     assert "GET /v1/runs/{run_id}" in names
     for span in spans.get_finished_spans():
         assert tenant_id not in span.name
+
+
+async def test_the_server_span_middleware_is_stacked_only_when_tracing_is_on(context) -> None:
+    def stacked() -> bool:
+        return TracingMiddleware in [entry.cls for entry in create_app(context).user_middleware]
+
+    assert not tracing.enabled() and not stacked()
+    assert tracing.configure_tracing(exporter=InMemorySpanExporter())
+    try:
+        assert stacked()
+    finally:
+        tracing.shutdown_tracing()
