@@ -7,7 +7,10 @@ the first GET that sees COMPLETED, and — as the baseline measured in the same
 run — the admission-only rate (submits with nothing executing), so figures
 read as ratios independent of the machine.
 
-    .venv/bin/python bench/bench_end_to_end.py [--runs 300]
+    .venv/bin/python bench/bench_end_to_end.py [--runs 300] [--otlp]
+
+``--otlp``: tracing on, exporting with OTLP/HTTP to a sink in this process
+(``tests/otlp_sink.py``, a thread beside the runtime).
 
 Uses DPP_BENCH_DATABASE_URL / DPP_BENCH_REDIS_URL (defaults: the local
 servers), and moto's server mode for S3/SQS (~100 requests/s: with SQS or S3
@@ -33,10 +36,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dpp import tracing
 from dpp.adapters.migrate import apply_migrations
 from dpp.app import open_runtime
 from dpp.config import load_settings
 from tests.integration.test_execution import create_sqs_queues
+from tests.otlp_sink import otlp_sink
 from tests.services import delete_redis_prefix, with_database
 
 ADMIN = {"Authorization": "Bearer bench-admin-token-0123456789"}
@@ -191,7 +196,25 @@ async def main(runs: int) -> None:
         )
 
 
+def traced_main(runs: int) -> None:
+    with otlp_sink(keep=False) as sink:
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.url
+        assert tracing.configure_tracing()
+        try:
+            asyncio.run(main(runs))
+        finally:
+            tracing.shutdown_tracing()
+    print(f"  tracing on: the sink received {sink.spans} spans in {sink.posts} exports")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=300)
-    asyncio.run(main(parser.parse_args().runs))
+    parser.add_argument(
+        "--otlp", action="store_true", help="tracing on: export to a local OTLP sink"
+    )
+    arguments = parser.parse_args()
+    if arguments.otlp:
+        traced_main(arguments.runs)
+    else:
+        asyncio.run(main(arguments.runs))

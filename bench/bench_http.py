@@ -13,18 +13,26 @@ keep-alive connections for a fixed time per endpoint:
 
 and reports each as a ratio of the baseline. The load generator shares the
 machine's two cores with the server, so absolute numbers understate a real
-deployment; the ratios are what to compare across changes.
+deployment; the ratios are what to compare across changes. It also reports the
+server's CPU time per request (user + system, all its processes), which moves
+far less than req/s when other work shares the machine.
 
     .venv/bin/python bench/bench_http.py [--seconds 5] [--connections 32] [--processes N]
 
 With ``--processes N`` the server is ``dpp serve --processes N``: N replicas
 sharing the port, the kernel spreading the connections over them.
+
+With ``--otlp`` the server traces every request and exports with OTLP/HTTP
+(``OTEL_EXPORTER_OTLP_ENDPOINT``) to a sink in this process
+(``tests/otlp_sink.py``), which counts the spans it receives. Without it any
+``OTEL_*`` variable of the environment is dropped, so tracing is off.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -35,11 +43,13 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dpp.adapters.migrate import apply_migrations  # noqa: E402
+from tests.otlp_sink import otlp_sink  # noqa: E402
 from tests.services import delete_redis_prefix, with_database  # noqa: E402
 
 ADMIN_TOKEN = "bench-admin-token-0123456789"
@@ -65,6 +75,16 @@ async def wait_http(url: str, timeout_s: float = 60.0) -> None:
     raise TimeoutError(url)
 
 
+def server_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of the server and its replicas so far."""
+    server = psutil.Process(pid)
+    total = 0.0
+    for process in [server, *server.children(recursive=True)]:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
+
+
 async def hammer(
     base: str, method: str, path: str, seconds: float, connections: int, **request
 ) -> tuple[float, dict[int, int]]:
@@ -86,7 +106,11 @@ async def hammer(
 
 
 async def main(
-    seconds: float, connections: int, only: str | None = None, replicas: int = 1
+    seconds: float,
+    connections: int,
+    only: str | None = None,
+    replicas: int = 1,
+    otlp: str | None = None,
 ) -> None:
     admin_url = os.environ.get(
         "DPP_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -110,7 +134,8 @@ async def main(
             )
         )
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+            **({"OTEL_EXPORTER_OTLP_ENDPOINT": otlp} if otlp else {}),
             **aws,
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
@@ -175,11 +200,13 @@ async def main(
             cases = [cases[0], *[case for case in cases[1:] if only in case[0]]]
         for label, method, path, request in cases:
             await hammer(base, method, path, 1.0, connections, **request)  # warm up
+            cpu_before = server_cpu_s(processes[-1].pid)
             rate, statuses = await hammer(base, method, path, seconds, connections, **request)
+            cpu_us = (server_cpu_s(processes[-1].pid) - cpu_before) * 1e6 / sum(statuses.values())
             baseline = baseline or rate
             print(
                 f"  {label:16s} {rate:7.0f} req/s  ({rate / baseline:.2f}x baseline)  "
-                f"statuses {dict(sorted(statuses.items()))}"
+                f"server CPU {cpu_us:5.0f} us/request  statuses {dict(sorted(statuses.items()))}"
             )
     finally:
         for process in reversed(processes):
@@ -204,5 +231,20 @@ if __name__ == "__main__":
         default=1,
         help="dpp serve --processes N (replicas sharing the port)",
     )
+    parser.add_argument(
+        "--otlp", action="store_true", help="tracing on: export to a local OTLP sink"
+    )
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.seconds, arguments.connections, arguments.only, arguments.processes))
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(otlp_sink(keep=False)) if arguments.otlp else None
+        asyncio.run(
+            main(
+                arguments.seconds,
+                arguments.connections,
+                arguments.only,
+                arguments.processes,
+                sink.url if sink else None,
+            )
+        )
+    if sink is not None:
+        print(f"  tracing on: the sink received {sink.spans} spans in {sink.posts} exports")

@@ -24,6 +24,7 @@ import prometheus_client
 from anyio.abc import TaskStatus
 from starlette.applications import Starlette
 
+from dpp import tracing
 from dpp.actors.budgets import Budgets
 from dpp.actors.dispatcher import Dispatcher
 from dpp.actors.reconciler import Reconciler
@@ -431,6 +432,11 @@ async def run_server(settings: Settings) -> None:
             stop=shutdown.set,
         )
 
+    if tracing.configure_tracing():  # before the app is built: it adds the server spans
+        log.info(
+            "tracing on: spans exported with OTLP",
+            extra={"endpoint": tracing.tracing_endpoint(os.environ)},
+        )
     undo_signals = install_signal_handlers(shutdown)
     try:
         async with open_runtime(settings, http=http_child) as runtime:
@@ -440,3 +446,6 @@ async def run_server(settings: Settings) -> None:
             await runtime.supervisor.shutdown()
     finally:
         undo_signals()
+        with anyio.CancelScope(shield=True):
+            # flushes the spans still batched (bounded by the exporter's timeout)
+            await anyio.to_thread.run_sync(tracing.shutdown_tracing)

@@ -33,6 +33,7 @@ from typing import Any, Protocol, assert_never
 
 import anyio
 
+from dpp import tracing
 from dpp.actors.kernel import Actor, ActorCrashed, Reply
 from dpp.adapters.postgres import POSTGRES_DATA_ERRORS
 from dpp.faults import crash_point
@@ -62,12 +63,16 @@ class Reserve:
     reply: Reply[ReserveOutcome]
     # anyio.current_time() at which the caller stops waiting: past it, refused
     deadline: float
+    # the sender's span, taken where the message is made (in the asking task):
+    # the batch that serves it links to it (dpp.tracing; None when tracing is off)
+    span: tracing.SpanContext | None = field(default_factory=tracing.current_span_context)
 
 
 @dataclass(frozen=True, slots=True)
 class Settle:
     request: ledger.SettleRequest
     reply: Reply[ledger.SettleResult]
+    span: tracing.SpanContext | None = field(default_factory=tracing.current_span_context)  # ditto
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +218,14 @@ class BudgetActor(Actor[BudgetMessage]):
         if settles:
             await self._settle(settles)
 
+    async def _reserve(self, messages: list[Reserve]) -> None:
+        with tracing.batch_span("dpp.budget.reserve_batch", [m.span for m in messages]):
+            await self._reserve_batch(messages)
+
+    async def _settle(self, messages: list[Settle]) -> None:
+        with tracing.batch_span("dpp.budget.settle_batch", [m.span for m in messages]):
+            await self._settle_batch(messages)
+
     async def _handle_one(self, message: Credit) -> None:
         match message:
             case Credit(amount_usd_micros=amount, operation_id=operation_id, reply=reply):
@@ -229,7 +242,7 @@ class BudgetActor(Actor[BudgetMessage]):
             await self.ensure_mirror()
             return await self.backend.mirror.reserve(self.tenant_id, items)
 
-    async def _reserve(self, messages: list[Reserve]) -> None:
+    async def _reserve_batch(self, messages: list[Reserve]) -> None:
         now = anyio.current_time()
         for message in messages:
             if now >= message.deadline:
@@ -373,7 +386,7 @@ class BudgetActor(Actor[BudgetMessage]):
 
     # ------------------------------------------------------------- settle
 
-    async def _settle(self, messages: list[Settle]) -> None:
+    async def _settle_batch(self, messages: list[Settle]) -> None:
         try:
             outcomes = await self.backend.store.settle_batch(
                 [message.request for message in messages]
@@ -382,8 +395,8 @@ class BudgetActor(Actor[BudgetMessage]):
             # One request's data (its error document, say) fails it alone.
             if len(messages) > 1:
                 middle = len(messages) // 2
-                await self._settle(messages[:middle])
-                await self._settle(messages[middle:])
+                await self._settle_batch(messages[:middle])
+                await self._settle_batch(messages[middle:])
             else:
                 messages[0].reply.fail(error)
             return

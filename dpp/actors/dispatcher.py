@@ -27,6 +27,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, assert_never
@@ -34,6 +35,7 @@ from typing import Any, assert_never
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from dpp import tracing
 from dpp.actors.kernel import Actor, ActorRef, ActorStopped, MailboxFull
 from dpp.actors.run import (
     RELEASE_DEADLINE_S,
@@ -286,6 +288,7 @@ class DispatcherActor(Actor[DispatcherMessage]):
         if free == 0:
             return
         queue = dispatcher.services.queue
+        started_ns = time.time_ns()
         try:
             claimed = await queue.claim_batch(min(free, CLAIM_BATCH_MAX))
         except AssertionError:
@@ -295,6 +298,7 @@ class DispatcherActor(Actor[DispatcherMessage]):
             log.warning("claiming failed; retrying at the next poll", exc_info=True)
             return
         assert len(claimed) <= free, (len(claimed), free)
+        tracing.record_claims(started_ns, claimed, waited=queue.claim_waits)
         for run in claimed:
             if dispatcher.draining.is_set():
                 # Stopped while the claim (an SQS long poll) was under way.

@@ -35,6 +35,7 @@ from typing import Any, TypeVar, assert_never
 import anyio
 from anyio.abc import TaskStatus
 
+from dpp import tracing
 from dpp.actors.kernel import Actor, ActorRef, ActorStopped, MailboxFull
 from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256, ResultStore
 from dpp.adapters.queue.base import ClaimedRun, LeaseStore, RunQueue
@@ -164,7 +165,10 @@ class RunActor(Actor[RunMessage]):
     ) -> RunEnding:
         """Run to the end: settled, lost, released, or left for the reconciler."""
         claimed = self.claimed
-        with bind(run_id=claimed.run_id, tenant_id=claimed.tenant_id, trace_id=claimed.trace_id):
+        with (
+            bind(run_id=claimed.run_id, tenant_id=claimed.tenant_id, trace_id=claimed.trace_id),
+            tracing.continue_run(claimed.trace_id, claimed.run_id),
+        ):
             crashed = False
             try:
                 await crash_point("run.after_claim")
@@ -213,7 +217,8 @@ class RunActor(Actor[RunMessage]):
         with anyio.move_on_at(self.deadline):
             try:
                 # object: a third-party pack may break its contract (checked below)
-                output: object = await pack.execute(claimed.inputs, context)
+                with tracing.span("dpp.run.execute", {"dpp.pack.type": pack.pack_type}):
+                    output: object = await pack.execute(claimed.inputs, context)
             except PackError as error:
                 return PackFailed(RunFailure.pack_error(error))
             except Exception:
@@ -318,7 +323,8 @@ class RunActor(Actor[RunMessage]):
             RECEIPT_SHA256: sha256,
         }
         try:
-            await services.results.put(key, output.body, output.content_type, receipt)
+            with tracing.span("dpp.run.upload", {"dpp.result.bytes": len(output.body)}):
+                await services.results.put(key, output.body, output.content_type, receipt)
         except AssertionError:
             raise  # a broken invariant is a bug, not an operating error
         except Exception:
@@ -366,7 +372,8 @@ class RunActor(Actor[RunMessage]):
 
     async def _settle(self, request: ledger.SettleRequest, settled: RunEnding) -> RunEnding:
         try:
-            result = await self.services.settler.settle(self.claimed.tenant_id, request)
+            with tracing.span("dpp.run.settle", {"dpp.run.outcome": request.outcome.value}):
+                result = await self.services.settler.settle(self.claimed.tenant_id, request)
         except ledger.SettleRefused as refused:
             # Reaped, reconciled or released first: its settlement stands, ours never happens.
             self.refused_status = refused.status

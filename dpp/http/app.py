@@ -7,7 +7,7 @@ and middleware of their own.
 
 Middleware, outermost first (see ``dpp.http.middleware``)::
 
-    RequestBodyDrain → RequestContext → AccessLog → CORS → UnhandledError
+    RequestBodyDrain → RequestContext → (Tracing, when on) → AccessLog → CORS → UnhandledError
       → inner_middleware (the /v1 gate) → AdminAuth
       → ExceptionMiddleware (Problem, HTTPException) → Router
 
@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from dpp import tracing
 from dpp.context import AppContext
 from dpp.http import routes as route_table
 from dpp.http.auth import MCP_PATH, AdminAuthMiddleware, ApiAuthMiddleware
@@ -38,6 +39,7 @@ from dpp.http.middleware import (
     CORSMiddleware,
     RequestBodyDrainMiddleware,
     RequestContextMiddleware,
+    TracingMiddleware,
     UnhandledErrorMiddleware,
     cors_allowed_origins,
     problem_from_http_exception,
@@ -81,6 +83,8 @@ def create_app(
     middleware = [
         Middleware(RequestBodyDrainMiddleware, max_body_bytes=settings.max_body_bytes),
         Middleware(RequestContextMiddleware),
+        # a server span per request, only when tracing is on (off: not stacked at all)
+        *([Middleware(TracingMiddleware)] if tracing.enabled() else []),
         Middleware(AccessLogMiddleware, metrics=metrics_for(context.metrics_registry)),
         Middleware(CORSMiddleware, allowed_origins=cors_allowed_origins(settings)),
         Middleware(UnhandledErrorMiddleware, unavailable_dependency=context.unavailable_dependency),

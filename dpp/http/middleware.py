@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dpp import tracing
 from dpp.config import Settings
 from dpp.http.problems import (
     Problem,
@@ -35,7 +36,7 @@ from dpp.http.problems import (
 )
 from dpp.ids import random_base62
 from dpp.logs import bind
-from dpp.metrics import UNMATCHED_ROUTE, Metrics
+from dpp.metrics import HTTP_METHODS, UNMATCHED_ROUTE, Metrics
 
 __all__ = [
     "BODY_DRAIN_FACTOR",
@@ -44,6 +45,7 @@ __all__ = [
     "RequestBodyDrainMiddleware",
     "RequestContextMiddleware",
     "Traceparent",
+    "TracingMiddleware",
     "UnhandledErrorMiddleware",
     "cors_allowed_origins",
     "declared_length",
@@ -221,6 +223,46 @@ class RequestContextMiddleware:
 
         with bind(request_id=request_id, trace_id=trace_id):
             await self.app(scope, receive, send_with_request_id)
+
+
+class TracingMiddleware:
+    """One server span per request, in the trace its logs carry (``dpp.tracing``).
+
+    Stacked inside ``RequestContextMiddleware`` (whose trace id and parent span
+    it continues), and only when tracing is on: off, it is not there at all.
+    The span is named by the route template, never the path.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        trace_id = state.get("trace_id") or new_trace_id()
+        parent_id = state.get("parent_span_id")
+        sampled = True
+        if parent_id is not None:
+            traceparent = parse_traceparent(Headers(scope=scope).get("traceparent", ""))
+            sampled = traceparent is None or int(traceparent.flags, 16) & 1 == 1
+        method = scope["method"] if scope["method"] in HTTP_METHODS else "_OTHER"
+        status = 0
+
+        async def send_recording_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        with tracing.server_span(method, trace_id, parent_id, sampled) as span:
+            try:
+                await self.app(scope, receive, send_recording_status)
+            finally:
+                if span is not None:
+                    route = getattr(scope.get("route"), "path", None)
+                    tracing.finish_server_span(span, method, route, status or STATUS_CLIENT_GONE)
 
 
 # --- access log and HTTP metrics ------------------------------------------------------

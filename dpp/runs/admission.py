@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import anyio
 import orjson
 
-from dpp import ids
+from dpp import ids, tracing
 from dpp.adapters.queue.base import QueuedRun
 from dpp.metrics import Metrics
 from dpp.money.ledger import (
@@ -265,6 +265,20 @@ class Admission:
     ) -> SubmitOutcome:
         """Draft, reserve and announce one run, holding ``key`` if any."""
         run_id = self._new_run_id()
+        # the run's own span (its reservation commits it QUEUED): every later span
+        # of the run, on any replica, hangs under it
+        with tracing.run_span(trace_id, run_id, {"dpp.pack.type": request.pack.pack_type}):
+            return await self._admit_run(run_id, tenant_id, request, key, trace_id, api_key_id)
+
+    async def _admit_run(
+        self,
+        run_id: str,
+        tenant_id: str,
+        request: SubmitRequest,
+        key: Held | None,
+        trace_id: str | None,
+        api_key_id: str | None,
+    ) -> SubmitOutcome:
         created_at = self._clock()
         row = queued_row(
             run_id=run_id,
@@ -302,7 +316,8 @@ class Admission:
             idempotency=completion,
             api_key_id=api_key_id,
         )
-        outcome = await self._reserve(tenant_id, draft)
+        with tracing.span("dpp.budget.reserve"):
+            outcome = await self._reserve(tenant_id, draft)
 
         match outcome:
             case Reserved():
@@ -388,7 +403,8 @@ class Admission:
         if self._announcer is None:
             return
         try:
-            await self._announcer.enqueue([run])
+            with tracing.span("dpp.queue.announce", kind=tracing.SpanKind.PRODUCER):
+                await self._announcer.enqueue([run])
         except Exception:
             # The run is durable and QUEUED; the queue's backstop finds it.
             log.warning(
