@@ -157,9 +157,7 @@ async def create_tenant(session: aiohttp.ClientSession, name: str) -> str:
         "/admin/tenants", json={"name": name, "plan_id": "bench"}, headers=admin
     ) as answer:
         tenant = (await answer.json())["id"]
-    async with session.post(
-        f"/admin/tenants/{tenant}/api-keys", json={}, headers=admin
-    ) as answer:
+    async with session.post(f"/admin/tenants/{tenant}/api-keys", json={}, headers=admin) as answer:
         key = (await answer.json())["api_key"]
     async with session.post(
         f"/admin/tenants/{tenant}/credits",
@@ -187,7 +185,7 @@ async def setup_tenants(base: str, count: int) -> list[str]:
 
 async def drain(database: asyncpg.Connection, timeout_s: float = 300.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while await database.fetchval(PENDING) and time.monotonic() < deadline:
+    while await database.fetchval(PENDING) and time.monotonic() < deadline:  # noqa: ASYNC110 - polling Postgres
         await asyncio.sleep(0.2)
 
 
@@ -208,7 +206,7 @@ async def echo_settled(base: str, key: str, database: asyncpg.Connection, runs: 
     started = time.perf_counter()
     async with aiohttp.ClientSession(base) as session:
         await asyncio.gather(*(client(session) for _ in range(16)))
-    while await database.fetchval(PENDING):
+    while await database.fetchval(PENDING):  # noqa: ASYNC110 - polling Postgres
         await asyncio.sleep(0.02)
     elapsed = time.perf_counter() - started
     assert await database.fetchval("SELECT count(*) FROM runs") - before == runs
@@ -263,7 +261,7 @@ async def procrastinate_rate(database_url: str, jobs: int) -> float | None:
             started = time.perf_counter()
             await asyncio.gather(*(client() for _ in range(16)))
             done = "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'"
-            while await database.fetchval(done) < jobs:
+            while await database.fetchval(done) < jobs:  # noqa: ASYNC110 - polling Postgres
                 await asyncio.sleep(0.02)
             elapsed = time.perf_counter() - started
             await database.close()
@@ -275,9 +273,7 @@ async def procrastinate_rate(database_url: str, jobs: int) -> float | None:
 
 
 def start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def median_of(loads: list[Load], field: Callable[[Load], float]) -> float:
@@ -331,11 +327,13 @@ async def main(arguments: argparse.Namespace) -> None:
             await asyncio.sleep(10)  # /health answered from the first replica up
         keys = await setup_tenants(dpp, arguments.tenants)
         database = await asyncpg.connect(database_url)
-        async with aiohttp.ClientSession(dpp) as session:
-            async with session.post(
+        async with (
+            aiohttp.ClientSession(dpp) as session,
+            session.post(
                 "/v1/runs", json=ECHO, headers={"Authorization": f"Bearer {keys[0]}"}
-            ) as answer:
-                run_id = (await answer.json())["id"]
+            ) as answer,
+        ):
+            run_id = (await answer.json())["id"]
         await drain(database)
         await asyncio.sleep(1)
         idle_rss = tree_rss_kib(server.pid)
