@@ -21,8 +21,8 @@ same Postgres (16 clients deferring, one worker process with concurrency 16;
 ``pip install procrastinate``, a bench-only tool).
 
 ``--processes N`` serves DPP with ``dpp serve --processes N``; ``--tenants T``
-spreads the POST load over T tenants (one wrk per tenant, the connections
-split among them) instead of one.
+spreads the POST load over T tenants (the requests cycle through their keys)
+instead of one.
 
 The load generator shares the machine's cores with both servers, so absolute
 numbers understate a real deployment; compare the ratios.
@@ -133,22 +133,6 @@ async def wrk(
         raise RuntimeError(f"wrk said: {out.decode()} {err.decode()}")
     requests, duration_us, p50, p99, status_errors, socket_errors = map(int, match.groups())
     return Load(requests / (duration_us / 1e6), p50 / 1e3, p99 / 1e3, status_errors + socket_errors)
-
-
-async def wrk_many(
-    base: str, path: str, tokens: list[str], connections: int, seconds: float
-) -> Load:
-    """POST load split over several tenants' keys: one wrk each, summed."""
-    share = max(1, connections // len(tokens))
-    loads = await asyncio.gather(
-        *(wrk(base, "post", path, token, share, seconds) for token in tokens)
-    )
-    return Load(
-        sum(load.rate for load in loads),
-        statistics.median(load.p50_ms for load in loads),
-        max(load.p99_ms for load in loads),
-        sum(load.bad for load in loads),
-    )
 
 
 async def create_tenant(session: aiohttp.ClientSession, name: str) -> str:
@@ -293,6 +277,7 @@ async def main(arguments: argparse.Namespace) -> None:
     await admin.execute(f'CREATE DATABASE "{name}"')
     database_url = with_database(admin_url, name)
     results_dir = tempfile.mkdtemp(prefix="dpp-bench-results-")
+    keys_dir = tempfile.mkdtemp(prefix="dpp-bench-keys-")  # API keys for wrk's Lua script
     bare_port, dpp_port = free_port(), free_port()
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -318,6 +303,8 @@ async def main(arguments: argparse.Namespace) -> None:
         dpp_command = [str(ROOT / ".venv" / "bin" / "dpp"), "serve"]
         if arguments.processes > 1:
             dpp_command += ["--processes", str(arguments.processes)]
+        if os.environ.get("DPP_BENCH_SERVE"):  # e.g. an instrumented server, for experiments
+            dpp_command = [sys.executable, os.environ["DPP_BENCH_SERVE"]]
         server = start(dpp_command, env)
         processes.append(server)
         bare, dpp = f"http://127.0.0.1:{bare_port}", f"http://127.0.0.1:{dpp_port}"
@@ -326,6 +313,8 @@ async def main(arguments: argparse.Namespace) -> None:
         if arguments.processes > 1:
             await asyncio.sleep(10)  # /health answered from the first replica up
         keys = await setup_tenants(dpp, arguments.tenants)
+        keys_file = "@" + str(Path(keys_dir) / "keys.txt")
+        Path(keys_file[1:]).write_text("\n".join(keys) + "\n")  # noqa: ASYNC240 - once, tiny
         database = await asyncpg.connect(database_url)
         async with (
             aiohttp.ClientSession(dpp) as session,
@@ -355,15 +344,12 @@ async def main(arguments: argparse.Namespace) -> None:
         for _ in range(arguments.rounds):
             for label, mode, path, connections in cases:
                 for target, base in (("bare", bare), ("dpp", dpp)):
-                    if target == "dpp" and mode == "post" and len(keys) > 1:
-                        load_task = asyncio.create_task(
-                            wrk_many(base, path, keys, connections, arguments.seconds)
-                        )
-                    else:
-                        token = keys[0] if target == "dpp" else "-"
-                        load_task = asyncio.create_task(
-                            wrk(base, mode, path, token, connections, arguments.seconds)
-                        )
+                    token = "-"
+                    if target == "dpp":
+                        token = keys_file if mode == "post" and len(keys) > 1 else keys[0]
+                    load_task = asyncio.create_task(
+                        wrk(base, mode, path, token, connections, arguments.seconds)
+                    )
                     while not load_task.done():
                         if target == "dpp":
                             peak_rss = max(peak_rss, tree_rss_kib(server.pid))
@@ -427,6 +413,7 @@ async def main(arguments: argparse.Namespace) -> None:
         await admin.execute(f'DROP DATABASE IF EXISTS "{procrastinate_db}" WITH (FORCE)')
         await admin.close()
         shutil.rmtree(results_dir, ignore_errors=True)
+        shutil.rmtree(keys_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 --   wrk ... -s bench/wrk_runs.lua URL -- MODE PATH TOKEN PREFIX
 -- MODE "post": POST PATH with an echo run body and a fresh Idempotency-Key per
 -- request (as DPP's clients send one); MODE "get": GET PATH.
--- TOKEN: the API key ("-" for none). PREFIX makes the keys unique per run.
+-- TOKEN: the API key ("-" for none; "@FILE": one key per line, the requests
+-- cycling through them, i.e. many tenants). PREFIX makes the keys unique per run.
 -- done() prints one machine-readable line the bench script parses:
 --   RESULT requests duration_us p50_us p99_us non_2xx_3xx socket_errors
 
@@ -15,11 +16,16 @@ end
 
 local mode, path, prefix, headers, body, cached
 local counter = 0
+local tokens = {}
 
 function init(args)
   mode, path, prefix = args[1], args[2], args[4] .. "-" .. tostring(thread_id) .. "-"
   headers = {}
-  if args[3] ~= "-" then
+  if args[3]:sub(1, 1) == "@" then
+    for line in io.lines(args[3]:sub(2)) do
+      table.insert(tokens, "Bearer " .. line)
+    end
+  elseif args[3] ~= "-" then
     headers["Authorization"] = "Bearer " .. args[3]
   end
   if mode == "post" then
@@ -36,6 +42,9 @@ function request()
   end
   counter = counter + 1
   headers["Idempotency-Key"] = prefix .. counter
+  if #tokens > 0 then
+    headers["Authorization"] = tokens[counter % #tokens + 1]
+  end
   return wrk.format("POST", path, headers, body)
 end
 
