@@ -244,10 +244,11 @@ async def procrastinate_rate(database_url: str, jobs: int, *, first: bool) -> fl
                     remaining -= 1
                     await noop.defer_async()
 
+            done = "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'"
+            before = await database.fetchval(done)  # earlier rounds' jobs
             started = time.perf_counter()
             await asyncio.gather(*(client() for _ in range(16)))
-            done = "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'"
-            while await database.fetchval(done) < jobs:  # noqa: ASYNC110 - polling Postgres
+            while await database.fetchval(done) < before + jobs:  # noqa: ASYNC110 - polling Postgres
                 await asyncio.sleep(0.02)
             elapsed = time.perf_counter() - started
             await database.close()
