@@ -18,7 +18,7 @@ It also reports the RSS of the ``dpp serve`` process tree idle and its peak
 under the POST load, and (unless ``--no-echo``) echo runs submit → settled
 per second (16 clients) beside procrastinate's no-op jobs per second on the
 same Postgres (16 clients deferring, one worker process with concurrency 16;
-``pip install procrastinate``, a bench-only tool).
+``pip install -e '.[bench]'``, a bench-only tool).
 
 ``--processes N`` serves DPP with ``dpp serve --processes N``; ``--tenants T``
 spreads the POST load over T tenants (the requests cycle through their keys)
@@ -398,7 +398,7 @@ async def main(arguments: argparse.Namespace) -> None:
             ]
             line = f"echo runs submit->settled (16 clients): {echo:.0f} runs/s"
             if None in rates:
-                line += "; procrastinate not installed (pip install procrastinate)"
+                line += "; procrastinate not installed (pip install -e '.[bench]')"
             else:
                 pq = statistics.median(r for r in rates if r is not None)
                 line += f"; procrastinate no-op jobs: {pq:.0f}/s; ratio {echo / pq:.2f}x"
