@@ -27,6 +27,11 @@ instead of one.
 The load generator shares the machine's cores with both servers, so absolute
 numbers understate a real deployment; compare the ratios.
 
+``DPP_BENCH_SERVE=/path/script.py`` serves DPP with ``python script.py`` instead
+(an instrumented server, or another tree's ``dpp serve`` for a before/after
+table); ``DPP_BENCH_PAUSE=S`` prints the server's pid and waits S seconds
+before the load, to attach py-spy.
+
     .venv/bin/python bench/bench_ratios.py [--seconds 5] [--rounds 3]
 """
 
