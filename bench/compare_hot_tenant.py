@@ -8,6 +8,9 @@ the median of each side and the ratio.
 
     git worktree add --detach /tmp/base e6212eb
     .venv/bin/python bench/compare_hot_tenant.py --baseline /tmp/base --rounds 3
+    .venv/bin/python bench/compare_hot_tenant.py --baseline /tmp/base --rounds 3 --tenants 1000
+
+``--tenants 1000`` runs the 1,000-tenant scenario instead (same load, spread).
 
 Uses DPP_BENCH_DATABASE_URL / DPP_BENCH_REDIS_URL like the other benchmarks.
 """
@@ -25,7 +28,7 @@ HERE = Path(__file__).resolve().parent.parent
 # One measurement in a child process whose imports come from ``tree``.
 CHILD = """
 import asyncio, importlib.util, os, secrets, sys
-tree, n = sys.argv[1], int(sys.argv[2])
+tree, n, tenant_count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 sys.path.insert(0, tree)
 spec = importlib.util.spec_from_file_location("b", tree + "/bench/bench_reservations.py")
 b = importlib.util.module_from_spec(spec)
@@ -46,7 +49,7 @@ async def main():
         pool = await b.create_pool(url, max_size=20)
         redis = b.create_redis(redis_url)
         await b.create_plan(pool, "bench", max_concurrent_runs=100_000)
-        rate = await b.scenario(pool, redis, prefix, 1, 64, n)
+        rate = await b.scenario(pool, redis, prefix, tenant_count, 64, n)
         assert b.__file__.startswith(tree)
         print(f"{rate:.1f}")
         await redis.aclose()
@@ -60,9 +63,9 @@ asyncio.run(main())
 """
 
 
-def measure(tree: Path, reservations: int) -> float:
+def measure(tree: Path, reservations: int, tenants: int = 1) -> float:
     output = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tree), str(reservations)],
+        [sys.executable, "-c", CHILD, str(tree), str(reservations), str(tenants)],
         check=True,
         capture_output=True,
         text=True,
@@ -76,12 +79,15 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, required=True, help="the other source tree")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reservations", type=int, default=3000)
+    parser.add_argument(
+        "--tenants", type=int, default=1, help="spread the load over T tenants (1: the hot one)"
+    )
     arguments = parser.parse_args()
     trees = {"baseline": arguments.baseline.resolve(), "this tree": HERE}
     rates: dict[str, list[float]] = {name: [] for name in trees}
     for round_index in range(arguments.rounds):
         for name, tree in trees.items():
-            rate = measure(tree, arguments.reservations)
+            rate = measure(tree, arguments.reservations, arguments.tenants)
             rates[name].append(rate)
             print(f"round {round_index + 1} {name:9s} ({tree}): {rate:8.0f} reservations/s")
     medians = {name: statistics.median(values) for name, values in rates.items()}

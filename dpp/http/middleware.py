@@ -337,6 +337,8 @@ class AccessLogMiddleware:
             level = logging.DEBUG
         else:
             level = logging.INFO
+        if not access_log.isEnabledFor(level):
+            return  # LOG_LEVEL above it: build nothing
         duration_ms = round(duration_s * 1000, 1)
         extra = {
             "method": method,

@@ -35,9 +35,17 @@ GROUP BY 1, 2
 ORDER BY 1, 2;
 
 -- name: idempotency_insert
+-- Committed without waiting for the WAL flush (asynchronous commit, this
+-- statement's transaction only): the in-flight record is visible at once, and
+-- losing it in a Postgres crash is a release -- the reservation's own
+-- (synchronous) transaction locks the key row and admits the draft only if
+-- the record is there and owned, and its commit flushes the WAL up to and past
+-- this insert. One WAL flush less per submit (~1-3 ms here, the c=1 latency).
+WITH relaxed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
 INSERT INTO idempotency_keys (tenant_id, method, path, key, request_sha256, state, locked_until,
                               owner_token)
-VALUES ($1, $2, $3, $4, $5, 'in_flight', now() + make_interval(secs => $6), $7)
+SELECT $1, $2, $3, $4, $5, 'in_flight', now() + make_interval(secs => $6), $7
+FROM relaxed
 ON CONFLICT DO NOTHING
 RETURNING key;
 

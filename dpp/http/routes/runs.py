@@ -7,10 +7,12 @@ typed refusals become problems here and nowhere else.
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from starlette.datastructures import URL
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -70,6 +72,9 @@ from dpp.tenancy.principal import PLAN_LIMITS, Principal, plan_limits
 
 DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 TRACE_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+# Distinct (scheme, server, Host, root path) whose base URL is kept: the Host
+# header is the client's, so the cache is bounded.
+BASE_URL_CACHE_SIZE = 256
 
 
 def _not_found(request: Request) -> Problem:
@@ -282,7 +287,31 @@ async def get_run(request: Request) -> Response:
 
 def api_base_url(request: Request) -> str:
     """Where the client reached this API (scheme, host, root path), for links to it."""
-    return str(request.base_url).rstrip("/")
+    scope = request.scope
+    host = next((value for name, value in scope["headers"] if name == b"host"), None)
+    server = scope.get("server")
+    root_path = scope.get("app_root_path", scope.get("root_path", ""))
+    return _base_url(
+        scope.get("scheme", "http"), None if server is None else tuple(server), host, root_path
+    )
+
+
+@functools.lru_cache(maxsize=BASE_URL_CACHE_SIZE)
+def _base_url(
+    scheme: str, server: tuple[str, int] | None, host: bytes | None, root_path: str
+) -> str:
+    """Starlette's ``request.base_url``, built from what it is built from, and
+    cached: building it was ~5 % of a loaded ``GET /v1/runs/{id}``'s CPU."""
+    path = root_path if root_path.endswith("/") else root_path + "/"
+    headers = [] if host is None else [(b"host", host)]
+    scope = {
+        "scheme": scheme,
+        "server": server,
+        "path": path,
+        "query_string": b"",
+        "headers": headers,
+    }
+    return str(URL(scope=scope)).rstrip("/")
 
 
 def _query_problem(name: str, detail: str) -> Problem:
