@@ -6,9 +6,11 @@ the environment given; its output goes to a log file the test can quote.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -58,3 +60,22 @@ class Replica:
                 except httpx.TransportError:
                     pass
                 await anyio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def ready_replica(
+    env: dict[str, str], log_path: Path, admin_token: str, *, timeout_s: float = 15.0
+) -> AsyncIterator[tuple[Replica, httpx.AsyncClient]]:
+    """A replica started with ``env``, ready, and a client that speaks the admin
+    API to it (its bearer token set); the process is killed however it ends."""
+    replica = Replica(env, log_path)
+    try:
+        async with httpx.AsyncClient(
+            base_url=replica.url,
+            headers={"Authorization": f"Bearer {admin_token}"},
+            timeout=timeout_s,
+        ) as admin:
+            await replica.wait_ready(admin)
+            yield replica, admin
+    finally:
+        replica.close()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from tests.replica import Replica
+from tests.replica import Replica, ready_replica
 from tests.services import TestServices, store_env
 
 if TYPE_CHECKING:
@@ -169,16 +169,8 @@ async def console_replica(
         "LOG_LEVEL": "INFO",
         **console_env,
     }
-    replica = Replica(env, tmp_path / "replica.log")
-    try:
-        async with httpx.AsyncClient(
-            base_url=replica.url,
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-            timeout=15.0,
-        ) as admin:
-            await replica.wait_ready(admin)
-            yield ConsoleReplica(replica, admin, ADMIN_TOKEN)
-    finally:
-        replica.close()
-        # the admin token never reaches a log line, whatever the test did
-        assert ADMIN_TOKEN not in replica.log_path.read_text(errors="replace")
+    log_path = tmp_path / "replica.log"
+    async with ready_replica(env, log_path, ADMIN_TOKEN) as (replica, admin):
+        yield ConsoleReplica(replica, admin, ADMIN_TOKEN)
+    # the admin token never reaches a log line, whatever the test did
+    assert ADMIN_TOKEN not in log_path.read_text(errors="replace")

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.replica import Replica
+from tests.replica import Replica, ready_replica
 from tests.services import TestServices, store_env
 from tests.tcp_proxy import TcpProxy
 
@@ -97,17 +97,9 @@ async def served(
         "LOG_LEVEL": "WARNING",
         **served_env,
     }
-    replica = Replica(env, tmp_path / "replica.log")
-    try:
-        async with httpx.AsyncClient(
-            base_url=replica.url,
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-            timeout=10.0,
-        ) as admin:
-            await replica.wait_ready(admin)
-            yield Served(replica, admin, env)
-    finally:
-        replica.close()
+    log_path = tmp_path / "replica.log"
+    async with ready_replica(env, log_path, ADMIN_TOKEN, timeout_s=10.0) as (replica, admin):
+        yield Served(replica, admin, env)
 
 
 @pytest.fixture
