@@ -146,6 +146,18 @@ class Harness:
         )
         assert moved == run_id
 
+    async def claim_twice(self, run_id: str) -> tuple[Any, Any]:
+        """The run claimed, its lease taken from that first holder (a partition, a
+        bug: QUEUED again), then claimed by a second worker with a new token."""
+        first = await self.claim_one()
+        released = await self.pool.fetchval(
+            self.adapters.queries["release_run"], run_id, first.lease_token
+        )
+        assert released is not None
+        second = await self.claim_one()
+        assert second.run_id == run_id and second.lease_token != first.lease_token
+        return first, second
+
     async def sqs_counts(self) -> dict[str, int]:
         """The run queue's visible and in-flight (received, not deleted) messages."""
         assert self.sqs is not None
@@ -479,16 +491,8 @@ async def test_a_run_claimed_again_elsewhere_is_settled_once_by_its_new_holder(
 ) -> None:
     async with open_harness(services, database_url, redis_prefix) as h:
         run_id = await h.submit({"payload": 1, "delay_ms": 500})
-        first = await h.claim_one()
+        first, second = await h.claim_twice(run_id)
         paused = dataclasses.replace(h.run_services, heartbeat_sec=3600.0)
-        # The first holder's lease is taken from it (a partition, a bug): QUEUED
-        # again, claimed by a second worker with a new token.
-        released = await h.pool.fetchval(
-            h.adapters.queries["release_run"], run_id, first.lease_token
-        )
-        assert released is not None
-        second = await h.claim_one()
-        assert second.run_id == run_id and second.lease_token != first.lease_token
         _, first_ending, first_done = await run_actor(h, first, paused)
         _, second_ending, second_done = await run_actor(h, second)
         with anyio.fail_after(WAIT_S):
@@ -512,14 +516,8 @@ async def test_a_stale_holders_failure_cannot_settle_the_run_of_its_new_holder(
     holder that owns it."""
     async with open_harness(services, database_url, redis_prefix) as h:
         run_id = await h.submit({"payload": 1, "delay_ms": 300, "fail": True})
-        first = await h.claim_one()
+        first, second = await h.claim_twice(run_id)
         paused = dataclasses.replace(h.run_services, heartbeat_sec=3600.0)
-        released = await h.pool.fetchval(
-            h.adapters.queries["release_run"], run_id, first.lease_token
-        )
-        assert released is not None
-        second = await h.claim_one()
-        assert second.run_id == run_id and second.lease_token != first.lease_token
         _, first_ending, first_done = await run_actor(h, first, paused)
         with anyio.fail_after(WAIT_S):
             await first_done.wait()
