@@ -21,6 +21,7 @@ from tests.integration.test_execution import (
     open_harness,
     run_actor,
 )
+from tests.integration.test_operator_metrics import scrape, value
 
 
 async def counts(h: Harness, queue_url: str | None = None) -> tuple[int, int]:
@@ -75,6 +76,9 @@ async def test_a_dead_lettered_run_is_set_aside_for_an_operator_charging_nothing
         # QUEUED run but cancel); the operator decides, its reservation held.
         report = await (await h.start_reconciler()).reconcile_once()
         assert (report["dead_lettered"], report["audit_required"]) == (1, 1)
+        samples = await scrape(h.context)  # what an operator's alerts see
+        for action in ("dead_lettered", "audit_required"):
+            assert value(samples, "dpp_reconciler_actions_total", action=action) == 1, action
         row = await h.row(run_id)
         assert row["status"] == "AUDIT_REQUIRED"
         assert row["charged_usd_micros"] is None and row["refunded_usd_micros"] is None
@@ -148,6 +152,8 @@ async def test_a_run_committed_but_never_announced_is_announced_by_the_backstop(
         reconciler = await h.start_reconciler(unsent_after_sec=0)
         report = await reconciler.reconcile_once()
         assert report["requeued"] == 1
+        samples = await scrape(h.context)
+        assert value(samples, "dpp_reconciler_actions_total", action="requeued") == 1
         assert (await h.row(run_id))["enqueued_at"] is not None
         assert (await reconciler.reconcile_once())["requeued"] == 0
         await h.start_dispatcher()
