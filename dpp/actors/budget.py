@@ -10,12 +10,17 @@ Write order for a reservation (docs/money.md has the crash table):
   1. Redis hold (script, keyed by ``reserve:<run_id>``, recorded pending)
                                                               crash → mirror over-holds
   2. Postgres: run rows + reserve entries + tenant counter    crash → rolled back
-  3. Redis: resolve the holds (committed ones stop being pending, refused ones
-     are given back)                                          crash → drift repair
+  3. Redis: resolve the holds: refused ones are given back at once (a call of
+     its own); committed ones stop being pending with this actor's next
+     script call (the next batch's hold, or a resolve when a batch has holds
+     to give back or the actor stops)                         crash → drift repair
   4. reply 202                                                crash → idempotent retry
 A pending hold is never taken for drift, however long its commit takes; one
-leaked by a crash between 1 and 3 is settled by drift repair (the reconciler):
-dropped once abandoned, forgotten once found committed.
+leaked by a crash between 1 and 3 (or whose commit was not reported before a
+crash) is settled by drift repair (the reconciler): dropped once abandoned,
+forgotten once found committed. Reporting a commit moves no money in the
+mirror (the hold is already in ``reserved``), which is why it may wait for
+the next call; a refusal gives money back, so it never waits.
 
 Every Reserve carries its caller's deadline (when the ask times out and the
 caller is told to retry). A message still queued past it -- behind a slow
@@ -129,7 +134,9 @@ class BudgetStore(Protocol):
 class MirrorStore(Protocol):
     """The fast path (Redis: ``dpp.money.mirror.BudgetMirror``)."""
 
-    async def reserve(self, tenant_id: str, items: Sequence[tuple[str, int]]) -> MirrorReserve: ...
+    async def reserve(
+        self, tenant_id: str, items: Sequence[tuple[str, int]], resolved: Sequence[str] = ()
+    ) -> MirrorReserve: ...
 
     async def resolve_holds(
         self, tenant_id: str, kept: Sequence[str], released: Sequence[tuple[str, int]]
@@ -170,6 +177,9 @@ class BudgetActor(Actor[BudgetMessage]):
         )
         self.tenant_id = tenant_id
         self.backend = backend
+        # hold ids Postgres committed whose mirror entry is still pending: reported
+        # with the next reserve script call (or a resolve), not a call of their own
+        self._unreported: list[str] = []
 
     async def run(self, **kwargs: Any) -> None:
         # started on demand from some request's task: drop that request's ids
@@ -178,6 +188,11 @@ class BudgetActor(Actor[BudgetMessage]):
 
     async def on_start(self) -> None:
         await self.ensure_mirror()
+
+    async def on_stop(self) -> None:
+        # committed holds not reported yet stop being pending now (drift repair
+        # would forget them anyway, once it finds them committed)
+        await self._resolve_holds_quietly([], [], flush=True)
 
     async def ensure_mirror(self) -> None:
         """Rebuild the Redis counters from Postgres if Redis lost them."""
@@ -244,11 +259,17 @@ class BudgetActor(Actor[BudgetMessage]):
     # ------------------------------------------------------------ reserve
 
     async def _mirror_reserve(self, items: list[tuple[str, int]]) -> MirrorReserve:
+        """Hold ``items``, reporting the committed holds not reported yet in the
+        same script call."""
+        resolved = list(self._unreported)
         try:
-            return await self.backend.mirror.reserve(self.tenant_id, items)
+            held = await self.backend.mirror.reserve(self.tenant_id, items, resolved)
         except MirrorMissing:
+            # the rebuild starts with no pending holds: nothing left to report
             await self.ensure_mirror()
-            return await self.backend.mirror.reserve(self.tenant_id, items)
+            held = await self.backend.mirror.reserve(self.tenant_id, items, resolved)
+        del self._unreported[: len(resolved)]
+        return held
 
     async def _reserve_batch(self, messages: list[Reserve]) -> None:
         now = anyio.current_time()
@@ -376,13 +397,21 @@ class BudgetActor(Actor[BudgetMessage]):
     async def _release_quietly(self, messages: list[Reserve]) -> None:
         await self._resolve_holds_quietly([], messages)
 
-    async def _resolve_holds_quietly(self, kept: list[Reserve], released: list[Reserve]) -> None:
-        """Report the commit back to the mirror: kept holds stop being pending,
-        released ones are given back."""
+    async def _resolve_holds_quietly(
+        self, kept: list[Reserve], released: list[Reserve], *, flush: bool = False
+    ) -> None:
+        """Report a commit back to the mirror: released holds are given back at
+        once (with the kept ones not reported yet); kept holds alone wait for
+        the next script call (they move no money), unless ``flush``."""
+        self._unreported.extend(hold_id(m.draft.run_id) for m in kept)
+        if not released and not (flush and self._unreported):
+            return
+        reported = list(self._unreported)
+        del self._unreported[: len(reported)]
         try:
             await self.backend.mirror.resolve_holds(
                 self.tenant_id,
-                [hold_id(m.draft.run_id) for m in kept],
+                reported,
                 [(hold_id(m.draft.run_id), m.draft.reserved_usd_micros) for m in released],
             )
         except Exception:

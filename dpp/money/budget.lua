@@ -13,7 +13,11 @@
 -- the application twice (docs/money.md, "The mirror").
 --
 -- ARGV[1] = command, ARGV[2] = operation marker TTL (seconds), then per command:
---   reserve  id1 amount1 [id2 amount2 ...]  -> {1, available_after, flag1, flag2, ...}
+--   reserve  n_resolved resolved1..resolved_n id1 amount1 [id2 amount2 ...]
+--                                           -> {1, available_after, flag1, flag2, ...}
+--            resolved: holds an earlier call placed that Postgres has since
+--            committed (no longer pending; the budget actor reports them with
+--            its next call instead of a call of their own)
 --   resolve  n_kept kept1..kept_n [id1 amount1 ...] -> {1, available_after}
 --            kept: holds Postgres committed (no longer pending); the pairs:
 --            holds Postgres refused, given back only if still pending
@@ -75,9 +79,13 @@ elseif command == 'observe' then
   end
   return result
 elseif command == 'reserve' then
+  local resolved = tonumber(ARGV[3])
+  for i = 4, 3 + resolved do
+    redis.call('HDEL', pending, ARGV[i])
+  end
   local result = {1, 0}
   local placed = now_ms()
-  for i = 3, #ARGV, 2 do
+  for i = 4 + resolved, #ARGV, 2 do
     local id, amount = ARGV[i], tonumber(ARGV[i + 1])
     if redis.call('EXISTS', key .. ':op:' .. id) == 1 then
       table.insert(result, 1)

@@ -23,7 +23,15 @@ from typing import Any
 
 import anyio
 
-from dpp.adapters.postgres import STATEMENT_CANCELED, Connection, Pool, Queries, Record
+from dpp.adapters.postgres import (
+    STATEMENT_CANCELED,
+    Connection,
+    Pool,
+    Queries,
+    Record,
+    bounded_transaction,
+    statement_timeout_ms,
+)
 from dpp.faults import crash_point
 from dpp.limits import LEDGER_BATCH_MAX, TIMEBOX_SEC_MAX, TIMEBOX_SEC_MIN
 from dpp.money import rules
@@ -297,9 +305,12 @@ async def reserve_batch(
         return _all_late(drafts)
     committing = False
     try:
-        async with connection.transaction():
-            if timeout_s is not None:
-                await _bound_statements(connection, timeout_s)
+        # BEGIN and the statements' bound in one round trip
+        async with (
+            connection.transaction()
+            if timeout_s is None
+            else bounded_transaction(connection, timeout_s)
+        ):
             result = await _reserve_locked(connection, queries, tenant_id, drafts, deadlines)
             await crash_point("reserve.before_commit")
             committing = True
@@ -311,14 +322,6 @@ async def reserve_batch(
         return _all_late(drafts)
     finally:
         await pool.release(connection)
-
-
-async def _bound_statements(connection: Connection, timeout_s: float) -> None:
-    """This transaction's statements (lock waits included) end within ``timeout_s``."""
-    milliseconds = max(1, int(timeout_s * 1000))
-    await connection.execute(
-        "SELECT set_config('statement_timeout', $1, true)", f"{milliseconds}ms"
-    )
 
 
 def _all_late(drafts: Sequence[RunDraft]) -> ReserveBatchResult:
@@ -382,6 +385,37 @@ async def _lock_key_spend(
     return keys
 
 
+async def _count_open_runs(
+    connection: Connection,
+    queries: Queries,
+    tenant_id: str,
+    withdrawn: Sequence[Withdrawn | None],
+    deadlines: Sequence[float] | None,
+) -> int:
+    """The tenant's open runs, read after its row lock (in a statement of its own,
+    whose snapshot holds every run committed before the lock was granted), as
+    the last statement before the writes.
+
+    With deadlines, the same statement bounds the statements after it (the
+    writes) by the time left to the earliest caller still eligible: they end
+    before it stops waiting. That is at or before the earliest *admitted*
+    caller's deadline, so the bound is never looser than deciding first and
+    setting it in a round trip of its own."""
+    eligible_deadlines = (
+        []
+        if deadlines is None
+        else [d for d, why in zip(deadlines, withdrawn, strict=True) if why is None]
+    )
+    if not eligible_deadlines:
+        return int(await connection.fetchval(queries["count_open_runs"], tenant_id))
+    milliseconds = statement_timeout_ms(min(eligible_deadlines) - anyio.current_time())
+    return int(
+        await connection.fetchval(
+            queries["count_open_runs_bounding_writes"], tenant_id, f"{milliseconds}ms"
+        )
+    )
+
+
 async def _reserve_locked(
     connection: Connection,
     queries: Queries,
@@ -394,8 +428,8 @@ async def _reserve_locked(
         raise TenantNotFound(tenant_id)
     withdrawn = await _withdrawn(connection, queries, tenant_id, drafts, deadlines)
     eligible = [draft for draft, why in zip(drafts, withdrawn, strict=True) if why is None]
-    open_runs = await connection.fetchval(queries["count_open_runs"], tenant_id)
     keys = await _lock_key_spend(connection, queries, tenant_id, eligible)
+    open_runs = await _count_open_runs(connection, queries, tenant_id, withdrawn, deadlines)
     decided, after = rules.decide_batch(
         Budget(locked["balance_usd_micros"], locked["reserved_usd_micros"]),
         [draft.reserved_usd_micros for draft in eligible],
@@ -415,14 +449,6 @@ async def _reserve_locked(
     ]
     if not accepted:
         return ReserveBatchResult(decisions, tenant_budget(locked))
-    if deadlines is not None:
-        # the writes end before the earliest admitted caller stops waiting
-        earliest = min(
-            deadline
-            for deadline, decision in zip(deadlines, decisions, strict=True)
-            if isinstance(decision, AdmissionDecision) and decision.admission is Admission.ACCEPTED
-        )
-        await _bound_statements(connection, earliest - anyio.current_time())
     await connection.execute(
         queries["insert_runs"],
         tenant_id,
@@ -439,7 +465,8 @@ async def _reserve_locked(
     )
     completions = [d.idempotency for d in accepted if d.idempotency is not None]
     if completions:
-        completed = await connection.fetch(
+        # the completions and the counters' read-back in one statement
+        row = await connection.fetchrow(
             queries["complete_idempotency_batch"],
             tenant_id,
             [c.method for c in completions],
@@ -449,11 +476,14 @@ async def _reserve_locked(
             [c.headers for c in completions],
             [c.body for c in completions],
         )
+        assert row is not None, "a tenant row vanished under its lock"
         # the keys are locked and were checked owned: each one completes
-        assert len(completed) == len(completions), "an owned key changed under its lock"
+        assert row["completed"] == len(completions), "an owned key changed under its lock"
+        budget = tenant_budget(row)
+    else:
+        budget = (await _counters_after_entries(connection, queries, [tenant_id]))[tenant_id]
     # the runs' insert wrote their reserve entries, whose trigger moved `reserved`
     # (the CHECK judged it)
-    budget = (await _counters_after_entries(connection, queries, [tenant_id]))[tenant_id]
     assert budget.reserved_usd_micros == after.reserved_usd_micros
     return ReserveBatchResult(decisions, budget)
 

@@ -91,13 +91,17 @@ class BudgetMirror:
     async def _call(self, tenant_id: str, command: str, *args: object) -> list[int]:
         return [int(value) for value in await self._call_raw(tenant_id, command, *args)]  # type: ignore[call-overload]
 
-    async def reserve(self, tenant_id: str, items: Sequence[tuple[str, int]]) -> MirrorReserve:
+    async def reserve(
+        self, tenant_id: str, items: Sequence[tuple[str, int]], resolved: Sequence[str] = ()
+    ) -> MirrorReserve:
         """Hold each (hold id, amount) that fits, in order; one round trip. Each new
-        hold is also recorded *pending* until ``resolve_holds`` reports its commit,
-        so drift repair never mistakes it for drift."""
+        hold is also recorded *pending* until its commit is reported (``resolved``
+        of a later call, or ``resolve_holds``), so drift repair never mistakes it
+        for drift. ``resolved``: earlier holds Postgres has committed, no longer
+        pending (reported here to save a round trip of their own)."""
         assert items and all(amount > 0 for _, amount in items)
         flat = [part for operation_id, amount in items for part in (operation_id, amount)]
-        answer = await self._call(tenant_id, "reserve", *flat)
+        answer = await self._call(tenant_id, "reserve", len(resolved), *resolved, *flat)
         if answer[0] == -1:
             raise MirrorMissing(tenant_id)
         accepted = [flag == 1 for flag in answer[2:]]

@@ -90,7 +90,9 @@ class MemMirror:
 
     # ------------------------------------------------------- the commands
 
-    async def reserve(self, tenant_id: str, items: Sequence[tuple[str, int]]) -> MirrorReserve:
+    async def reserve(
+        self, tenant_id: str, items: Sequence[tuple[str, int]], resolved: Sequence[str] = ()
+    ) -> MirrorReserve:
         assert items and all(amount > 0 for _, amount in items)
         await self._begin("mirror.reserve")
         hash_ = self.hashes.get(tenant_id)
@@ -99,6 +101,8 @@ class MemMirror:
             raise MirrorMissing(tenant_id)
         accepted = []
         pending = self.pending.setdefault(tenant_id, {})
+        for hold in resolved:
+            pending.pop(hold, None)
         for operation_id, amount in items:
             if self._exists(tenant_id, operation_id):
                 accepted.append(True)

@@ -15,6 +15,14 @@ FOR UPDATE OF t;
 SELECT count(*) FROM runs
 WHERE tenant_id = $1 AND status IN ('QUEUED', 'PROCESSING', 'CLAIMED');
 
+-- name: count_open_runs_bounding_writes
+-- The same count, and the transaction's later statements (the reservation's
+-- writes) bounded by statement_timeout $2, in one round trip: set_config takes
+-- effect from the next statement on (dpp/money/ledger.py, _count_open_runs).
+SELECT (SELECT count(*) FROM runs
+        WHERE tenant_id = $1 AND status IN ('QUEUED', 'PROCESSING', 'CLAIMED')),
+       set_config('statement_timeout', $2, true);
+
 -- name: insert_runs
 -- The runs' insert trigger writes their reserve entries, whose trigger adds
 -- them to the tenant's reserved: the CHECK refuses the batch unless available
@@ -54,15 +62,22 @@ FOR UPDATE OF k;
 -- name: complete_idempotency_batch
 -- Only for drafts admitted under the locks above, whose keys were checked in
 -- flight and owned by their request (dpp/money/ledger.py); the caller checks
--- that every one was completed.
-UPDATE idempotency_keys AS k
-SET state = 'done', response_status = item.status, response_headers = item.headers,
-    response_body = item.body
-FROM unnest($2::text[], $3::text[], $4::text[], $5::int[], $6::jsonb[], $7::bytea[])
-     AS item(method, path, key, status, headers, body)
-WHERE k.tenant_id = $1 AND k.method = item.method AND k.path = item.path
-  AND k.key = item.key
-RETURNING k.key;
+-- that every one was completed. After the runs' insert, so the same statement
+-- also reads back the counters the ledger trigger wrote (a new statement's
+-- snapshot sees them; the UPDATE does not touch tenants): one round trip.
+WITH completed AS (
+    UPDATE idempotency_keys AS k
+    SET state = 'done', response_status = item.status, response_headers = item.headers,
+        response_body = item.body
+    FROM unnest($2::text[], $3::text[], $4::text[], $5::int[], $6::jsonb[], $7::bytea[])
+         AS item(method, path, key, status, headers, body)
+    WHERE k.tenant_id = $1 AND k.method = item.method AND k.path = item.path
+      AND k.key = item.key
+    RETURNING k.key
+)
+SELECT (SELECT count(*) FROM completed) AS completed,
+       t.balance_usd_micros, t.reserved_usd_micros, t.ledger_version
+FROM tenants t WHERE t.id = $1;
 
 -- name: insert_credit_entry
 INSERT INTO ledger_entries (tenant_id, run_id, kind, amount_usd_micros, operation_id)

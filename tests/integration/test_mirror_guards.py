@@ -181,3 +181,42 @@ async def test_a_hold_abandoned_by_a_crash_is_dropped_once_old_enough(
         # the hold the repair dropped is not given back a second time
         await replica.mirror.resolve_holds(tenant, [], [(orphan, 2_000)])
         await assert_mirror_equals_postgres(replica, tenant)
+
+
+async def test_a_commit_is_reported_to_the_mirror_with_the_next_reserve_call(
+    database_url, services, redis_prefix
+) -> None:
+    """Reporting a commit moves no money in the mirror (the hold is already in
+    ``reserved``), so the budget actor sends it with its next reserve script
+    call instead of a call of its own, and its stop reports what is left.
+    Meanwhile the committed hold is still pending, and the mirror equals
+    Postgres: drift repair and the audit take it as committed, not as drift."""
+    async with open_replica(
+        database_url, services.redis_url, redis_prefix, idle_timeout_s=5.0
+    ) as replica:
+        tenant = await create_tenant(replica.pool)
+        await replica.budgets.credit(tenant, 10_000, "credit:seed")
+        first, second = draft(1_000), draft(2_000)
+
+        async def pending() -> list[str]:
+            observed = await replica.mirror.observe(tenant)
+            assert observed is not None
+            return [hold.hold_id for hold in observed.pending]
+
+        assert isinstance(await replica.budgets.reserve(tenant, first), Reserved)
+        assert await pending() == [hold_id(first.run_id)]
+        assert isinstance(await replica.budgets.reserve(tenant, second), Reserved)
+        assert await pending() == [hold_id(second.run_id)]
+        await assert_mirror_equals_postgres(replica, tenant)
+        # drift repair takes the committed pending hold for what it is, not drift
+        repairs, _ = await drift.repair_drift(
+            replica.pool, replica.queries, replica.mirror, settle_s=0.05
+        )
+        assert repairs == []
+        with anyio.fail_after(30):  # the actor idles out after 5 s
+            while True:
+                if tenant not in replica.budgets.registry:
+                    break
+                await anyio.sleep(0.1)
+        assert await pending() == []
+        await assert_mirror_equals_postgres(replica, tenant)

@@ -26,7 +26,7 @@ from dpp.actors.budget import (
 from dpp.actors.kernel import ActorCrashed, Reply
 from dpp.money import ledger
 from dpp.money.ledger import ConcurrencyLimited, DeadlinePassed, InsufficientBudget, Reserved
-from dpp.money.mirror import MirrorBudget, MirrorMissing, MirrorReserve
+from dpp.money.mirror import MirrorBudget, MirrorMissing, MirrorReserve, hold_id
 from dpp.money.rules import Admission, Budget, Outcome, RunStatus, decide_batch, settle
 
 TENANT = "ten_" + "A" * 26
@@ -133,11 +133,18 @@ class FakeMirror:
     budget: MirrorBudget | None = None
     holds: dict[str, int] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    # the committed holds each reserve call reported
+    reported: list[list[str]] = field(default_factory=list)
 
-    async def reserve(self, tenant_id: str, items: Sequence[tuple[str, int]]) -> MirrorReserve:
+    async def reserve(
+        self, tenant_id: str, items: Sequence[tuple[str, int]], resolved: Sequence[str] = ()
+    ) -> MirrorReserve:
         self.calls.append("reserve")
         if self.budget is None:
             raise MirrorMissing(tenant_id)
+        self.reported.append(list(resolved))
+        for hold in resolved:
+            del self.holds[hold]
         accepted = []
         for operation_id, amount in items:
             fits = self.budget.available_usd_micros >= amount
@@ -233,16 +240,35 @@ async def test_order_is_kept_and_each_kind_is_grouped() -> None:
     ]
     await run_actor(store, mirror, messages)
     assert store.calls == [("reserve", 2), ("settle", 2), ("credit", 1), ("reserve", 1)]
-    assert mirror.calls == [
-        "load",
-        "reserve",
-        "resolve",
-        "settle:2",
-        "credit",
-        "reserve",
-        "resolve",
-    ]
+    # the first batch's commit rides on the next reserve call; the last one is
+    # reported when the actor stops
+    assert mirror.calls == ["load", "reserve", "settle:2", "credit", "reserve", "resolve"]
     assert store.balance == 10_000 - 300 - 100 + 5_000
+
+
+async def test_committed_holds_are_reported_with_the_next_reserve_call() -> None:
+    """A commit moves no money in the mirror (the hold is already reserved), so
+    its report waits for the next script call instead of costing one; holds to
+    give back never wait."""
+    store = FakeStore()
+    mirror = FakeMirror(budget=MirrorBudget(10_000, 0, 0))
+    first, second = draft(), draft()
+    actor = BudgetActor(TENANT, BudgetBackend(store, mirror))
+    async with anyio.create_task_group() as group:
+        await group.start(actor.run)
+        assert isinstance(
+            await actor.ref.ask(lambda r: Reserve(first, r, LATER), timeout_s=5), Reserved
+        )
+        assert mirror.holds == {hold_id(first.run_id): 1_000}  # still pending
+        assert isinstance(
+            await actor.ref.ask(lambda r: Reserve(second, r, LATER), timeout_s=5), Reserved
+        )
+        assert mirror.reported == [[], [hold_id(first.run_id)]]
+        assert mirror.holds == {hold_id(second.run_id): 1_000}
+        actor.stop()
+    assert mirror.calls == ["load", "reserve", "reserve", "resolve"]
+    assert mirror.holds == {}  # reported when the actor stopped
+    assert mirror.budget == MirrorBudget(10_000, 2_000, 0)
 
 
 async def test_what_the_mirror_refuses_never_reaches_postgres() -> None:
@@ -314,7 +340,8 @@ async def test_replayed_settlements_and_credits_never_reach_the_mirror() -> None
     )
     await run_actor(store, mirror, [Settle(cancel, again), Credit(5_000, "credit:y", Reply())])
     assert (await first.wait()).applied and not (await again.wait()).applied
-    assert mirror.calls == ["load", "reserve", "resolve", "settle:1", "credit", "load"]
+    # the reservation's commit is reported when the first actor stops
+    assert mirror.calls == ["load", "reserve", "settle:1", "credit", "resolve", "load"]
     assert store.calls[-2:] == [("settle", 1), ("credit", 1)]  # Postgres did see the replays
 
 
