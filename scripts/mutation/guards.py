@@ -96,14 +96,44 @@ def scratch_copy(into: Path) -> None:
         shutil.copy2(ROOT / relative, target)
 
 
+_FUNCTION_HEADER = re.compile(r"CREATE (?:OR REPLACE )?FUNCTION\s+(\w+)\s*\(")
+
+
+def superseded(edit: Edit, tree: Path) -> str | None:
+    """Why mutating ``edit`` would change dead code: it falls inside the body of a
+    SQL function that a later migration replaces (``CREATE OR REPLACE``), so the
+    database runs the later copy and the mutant could never be noticed."""
+    path = tree / edit.file
+    if path.parent.name != "migrations" or path.suffix != ".sql":
+        return None
+    text = path.read_text(encoding="utf-8")
+    at = text.find(edit.find)
+    headers = [m for m in _FUNCTION_HEADER.finditer(text) if m.start() < at]
+    if at < 0 or not headers:
+        return None
+    header = headers[-1]
+    if text.count("$$", header.start(), at) != 1:
+        return None  # past that function's body
+    name = header.group(1)
+    replaced = re.compile(rf"CREATE OR REPLACE FUNCTION\s+{name}\s*\(")
+    for later in sorted(path.parent.glob("*.sql")):
+        if later.name > path.name and replaced.search(later.read_text(encoding="utf-8")):
+            return f"{edit.file}: {name}() is replaced by {later.name}; mutate the live copy"
+    return None
+
+
 def apply(edits: tuple[Edit, ...], tree: Path) -> str | None:
-    """Apply every edit; the reason it cannot, if one does not match exactly once."""
+    """Apply every edit; the reason it cannot, if one does not match exactly once
+    or would mutate a superseded copy of a SQL function."""
     for edit in edits:
         path = tree / edit.file
         text = path.read_text(encoding="utf-8")
         count = text.count(edit.find)
         if count != 1:
             return f"{edit.file}: the text to mutate occurs {count} times (expected 1)"
+        dead = superseded(edit, tree)
+        if dead is not None:
+            return dead
         path.write_text(text.replace(edit.find, edit.replace), encoding="utf-8")
     return None
 
