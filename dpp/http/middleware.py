@@ -214,6 +214,8 @@ class RequestContextMiddleware:
         state["request_id"] = request_id
         state["trace_id"] = trace_id
         state["parent_span_id"] = traceparent.parent_id if traceparent else None
+        # The caller's sampling decision (W3C flag 01), None without a caller.
+        state["parent_sampled"] = int(traceparent.flags, 16) & 1 == 1 if traceparent else None
 
         async def send_with_request_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -243,10 +245,8 @@ class TracingMiddleware:
         state = scope.setdefault("state", {})
         trace_id = state.get("trace_id") or new_trace_id()
         parent_id = state.get("parent_span_id")
-        sampled = True
-        if parent_id is not None:
-            traceparent = parse_traceparent(Headers(scope=scope).get("traceparent", ""))
-            sampled = traceparent is None or int(traceparent.flags, 16) & 1 == 1
+        # Follow the caller's decision; a request without one is a root, sampled.
+        sampled = state.get("parent_sampled") is not False
         method = scope["method"] if scope["method"] in HTTP_METHODS else "_OTHER"
         status = 0
 

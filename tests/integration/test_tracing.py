@@ -221,6 +221,24 @@ async def test_a_request_without_traceparent_starts_a_fresh_trace(
         assert run["POST /v1/runs"] is request
 
 
+async def test_the_server_span_follows_the_callers_sampling_decision(
+    spans, http, admin_headers
+) -> None:
+    _, key = await _tenant(http, admin_headers, 0)
+    server_spans: dict[str, list[ReadableSpan]] = {}
+    for flags in ("00", "01"):
+        trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+        traceparent = {"traceparent": f"00-{trace_id}-{parent_id}-{flags}"}
+        assert (await http.get("/v1/budget", headers=key | traceparent)).status_code == 200
+        server_spans[flags] = [
+            span for span in _in_trace(spans, trace_id) if span.kind is SpanKind.SERVER
+        ]
+    assert server_spans["00"] == []  # the caller did not sample: neither do we
+    (span,) = server_spans["01"]
+    assert span.parent is not None and span.context is not None
+    assert span.context.trace_flags.sampled
+
+
 async def test_every_request_gets_a_server_span_named_by_its_route(
     spans, http, admin_headers
 ) -> None:
