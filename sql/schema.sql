@@ -543,3 +543,123 @@ CREATE TRIGGER runs_key_fixed
     FOR EACH ROW
     WHEN (OLD.api_key_id IS DISTINCT FROM NEW.api_key_id)
     EXECUTE FUNCTION runs_key_fixed();
+
+-- ---------------------------------------------------------------- the reservation's round trips
+-- (0007) A reservation batch's statements, run in the caller's transaction in
+-- two calls; nothing is decided here (dpp/money/ledger.py, reserve_batch).
+
+CREATE FUNCTION dpp_lock_reservation(
+    p_tenant_id TEXT,
+    p_methods TEXT[], p_paths TEXT[], p_keys TEXT[],
+    p_api_key_ids TEXT[],
+    p_remaining_ms DOUBLE PRECISION[],
+    OUT tenant_found BOOLEAN,
+    OUT balance_usd_micros BIGINT, OUT reserved_usd_micros BIGINT, OUT ledger_version BIGINT,
+    OUT max_concurrent_runs INTEGER, OUT retention_days INTEGER,
+    OUT key_methods TEXT[], OUT key_paths TEXT[], OUT key_keys TEXT[],
+    OUT key_states TEXT[], OUT key_owners UUID[],
+    OUT spend_key_ids TEXT[], OUT spend_limits BIGINT[], OUT spend_spent BIGINT[],
+    OUT open_runs BIGINT, OUT bound_ms BIGINT
+) LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    waited_ms DOUBLE PRECISION;
+    earliest_ms DOUBLE PRECISION;
+BEGIN
+    SELECT t.balance_usd_micros, t.reserved_usd_micros, t.ledger_version,
+           p.max_concurrent_runs, p.retention_days
+    INTO balance_usd_micros, reserved_usd_micros, ledger_version,
+         max_concurrent_runs, retention_days
+    FROM tenants t JOIN plans p ON p.id = t.plan_id
+    WHERE t.id = p_tenant_id
+    FOR UPDATE OF t;
+    tenant_found := FOUND;
+    IF NOT tenant_found THEN
+        RETURN;
+    END IF;
+
+    -- a takeover, a release or a stored 402 waits for the reservation's
+    -- commit, and sees its outcome
+    SELECT array_agg(locked.method), array_agg(locked.path), array_agg(locked.key),
+           array_agg(locked.state), array_agg(locked.owner_token)
+    INTO key_methods, key_paths, key_keys, key_states, key_owners
+    FROM (SELECT k.method, k.path, k.key, k.state, k.owner_token
+          FROM idempotency_keys k
+          WHERE k.tenant_id = p_tenant_id
+            AND (k.method, k.path, k.key) IN (
+                SELECT * FROM unnest(p_methods, p_paths, p_keys))
+          ORDER BY k.method, k.path, k.key
+          FOR UPDATE OF k) AS locked;
+
+    SELECT array_agg(locked.id), array_agg(locked.spend_limit_usd_micros),
+           array_agg(locked.spent_usd_micros)
+    INTO spend_key_ids, spend_limits, spend_spent
+    FROM (SELECT a.id, a.spend_limit_usd_micros, a.spent_usd_micros
+          FROM api_keys a
+          WHERE a.tenant_id = p_tenant_id AND a.id = ANY(p_api_key_ids)
+          ORDER BY a.id
+          FOR UPDATE) AS locked;
+
+    SELECT count(*) INTO open_runs FROM runs
+    WHERE tenant_id = p_tenant_id AND status IN ('QUEUED', 'PROCESSING', 'CLAIMED');
+
+    waited_ms := extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000;
+    SELECT min(remaining) INTO earliest_ms
+    FROM unnest(p_remaining_ms) AS remaining
+    WHERE remaining > waited_ms;
+    IF earliest_ms IS NOT NULL THEN
+        -- whole milliseconds, at least 1: 0 would mean no limit
+        bound_ms := greatest(1, floor(earliest_ms - waited_ms))::BIGINT;
+        PERFORM set_config('statement_timeout', bound_ms || 'ms', true);
+    END IF;
+END
+$$;
+
+-- The writes of the admitted drafts. The runs' insert trigger writes their
+-- reserve entries, whose trigger adds them to the tenant's reserved: the CHECK
+-- refuses the batch unless available stays >= 0 (the guard no Redis answer
+-- can bypass); a run's key is charged the same way, and Postgres refuses an
+-- increase past the key's limit. Then the completions of the keys locked and
+-- checked owned by dpp_lock_reservation (the caller checks every one was
+-- completed), and the counters the ledger trigger wrote.
+CREATE FUNCTION dpp_write_reservation(
+    p_tenant_id TEXT,
+    p_run_ids TEXT[], p_pack_types TEXT[], p_inputs JSONB[], p_metadata JSONB[],
+    p_reserved BIGINT[], p_minimum BIGINT[], p_timebox INTEGER[], p_trace_ids TEXT[],
+    p_created_at TIMESTAMPTZ[], p_api_key_ids TEXT[],
+    p_key_methods TEXT[], p_key_paths TEXT[], p_key_keys TEXT[], p_key_statuses INTEGER[],
+    p_key_headers JSONB[], p_key_bodies BYTEA[],
+    OUT completed BIGINT,
+    OUT balance_usd_micros BIGINT, OUT reserved_usd_micros BIGINT, OUT ledger_version BIGINT
+) LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    INSERT INTO runs (id, tenant_id, pack_type, status, inputs, metadata,
+                      reserved_usd_micros, minimum_fee_usd_micros, timebox_sec,
+                      trace_id, created_at, api_key_id)
+    SELECT id, p_tenant_id, pack_type, 'QUEUED', inputs, metadata, reserved, minimum, timebox,
+           trace_id, created_at, api_key_id
+    FROM unnest(p_run_ids, p_pack_types, p_inputs, p_metadata, p_reserved, p_minimum,
+                p_timebox, p_trace_ids, p_created_at, p_api_key_ids)
+         AS item(id, pack_type, inputs, metadata, reserved, minimum, timebox, trace_id,
+                 created_at, api_key_id);
+
+    completed := 0;
+    IF cardinality(p_key_keys) > 0 THEN
+        WITH done AS (
+            UPDATE idempotency_keys AS k
+            SET state = 'done', response_status = item.status,
+                response_headers = item.headers, response_body = item.body
+            FROM unnest(p_key_methods, p_key_paths, p_key_keys, p_key_statuses, p_key_headers,
+                        p_key_bodies)
+                 AS item(method, path, key, status, headers, body)
+            WHERE k.tenant_id = p_tenant_id AND k.method = item.method
+              AND k.path = item.path AND k.key = item.key
+            RETURNING k.key
+        )
+        SELECT count(*) INTO completed FROM done;
+    END IF;
+
+    SELECT t.balance_usd_micros, t.reserved_usd_micros, t.ledger_version
+    INTO balance_usd_micros, reserved_usd_micros, ledger_version
+    FROM tenants t WHERE t.id = p_tenant_id;
+END
+$$;

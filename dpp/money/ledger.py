@@ -30,7 +30,6 @@ from dpp.adapters.postgres import (
     Queries,
     Record,
     bounded_transaction,
-    statement_timeout_ms,
 )
 from dpp.faults import crash_point
 from dpp.limits import LEDGER_BATCH_MAX, TIMEBOX_SEC_MAX, TIMEBOX_SEC_MIN
@@ -328,29 +327,31 @@ def _all_late(drafts: Sequence[RunDraft]) -> ReserveBatchResult:
     return ReserveBatchResult([DeadlinePassed() for _ in drafts], None)
 
 
-async def _withdrawn(
-    connection: Connection,
-    queries: Queries,
-    tenant_id: str,
-    drafts: Sequence[RunDraft],
-    deadlines: Sequence[float] | None,
+def _remaining_ms(deadlines: Sequence[float] | None) -> list[float] | None:
+    """How long each caller still waits, in milliseconds, as the locks are asked."""
+    if deadlines is None:
+        return None
+    now = anyio.current_time()
+    return [(deadline - now) * 1000 for deadline in deadlines]
+
+
+def _withdrawn(
+    locked: Record, drafts: Sequence[RunDraft], deadlines: Sequence[float] | None
 ) -> list[Withdrawn | None]:
-    """Lock the drafts' keys (in key order) and say which drafts may not be admitted."""
-    keyed = [d.idempotency for d in drafts if d.idempotency is not None]
-    held: dict[tuple[str, str, str], uuid.UUID] = {}
-    if keyed:
-        rows = await connection.fetch(
-            queries["lock_idempotency_keys"],
-            tenant_id,
-            [c.method for c in keyed],
-            [c.path for c in keyed],
-            [c.key for c in keyed],
+    """Which drafts may not be admitted, judged with the locks held: a draft whose
+    request no longer owns its idempotency key, or whose caller stopped waiting."""
+    held: dict[tuple[str, str, str], uuid.UUID] = {
+        (method, path, key): owner
+        for method, path, key, state, owner in zip(
+            locked["key_methods"] or (),
+            locked["key_paths"] or (),
+            locked["key_keys"] or (),
+            locked["key_states"] or (),
+            locked["key_owners"] or (),
+            strict=True,
         )
-        held = {
-            (row["method"], row["path"], row["key"]): row["owner_token"]
-            for row in rows
-            if row["state"] == "in_flight"
-        }
+        if state == "in_flight"
+    }
     now = anyio.current_time()
     withdrawn: list[Withdrawn | None] = []
     for index, draft in enumerate(drafts):
@@ -367,53 +368,23 @@ async def _withdrawn(
     return withdrawn
 
 
-async def _lock_key_spend(
-    connection: Connection, queries: Queries, tenant_id: str, drafts: Sequence[RunDraft]
-) -> dict[str, KeySpend]:
-    """Lock the drafts' keys (after the tenant row, in id order) and read their
-    spend: the same transaction that reserves judges every key's limit, so
-    concurrent submits through one key on any replica serialize here."""
-    key_ids = sorted({d.api_key_id for d in drafts if d.api_key_id is not None})
-    if not key_ids:
-        return {}
-    rows = await connection.fetch(queries["lock_api_key_spend"], tenant_id, key_ids)
+def _key_spend(locked: Record, drafts: Sequence[RunDraft]) -> dict[str, KeySpend]:
+    """The spend of the drafts' API keys, read under their locks: the same
+    transaction that reserves judges every key's limit, so concurrent submits
+    through one key on any replica serialize there."""
     keys = {
-        row["id"]: KeySpend(row["spend_limit_usd_micros"], row["spent_usd_micros"]) for row in rows
-    }
-    # a key authenticated this request; keys are never deleted, only revoked
-    assert keys.keys() == set(key_ids), "a run's key is not one of its tenant's keys"
-    return keys
-
-
-async def _count_open_runs(
-    connection: Connection,
-    queries: Queries,
-    tenant_id: str,
-    withdrawn: Sequence[Withdrawn | None],
-    deadlines: Sequence[float] | None,
-) -> int:
-    """The tenant's open runs, read after its row lock (in a statement of its own,
-    whose snapshot holds every run committed before the lock was granted), as
-    the last statement before the writes.
-
-    With deadlines, the same statement bounds the statements after it (the
-    writes) by the time left to the earliest caller still eligible: they end
-    before it stops waiting. That is at or before the earliest *admitted*
-    caller's deadline, so the bound is never looser than deciding first and
-    setting it in a round trip of its own."""
-    eligible_deadlines = (
-        []
-        if deadlines is None
-        else [d for d, why in zip(deadlines, withdrawn, strict=True) if why is None]
-    )
-    if not eligible_deadlines:
-        return int(await connection.fetchval(queries["count_open_runs"], tenant_id))
-    milliseconds = statement_timeout_ms(min(eligible_deadlines) - anyio.current_time())
-    return int(
-        await connection.fetchval(
-            queries["count_open_runs_bounding_writes"], tenant_id, f"{milliseconds}ms"
+        key_id: KeySpend(limit, spent)
+        for key_id, limit, spent in zip(
+            locked["spend_key_ids"] or (),
+            locked["spend_limits"] or (),
+            locked["spend_spent"] or (),
+            strict=True,
         )
-    )
+    }
+    # a key authenticated each request; keys are never deleted, only revoked
+    wanted = {d.api_key_id for d in drafts if d.api_key_id is not None}
+    assert keys.keys() == wanted, "a run's key is not one of its tenant's keys"
+    return keys
 
 
 async def _reserve_locked(
@@ -423,13 +394,27 @@ async def _reserve_locked(
     drafts: Sequence[RunDraft],
     deadlines: Sequence[float] | None,
 ) -> ReserveBatchResult:
-    locked = await connection.fetchrow(queries["lock_tenant_budget"], tenant_id)
-    if locked is None:
+    """The reservation's transaction body: every lock and read in one round trip
+    (``dpp_lock_reservation``: the tenant row, the drafts' idempotency keys and
+    API keys, the open-run count, the writes' bound), the decision here, the
+    writes and the key completions in another (``dpp_write_reservation``)."""
+    keyed = [d.idempotency for d in drafts if d.idempotency is not None]
+    locked = await connection.fetchrow(
+        queries["lock_reservation"],
+        tenant_id,
+        [c.method for c in keyed],
+        [c.path for c in keyed],
+        [c.key for c in keyed],
+        sorted({d.api_key_id for d in drafts if d.api_key_id is not None}),
+        _remaining_ms(deadlines),
+    )
+    assert locked is not None
+    if not locked["tenant_found"]:
         raise TenantNotFound(tenant_id)
-    withdrawn = await _withdrawn(connection, queries, tenant_id, drafts, deadlines)
+    withdrawn = _withdrawn(locked, drafts, deadlines)
     eligible = [draft for draft, why in zip(drafts, withdrawn, strict=True) if why is None]
-    keys = await _lock_key_spend(connection, queries, tenant_id, eligible)
-    open_runs = await _count_open_runs(connection, queries, tenant_id, withdrawn, deadlines)
+    keys = _key_spend(locked, drafts)
+    open_runs = int(locked["open_runs"])
     decided, after = rules.decide_batch(
         Budget(locked["balance_usd_micros"], locked["reserved_usd_micros"]),
         [draft.reserved_usd_micros for draft in eligible],
@@ -449,8 +434,9 @@ async def _reserve_locked(
     ]
     if not accepted:
         return ReserveBatchResult(decisions, tenant_budget(locked))
-    await connection.execute(
-        queries["insert_runs"],
+    completions = [d.idempotency for d in accepted if d.idempotency is not None]
+    row = await connection.fetchrow(
+        queries["write_reservation"],
         tenant_id,
         [d.run_id for d in accepted],
         [d.pack_type for d in accepted],
@@ -462,26 +448,17 @@ async def _reserve_locked(
         [d.trace_id for d in accepted],
         [d.created_at for d in accepted],
         [d.api_key_id for d in accepted],
+        [c.method for c in completions],
+        [c.path for c in completions],
+        [c.key for c in completions],
+        [c.status for c in completions],
+        [c.headers for c in completions],
+        [c.body for c in completions],
     )
-    completions = [d.idempotency for d in accepted if d.idempotency is not None]
-    if completions:
-        # the completions and the counters' read-back in one statement
-        row = await connection.fetchrow(
-            queries["complete_idempotency_batch"],
-            tenant_id,
-            [c.method for c in completions],
-            [c.path for c in completions],
-            [c.key for c in completions],
-            [c.status for c in completions],
-            [c.headers for c in completions],
-            [c.body for c in completions],
-        )
-        assert row is not None, "a tenant row vanished under its lock"
-        # the keys are locked and were checked owned: each one completes
-        assert row["completed"] == len(completions), "an owned key changed under its lock"
-        budget = tenant_budget(row)
-    else:
-        budget = (await _counters_after_entries(connection, queries, [tenant_id]))[tenant_id]
+    assert row is not None
+    # the keys are locked and were checked owned: each one completes
+    assert row["completed"] == len(completions), "an owned key changed under its lock"
+    budget = tenant_budget(row)
     # the runs' insert wrote their reserve entries, whose trigger moved `reserved`
     # (the CHECK judged it)
     assert budget.reserved_usd_micros == after.reserved_usd_micros

@@ -4,80 +4,28 @@
 -- moves them from the entries (sql/migrations/0004_database_rules.sql), and the
 -- caller reads them back with tenant_counters_of.
 
+-- name: lock_reservation
+-- A reservation's locks and reads in one round trip (migration 0007): the
+-- tenant row, the batch's idempotency keys, its API keys' spend, the open-run
+-- count, and the bound of the writes after it (dpp/money/ledger.py).
+SELECT * FROM dpp_lock_reservation($1, $2::text[], $3::text[], $4::text[], $5::text[],
+                                   $6::double precision[]);
+
+-- name: write_reservation
+-- The admitted drafts' runs (whose insert writes their reserve entries: the
+-- CHECK and the key's limit judge them), their keys' completions, and the
+-- counters the ledger trigger wrote, in one round trip (migration 0007).
+SELECT * FROM dpp_write_reservation($1, $2::text[], $3::text[], $4::jsonb[], $5::jsonb[],
+                                    $6::bigint[], $7::bigint[], $8::int[], $9::text[],
+                                    $10::timestamptz[], $11::text[], $12::text[], $13::text[],
+                                    $14::text[], $15::int[], $16::jsonb[], $17::bytea[]);
+
 -- name: lock_tenant_budget
 SELECT t.balance_usd_micros, t.reserved_usd_micros, t.ledger_version,
        p.max_concurrent_runs, p.retention_days
 FROM tenants t JOIN plans p ON p.id = t.plan_id
 WHERE t.id = $1
 FOR UPDATE OF t;
-
--- name: count_open_runs
-SELECT count(*) FROM runs
-WHERE tenant_id = $1 AND status IN ('QUEUED', 'PROCESSING', 'CLAIMED');
-
--- name: count_open_runs_bounding_writes
--- The same count, and the transaction's later statements (the reservation's
--- writes) bounded by statement_timeout $2, in one round trip: set_config takes
--- effect from the next statement on (dpp/money/ledger.py, _count_open_runs).
-SELECT (SELECT count(*) FROM runs
-        WHERE tenant_id = $1 AND status IN ('QUEUED', 'PROCESSING', 'CLAIMED')),
-       set_config('statement_timeout', $2, true);
-
--- name: insert_runs
--- The runs' insert trigger writes their reserve entries, whose trigger adds
--- them to the tenant's reserved: the CHECK refuses the batch unless available
--- stays >= 0 (the guard that no Redis answer can bypass).
--- A run's key (SPEC §7) is charged the same way: the key's spent moves with the
--- entries, and Postgres refuses an increase past the key's limit.
-INSERT INTO runs (id, tenant_id, pack_type, status, inputs, metadata,
-                  reserved_usd_micros, minimum_fee_usd_micros, timebox_sec,
-                  trace_id, created_at, api_key_id)
-SELECT id, $1, pack_type, 'QUEUED', inputs, metadata, reserved, minimum, timebox,
-       trace_id, created_at, api_key_id
-FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::bigint[],
-            $7::bigint[], $8::int[], $9::text[], $10::timestamptz[], $11::text[])
-     AS item(id, pack_type, inputs, metadata, reserved, minimum, timebox, trace_id, created_at,
-             api_key_id);
-
--- name: lock_api_key_spend
--- The batch's keys (SPEC §7), after the tenant row and in id order: every
--- writer of a key's spent holds its tenant first, so this cannot deadlock.
-SELECT id, spend_limit_usd_micros, spent_usd_micros
-FROM api_keys
-WHERE tenant_id = $1 AND id = ANY($2::text[])
-ORDER BY id
-FOR UPDATE;
-
--- name: lock_idempotency_keys
--- The keys of a reservation batch, locked in key order (a takeover, a release
--- or a stored 402 waits for the reservation's commit, and sees its outcome).
-SELECT k.method, k.path, k.key, k.state, k.owner_token
-FROM idempotency_keys k
-WHERE k.tenant_id = $1
-  AND (k.method, k.path, k.key) IN (
-      SELECT * FROM unnest($2::text[], $3::text[], $4::text[]))
-ORDER BY k.method, k.path, k.key
-FOR UPDATE OF k;
-
--- name: complete_idempotency_batch
--- Only for drafts admitted under the locks above, whose keys were checked in
--- flight and owned by their request (dpp/money/ledger.py); the caller checks
--- that every one was completed. After the runs' insert, so the same statement
--- also reads back the counters the ledger trigger wrote (a new statement's
--- snapshot sees them; the UPDATE does not touch tenants): one round trip.
-WITH completed AS (
-    UPDATE idempotency_keys AS k
-    SET state = 'done', response_status = item.status, response_headers = item.headers,
-        response_body = item.body
-    FROM unnest($2::text[], $3::text[], $4::text[], $5::int[], $6::jsonb[], $7::bytea[])
-         AS item(method, path, key, status, headers, body)
-    WHERE k.tenant_id = $1 AND k.method = item.method AND k.path = item.path
-      AND k.key = item.key
-    RETURNING k.key
-)
-SELECT (SELECT count(*) FROM completed) AS completed,
-       t.balance_usd_micros, t.reserved_usd_micros, t.ledger_version
-FROM tenants t WHERE t.id = $1;
 
 -- name: insert_credit_entry
 INSERT INTO ledger_entries (tenant_id, run_id, kind, amount_usd_micros, operation_id)

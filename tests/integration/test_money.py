@@ -85,6 +85,33 @@ async def test_plan_concurrency_limit_refuses_with_429_outcome(
         assert (await replica.accounts.audit()).ok
 
 
+async def test_runs_being_executed_or_finalized_count_toward_the_concurrency_limit(
+    database_url, services, redis_prefix
+) -> None:
+    """The limit counts every open run: one a worker holds (PROCESSING) or is
+    finalizing (CLAIMED) is as open as one waiting in the queue."""
+    async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
+        await create_plan(replica.pool, "two", max_concurrent_runs=2)
+        tenant = await create_tenant(replica.pool, plan_id="two")
+        await replica.budgets.credit(tenant, 100 * RESERVATION, "credit:seed")
+        for _ in range(2):
+            assert isinstance(await replica.budgets.reserve(tenant, draft()), Reserved)
+        claimed = await replica.pool.fetch(replica.queries["claim_queued_runs"], 2, 30)
+        assert len(claimed) == 2  # both PROCESSING now, none QUEUED
+        refused = await replica.budgets.reserve(tenant, draft())
+        assert isinstance(refused, ConcurrencyLimited)
+        first = claimed[0]
+        version = await replica.pool.fetchval(
+            replica.queries["claim_for_finalize"],
+            first["id"],
+            first["lease_token"],
+            first["version"],
+        )
+        assert version is not None  # CLAIMED: finalizing, still open
+        assert isinstance(await replica.budgets.reserve(tenant, draft()), ConcurrencyLimited)
+        assert (await replica.accounts.audit()).ok
+
+
 async def test_settlement_follows_the_table_exactly_once(
     database_url, services, redis_prefix
 ) -> None:
