@@ -53,16 +53,24 @@ class PostgresQueue:
         self._notify_lock: anyio.Lock | None = None
         self._notifies_asked = 0
         self._notifies_covered = 0
+        # set while the announcer runs (beside ``listen``): enqueue asks it
+        self._announce_wanted: anyio.Event | None = None
 
     async def enqueue(self, runs: Sequence[QueuedRun]) -> None:
-        """One NOTIFY for every caller that asked before it was sent.
+        """Announce committed runs: one NOTIFY for every caller that asked before
+        it was sent.
 
-        Under load each admitted run used to cost its own round trip for a
-        NOTIFY; now callers queue behind the one in flight and the next one
-        covers all of them (sent after each of them asked, so after their runs
-        committed): at most two round trips per burst, and a caller still
-        returns only once a NOTIFY sent after its commit has been delivered."""
+        While this replica listens (``listen`` runs, under the dispatcher), its
+        announcer task sends the NOTIFY and the caller returns at once: a
+        submit's answer does not wait for a round trip that only saves other
+        replicas' dispatchers a poll. Otherwise the caller sends it, queueing
+        behind the one in flight so that the next covers everyone who asked
+        meanwhile (at most two round trips per burst). Either way a NOTIFY is
+        sent after each caller asked, so after its runs committed."""
         if not runs:
+            return
+        if self._announce_wanted is not None:
+            self._announce_wanted.set()
             return
         self._notifies_asked += 1
         asked = self._notifies_asked
@@ -74,6 +82,23 @@ class PostgresQueue:
             covering = self._notifies_asked
             await self._notify()
             self._notifies_covered = covering
+
+    async def _announce(self) -> None:
+        """The announcer: a NOTIFY after each batch of ``enqueue`` calls, until
+        cancelled. A lost one delays runs until a poll; it never strands them."""
+        self._announce_wanted = anyio.Event()
+        try:
+            while True:
+                await self._announce_wanted.wait()
+                # asked from now on: covered by the next NOTIFY, not this one
+                self._announce_wanted = anyio.Event()
+                try:
+                    await self._notify()
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    log.debug("announcing queued runs failed; the poll finds them")
+                    await anyio.sleep(RECONNECT_BACKOFF_FIRST_S)
+        finally:
+            self._announce_wanted = None
 
     async def _notify(self) -> None:
         await self._pool.execute("SELECT pg_notify($1, '')", CHANNEL)
@@ -120,12 +145,21 @@ class PostgresQueue:
     async def listen(
         self, wake: Callable[[], None], *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """LISTEN on a connection of its own, reconnecting with backoff, until cancelled.
+        """LISTEN on a connection of its own, reconnecting with backoff, and
+        announce this replica's admissions (``enqueue``), until cancelled.
 
         Reports started once the first connection listens, or after the first
         failed attempt (the poll covers for it meanwhile: starting must not
         hang on an outage).
         """
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._announce)
+            await tasks.start(self._listen, wake)
+            task_status.started()
+
+    async def _listen(
+        self, wake: Callable[[], None], *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         started = False
         backoff_s = RECONNECT_BACKOFF_FIRST_S
 
