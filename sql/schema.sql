@@ -663,3 +663,61 @@ BEGIN
     FROM tenants t WHERE t.id = p_tenant_id;
 END
 $$;
+
+-- A settlement batch's writes (dpp/money/ledger.py, settle_batch), in one
+-- round trip instead of three: the run rows, guarded by the versions read
+-- under their row locks (the caller checks the count); the charge and refund
+-- entries, whose trigger releases the reservations and charges the balances
+-- (the CHECKs judge them; the entries' unique operation ids make a replay
+-- impossible); the counters that trigger wrote, per tenant.
+CREATE FUNCTION dpp_write_settlements(
+    p_run_ids TEXT[], p_statuses TEXT[], p_charged BIGINT[], p_refunded BIGINT[],
+    p_retention_days INTEGER[], p_errors JSONB[], p_result_keys TEXT[],
+    p_result_sha256 TEXT[], p_result_bytes BIGINT[], p_result_content_types TEXT[],
+    p_versions BIGINT[],
+    p_entry_tenant_ids TEXT[], p_entry_run_ids TEXT[], p_entry_kinds TEXT[],
+    p_entry_amounts BIGINT[],
+    OUT settled_ids TEXT[], OUT finished_at TIMESTAMPTZ[],
+    OUT tenant_ids TEXT[], OUT balances_usd_micros BIGINT[], OUT reserved_usd_micros BIGINT[],
+    OUT ledger_versions BIGINT[]
+) LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    WITH settled AS (
+        UPDATE runs AS r
+        SET status = item.status,
+            charged_usd_micros = item.charged,
+            refunded_usd_micros = item.refunded,
+            finished_at = now(),
+            retention_until = now() + make_interval(days => item.retention_days),
+            lease_token = NULL,
+            lease_expires_at = NULL,
+            error = item.error,
+            result_key = COALESCE(item.result_key, r.result_key),
+            result_sha256 = COALESCE(item.result_sha256, r.result_sha256),
+            result_bytes = COALESCE(item.result_bytes, r.result_bytes),
+            result_content_type = COALESCE(item.result_content_type, r.result_content_type),
+            version = r.version + 1
+        FROM unnest(p_run_ids, p_statuses, p_charged, p_refunded, p_retention_days, p_errors,
+                    p_result_keys, p_result_sha256, p_result_bytes, p_result_content_types,
+                    p_versions)
+             AS item(id, status, charged, refunded, retention_days, error, result_key,
+                     result_sha256, result_bytes, result_content_type, version)
+        WHERE r.id = item.id AND r.version = item.version
+        RETURNING r.id, r.finished_at
+    )
+    SELECT array_agg(settled.id), array_agg(settled.finished_at)
+    INTO settled_ids, finished_at
+    FROM settled;
+
+    INSERT INTO ledger_entries (tenant_id, run_id, kind, amount_usd_micros, operation_id)
+    SELECT item.tenant_id, item.run_id, item.kind, item.amount, item.kind || ':' || item.run_id
+    FROM unnest(p_entry_tenant_ids, p_entry_run_ids, p_entry_kinds, p_entry_amounts)
+         AS item(tenant_id, run_id, kind, amount);
+
+    SELECT array_agg(t.id), array_agg(t.balance_usd_micros), array_agg(t.reserved_usd_micros),
+           array_agg(t.ledger_version)
+    INTO tenant_ids, balances_usd_micros, reserved_usd_micros, ledger_versions
+    FROM tenants t
+    WHERE t.id = ANY(p_entry_tenant_ids);
+END
+$$;

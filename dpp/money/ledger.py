@@ -93,9 +93,14 @@ async def _counters_after_entries(
 
 def tenant_budget(row: Record) -> TenantBudget:
     """A tenant row's counters, asserted (the read-side twin of the schema's CHECK)."""
-    budget = TenantBudget(
+    return checked_budget(
         row["balance_usd_micros"], row["reserved_usd_micros"], row["ledger_version"]
     )
+
+
+def checked_budget(balance_usd_micros: int, reserved_usd_micros: int, version: int) -> TenantBudget:
+    """Counters read back from Postgres, asserted like ``tenant_budget``'s."""
+    budget = TenantBudget(balance_usd_micros, reserved_usd_micros, version)
     budget.as_budget().check()  # read-side twin of the schema's CHECK
     return budget
 
@@ -602,11 +607,7 @@ async def settle_batch(
             else:
                 outcomes[index] = decision
         if writes:
-            finished = await _write_settlements(connection, queries, writes)
-            # the charge and refund entries' trigger released the reservations
-            budgets = await _counters_after_entries(
-                connection, queries, sorted({run["tenant_id"] for _, _, run, _ in writes})
-            )
+            finished, budgets = await _write_settlements(connection, queries, writes)
             for index, _, run, settlement in writes:
                 outcomes[index] = SettleResult(
                     run["id"],
@@ -625,10 +626,21 @@ async def _write_settlements(
     connection: Connection,
     queries: Queries,
     writes: list[tuple[int, SettleRequest, Record, Settlement]],
-) -> dict[str, datetime]:
+) -> tuple[dict[str, datetime], dict[str, TenantBudget]]:
+    """The run rows, the charge and refund entries, and the counters their
+    trigger wrote (it released the reservations), in one round trip: when each
+    run finished, and each tenant's budget after."""
     results = [request.result for _, request, _, _ in writes]
-    updated = await connection.fetch(
-        queries["settle_run_rows"],
+    entries = [
+        (run["tenant_id"], run["id"], kind, amount)
+        for _, _, run, settlement in writes
+        for kind, amount in (
+            ("charge", settlement.charged_usd_micros),
+            ("refund", settlement.refunded_usd_micros),
+        )
+    ]
+    row = await connection.fetchrow(
+        queries["write_settlements"],
         [run["id"] for _, _, run, _ in writes],
         [settlement.outcome.value for _, _, _, settlement in writes],
         [settlement.charged_usd_micros for _, _, _, settlement in writes],
@@ -640,24 +652,27 @@ async def _write_settlements(
         [result.bytes if result else None for result in results],
         [result.content_type if result else None for result in results],
         [run["version"] for _, _, run, _ in writes],
-    )
-    assert len(updated) == len(writes), "a run changed under its row lock"
-    entries = [
-        (run["tenant_id"], run["id"], kind, amount)
-        for _, _, run, settlement in writes
-        for kind, amount in (
-            ("charge", settlement.charged_usd_micros),
-            ("refund", settlement.refunded_usd_micros),
-        )
-    ]
-    await connection.execute(
-        queries["insert_settlement_entries"],
         [entry[0] for entry in entries],
         [entry[1] for entry in entries],
         [entry[2] for entry in entries],
         [entry[3] for entry in entries],
     )
-    return {row["id"]: row["finished_at"] for row in updated}
+    assert row is not None
+    settled = list(zip(row["settled_ids"] or (), row["finished_at"] or (), strict=True))
+    assert len(settled) == len(writes), "a run changed under its row lock"
+    budgets = {
+        tenant_id: checked_budget(balance, reserved, version)
+        for tenant_id, balance, reserved, version in zip(
+            row["tenant_ids"],
+            row["balances_usd_micros"],
+            row["reserved_usd_micros"],
+            row["ledger_versions"],
+            strict=True,
+        )
+    }
+    # a tenant row vanished under its lock?
+    assert budgets.keys() == {run["tenant_id"] for _, _, run, _ in writes}
+    return dict(settled), budgets
 
 
 async def settle(pool: Pool, queries: Queries, request: SettleRequest) -> SettleResult:

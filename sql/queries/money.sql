@@ -55,34 +55,14 @@ WHERE r.id = ANY($1::text[])
 ORDER BY r.id
 FOR UPDATE OF r;
 
--- name: settle_run_rows
--- Guarded by the versions read under the row locks; the caller checks the count.
-UPDATE runs AS r
-SET status = item.status,
-    charged_usd_micros = item.charged,
-    refunded_usd_micros = item.refunded,
-    finished_at = now(),
-    retention_until = now() + make_interval(days => item.retention_days),
-    lease_token = NULL,
-    lease_expires_at = NULL,
-    error = item.error,
-    result_key = COALESCE(item.result_key, r.result_key),
-    result_sha256 = COALESCE(item.result_sha256, r.result_sha256),
-    result_bytes = COALESCE(item.result_bytes, r.result_bytes),
-    result_content_type = COALESCE(item.result_content_type, r.result_content_type),
-    version = r.version + 1
-FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::int[], $6::jsonb[],
-            $7::text[], $8::text[], $9::bigint[], $10::text[], $11::bigint[])
-     AS item(id, status, charged, refunded, retention_days, error, result_key,
-             result_sha256, result_bytes, result_content_type, version)
-WHERE r.id = item.id AND r.version = item.version
-RETURNING r.id, r.finished_at;
-
--- name: insert_settlement_entries
-INSERT INTO ledger_entries (tenant_id, run_id, kind, amount_usd_micros, operation_id)
-SELECT item.tenant_id, item.run_id, item.kind, item.amount, item.kind || ':' || item.run_id
-FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
-     AS item(tenant_id, run_id, kind, amount);
+-- name: write_settlements
+-- A settlement batch's writes in one round trip (migration 0007): the run rows
+-- guarded by the versions read under their locks (the caller checks the
+-- count), the charge and refund entries, and the counters their trigger wrote.
+SELECT * FROM dpp_write_settlements($1::text[], $2::text[], $3::bigint[], $4::bigint[],
+                                    $5::int[], $6::jsonb[], $7::text[], $8::text[],
+                                    $9::bigint[], $10::text[], $11::bigint[], $12::text[],
+                                    $13::text[], $14::text[], $15::bigint[]);
 
 -- name: run_has_reserve_entry
 SELECT EXISTS (SELECT 1 FROM ledger_entries WHERE run_id = $1 AND kind = 'reserve');
