@@ -5,11 +5,12 @@
 frame (the ops endpoints, ``/admin/actors`` and the ``/docs`` page), which tests fill with routes
 and middleware of their own.
 
-Middleware, outermost first (see ``dpp.http.middleware``)::
+Layers, outermost first::
 
-    RequestBodyDrain → RequestContext → (Tracing, when on) → AccessLog → CORS → UnhandledError
-      → inner_middleware (the /v1 gate) → AdminAuth
-      → ExceptionMiddleware (Problem, HTTPException) → Router
+    HttpFront (dpp.http.front: body drain, request context, server span when
+      tracing is on, access log, CORS, unhandled errors, the /v1 gate when
+      ``api_gate``, the /admin gate — one ASGI layer)
+      → inner_middleware (tests only) → ExceptionMiddleware (Problem, HTTPException) → Router
 
 Every error the stack can produce leaves as ``application/problem+json`` with
 ``instance`` = the request path.
@@ -30,20 +31,12 @@ from starlette.routing import BaseRoute, Route
 from dpp import tracing
 from dpp.context import AppContext
 from dpp.http import routes as route_table
-from dpp.http.auth import MCP_PATH, AdminAuthMiddleware, ApiAuthMiddleware
+from dpp.http.auth import MCP_PATH, ApiGate
 from dpp.http.console import console_routes
 from dpp.http.docs import docs_routes
+from dpp.http.front import HttpFront
 from dpp.http.mcp import McpEndpoint
-from dpp.http.middleware import (
-    AccessLogMiddleware,
-    CORSMiddleware,
-    RequestBodyDrainMiddleware,
-    RequestContextMiddleware,
-    TracingMiddleware,
-    UnhandledErrorMiddleware,
-    cors_allowed_origins,
-    problem_from_http_exception,
-)
+from dpp.http.middleware import cors_allowed_origins, problem_from_http_exception
 from dpp.http.problems import Problem, internal_error_problem, problem_response
 from dpp.metrics import metrics_for
 
@@ -59,11 +52,7 @@ def build_app(context: AppContext) -> Starlette:
         context,
         extra_routes=[*route_table.api_routes(), Route(MCP_PATH, mcp), *console_routes()],
         lifespan=lambda app: mcp.running(),
-        inner_middleware=[
-            Middleware(
-                ApiAuthMiddleware, tenancy=context.tenancy, rate_limiter=context.rate_limiter
-            )
-        ],
+        api_gate=True,
     )
 
 
@@ -71,25 +60,31 @@ def create_app(
     context: AppContext,
     *,
     extra_routes: Sequence[BaseRoute] = (),
+    api_gate: bool = False,
     inner_middleware: Sequence[Middleware] = (),
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
 ) -> Starlette:
     """The frame of the HTTP front: ops routes and ``/admin/actors``, plus
-    ``extra_routes``. ``inner_middleware`` runs after CORS and the error layer
-    but before routing: the place for the /v1 gate."""
+    ``extra_routes``. ``api_gate``: the /v1 and /mcp API-key gate with rate
+    limits (``context.tenancy``, ``context.rate_limiter``) runs in the front.
+    ``inner_middleware`` runs after the whole front, before routing (a test's
+    stand-in for a gate)."""
     settings = context.settings
     # /docs renders /openapi.json in the browser: both belong to every app
     routes = [*route_table.frame_routes(), *docs_routes(), *extra_routes]
     middleware = [
-        Middleware(RequestBodyDrainMiddleware, max_body_bytes=settings.max_body_bytes),
-        Middleware(RequestContextMiddleware),
-        # a server span per request, only when tracing is on (off: not stacked at all)
-        *([Middleware(TracingMiddleware)] if tracing.enabled() else []),
-        Middleware(AccessLogMiddleware, metrics=metrics_for(context.metrics_registry)),
-        Middleware(CORSMiddleware, allowed_origins=cors_allowed_origins(settings)),
-        Middleware(UnhandledErrorMiddleware, unavailable_dependency=context.unavailable_dependency),
+        Middleware(
+            HttpFront,
+            max_body_bytes=settings.max_body_bytes,
+            metrics=metrics_for(context.metrics_registry),
+            allowed_origins=cors_allowed_origins(settings),
+            unavailable_dependency=context.unavailable_dependency,
+            api_gate=ApiGate(context.tenancy, context.rate_limiter) if api_gate else None,
+            admin_token=settings.admin_token,
+            # a server span per request, only when tracing is on
+            traced=tracing.enabled(),
+        ),
         *inner_middleware,
-        Middleware(AdminAuthMiddleware, admin_token=settings.admin_token),
     ]
     app = Starlette(
         routes=routes,
@@ -99,7 +94,7 @@ def create_app(
             Problem: _problem_handler,
             HTTPException: _http_exception_handler,
             # Starlette's own outermost ServerErrorMiddleware: unreachable while
-            # UnhandledErrorMiddleware is in place, but it too must speak problem+json.
+            # HttpFront is in place, but it too must speak problem+json.
             Exception: _last_resort_handler,
         },
     )

@@ -1,4 +1,4 @@
-"""The middleware's pure parts, on both backends, with no services behind them."""
+"""The HTTP front's pure parts, on both backends, with no services behind them."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ from starlette.types import Receive, Scope, Send
 
 from dpp.config import load_settings
 from dpp.http.auth import admin_problem
+from dpp.http.front import HttpFront
 from dpp.http.middleware import (
     DEVELOPMENT_ORIGINS,
-    AccessLogMiddleware,
-    CORSMiddleware,
-    RequestContextMiddleware,
-    UnhandledErrorMiddleware,
     cors_allowed_origins,
     new_request_id,
     new_trace_id,
@@ -113,11 +110,11 @@ async def inner_app(scope: Scope, receive: Receive, send: Send) -> None:
 
 async def test_stack_without_starlette() -> None:
     registry = CollectorRegistry()
-    app = RequestContextMiddleware(
-        AccessLogMiddleware(
-            CORSMiddleware(UnhandledErrorMiddleware(inner_app), ["https://a.example"]),
-            metrics_for(registry),
-        )
+    app = HttpFront(
+        inner_app,
+        max_body_bytes=1024,
+        metrics=metrics_for(registry),
+        allowed_origins=["https://a.example"],
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
@@ -161,9 +158,7 @@ async def failing_app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 async def test_an_unavailable_dependency_is_a_503_with_retry_after_and_a_bug_stays_a_500() -> None:
-    app = RequestContextMiddleware(
-        UnhandledErrorMiddleware(failing_app, unavailable_dependency=classify)
-    )
+    app = HttpFront(failing_app, max_body_bytes=1024, unavailable_dependency=classify)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         down = await client.get("/down")
