@@ -10,7 +10,12 @@ Layers, outermost first::
     HttpFront (dpp.http.front: body drain, request context, server span when
       tracing is on, access log, CORS, unhandled errors, the /v1 gate when
       ``api_gate``, the /admin gate — one ASGI layer)
-      → inner_middleware (tests only) → ExceptionMiddleware (Problem, HTTPException) → Router
+      → inner_middleware (tests only) → Router
+
+The front is the app's whole middleware stack: Starlette's own
+ServerErrorMiddleware and ExceptionMiddleware are not built, since the front
+already renders every exception (a route's ``Problem``, the router's 404 and
+405 ``HTTPException``) as a problem.
 
 Every error the stack can produce leaves as ``application/problem+json`` with
 ``instance`` = the request path.
@@ -22,11 +27,9 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
 
 from dpp import tracing
 from dpp.context import AppContext
@@ -36,8 +39,7 @@ from dpp.http.console import console_routes
 from dpp.http.docs import docs_routes
 from dpp.http.front import HttpFront
 from dpp.http.mcp import McpEndpoint
-from dpp.http.middleware import cors_allowed_origins, problem_from_http_exception
-from dpp.http.problems import Problem, internal_error_problem, problem_response
+from dpp.http.middleware import cors_allowed_origins
 from dpp.metrics import metrics_for
 
 __all__ = ["build_app", "create_app"]
@@ -72,50 +74,27 @@ def create_app(
     settings = context.settings
     # /docs renders /openapi.json in the browser: both belong to every app
     routes = [*route_table.frame_routes(), *docs_routes(), *extra_routes]
-    middleware = [
-        Middleware(
-            HttpFront,
-            max_body_bytes=settings.max_body_bytes,
-            metrics=metrics_for(context.metrics_registry),
-            allowed_origins=cors_allowed_origins(settings),
-            unavailable_dependency=context.unavailable_dependency,
-            api_gate=ApiGate(context.tenancy, context.rate_limiter) if api_gate else None,
-            admin_token=settings.admin_token,
-            # a server span per request, only when tracing is on
-            traced=tracing.enabled(),
-        ),
-        *inner_middleware,
-    ]
-    app = Starlette(
-        routes=routes,
-        middleware=middleware,
-        lifespan=lifespan,
-        exception_handlers={
-            Problem: _problem_handler,
-            HTTPException: _http_exception_handler,
-            # Starlette's own outermost ServerErrorMiddleware: unreachable while
-            # HttpFront is in place, but it too must speak problem+json.
-            Exception: _last_resort_handler,
-        },
-    )
+    app = Starlette(routes=routes, lifespan=lifespan)
     # "/health/" is an unknown path (404), not a redirect: one URL per resource.
     app.router.redirect_slashes = False
     app.state.context = context
     # /openapi.json: every endpoint of DPP (whatever this app mounts), rendered once
     app.state.openapi_body = route_table.openapi_body()
+    # The front is the whole stack: it renders every error (Problem and
+    # HTTPException included), so Starlette's ServerErrorMiddleware and
+    # ExceptionMiddleware, two more layers of send closures, are not built.
+    inner: ASGIApp = app.router
+    for cls, args, kwargs in reversed(inner_middleware):
+        inner = cls(inner, *args, **kwargs)
+    app.middleware_stack = HttpFront(
+        inner,
+        max_body_bytes=settings.max_body_bytes,
+        metrics=metrics_for(context.metrics_registry),
+        allowed_origins=cors_allowed_origins(settings),
+        unavailable_dependency=context.unavailable_dependency,
+        api_gate=ApiGate(context.tenancy, context.rate_limiter) if api_gate else None,
+        admin_token=settings.admin_token,
+        # a server span per request, only when tracing is on
+        traced=tracing.enabled(),
+    )
     return app
-
-
-async def _problem_handler(request: Request, error: Exception) -> Response:
-    assert isinstance(error, Problem)
-    return problem_response(error, request.scope["path"])
-
-
-async def _http_exception_handler(request: Request, error: Exception) -> Response:
-    assert isinstance(error, HTTPException)
-    return problem_response(problem_from_http_exception(error), request.scope["path"])
-
-
-async def _last_resort_handler(request: Request, error: Exception) -> Response:
-    request_id = request.scope.get("state", {}).get("request_id")
-    return problem_response(internal_error_problem(request_id), request.scope["path"])

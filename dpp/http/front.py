@@ -27,6 +27,7 @@ from collections.abc import Iterable
 
 import anyio
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -306,7 +307,11 @@ class _Exchange:
             )
             if self.started:
                 raise
-            self.admission = None  # an error's answer carries no RateLimit fields
+            if not isinstance(error, Problem | HTTPException):
+                # A Problem (a route's) or HTTPException (the router's 404, 405)
+                # is the app's answer and keeps the RateLimit fields; a failure's
+                # answer does not carry them.
+                self.admission = None
             await problem_response(problem, scope["path"])(scope, self.receive, self.send)
 
     # --- the gates ----------------------------------------------------------------------

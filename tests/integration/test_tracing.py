@@ -254,8 +254,9 @@ async def test_every_request_gets_a_server_span_named_by_its_route(
 
 async def test_the_server_span_is_made_only_when_tracing_is_on(context) -> None:
     def stacked() -> bool:
-        [front] = [e for e in create_app(context).user_middleware if e.cls is HttpFront]
-        return bool(front.kwargs["traced"])
+        front = create_app(context).middleware_stack
+        assert isinstance(front, HttpFront)
+        return front.traced
 
     assert not tracing.enabled() and not stacked()
     assert tracing.configure_tracing(exporter=InMemorySpanExporter())
