@@ -5,7 +5,8 @@ tests do, nothing dispatched) on the local Postgres and Redis and calls its
 ASGI app directly with a constant ``receive`` and a ``send`` that drops what it
 is given, one request at a time, for:
 
-  - GET /health           the front and routing alone (no I/O)
+  - GET /health           the front and routing alone (no I/O; logged at DEBUG)
+  - GET /nope             an unknown path: the router's 404 problem, logged at INFO
   - GET /v1/budget        + auth cache, one rate-limit script, one Postgres read
   - GET /v1/runs/{id}     + the run's read (issue 11's profiled request)
 
@@ -47,6 +48,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tree", type=Path, default=ROOT, help="the source tree to import")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--profile", help="cProfile this case (e.g. budget) and print the top")
     return parser.parse_args()
 
 
@@ -163,23 +165,33 @@ async def run_cases(app: Any, arguments: argparse.Namespace) -> None:
         run_id = r.raise_for_status().json()["id"]
     bearer = [(b"authorization", f"Bearer {key}".encode())]
     cases = [
-        ("GET /health", "/health", []),
-        ("GET /v1/budget", "/v1/budget", bearer),
-        ("GET /v1/runs/{id}", f"/v1/runs/{run_id}", bearer),
+        ("GET /health", "/health", [], 200),
+        ("GET /nope (404)", "/nope", [], 404),
+        ("GET /v1/budget", "/v1/budget", bearer, 200),
+        ("GET /v1/runs/{id}", f"/v1/runs/{run_id}", bearer, 200),
     ]
     import dpp
 
     where = Path(dpp.__file__).parent.parent
     print(f"tree {where}; {arguments.requests} requests x {arguments.rounds} rounds")
-    for label, path, headers in cases:
+    for label, path, headers, expected in cases:
         await measure(app, "GET", path, headers, 200)  # warm caches (auth, plans)
         samples = []
         for _ in range(arguments.rounds):
             us, status = await measure(app, "GET", path, headers, arguments.requests)
-            assert status == 200, (label, status)
+            assert status == expected, (label, status)
             samples.append(us)
         rounds = " ".join(f"{s:.1f}" for s in samples)
         print(f"{label:20} {statistics.median(samples):7.1f} µs CPU/request  ({rounds})")
+        if arguments.profile and arguments.profile in label:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            await measure(app, "GET", path, headers, arguments.requests)
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":
