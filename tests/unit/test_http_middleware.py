@@ -99,6 +99,22 @@ def test_metrics_for_is_one_per_registry() -> None:
     assert metrics_for(CollectorRegistry()) is not metrics_for(registry)
 
 
+def test_observe_http_counts_every_request_in_its_series() -> None:
+    registry = CollectorRegistry()
+    metrics = metrics_for(registry)
+    for status in (200, 201, 404, 200):
+        metrics.observe_http("GET", "/x", status, 0.01)
+    metrics.observe_http("BREW", "/x", 200, 0.01)
+
+    def count(method: str, status_class: str) -> float | None:
+        labels = {"method": method, "route": "/x", "status_class": status_class}
+        return registry.get_sample_value("dpp_http_requests_total", labels)
+
+    assert (count("GET", "2xx"), count("GET", "4xx"), count("other", "2xx")) == (3, 1, 1)
+    duration = {"method": "GET", "route": "/x"}
+    assert registry.get_sample_value("dpp_http_request_duration_seconds_count", duration) == 4
+
+
 async def inner_app(scope: Scope, receive: Receive, send: Send) -> None:
     """Reports what it saw: the bound log fields and the scope state."""
     if scope["path"] == "/boom":
