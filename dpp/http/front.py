@@ -59,6 +59,8 @@ __all__ = ["HttpFront"]
 error_log = logging.getLogger("dpp.http")
 
 # The request headers any step reads; every other one is skipped in one look-up.
+# Names are compared as ASGI servers deliver them, lowercased (Starlette's
+# Headers relies on the same).
 READ_HEADERS = frozenset(
     {
         b"content-length",
