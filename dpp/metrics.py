@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -82,6 +82,11 @@ class Metrics:
     audit_violations: Gauge  # invariant: violations the last periodic audit found
     audit_completed: Gauge  # when that audit last completed (unix seconds)
     dependency_up: Gauge  # dependency: 1 when it answered the last check, else 0
+    # (method label, route, status class) -> the two HTTP children: ``labels()``
+    # locks and builds a key on every call; bounded like the labels themselves
+    http_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = field(
+        default_factory=dict
+    )
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
@@ -232,8 +237,17 @@ class Metrics:
 
     def observe_http(self, method: str, route: str, status: int, duration_s: float) -> None:
         method_label = method if method in HTTP_METHODS else "other"
-        self.http_requests.labels(method_label, route, status_class(status)).inc()
-        self.http_request_duration.labels(method_label, route).observe(duration_s)
+        key = (method_label, route, status // 100)
+        children = self.http_children.get(key)
+        if children is None:
+            children = (
+                self.http_requests.labels(method_label, route, status_class(status)),
+                self.http_request_duration.labels(method_label, route),
+            )
+            self.http_children[key] = children
+        requests, duration = children
+        requests.inc()
+        duration.observe(duration_s)
 
     def count_reconciler_actions(self, counts: Mapping[str, int]) -> None:
         """Add one reconciler pass's repairs (zeros are skipped)."""

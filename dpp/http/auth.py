@@ -1,9 +1,10 @@
 """The two gates before routing: API keys (and rate limits) on ``/v1``, the
 admin token on ``/admin``.
 
-Both are pure ASGI middleware. ``ApiAuthMiddleware`` (``build_app`` installs
-it; tests may install it on a bare ``create_app``). For every path under
-``/v1`` (SPEC §6 "Routing"):
+``dpp.http.front.HttpFront`` runs both, after CORS and before routing.
+``ApiGate`` (``build_app`` installs it; tests may install it on a bare
+``create_app(..., api_gate=True)``). For every path under ``/v1`` and for
+``/mcp`` (SPEC §6 "Routing"):
 
 * a CORS preflight passes (the CORS layer answers it; none reaches here);
 * ``GET /v1/results/{token}`` passes: its signed token is its credential (§5);
@@ -17,7 +18,7 @@ it; tests may install it on a bare ``create_app``). For every path under
   ``tenant_id`` bound into the log context, and ``RateLimit-Policy`` /
   ``RateLimit`` added to whatever response it gets (404 and 405 included).
 
-``AdminAuthMiddleware``: ``Authorization: Bearer <DPP_ADMIN_TOKEN>``, compared
+The admin gate (``admin_problem``): ``Authorization: Bearer <DPP_ADMIN_TOKEN>``, compared
 in constant time. With no token configured (unset or empty) the whole
 ``/admin`` tree answers the same 404 as an unknown path, so a replica without
 admin access does not even reveal that it has an admin API. A missing or
@@ -31,12 +32,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+from dataclasses import dataclass
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
-from dpp.http.problems import Problem, not_found_problem, problem_response
-from dpp.logs import bind
+from dpp.http.problems import Problem, not_found_problem
 from dpp.tenancy.principal import Principal, TenancyUnavailable
 from dpp.tenancy.ratelimit import RateLimiter, RateLimitUnavailable
 from dpp.tenancy.service import Tenancy
@@ -44,8 +45,8 @@ from dpp.tenancy.service import Tenancy
 __all__ = [
     "ADMIN_PREFIX",
     "API_PREFIX",
-    "AdminAuthMiddleware",
-    "ApiAuthMiddleware",
+    "Admission",
+    "ApiGate",
     "admin_problem",
     "is_admin_path",
     "is_api_path",
@@ -69,15 +70,6 @@ def is_api_path(path: str) -> bool:
 RESULT_DOWNLOAD_PREFIX = API_PREFIX + "/results/"
 
 
-def _is_result_download(scope: Scope) -> bool:
-    path: str = scope["path"]
-    return (
-        scope["method"] in ("GET", "HEAD")
-        and path.startswith(RESULT_DOWNLOAD_PREFIX)
-        and "/" not in path[len(RESULT_DOWNLOAD_PREFIX) :]
-    )
-
-
 def is_mcp_path(path: str) -> bool:
     return path == MCP_PATH
 
@@ -85,11 +77,11 @@ def is_mcp_path(path: str) -> bool:
 def principal_of(request: Request) -> Principal:
     """The authenticated principal of a ``/v1`` request.
 
-    Only ``ApiAuthMiddleware`` sets it; a route under ``/v1`` without one means
-    the middleware is not installed — a programming error, not a client's.
+    Only the API gate (``ApiGate``) sets it; a route under ``/v1`` without one
+    means the gate is not installed — a programming error, not a client's.
     """
     principal = request.scope.get("state", {}).get("principal")
-    assert isinstance(principal, Principal), "ApiAuthMiddleware must guard /v1 routes"
+    assert isinstance(principal, Principal), "the API gate must guard /v1 routes"
     return principal
 
 
@@ -112,49 +104,56 @@ def unavailable_problem() -> Problem:
     )
 
 
-def _is_preflight(scope: Scope) -> bool:
-    if scope["method"] != "OPTIONS":
-        return False
-    names = {name.lower() for name, _ in scope["headers"]}
-    return b"origin" in names and b"access-control-request-method" in names
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A request the API gate lets through: its tenant, and the RateLimit fields
+    (encoded, lowercase names) every response to it carries."""
+
+    tenant_id: str
+    rate_limit_headers: list[tuple[bytes, bytes]]
 
 
-def _authorization(scope: Scope) -> str | None:
-    """The single Authorization value; two of them are ambiguous, so none."""
-    values = [value for name, value in scope["headers"] if name.lower() == b"authorization"]
-    if len(values) != 1:
-        return None
-    value: str = values[0].decode("latin-1")
-    return value
+class ApiGate:
+    """Authenticates and rate-limits ``/v1`` and ``/mcp``; stateless across requests.
 
+    ``dpp.http.front.HttpFront`` asks ``guards`` and then ``admit`` for each
+    request, after CORS (so no preflight needs a key) and before routing.
+    """
 
-class ApiAuthMiddleware:
-    """Authenticates and rate-limits ``/v1``; stateless across requests."""
-
-    def __init__(self, app: ASGIApp, tenancy: Tenancy, rate_limiter: RateLimiter) -> None:
-        self.app = app
+    def __init__(self, tenancy: Tenancy, rate_limiter: RateLimiter) -> None:
         self.tenancy = tenancy
         self.rate_limiter = rate_limiter
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _is_preflight(scope) or _is_result_download(scope):
-            await self.app(scope, receive, send)
-            return
-        if not is_api_path(scope["path"]) and not is_mcp_path(scope["path"]):
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
+    @staticmethod
+    def guards(method: str, path: str) -> bool:
+        """Whether a request (not a CORS preflight) must pass the gate."""
+        if not is_api_path(path) and not is_mcp_path(path):
+            return False
+        # a result link's signed token is its credential
+        return not (
+            method in ("GET", "HEAD")
+            and path.startswith(RESULT_DOWNLOAD_PREFIX)
+            and "/" not in path[len(RESULT_DOWNLOAD_PREFIX) :]
+        )
+
+    async def admit(self, scope: Scope, authorization: str | None) -> Admission | Problem:
+        """The request's admission, or the problem that answers it (401, 429, 503).
+
+        Sets ``tenant_id`` (the access log reads it, 429s included) and
+        ``principal`` in ``scope["state"]``; an MCP request over its limit is
+        admitted with ``rate_limited`` set, for the MCP server to answer inside
+        the protocol.
+        """
+        path: str = scope["path"]
         try:
-            principal = await self.tenancy.authenticate(_authorization(scope))
+            principal = await self.tenancy.authenticate(authorization)
         except TenancyUnavailable as error:
             log.warning("api key lookup failed; answering 503", extra={"error": str(error)})
-            await problem_response(unavailable_problem(), path)(scope, receive, send)
-            return
+            return unavailable_problem()
         if principal is None:
-            await problem_response(unauthorized_problem(), path)(scope, receive, send)
-            return
-        state = scope.setdefault("state", {})
-        state["tenant_id"] = principal.tenant_id  # the access log reads it, 429s included
+            return unauthorized_problem()
+        state = scope["state"]
+        state["tenant_id"] = principal.tenant_id
         try:
             decision = await self.rate_limiter.check(principal)
         except RateLimitUnavailable as error:
@@ -162,8 +161,7 @@ class ApiAuthMiddleware:
                 "rate limiter failed; answering 503",
                 extra={"error": str(error), "tenant_id": principal.tenant_id},
             )
-            await problem_response(unavailable_problem(), path)(scope, receive, send)
-            return
+            return unavailable_problem()
         rate_limit_headers = [
             (name.lower().encode("latin-1"), value.encode("latin-1"))
             for name, value in decision.headers()
@@ -179,23 +177,11 @@ class ApiAuthMiddleware:
                 headers=dict(decision.headers()),
             )
             if not is_mcp_path(path):
-                with bind(tenant_id=principal.tenant_id):
-                    await problem_response(problem, path)(scope, receive, send)
-                return
+                return problem
             # MCP answers it inside the protocol: an isError result an agent can act on
             state["rate_limited"] = problem.body(path)
         state["principal"] = principal
-
-        async def send_with_rate_limit(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                present = {name.lower() for name, _ in headers}
-                headers.extend(item for item in rate_limit_headers if item[0] not in present)
-                message = {**message, "headers": headers}
-            await send(message)
-
-        with bind(tenant_id=principal.tenant_id):
-            await self.app(scope, receive, send_with_rate_limit)
+        return Admission(principal.tenant_id, rate_limit_headers)
 
 
 # --- the admin gate ---------------------------------------------------------------------
@@ -236,19 +222,3 @@ def require_admin(request: Request) -> None:
     problem = admin_problem(admin_token, request.headers.get("authorization"))
     if problem is not None:
         raise problem
-
-
-class AdminAuthMiddleware:
-    """Answers every ``/admin`` request that lacks the admin token, before routing."""
-
-    def __init__(self, app: ASGIApp, admin_token: str | None) -> None:
-        self.app = app
-        self.admin_token = admin_token or None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and is_admin_path(scope["path"]):
-            problem = admin_problem(self.admin_token, _authorization(scope))
-            if problem is not None:
-                await problem_response(problem, scope["path"])(scope, receive, send)
-                return
-        await self.app(scope, receive, send)

@@ -1,7 +1,7 @@
 """``/mcp``: the MCP server of SPEC §7 in a replica, on the SDK's streamable HTTP
 transport in stateless mode.
 
-The ``/v1`` gate (``ApiAuthMiddleware``) guards ``/mcp`` too: a missing or bad
+The ``/v1`` gate (``dpp.http.auth.ApiGate``) guards ``/mcp`` too: a missing or bad
 key is a ``401`` problem before the SDK sees the request, and the caller's
 ``Principal`` is in the scope. A request over the rate limit is let through
 marked (``scope["state"]["rate_limited"]``), so that a tool call answers the
@@ -246,7 +246,7 @@ def _state(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:
 
 def _principal(ctx: ServerRequestContext[Any, Any]) -> Principal:
     principal = _state(ctx).get("principal")
-    assert isinstance(principal, Principal), "ApiAuthMiddleware must guard /mcp"
+    assert isinstance(principal, Principal), "the API gate must guard /mcp"
     return principal
 
 

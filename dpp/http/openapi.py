@@ -117,7 +117,7 @@ def common_problems(endpoint: Endpoint) -> list[Reply]:
             )
         )
     if endpoint.security is not None:
-        # dpp.http.middleware.UnhandledErrorMiddleware: a lost, refused or timed-out
+        # dpp.http.middleware.problem_for_error: a lost, refused or timed-out
         # Postgres, Redis, object storage or SQS connection (or no free pooled one)
         common.append(problem(503, UNAVAILABLE, "Retry-After"))
     common.append(problem(500, "An unexpected error; the body never carries a traceback."))

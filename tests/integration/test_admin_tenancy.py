@@ -12,7 +12,6 @@ import httpx
 import orjson
 import pytest
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -20,7 +19,7 @@ from starlette.routing import Route
 from dpp.cli import tenancy as cli_tenancy
 from dpp.context import AppContext
 from dpp.http.app import create_app
-from dpp.http.auth import ApiAuthMiddleware, principal_of
+from dpp.http.auth import principal_of
 from dpp.http.bodies import json_response
 from dpp.http.endpoints import routes_for
 from dpp.http.routes import admin_tenancy
@@ -52,11 +51,7 @@ def app(replica: AppContext) -> Starlette:
     return create_app(
         replica,
         extra_routes=[*routes_for(admin_tenancy.ENDPOINTS), Route("/v1/whoami", whoami)],
-        inner_middleware=[
-            Middleware(
-                ApiAuthMiddleware, tenancy=replica.tenancy, rate_limiter=replica.rate_limiter
-            )
-        ],
+        api_gate=True,
     )
 
 

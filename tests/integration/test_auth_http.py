@@ -12,7 +12,6 @@ import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -22,9 +21,10 @@ from dpp.adapters.redis import create_redis
 from dpp.app import Adapters
 from dpp.context import AppContext
 from dpp.http.app import create_app
-from dpp.http.auth import ApiAuthMiddleware, principal_of
+from dpp.http.auth import ApiGate, principal_of
 from dpp.http.bodies import json_response
 from dpp.http.endpoints import routes_for
+from dpp.http.front import HttpFront
 from dpp.http.routes import admin_tenancy
 from dpp.tenancy.keys import generate_api_key
 from dpp.tenancy.ratelimit import RateLimiter
@@ -55,11 +55,7 @@ def build_app(context: AppContext) -> Starlette:
     return create_app(
         context,
         extra_routes=[*routes_for(admin_tenancy.ENDPOINTS), *v1_routes()],
-        inner_middleware=[
-            Middleware(
-                ApiAuthMiddleware, tenancy=context.tenancy, rate_limiter=context.rate_limiter
-            )
-        ],
+        api_gate=True,
     )
 
 
@@ -324,7 +320,7 @@ async def test_no_key_in_the_logs(
             assert secret not in text, record
 
 
-# --- the middleware alone (ASGI level) ---------------------------------------------------
+# --- the front alone (ASGI level) -------------------------------------------------------
 
 
 async def _call(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> int:
@@ -356,18 +352,27 @@ async def test_preflight_passes_to_cors(replica: AppContext) -> None:
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
         reached.append(scope["method"])
-        await PlainTextResponse("cors answered", status_code=204)(scope, receive, send)
+        await PlainTextResponse("passed the gate", status_code=204)(scope, receive, send)
 
-    gate = ApiAuthMiddleware(inner, replica.tenancy, replica.rate_limiter)
+    gate = ApiGate(replica.tenancy, replica.rate_limiter)
+    front = HttpFront(
+        inner, max_body_bytes=1024, allowed_origins=["https://app.example.com"], api_gate=gate
+    )
     preflight = [
         (b"origin", b"https://app.example.com"),
         (b"access-control-request-method", b"GET"),
     ]
-    assert await _call(gate, "OPTIONS", "/v1/whoami", preflight) == 204
+    # CORS answers a preflight before the gate: no key needed
+    assert await _call(front, "OPTIONS", "/v1/whoami", preflight) == 204
+    assert reached == []
+    # one CORS does not answer (two Origin headers) still needs no key
+    two_origins = [(b"origin", b"https://other.example.com"), *preflight]
+    assert await _call(front, "OPTIONS", "/v1/whoami", two_origins) == 204
     assert reached == ["OPTIONS"]
     # an OPTIONS that is not a preflight needs a key like anything else
-    assert await _call(gate, "OPTIONS", "/v1/whoami", []) == 401
+    assert await _call(front, "OPTIONS", "/v1/whoami", []) == 401
     assert reached == ["OPTIONS"]
     # the gate ignores paths outside /v1 (and look-alikes such as /v10)
-    assert await _call(gate, "GET", "/v10/x", []) == 204
-    assert await _call(gate, "GET", "/admin/actors", []) == 204
+    assert await _call(front, "GET", "/v10/x", []) == 204
+    assert not gate.guards("GET", "/admin/actors") and not gate.guards("GET", "/v10/x")
+    assert gate.guards("GET", "/v1") and gate.guards("POST", "/mcp")

@@ -148,4 +148,6 @@ async def test_an_exhausted_pool_answers_503_after_the_acquire_timeout(
     assert response.status_code == 503, response.text
     assert response.json()["dependency"] == "postgres"
     assert int(response.headers["retry-after"]) >= 1
+    # a failure's answer, not the route's: no quota fields, though the gate admitted it
+    assert "ratelimit" not in response.headers and "ratelimit-policy" not in response.headers
     assert (await http.get("/v1/budget", headers=bearer)).status_code == 200

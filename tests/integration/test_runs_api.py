@@ -216,6 +216,8 @@ async def test_stealth_404_for_another_tenants_run(http, admin_headers) -> None:
     missing = await http.get("/v1/runs/run_00000000000000000000000000", headers=stranger)
     malformed = await http.get("/v1/runs/not-a-run-id", headers=stranger)
     assert theirs.status_code == missing.status_code == malformed.status_code == 404
+    # a route's Problem is an answer of the API like any other: it carries the quota
+    assert "ratelimit" in missing.headers and "ratelimit-policy" in missing.headers
 
     def without_request_id(response: httpx.Response) -> bytes:
         request_id = response.headers["x-request-id"]

@@ -24,7 +24,7 @@ from dpp import tracing
 from dpp.app import Runtime, open_runtime
 from dpp.config import load_settings
 from dpp.http.app import create_app
-from dpp.http.middleware import TracingMiddleware
+from dpp.http.front import HttpFront
 from tests.integration.test_end_to_end import _until_terminal
 from tests.integration.test_execution import create_sqs_queues
 from tests.integration.test_runs_api import BASE_URL, ECHO, _tenant
@@ -252,9 +252,11 @@ async def test_every_request_gets_a_server_span_named_by_its_route(
         assert tenant_id not in span.name
 
 
-async def test_the_server_span_middleware_is_stacked_only_when_tracing_is_on(context) -> None:
+async def test_the_server_span_is_made_only_when_tracing_is_on(context) -> None:
     def stacked() -> bool:
-        return TracingMiddleware in [entry.cls for entry in create_app(context).user_middleware]
+        front = create_app(context).middleware_stack
+        assert isinstance(front, HttpFront)
+        return front.traced
 
     assert not tracing.enabled() and not stacked()
     assert tracing.configure_tracing(exporter=InMemorySpanExporter())

@@ -1,4 +1,4 @@
-"""The middleware's pure parts, on both backends, with no services behind them."""
+"""The HTTP front's pure parts, on both backends, with no services behind them."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ from starlette.types import Receive, Scope, Send
 
 from dpp.config import load_settings
 from dpp.http.auth import admin_problem
+from dpp.http.front import HttpFront
 from dpp.http.middleware import (
     DEVELOPMENT_ORIGINS,
-    AccessLogMiddleware,
-    CORSMiddleware,
-    RequestContextMiddleware,
-    UnhandledErrorMiddleware,
     cors_allowed_origins,
     new_request_id,
     new_trace_id,
@@ -102,6 +99,22 @@ def test_metrics_for_is_one_per_registry() -> None:
     assert metrics_for(CollectorRegistry()) is not metrics_for(registry)
 
 
+def test_observe_http_counts_every_request_in_its_series() -> None:
+    registry = CollectorRegistry()
+    metrics = metrics_for(registry)
+    for status in (200, 201, 404, 200):
+        metrics.observe_http("GET", "/x", status, 0.01)
+    metrics.observe_http("BREW", "/x", 200, 0.01)
+
+    def count(method: str, status_class: str) -> float | None:
+        labels = {"method": method, "route": "/x", "status_class": status_class}
+        return registry.get_sample_value("dpp_http_requests_total", labels)
+
+    assert (count("GET", "2xx"), count("GET", "4xx"), count("other", "2xx")) == (3, 1, 1)
+    duration = {"method": "GET", "route": "/x"}
+    assert registry.get_sample_value("dpp_http_request_duration_seconds_count", duration) == 4
+
+
 async def inner_app(scope: Scope, receive: Receive, send: Send) -> None:
     """Reports what it saw: the bound log fields and the scope state."""
     if scope["path"] == "/boom":
@@ -113,11 +126,11 @@ async def inner_app(scope: Scope, receive: Receive, send: Send) -> None:
 
 async def test_stack_without_starlette() -> None:
     registry = CollectorRegistry()
-    app = RequestContextMiddleware(
-        AccessLogMiddleware(
-            CORSMiddleware(UnhandledErrorMiddleware(inner_app), ["https://a.example"]),
-            metrics_for(registry),
-        )
+    app = HttpFront(
+        inner_app,
+        max_body_bytes=1024,
+        metrics=metrics_for(registry),
+        allowed_origins=["https://a.example"],
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
@@ -161,9 +174,7 @@ async def failing_app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 async def test_an_unavailable_dependency_is_a_503_with_retry_after_and_a_bug_stays_a_500() -> None:
-    app = RequestContextMiddleware(
-        UnhandledErrorMiddleware(failing_app, unavailable_dependency=classify)
-    )
+    app = HttpFront(failing_app, max_body_bytes=1024, unavailable_dependency=classify)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         down = await client.get("/down")

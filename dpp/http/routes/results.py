@@ -1,6 +1,6 @@
 """``GET /v1/results/{token}``: a local results store's downloads (SPEC §5).
 
-No API key: the signed, expiring token is the credential (``ApiAuthMiddleware``
+No API key: the signed, expiring token is the credential (``ApiGate``
 lets this path through). A bad or expired token is 403, a result deleted by
 retention 404, an unreadable disk 503 — never 500.
 """
