@@ -25,8 +25,10 @@
 -- (kept in `tats`, read from Redis on first use); each changed key is written
 -- once at the end with its final TAT, as the last of N calls would leave it.
 --
--- Returns N replies, in order, each {allowed (1|0), tightest (1 tenant | 2 key),
--- quota, remaining, reset_us, retry_after_us (0 when allowed)}.
+-- Returns the N replies, in order, one after the other in one flat array (a
+-- nested one costs Redis more to encode), six integers each: allowed (1|0),
+-- tightest (1 tenant | 2 key), quota, remaining, reset_us, retry_after_us
+-- (0 when allowed).
 
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
@@ -34,9 +36,8 @@ local window = tonumber(ARGV[1])
 local count = #KEYS / 2
 assert(count >= 1 and #KEYS == 2 * count and #ARGV == 2 * count + 1, 'bad batch shape')
 
-local tats = {}     -- key -> its TAT after the requests decided so far (at least now)
-local changed = {}  -- the keys whose TAT a request recorded, in first-change order
-local is_changed = {}  -- key -> true once it is in `changed`
+local tats = {}      -- key -> its TAT after the requests decided so far (at least now)
+local recorded = {}  -- key -> the TAT to write: the keys an allowed request changed
 
 local function evaluate(key, quota)
   local interval = math.ceil(window / quota)
@@ -67,6 +68,8 @@ local function evaluate(key, quota)
   return policy
 end
 
+local replies = {}  -- six integers per request, in order
+
 local function decide(tenant_key, key_key, tenant_quota, key_quota)
   local policies = {evaluate(tenant_key, tenant_quota)}
   if key_quota > 0 then
@@ -95,27 +98,26 @@ local function decide(tenant_key, key_key, tenant_quota, key_quota)
 
   if allowed then
     for _, policy in ipairs(policies) do
-      if not is_changed[policy.key] then
-        is_changed[policy.key] = true
-        changed[#changed + 1] = policy.key
-      end
       tats[policy.key] = policy.new_tat
+      recorded[policy.key] = policy.new_tat
     end
   end
 
   local chosen = policies[tightest]
-  return {allowed and 1 or 0, tightest, chosen.quota, chosen.remaining, chosen.reset_us,
-          chosen.retry_after_us}
+  local last = #replies
+  replies[last + 1] = allowed and 1 or 0
+  replies[last + 2] = tightest
+  replies[last + 3] = chosen.quota
+  replies[last + 4] = chosen.remaining
+  replies[last + 5] = chosen.reset_us
+  replies[last + 6] = chosen.retry_after_us
 end
 
-local replies = {}
 for i = 1, count do
-  replies[i] = decide(KEYS[2 * i - 1], KEYS[2 * i],
-                      tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1]))
+  decide(KEYS[2 * i - 1], KEYS[2 * i], tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1]))
 end
 
-for _, key in ipairs(changed) do
-  local tat = tats[key]
+for key, tat in pairs(recorded) do
   local ttl_ms = math.ceil((tat - now) / 1000)
   redis.call('SET', key, string.format('%.0f', tat),
              'PX', string.format('%.0f', math.max(ttl_ms, 1)))

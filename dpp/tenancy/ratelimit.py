@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from dpp.tenancy.principal import Principal
 
 WINDOW_S: Final = 60  # every DPP quota is "per minute"
+WINDOW_US: Final = WINDOW_S * 1_000_000
+REPLY_FIELDS: Final = 6  # integers per check in the script's (flat) reply
 CHECK_TIMEOUT_S: Final = 2.0  # a request waits no longer than this for a decision
 BATCH_MAX: Final = 64  # checks per script call: bounds the call's size and Redis's time in it
 POLICY_TENANT: Final = "tenant"
@@ -118,28 +120,30 @@ class RateLimiterStatistics:
 
 @dataclass(slots=True)
 class _Check:
-    """One request's check: its two state keys and quotas (``key_quota`` 0 when
-    the key's own limit cannot bind), and, while queued, its answer to be."""
+    """A check queued behind its tenant's call in flight: its two state keys,
+    quotas (``key_quota`` 0 when the key's own limit cannot bind), the loop
+    time by which it must be answered, and its answer to be."""
 
     keys: tuple[str, str]
     tenant_quota: int
     key_quota: int
-    deadline: float = 0.0  # loop time by which it must be answered (queued checks)
-    answer: asyncio.Future[RateLimitDecision] | None = None
+    deadline: float
+    answer: asyncio.Future[RateLimitDecision]
 
-    def decision(self, reply: Sequence[int]) -> RateLimitDecision:
-        allowed, tightest, quota, remaining, reset_us, retry_after_us = (int(v) for v in reply)
-        assert allowed in (0, 1) and tightest in (1, 2), reply
-        assert tightest == 1 or self.key_quota > 0
-        return RateLimitDecision(
-            allowed=allowed == 1,
-            policy=POLICY_TENANT if tightest == 1 else POLICY_KEY,
-            quota=quota,
-            window_s=WINDOW_S,
-            remaining=remaining,
-            reset_s=_whole_seconds_up(reset_us),
-            retry_after_s=None if allowed else max(1, _whole_seconds_up(retry_after_us)),
-        )
+
+def _decision(reply: Sequence[int], key_quota: int) -> RateLimitDecision:
+    allowed, tightest, quota, remaining, reset_us, retry_after_us = (int(v) for v in reply)
+    assert allowed in (0, 1) and tightest in (1, 2), reply
+    assert tightest == 1 or key_quota > 0
+    return RateLimitDecision(
+        allowed=allowed == 1,
+        policy=POLICY_TENANT if tightest == 1 else POLICY_KEY,
+        quota=quota,
+        window_s=WINDOW_S,
+        remaining=remaining,
+        reset_s=_whole_seconds_up(reset_us),
+        retry_after_s=None if allowed else max(1, _whole_seconds_up(retry_after_us)),
+    )
 
 
 class RateLimiter:
@@ -176,17 +180,16 @@ class RateLimiter:
         # a key limit at or above the tenant's can never bind: leave it out
         if key_quota is None or key_quota >= tenant_quota:
             key_quota = 0
-        check = _Check(self.keys(principal), tenant_quota, key_quota)
+        keys = self.keys(principal)
         tenant_id = principal.tenant_id
         queue = self._queues.get(tenant_id)
         if queue is not None:
             # a call for this tenant is under way: join the next one. No timeout
             # of its own: the drain answers every check by its deadline.
             loop = asyncio.get_running_loop()
-            check.deadline = loop.time() + CHECK_TIMEOUT_S
             answer: asyncio.Future[RateLimitDecision] = loop.create_future()
-            check.answer = answer
-            queue.append(check)
+            deadline = loop.time() + CHECK_TIMEOUT_S
+            queue.append(_Check(keys, tenant_quota, key_quota, deadline, answer))
             return await answer  # cancelled: the drain skips or ignores it
         # nothing in flight: this request is the leader and makes the call itself
         self._queues[tenant_id] = queue = []
@@ -194,14 +197,15 @@ class RateLimiter:
             # asyncio's own timeout: this adapter is asyncio-only (redis-py), and
             # anyio.fail_after cost ~8 % of a loaded replica's CPU on this path
             async with asyncio.timeout(CHECK_TIMEOUT_S):
-                (reply,) = await self._call((check,))
+                reply = await self._call(keys, (WINDOW_US, tenant_quota, key_quota))
         except REDIS_ERRORS as error:
             raise _unavailable(error) from error
         finally:
             # whatever became of the call (answer, failure, the client gone), the
             # checks that queued behind it get theirs
             self._hand_over(tenant_id, queue)
-        return check.decision(reply)
+        assert len(reply) == REPLY_FIELDS, reply
+        return _decision(reply, key_quota)
 
     def _hand_over(self, tenant_id: str, queue: list[_Check]) -> None:
         if not queue:
@@ -222,7 +226,7 @@ class RateLimiter:
                 taken = queue[: self._batch_max]
                 del queue[: self._batch_max]
                 # a check whose client is gone is dropped: it is not recorded
-                batch = [check for check in taken if not _done(check)]
+                batch = [check for check in taken if not check.answer.done()]
                 if batch:
                     await self._answer(batch)
         finally:
@@ -236,12 +240,18 @@ class RateLimiter:
         """One call for ``batch``, under one timeout: the earliest deadline of its
         checks (the first queued), so no check waits past its own."""
         deadline = batch[0].deadline
+        keys: list[str] = []
+        arguments: list[int] = [WINDOW_US]
+        for check in batch:
+            keys.extend(check.keys)
+            arguments.append(check.tenant_quota)
+            arguments.append(check.key_quota)
         try:
             if asyncio.get_running_loop().time() >= deadline:
                 raise TimeoutError("the checks waited out their deadline in the queue")
             async with asyncio.timeout_at(deadline):
-                replies = await self._call(batch)
-            assert len(replies) == len(batch), (len(replies), len(batch))
+                replies = await self._call(keys, arguments)
+            assert len(replies) == REPLY_FIELDS * len(batch), (len(replies), len(batch))
         except REDIS_ERRORS as error:
             _fail(batch, functools.partial(_unavailable, error))
             return
@@ -250,23 +260,18 @@ class RateLimiter:
             # would have with a call of its own; the drain goes on
             _fail(batch, functools.partial(_same, error))
             return
-        for check, reply in zip(batch, replies, strict=True):
-            if _done(check):
+        for index, check in enumerate(batch):
+            if check.answer.done():
                 continue  # its client is gone; the check was recorded all the same
-            assert check.answer is not None
+            reply = replies[REPLY_FIELDS * index : REPLY_FIELDS * (index + 1)]
             try:
-                check.answer.set_result(check.decision(reply))
+                check.answer.set_result(_decision(reply, check.key_quota))
             except Exception as error:  # a malformed reply: that request fails, not the rest
                 check.answer.set_exception(error)
 
-    async def _call(self, checks: Sequence[_Check]) -> list[list[int]]:
-        """The script over ``checks`` (all of one tenant), cached by its SHA1."""
-        keys: list[str] = []
-        arguments: list[int] = [WINDOW_S * 1_000_000]
-        for check in checks:
-            keys.extend(check.keys)
-            arguments.append(check.tenant_quota)
-            arguments.append(check.key_quota)
+    async def _call(self, keys: Sequence[str], arguments: Sequence[int]) -> list[int]:
+        """The script over ``keys`` (two per check, all of one tenant) and
+        ``arguments`` (the window, then two per check), cached by its SHA1."""
         try:
             replies = await self._redis.evalsha(SCRIPT_SHA1, len(keys), *keys, *arguments)
         except NoScriptError:
@@ -294,16 +299,10 @@ class RateLimiter:
         return max(1, math.ceil(int(left_ms) / 1000))
 
 
-def _done(check: _Check) -> bool:
-    assert check.answer is not None
-    return check.answer.done()
-
-
 def _fail(checks: Sequence[_Check], error: Callable[[], BaseException]) -> None:
     """Answer each of ``checks`` still waiting with ``error()``."""
     for check in checks:
-        if not _done(check):
-            assert check.answer is not None
+        if not check.answer.done():
             check.answer.set_exception(error())
 
 
