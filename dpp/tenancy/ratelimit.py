@@ -128,7 +128,7 @@ class _Check:
     tenant_quota: int
     key_quota: int
     deadline: float
-    answer: asyncio.Future[RateLimitDecision]
+    answer: asyncio.Future[RateLimitDecision | None]  # None: "lead your own call"
 
 
 def _decision(reply: Sequence[int], key_quota: int) -> RateLimitDecision:
@@ -182,21 +182,36 @@ class RateLimiter:
             key_quota = 0
         keys = self.keys(principal)
         tenant_id = principal.tenant_id
+        loop = asyncio.get_running_loop()
         queue = self._queues.get(tenant_id)
-        if queue is not None:
-            # a call for this tenant is under way: join the next one. No timeout
-            # of its own: the drain answers every check by its deadline.
-            loop = asyncio.get_running_loop()
-            answer: asyncio.Future[RateLimitDecision] = loop.create_future()
+        if queue is None:
+            # nothing in flight: this check leads, making its call itself
+            self._queues[tenant_id] = queue = []
+            deadline = loop.time() + CHECK_TIMEOUT_S
+        else:
+            # a call for this tenant is under way: join the next one. No timer of
+            # its own: whoever makes that call answers it by its deadline.
+            answer: asyncio.Future[RateLimitDecision | None] = loop.create_future()
             deadline = loop.time() + CHECK_TIMEOUT_S
             queue.append(_Check(keys, tenant_quota, key_quota, deadline, answer))
-            return await answer  # cancelled: the drain skips or ignores it
-        # nothing in flight: this request is the leader and makes the call itself
-        self._queues[tenant_id] = queue = []
+            try:
+                decision = await answer
+            except asyncio.CancelledError:
+                if _told_to_lead(answer):
+                    # told to lead, but its client went first: the next one leads
+                    self._hand_over(tenant_id, queue)
+                raise
+            if decision is not None:
+                return decision
+            # None: it was the only check behind the call that just returned, so
+            # it leads its own (a batch of one needs no task)
+            if loop.time() >= deadline:
+                self._hand_over(tenant_id, queue)
+                raise RateLimitUnavailable("rate limiter unavailable (queued past its deadline)")
         try:
             # asyncio's own timeout: this adapter is asyncio-only (redis-py), and
             # anyio.fail_after cost ~8 % of a loaded replica's CPU on this path
-            async with asyncio.timeout(CHECK_TIMEOUT_S):
+            async with asyncio.timeout_at(deadline):
                 reply = await self._call(keys, (WINDOW_US, tenant_quota, key_quota))
         except REDIS_ERRORS as error:
             raise _unavailable(error) from error
@@ -208,33 +223,40 @@ class RateLimiter:
         return _decision(reply, key_quota)
 
     def _hand_over(self, tenant_id: str, queue: list[_Check]) -> None:
+        """The tenant's call is over: nothing queued, and the tenant is idle; one
+        check, and it leads its own call; more, and a drain sends them."""
+        queue[:] = [check for check in queue if not check.answer.done()]  # clients gone
         if not queue:
-            del self._queues[tenant_id]
-            return
-        drain = asyncio.get_running_loop().create_task(
-            self._drain(tenant_id, queue), name=f"ratelimit drain {tenant_id}"
-        )
-        self._drains.add(drain)
-        drain.add_done_callback(self._drains.discard)
+            assert self._queues.pop(tenant_id) is queue
+        elif len(queue) == 1:
+            queue.pop().answer.set_result(None)
+        else:
+            drain = asyncio.get_running_loop().create_task(
+                self._drain(tenant_id, queue), name=f"ratelimit drain {tenant_id}"
+            )
+            self._drains.add(drain)
+            drain.add_done_callback(self._drains.discard)
 
     async def _drain(self, tenant_id: str, queue: list[_Check]) -> None:
-        """Send the tenant's queued checks, at most ``batch_max`` per call, until
-        none is left; then the tenant's next check leads again."""
+        """Send the tenant's queued checks, at most ``batch_max`` per call, while at
+        least two are queued; then hand over as a leader's call does."""
         batch: list[_Check] = []
         try:
-            while queue:
+            while len(queue) >= 2:
                 taken = queue[: self._batch_max]
                 del queue[: self._batch_max]
-                # a check whose client is gone is dropped: it is not recorded
+                # a check whose client went while queued is dropped: not recorded
                 batch = [check for check in taken if not check.answer.done()]
                 if batch:
                     await self._answer(batch)
-        finally:
-            assert self._queues.pop(tenant_id) is queue
+        except BaseException:
             # only when the drain itself is cancelled (the loop closing) are
             # checks left unanswered: none may wait forever
+            assert self._queues.pop(tenant_id) is queue
             _fail([*batch, *queue], lambda: RateLimitUnavailable("rate limiter stopped"))
             queue.clear()
+            raise
+        self._hand_over(tenant_id, queue)
 
     async def _answer(self, batch: list[_Check]) -> None:
         """One call for ``batch``, under one timeout: the earliest deadline of its
@@ -304,6 +326,15 @@ def _fail(checks: Sequence[_Check], error: Callable[[], BaseException]) -> None:
     for check in checks:
         if not check.answer.done():
             check.answer.set_exception(error())
+
+
+def _told_to_lead(answer: asyncio.Future[RateLimitDecision | None]) -> bool:
+    return (
+        answer.done()
+        and not answer.cancelled()
+        and answer.exception() is None
+        and (answer.result() is None)
+    )
 
 
 def _same(error: BaseException) -> BaseException:

@@ -275,20 +275,33 @@ async def test_a_batch_past_its_deadline_fails_all_of_it_and_no_later(
     assert summary(await limiter.check(who))[3] == 18  # call 2: not held, and it works
 
 
+@pytest.mark.parametrize("gone", ["while the call is out", "as the drain starts"])
 async def test_a_client_gone_from_the_queue_is_neither_sent_nor_recorded(
-    limiter: RateLimiter, redis: Redis, monkeypatch: pytest.MonkeyPatch
+    limiter: RateLimiter, redis: Redis, monkeypatch: pytest.MonkeyPatch, gone: str
 ) -> None:
     calls = ScriptCalls(redis, monkeypatch, held=[0])
     who = principal(3)
-    leader = start(limiter, who)
+    queued: list[asyncio.Task[Outcome]] = []
+
+    def cancel_two() -> None:
+        queued[0].cancel()
+        queued[1].cancel()
+
+    async def leader_then() -> Outcome:
+        decision = await limiter.check(who)  # its hand-over just started the drain
+        if gone == "as the drain starts":
+            cancel_two()
+        return decision
+
+    leader = asyncio.get_running_loop().create_task(leader_then())
     await calls.wait_calls(1)
-    queued = [start(limiter, who) for _ in range(5)]
+    queued += [start(limiter, who) for _ in range(5)]
     await wait_queued(limiter, 5)
-    queued[0].cancel()
-    queued[1].cancel()
-    await asyncio.sleep(0)
+    if gone == "while the call is out":
+        cancel_two()
+        await asyncio.sleep(0)
     calls.release(0)
-    assert summary(await leader) == (True, "tenant", 3, 2)
+    assert summary((await answers(leader))[0]) == (True, "tenant", 3, 2)
     decisions = await answers(*queued[2:])
     assert calls.sizes == [1, 3]  # the two gone were not sent
     assert [d.allowed for d in decisions] == [True, True, False]  # nor recorded
@@ -332,4 +345,58 @@ async def test_a_leader_gone_still_hands_its_queue_a_call(
     assert leader.cancelled()
     assert [summary(d)[3] for d in decisions] == [9, 8, 7]  # the leader's call never ran
     assert calls.sizes == [1, 3]
+    assert limiter.statistics() == IDLE
+
+
+async def test_a_lone_check_behind_a_call_makes_its_own(
+    limiter: RateLimiter, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = ScriptCalls(redis, monkeypatch, held=[0])
+    decisions = await burst(limiter, calls, [principal(10)] * 2)
+    assert calls.sizes == [1, 1]
+    assert [summary(d)[3] for d in decisions] == [9, 8]
+    assert limiter.statistics() == IDLE
+
+
+async def test_a_check_told_to_lead_whose_client_is_gone_frees_the_tenant(
+    limiter: RateLimiter, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one check behind the leader's call is told to make its own; its client
+    goes in that instant (before it runs): the tenant must not stay "in flight",
+    or every later check of the tenant would queue behind a call never made."""
+    calls = ScriptCalls(redis, monkeypatch, held=[0])
+    who = principal(10)
+    follower: list[asyncio.Task[Outcome]] = []
+
+    async def leader_then_cancel() -> Outcome:
+        decision = await limiter.check(who)  # its hand-over just told the follower to lead
+        follower[0].cancel()
+        return decision
+
+    leader = asyncio.get_running_loop().create_task(leader_then_cancel())
+    await calls.wait_calls(1)
+    follower.append(start(limiter, who))
+    await wait_queued(limiter, 1)
+    calls.release(0)
+    assert summary((await answers(leader))[0])[3] == 9
+    with pytest.raises(asyncio.CancelledError):
+        await follower[0]
+    assert limiter.statistics() == IDLE
+    assert summary((await answers(limiter.check(who)))[0])[3] == 8  # the one gone: not sent
+
+
+async def test_the_only_check_queued_gone_leaves_the_leader_its_answer(
+    limiter: RateLimiter, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = ScriptCalls(redis, monkeypatch, held=[0])
+    who = principal(10)
+    leader = start(limiter, who)
+    await calls.wait_calls(1)
+    queued = start(limiter, who)
+    await wait_queued(limiter, 1)
+    queued.cancel()
+    await asyncio.sleep(0)
+    calls.release(0)
+    assert summary((await answers(leader))[0])[3] == 9
+    assert queued.cancelled() and calls.sizes == [1]  # nothing left to send
     assert limiter.statistics() == IDLE
