@@ -8,12 +8,13 @@ the header numbers are derived.
 
 Coalescing: while a script call for a tenant is in flight, that tenant's
 further checks queue here; when the call returns, the queue goes to Redis as
-ONE call (at most ``BATCH_MAX`` checks) that decides them in order, exactly as
-separate calls in that order would. A check that finds nothing in flight
-makes its call itself (no task hop), so a lone request costs what it did
-before coalescing; a burst costs one call per round trip instead of one per
-request. Only one tenant's checks share a call: their keys share the
-``{tenant_id}`` hash slot, as a Redis Cluster requires of a script's keys.
+ONE call (at most ``BATCH_MAX`` checks; a queue of one makes its own) that
+decides them in order, exactly as separate calls in that order would. A
+check that finds nothing in flight makes its call itself (no task hop), so a
+lone request costs what it did before coalescing; a burst costs one call per
+round trip instead of one per request. Only one tenant's checks share a call:
+their keys share the ``{tenant_id}`` hash slot, as a Redis Cluster requires of
+a script's keys.
 
 Fail closed: when Redis cannot answer, ``check`` raises ``RateLimitUnavailable``
 and the caller answers 503 — never an unlimited request.
@@ -156,7 +157,8 @@ class RateLimiter:
         self._prefix = prefix
         self._batch_max = batch_max
         # tenant id -> the checks queued behind its call in flight; a tenant is
-        # here exactly while a call for it is under way (its leader's or a drain)
+        # here exactly while a call for it is under way or about to be (by its
+        # leader, a drain, or the lone queued check told to lead)
         self._queues: dict[str, list[_Check]] = {}
         self._drains: set[asyncio.Task[None]] = set()
 
