@@ -33,8 +33,8 @@
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
 local window = tonumber(ARGV[1])
+assert(#KEYS >= 2 and #KEYS % 2 == 0 and #ARGV == #KEYS + 1, 'bad batch shape')
 local count = #KEYS / 2
-assert(count >= 1 and #KEYS == 2 * count and #ARGV == 2 * count + 1, 'bad batch shape')
 
 local tats = {}      -- key -> its TAT after the requests decided so far (at least now)
 local recorded = {}  -- key -> the TAT to write: the keys an allowed request changed

@@ -23,6 +23,7 @@ and the caller answers 503 — never an unlimited request.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import hashlib
 import math
@@ -233,8 +234,12 @@ class RateLimiter:
         elif len(queue) == 1:
             queue.pop().answer.set_result(None)
         else:
+            # a context of its own: it serves other requests than the one whose
+            # call just returned, so it must not carry that one's (log fields)
             drain = asyncio.get_running_loop().create_task(
-                self._drain(tenant_id, queue), name=f"ratelimit drain {tenant_id}"
+                self._drain(tenant_id, queue),
+                name=f"ratelimit drain {tenant_id}",
+                context=contextvars.Context(),
             )
             self._drains.add(drain)
             drain.add_done_callback(self._drains.discard)

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from dpp.adapters.redis import Redis, create_redis, open_redis
+from dpp.adapters.redis import Redis, RedisError, create_redis, open_redis
 from dpp.ids import new_id
 from dpp.tenancy import ratelimit
 from dpp.tenancy.principal import Principal
@@ -400,3 +400,19 @@ async def test_the_only_check_queued_gone_leaves_the_leader_its_answer(
     assert summary((await answers(leader))[0])[3] == 9
     assert queued.cancelled() and calls.sizes == [1]  # nothing left to send
     assert limiter.statistics() == IDLE
+
+
+@pytest.mark.parametrize(
+    ("keys", "arguments"),
+    [
+        (3, [ratelimit.WINDOW_US, 10, 0, 10]),  # a check with one key
+        (2, [ratelimit.WINDOW_US, 10]),  # a check without its key quota
+        (0, [ratelimit.WINDOW_US]),  # no check at all
+    ],
+)
+async def test_the_script_refuses_a_batch_of_the_wrong_shape(
+    redis: Redis, redis_prefix: str, keys: int, arguments: list[int]
+) -> None:
+    names = [f"{redis_prefix}:ratelimit:{{ten_shape}}:{index}" for index in range(keys)]
+    with pytest.raises(RedisError, match="bad batch shape"):
+        await redis.eval(ratelimit.SCRIPT, keys, *names, *arguments)
