@@ -179,6 +179,7 @@ async def test_a_queue_longer_than_the_cap_goes_in_several_calls(
     assert [summary(d)[3] for d in decisions] == list(range(999, 999 - 151, -1))
 
 
+@single_and_cluster
 async def test_tenants_are_never_mixed_in_one_call(
     limiter: RateLimiter, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
