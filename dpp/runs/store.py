@@ -13,19 +13,21 @@ from datetime import date, datetime
 
 from dpp.adapters.postgres import Pool, Queries, Record
 from dpp.money.rules import RunStatus
+from dpp.runs.reads import RunReads
 
 
 class RunStore:
     def __init__(self, pool: Pool, queries: Queries) -> None:
         self._pool = pool
         self._queries = queries
+        self._owned_reads = RunReads(pool, queries)
 
     # --- the tenant API ----------------------------------------------------------------
 
     async def owned(self, tenant_id: str, run_id: str) -> Record | None:
-        """The tenant's run, or None when there is none or it is another tenant's."""
-        row: Record | None = await self._pool.fetchrow(self._queries["get_run"], run_id, tenant_id)
-        return row
+        """The tenant's run, or None when there is none or it is another tenant's.
+        Concurrent reads share one query (``dpp.runs.reads``)."""
+        return await self._owned_reads.owned(tenant_id, run_id)
 
     async def page(
         self,
