@@ -9,6 +9,9 @@ is given, one request at a time, for:
   - GET /nope             an unknown path: the router's 404 problem, logged at INFO
   - GET /v1/budget        + auth cache, one rate-limit script, one Postgres read
   - GET /v1/runs/{id}     + the run's read (issue 11's profiled request)
+  - GET /v1/runs/{id} c=64  the same, ``--concurrency`` requests at a time over
+                          eight runs (concurrent reads share Postgres queries,
+                          rate-limit checks share script calls)
 
 Reports ``time.process_time`` per request (this process only: Postgres and
 Redis are not counted), the median of ``--rounds`` rounds. ``--tree PATH``
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import io
 import os
 import secrets
@@ -34,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +52,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=3000, help="requests per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tree", type=Path, default=ROOT, help="the source tree to import")
+    parser.add_argument(
+        "--concurrency", type=int, default=64, help="the c=N case's requests at once"
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--profile", help="cProfile this case (e.g. budget) and print the top")
     return parser.parse_args()
@@ -92,6 +100,33 @@ async def measure(
     for _ in range(n):
         await app(scope_for(method, path, headers), receive, send)
     return (time.process_time() - started) / n * 1e6, status
+
+
+async def measure_concurrent(
+    app: Any, paths: list[str], headers: list[tuple[bytes, bytes]], n: int, concurrency: int
+) -> tuple[float, int]:
+    """CPU µs per request over ``n`` requests, ``concurrency`` at a time (each
+    worker cycling through ``paths``), and the last status."""
+    status = 0
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    per_worker = max(1, n // concurrency)
+
+    async def worker(offset: int) -> None:
+        for index in range(per_worker):
+            path = paths[(offset + index) % len(paths)]
+            await app(scope_for("GET", path, headers), receive, send)
+
+    started = time.process_time()
+    await asyncio.gather(*(worker(offset) for offset in range(concurrency)))
+    return (time.process_time() - started) / (per_worker * concurrency) * 1e6, status
 
 
 async def main(arguments: argparse.Namespace) -> None:
@@ -161,8 +196,11 @@ async def run_cases(app: Any, arguments: argparse.Namespace) -> None:
         r.raise_for_status()
         auth = {"Authorization": f"Bearer {key}"}
         run = {"pack_type": "echo", "inputs": {"payload": 1}}
-        r = await client.post("/v1/runs", json=run, headers=auth)
-        run_id = r.raise_for_status().json()["id"]
+        run_ids = []
+        for _ in range(8):
+            r = await client.post("/v1/runs", json=run, headers=auth)
+            run_ids.append(r.raise_for_status().json()["id"])
+        run_id = run_ids[0]
     bearer = [(b"authorization", f"Bearer {key}".encode())]
     cases = [
         ("GET /health", "/health", [], 200),
@@ -183,15 +221,39 @@ async def run_cases(app: Any, arguments: argparse.Namespace) -> None:
             samples.append(us)
         rounds = " ".join(f"{s:.1f}" for s in samples)
         print(f"{label:20} {statistics.median(samples):7.1f} µs CPU/request  ({rounds})")
-        if arguments.profile and arguments.profile in label:
-            import cProfile
-            import pstats
+        again = functools.partial(measure, app, "GET", path, headers, arguments.requests)
+        await profile(arguments, label, again)
+    label = f"GET /v1/runs/{{id}} c={arguments.concurrency}"
+    paths = [f"/v1/runs/{each}" for each in run_ids]
 
-            profiler = cProfile.Profile()
-            profiler.enable()
-            await measure(app, "GET", path, headers, arguments.requests)
-            profiler.disable()
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+    def concurrent() -> Awaitable[tuple[float, int]]:
+        return measure_concurrent(app, paths, bearer, arguments.requests, arguments.concurrency)
+
+    await concurrent()  # warm
+    samples = []
+    for _ in range(arguments.rounds):
+        us, status = await concurrent()
+        assert status == 200, (label, status)
+        samples.append(us)
+    rounds = " ".join(f"{s:.1f}" for s in samples)
+    print(f"{label:20} {statistics.median(samples):7.1f} µs CPU/request  ({rounds})")
+    await profile(arguments, label, concurrent)
+
+
+async def profile(
+    arguments: argparse.Namespace, label: str, run: Callable[[], Awaitable[object]]
+) -> None:
+    """cProfile one more measurement (``run()``) when ``--profile`` names ``label``."""
+    if not (arguments.profile and arguments.profile in label):
+        return
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    await run()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":
