@@ -5,7 +5,8 @@ reads they concern.
 
 The queries are watched (and, where a test needs a burst to queue, held) at the
 pool: ``ReadQueries`` wraps the pool the reads are given and passes each
-statement on to Postgres unchanged.
+statement on to Postgres unchanged. This module's replica reaches Postgres
+through a ``TcpProxy``, which one test cuts mid-batch.
 """
 
 from __future__ import annotations
