@@ -78,6 +78,7 @@ class RunReads:
         assert batch_max >= 1
         self._pool = pool
         self._query = queries["owned_runs"]
+        self._lone_query = queries["owned_run"]
         self._batch_max = batch_max
         # None: no query in flight. Otherwise the reads queued behind the one in
         # flight (or about to be: by its leader, a drain, or the lone queued
@@ -112,12 +113,12 @@ class RunReads:
                 return found
             # alone behind the query that just returned: a batch of one needs no task
         try:
-            rows = await self._fetch([tenant_id], [run_id], deadline)
+            # a read of its own: the primary-key lookup, no arrays to unnest
+            return await self._fetch_one(tenant_id, run_id, deadline)
         finally:
             # whatever became of the query (rows, failure, the client gone), the
             # reads that queued behind it get theirs
             self._hand_over(queue)
-        return _by_pair(rows).get((tenant_id, run_id))
 
     def _hand_over(self, queue: list[_Read]) -> None:
         """The query is over: nothing queued, and reads are idle; one read, and it
@@ -182,6 +183,15 @@ class RunReads:
         for read in batch:
             if not read.answer.done():  # its client is gone
                 read.answer.set_result(found.get((read.tenant_id, read.run_id)))
+
+    async def _fetch_one(self, tenant_id: str, run_id: str, deadline: float) -> Record | None:
+        """``_fetch`` for one pair (``owned_run``): the tenant's run or None."""
+        loop = asyncio.get_running_loop()
+        async with self._pool.acquire(timeout=deadline - loop.time()) as connection:
+            row: Record | None = await connection.fetchrow(
+                self._lone_query, run_id, tenant_id, timeout=deadline - loop.time()
+            )
+            return row
 
     async def _fetch(
         self, tenant_ids: Sequence[str], run_ids: Sequence[str], deadline: float

@@ -1,5 +1,13 @@
 -- Runs: reads for the API, and idempotency records.
 
+-- name: owned_run
+-- GET /v1/runs/{id} for a lone reader (dpp.runs.reads): the run, only where it
+-- is this tenant's (another tenant's run is no row, like an unknown id: SPEC §3).
+-- A primary-key lookup, cheaper than owned_runs' pairs for a single read.
+SELECT r.*, p.retention_days
+FROM runs r JOIN tenants t ON t.id = r.tenant_id JOIN plans p ON p.id = t.plan_id
+WHERE r.id = $1 AND r.tenant_id = $2;
+
 -- name: owned_runs
 -- GET /v1/runs/{id} for every reader of a burst at once (dpp.runs.reads): the run
 -- of each (tenant_id, id) pair of the two arrays, only where the run is that

@@ -70,6 +70,15 @@ class ReadQueries:
             await gate.wait()
         return await connection.fetch(query, *arguments, **options)
 
+    async def fetchrow(self, connection: Any, query: str, *arguments: Any, **options: Any) -> Any:
+        """A lone read's primary-key lookup: one pair."""
+        index = len(self.sizes)
+        self.sizes.append(1)
+        gate = self._gates.get(index)
+        if gate is not None:
+            await gate.wait()
+        return await connection.fetchrow(query, *arguments, **options)
+
     async def wait_queries(self, count: int) -> None:
         await until(lambda: len(self.sizes) >= count)
 
@@ -112,6 +121,9 @@ class _WatchedConnection:
 
     async def fetch(self, query: str, *arguments: Any, **options: Any) -> Any:
         return await self._watch.fetch(self._connection, query, *arguments, **options)
+
+    async def fetchrow(self, query: str, *arguments: Any, **options: Any) -> Any:
+        return await self._watch.fetchrow(self._connection, query, *arguments, **options)
 
 
 async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -338,6 +350,11 @@ async def test_the_query_itself_matches_the_tenant(
     assert await pool.fetch(query, ["ten_00000000000000000000000000"], [run_id]) == []
     rows = await pool.fetch(query, [owner, owner], [run_id, run_id])
     assert [row["id"] for row in rows] == [run_id]
+    # and a lone read's lookup
+    lone = runtime.adapters.queries["owned_run"]
+    assert await pool.fetchrow(lone, run_id, "ten_00000000000000000000000000") is None
+    found = await pool.fetchrow(lone, run_id, owner)
+    assert found is not None and found["id"] == run_id
 
 
 async def test_a_queue_longer_than_the_cap_goes_in_several_queries(
