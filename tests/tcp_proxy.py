@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 CHUNK_BYTES = 65_536
 
@@ -161,3 +162,17 @@ class TcpProxy:
         finally:
             # one side ended: end both, as a dead server would
             writer.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def proxy_to(url: str) -> AsyncIterator[TcpProxy]:
+    """A started ``TcpProxy`` in front of the host and port of ``url`` (a
+    database, Redis or HTTP address), closed when the block ends."""
+    parts = urlsplit(url)
+    assert parts.hostname and parts.port, url
+    proxy = TcpProxy(parts.hostname, parts.port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()

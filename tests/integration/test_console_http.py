@@ -21,7 +21,7 @@ from dpp.config import Settings
 from dpp.http.console.pages import SIGN_IN_ATTEMPTS
 from dpp.http.console.session import SESSION_COOKIE, SESSION_TTL_S
 from tests.integration.conftest import ADMIN_TOKEN, BASE_URL, CapturedLogs
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, proxy_to
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
@@ -175,14 +175,8 @@ async def test_without_an_admin_token_the_console_is_404(
 
 @pytest.fixture
 async def postgres_proxy(database_url: str) -> AsyncIterator[TcpProxy]:
-    parts = urlsplit(database_url)
-    assert parts.hostname and parts.port
-    proxy = TcpProxy(parts.hostname, parts.port)
-    await proxy.start()
-    try:
+    async with proxy_to(database_url) as proxy:
         yield proxy
-    finally:
-        await proxy.close()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -30,7 +29,7 @@ from dpp.tenancy.ratelimit import (
 )
 from tests.integration.test_ratelimit import principal
 from tests.redis_cluster import single_and_cluster
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, proxy_to
 
 if TYPE_CHECKING:
     from tests.services import TestServices
@@ -209,14 +208,8 @@ async def test_a_missing_script_falls_back_to_eval_for_a_batch(
 
 @pytest.fixture
 async def proxied(services: TestServices, redis_prefix: str) -> AsyncIterator[TcpProxy]:
-    parts = urlsplit(services.redis_url)
-    assert parts.hostname and parts.port
-    proxy = TcpProxy(parts.hostname, parts.port)
-    await proxy.start()
-    try:
+    async with proxy_to(services.redis_url) as proxy:
         yield proxy
-    finally:
-        await proxy.close()
 
 
 async def test_redis_down_fails_every_check_of_the_batch_then_the_next_works(

@@ -27,7 +27,7 @@ from dpp.runs import reads as reads_module
 from dpp.runs import store as store_module
 from dpp.runs.reads import RunReads, RunReadsStatistics
 from tests.integration.test_runs_api import ECHO, _tenant
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, proxy_to
 
 POLL_S = 0.002
 ANSWER_TIMEOUT_S = 10.0  # a read left unanswered fails its test instead of hanging it
@@ -255,14 +255,8 @@ def _through(url: str, proxy: TcpProxy) -> str:
 
 @pytest.fixture
 async def postgres_proxy(database_url: str) -> AsyncIterator[TcpProxy]:
-    url = urlsplit(database_url)
-    assert url.hostname and url.port
-    proxy = TcpProxy(url.hostname, url.port)
-    await proxy.start()
-    try:
+    async with proxy_to(database_url) as proxy:
         yield proxy
-    finally:
-        await proxy.close()
 
 
 @pytest.fixture
