@@ -548,11 +548,15 @@ CREATE TRIGGER runs_key_fixed
 -- (0007) A reservation batch's statements, run in the caller's transaction in
 -- two calls; nothing is decided here (dpp/money/ledger.py, reserve_batch).
 
+-- (0008) The keys of the drafts that claim them are inserted after the tenant
+-- lock (a record that exists wins): a keyed submit's record commits with its
+-- reservation.
 CREATE FUNCTION dpp_lock_reservation(
     p_tenant_id TEXT,
     p_methods TEXT[], p_paths TEXT[], p_keys TEXT[],
     p_api_key_ids TEXT[],
     p_remaining_ms DOUBLE PRECISION[],
+    p_claim_sha256 BYTEA[], p_claim_owners UUID[], p_claim_lock_s DOUBLE PRECISION[],
     OUT tenant_found BOOLEAN,
     OUT balance_usd_micros BIGINT, OUT reserved_usd_micros BIGINT, OUT ledger_version BIGINT,
     OUT max_concurrent_runs INTEGER, OUT retention_days INTEGER,
@@ -576,6 +580,19 @@ BEGIN
     IF NOT tenant_found THEN
         RETURN;
     END IF;
+
+    -- the claims (p_claim_* align with p_methods/p_paths/p_keys; a NULL
+    -- sha256 is a key its request already holds): a record that exists, or
+    -- an earlier claim of the same key in this batch, wins
+    INSERT INTO idempotency_keys (tenant_id, method, path, key, request_sha256, state,
+                                  locked_until, owner_token)
+    SELECT p_tenant_id, claim.method, claim.path, claim.key, claim.sha256, 'in_flight',
+           now() + make_interval(secs => claim.lock_s), claim.owner
+    FROM unnest(p_methods, p_paths, p_keys, p_claim_sha256, p_claim_owners, p_claim_lock_s)
+         WITH ORDINALITY AS claim(method, path, key, sha256, owner, lock_s, position)
+    WHERE claim.sha256 IS NOT NULL
+    ORDER BY claim.position
+    ON CONFLICT DO NOTHING;
 
     -- a takeover, a release or a stored 402 waits for the reservation's
     -- commit, and sees its outcome
@@ -612,6 +629,26 @@ BEGIN
         PERFORM set_config('statement_timeout', bound_ms || 'ms', true);
     END IF;
 END
+$$;
+
+-- (0008) 0007's signature: the same call without claims, for a replica of the
+-- release before.
+CREATE FUNCTION dpp_lock_reservation(
+    p_tenant_id TEXT,
+    p_methods TEXT[], p_paths TEXT[], p_keys TEXT[],
+    p_api_key_ids TEXT[],
+    p_remaining_ms DOUBLE PRECISION[],
+    OUT tenant_found BOOLEAN,
+    OUT balance_usd_micros BIGINT, OUT reserved_usd_micros BIGINT, OUT ledger_version BIGINT,
+    OUT max_concurrent_runs INTEGER, OUT retention_days INTEGER,
+    OUT key_methods TEXT[], OUT key_paths TEXT[], OUT key_keys TEXT[],
+    OUT key_states TEXT[], OUT key_owners UUID[],
+    OUT spend_key_ids TEXT[], OUT spend_limits BIGINT[], OUT spend_spent BIGINT[],
+    OUT open_runs BIGINT, OUT bound_ms BIGINT
+) LANGUAGE sql VOLATILE AS $$
+    SELECT * FROM dpp_lock_reservation(
+        p_tenant_id, p_methods, p_paths, p_keys, p_api_key_ids, p_remaining_ms,
+        NULL::bytea[], NULL::uuid[], NULL::double precision[]);
 $$;
 
 -- The writes of the admitted drafts. The runs' insert trigger writes their

@@ -59,6 +59,7 @@ from dpp.runs.admission import (
     ReservationInvalid,
     ReservationSuspended,
     ReservationUnavailable,
+    SubmitOutcome,
 )
 from dpp.runs.service import RunGone, RunNotFound, RunView
 from dpp.runs.submission import parse_submit
@@ -152,6 +153,10 @@ class LocalBackend:
                 "inputs: holds a value that cannot be stored.",
                 {"field": "inputs"},
             )
+        return await self._answer(outcome)
+
+    async def _answer(self, outcome: SubmitOutcome) -> dict[str, Any] | Refused:
+        admission = self._context.admission
         match outcome:
             case Admitted(body=accepted):
                 document: dict[str, Any] = orjson.loads(accepted)
@@ -188,7 +193,10 @@ class LocalBackend:
                         "A retry of this call took it over; retry to get its outcome.",
                         {"retry_after_s": 1},
                     )
-                return refused
+                if isinstance(remembered, BudgetShort | KeySpendShort):
+                    return refused
+                # the key was another call's after all: its answer is this one's
+                return await self._answer(remembered)
             case ConcurrencyLimit(max_concurrent_runs=limit):
                 return _problem(
                     429,

@@ -166,17 +166,33 @@ async def read_budget(pool: Pool, queries: Queries, tenant_id: str) -> Record:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyClaim:
+    """A key the reservation itself inserts, in flight and owned by ``owner``,
+    when no record of it exists (migration 0008): the record of a first submit
+    commits with its reservation instead of in a transaction of its own. A
+    record that exists wins, and the draft is withdrawn (``KeyNotHeld``)."""
+
+    request_sha256: bytes
+    lock_s: float
+
+    def __post_init__(self) -> None:
+        assert len(self.request_sha256) == 32 and self.lock_s > 0
+
+
+@dataclass(frozen=True, slots=True)
 class IdempotencyCompletion:
     """The stored response of an idempotent submit, written with the reservation."""
 
     method: str
     path: str
     key: str
-    # the token of the request that holds the key (dpp.runs.idempotency.Held)
+    # the token of the request that holds the key (dpp.runs.idempotency.Held),
+    # or that claims it (``claim``)
     owner: uuid.UUID
     status: int
     headers: dict[str, str]
     body: bytes
+    claim: KeyClaim | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,10 +416,12 @@ async def _reserve_locked(
     deadlines: Sequence[float] | None,
 ) -> ReserveBatchResult:
     """The reservation's transaction body: every lock and read in one round trip
-    (``dpp_lock_reservation``: the tenant row, the drafts' idempotency keys and
-    API keys, the open-run count, the writes' bound), the decision here, the
-    writes and the key completions in another (``dpp_write_reservation``)."""
+    (``dpp_lock_reservation``: the tenant row, the claimed keys inserted where
+    no record exists, the drafts' idempotency keys and API keys, the open-run
+    count, the writes' bound), the decision here, the writes and the key
+    completions in another (``dpp_write_reservation``)."""
     keyed = [d.idempotency for d in drafts if d.idempotency is not None]
+    claims = [c.claim for c in keyed]
     locked = await connection.fetchrow(
         queries["lock_reservation"],
         tenant_id,
@@ -412,6 +430,9 @@ async def _reserve_locked(
         [c.key for c in keyed],
         sorted({d.api_key_id for d in drafts if d.api_key_id is not None}),
         _remaining_ms(deadlines),
+        [None if claim is None else claim.request_sha256 for claim in claims],
+        [None if claim is None else c.owner for c, claim in zip(keyed, claims, strict=True)],
+        [None if claim is None else claim.lock_s for claim in claims],
     )
     assert locked is not None
     if not locked["tenant_found"]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -26,12 +26,14 @@ import orjson
 
 from dpp import ids, tracing
 from dpp.adapters.queue.base import QueuedRun
+from dpp.limits import IDEMPOTENCY_LOCK_S
 from dpp.metrics import Metrics
 from dpp.money.ledger import (
     ConcurrencyLimited,
     DeadlinePassed,
     IdempotencyCompletion,
     InsufficientBudget,
+    KeyClaim,
     KeyNotHeld,
     KeySpendLimited,
     Reserved,
@@ -164,6 +166,10 @@ class BudgetShort:
     available_usd_micros: int
     required_usd_micros: int
     key: Held | None
+    # the request's fingerprint when its key may have no record yet (claimed by
+    # a reservation that was refused before Postgres): ``remember_refusal`` then
+    # records it the old way
+    unrecorded: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +181,7 @@ class KeySpendShort:
     spent_usd_micros: int
     required_usd_micros: int
     key: Held | None
+    unrecorded: bytes | None = None  # as BudgetShort's
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +201,32 @@ SubmitOutcome = (
     | KeySpendShort
     | ConcurrencyLimit
 )
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    """A key this request's reservation records if no record exists (``KeyClaim``)."""
+
+    held: Held
+    fingerprint: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyRecorded:
+    """The claimed key had a record already: nothing reserved, ``begin`` decides."""
+
+
+def _unrecorded(key: Held | _Claim | None) -> bytes | None:
+    return key.fingerprint if isinstance(key, _Claim) else None
+
+
+def _existing_key(begun: Replay | InFlight | Mismatch) -> Replayed | KeyInFlight | KeyReused:
+    """The answer for a key another request holds or completed."""
+    if isinstance(begun, Replay):
+        headers = dict(begun.headers)
+        media_type = headers.pop("Content-Type", JSON_MEDIA_TYPE)
+        return Replayed(begun.status, headers, begun.body, media_type)
+    return KeyInFlight() if isinstance(begun, InFlight) else KeyReused()
 
 
 class Admission:
@@ -232,21 +265,34 @@ class Admission:
         fingerprint is taken from; ``api_key_id`` is the calling key, whose spend
         limit (SPEC §7) is judged with the tenant's budget in the same
         reservation; raises ``ReservationUnavailable``."""
-        key: Held | None = None
-        if idempotency_key is not None:
-            scope = Scope(tenant_id, SUBMIT_METHOD, SUBMIT_PATH, idempotency_key)
-            begun = await self._keys.begin(scope, request_fingerprint(body))
-            match begun:
-                case Replay(status=status, headers=headers, body=stored):
-                    headers = dict(headers)
-                    media_type = headers.pop("Content-Type", JSON_MEDIA_TYPE)
-                    return Replayed(status, headers, stored, media_type)
-                case InFlight():
-                    return KeyInFlight()
-                case Mismatch():
-                    return KeyReused()
-                case Proceed(held=held):
-                    key = held
+        if idempotency_key is None:
+            outcome = await self._admit_releasing(tenant_id, request, None, trace_id, api_key_id)
+            assert not isinstance(outcome, _KeyRecorded), "no key, no claim"
+            return outcome
+        scope = Scope(tenant_id, SUBMIT_METHOD, SUBMIT_PATH, idempotency_key)
+        fingerprint = request_fingerprint(body)
+        # A first submit's key is recorded by its reservation's own transaction
+        # (one commit, not two); a key that has a record already is withdrawn
+        # there, and ``begin`` decides it as before.
+        claim = _Claim(self._keys.new_holder(scope), fingerprint)
+        outcome = await self._admit_releasing(tenant_id, request, claim, trace_id, api_key_id)
+        if not isinstance(outcome, _KeyRecorded):
+            return outcome
+        begun = await self._keys.begin(scope, fingerprint)
+        if not isinstance(begun, Proceed):
+            return _existing_key(begun)
+        outcome = await self._admit_releasing(tenant_id, request, begun.held, trace_id, api_key_id)
+        assert not isinstance(outcome, _KeyRecorded), "a held key is not claimed"
+        return outcome
+
+    async def _admit_releasing(
+        self,
+        tenant_id: str,
+        request: SubmitRequest,
+        key: Held | _Claim | None,
+        trace_id: str | None,
+        api_key_id: str | None,
+    ) -> SubmitOutcome | _KeyRecorded:
         try:
             return await self._admit(tenant_id, request, key, trace_id, api_key_id)
         except BaseException:
@@ -259,11 +305,11 @@ class Admission:
         self,
         tenant_id: str,
         request: SubmitRequest,
-        key: Held | None,
+        key: Held | _Claim | None,
         trace_id: str | None,
         api_key_id: str | None,
-    ) -> SubmitOutcome:
-        """Draft, reserve and announce one run, holding ``key`` if any."""
+    ) -> SubmitOutcome | _KeyRecorded:
+        """Draft, reserve and announce one run, holding or claiming ``key`` if any."""
         run_id = self._new_run_id()
         # the run's own span (its reservation commits it QUEUED): every later span
         # of the run, on any replica, hangs under it
@@ -275,10 +321,10 @@ class Admission:
         run_id: str,
         tenant_id: str,
         request: SubmitRequest,
-        key: Held | None,
+        key: Held | _Claim | None,
         trace_id: str | None,
         api_key_id: str | None,
-    ) -> SubmitOutcome:
+    ) -> SubmitOutcome | _KeyRecorded:
         created_at = self._clock()
         row = queued_row(
             run_id=run_id,
@@ -291,17 +337,23 @@ class Admission:
         accepted_body = orjson.dumps(run_object(row))
         accepted_headers = {"Location": f"{SUBMIT_PATH}/{run_id}", **cost_headers(row)}
         completion = None
-        if key is not None:
+        held = key.held if isinstance(key, _Claim) else key
+        if held is not None:
             stored_headers = {**accepted_headers, "Content-Type": JSON_MEDIA_TYPE}
             assert set(stored_headers) == set(STORED_HEADERS)
             completion = IdempotencyCompletion(
                 SUBMIT_METHOD,
                 SUBMIT_PATH,
-                key.scope.key,
-                key.owner,
+                held.scope.key,
+                held.owner,
                 202,
                 stored_headers,
                 accepted_body,
+                claim=(
+                    KeyClaim(key.fingerprint, IDEMPOTENCY_LOCK_S)
+                    if isinstance(key, _Claim)
+                    else None
+                ),
             )
         draft = RunDraft(
             run_id=run_id,
@@ -330,16 +382,19 @@ class Admission:
                 return Admitted(run_id, accepted_body, accepted_headers)
             case InsufficientBudget(available_usd_micros=available, required_usd_micros=required):
                 self._metrics.reservations.labels("insufficient").inc()
-                return BudgetShort(available, required, key)
+                return BudgetShort(available, required, held, _unrecorded(key))
             case KeySpendLimited(
                 spend_limit_usd_micros=limit, spent_usd_micros=spent, required_usd_micros=required
             ):
                 self._metrics.reservations.labels("key_spend_limit").inc()
-                return KeySpendShort(limit, spent, required, key)
+                return KeySpendShort(limit, spent, required, held, _unrecorded(key))
             case ConcurrencyLimited(max_concurrent_runs=limit):
                 self._metrics.reservations.labels("rejected").inc()
                 await self._release(key)
                 return ConcurrencyLimit(limit)
+            case KeyNotHeld() if isinstance(key, _Claim):
+                # the key had a record already: the caller asks ``begin``
+                return _KeyRecorded()
             case KeyNotHeld():
                 # a retry owns the key now (or it was released): its outcome is the key's
                 self._metrics.reservations.labels("key_not_held").inc()
@@ -354,18 +409,34 @@ class Admission:
 
     async def remember_refusal(
         self, refusal: BudgetShort | KeySpendShort, media_type: str, body: bytes
-    ) -> BudgetShort | KeySpendShort | KeyTakenOver:
+    ) -> BudgetShort | KeySpendShort | KeyTakenOver | Replayed | KeyInFlight | KeyReused:
         """Store a 402's answer for its key, so a retry replays it (SPEC §6). Only
         while this request owns the key: one that lost it to a retry stores nothing
-        and answers ``KeyTakenOver`` (the key's outcome is the retry's)."""
+        and answers ``KeyTakenOver`` (the key's outcome is the retry's). A key
+        claimed by a reservation refused before Postgres recorded it is recorded
+        here as ``submit`` used to: if another request holds or completed it, its
+        answer (``Replayed``, ``KeyInFlight``, ``KeyReused``) is this request's."""
         if refusal.key is None:
             return refusal
+        headers = {"Content-Type": media_type}
         try:
-            stored = await self._keys.complete(refusal.key, 402, {"Content-Type": media_type}, body)
+            stored = await self._keys.complete(refusal.key, 402, headers, body)
         except BaseException:
             await self._release(refusal.key)
             raise
-        return refusal if stored else KeyTakenOver()
+        if stored:
+            return refusal
+        if refusal.unrecorded is None:
+            return KeyTakenOver()
+        begun = await self._keys.begin(refusal.key.scope, refusal.unrecorded)
+        if not isinstance(begun, Proceed):
+            return _existing_key(begun)
+        try:
+            stored = await self._keys.complete(begun.held, 402, headers, body)
+        except BaseException:
+            await self._release(begun.held)
+            raise
+        return replace(refusal, key=begun.held, unrecorded=None) if stored else KeyTakenOver()
 
     async def _reserve(self, tenant_id: str, draft: RunDraft) -> ReserveOutcome:
         try:
@@ -377,7 +448,7 @@ class Admission:
             log.error("budget actor crashed during a reservation", extra={"run_id": draft.run_id})
             raise
 
-    async def _release(self, key: Held | None) -> None:
+    async def _release(self, key: Held | _Claim | None) -> None:
         """Release this request's record at once, so a retry with the key proceeds
         instead of waiting out its lock; shielded (the request may be cancelled) and
         never raising (if it cannot be released, its lock expires as before).
@@ -387,6 +458,8 @@ class Admission:
         If it committed, the record is done and the release deletes nothing (a
         retry replays the run); if it holds the row, the release waits for its end;
         if it has not locked the row yet, it finds the key gone and never commits."""
+        if isinstance(key, _Claim):
+            key = key.held  # a claim not recorded releases nothing
         if key is None:
             return
         with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):

@@ -7,11 +7,16 @@ transaction (`dpp.money.ledger.reserve_batch`), so a crash can never leave a run
 key would let a retry create a second one. An in-flight record whose holder
 died is taken over after its lock expires.
 
+A first submit's record is written by its reservation's transaction
+(``dpp.money.ledger.KeyClaim``, migration 0008), where a record that exists
+wins; only a request whose key has a record (a retry, a concurrent twin) or
+whose reservation was refused before Postgres goes through ``begin``.
+
 Each holder is named by an owner token (random, one per request), written at
-begin and at takeover. Completing or releasing a record names the token and
-touches the record only while that request still owns it; the reservation's
-transaction locks the key row and admits a draft only if its request still
-owns the key. So a holder that was slow, not dead, and lost its key to a
+begin, at takeover and by a reservation's claim. Completing or releasing a
+record names the token and touches the record only while that request still
+owns it; the reservation's transaction locks the key row and admits a draft
+only if its request still owns the key. So a holder that was slow, not dead, and lost its key to a
 retry can neither reserve a second run nor overwrite the retry's outcome, and
 a request that did not commit can release its own record at once (a retry
 after a 503 proceeds instead of waiting out the lock): if its reservation
@@ -102,6 +107,11 @@ class IdempotencyKeys:
     def __init__(self, pool: Pool, queries: Queries) -> None:
         self._pool = pool
         self._queries = queries
+
+    def new_holder(self, scope: Scope) -> Held:
+        """A fresh owner token for ``scope``, for a request whose reservation
+        claims the key (``dpp.money.ledger.KeyClaim``): held once it commits."""
+        return Held(scope, uuid.uuid4())
 
     async def begin(self, scope: Scope, fingerprint: bytes) -> Begin:
         """Hold the key for this request, or say why not (replay, in flight, mismatch)."""

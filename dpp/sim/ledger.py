@@ -234,14 +234,26 @@ class MemLedger:
         if tenant is None:
             raise ledger.TenantNotFound(tenant_id)
         now = now_s()
+        # dpp_lock_reservation's claims: inserted where no record exists (an
+        # earlier claim of the batch wins), kept only if the transaction commits
+        claimed: dict[tuple[str, str, str, str], KeyRecord] = {}
+        for draft in drafts:
+            completion = draft.idempotency
+            if completion is None or completion.claim is None:
+                continue
+            at = (tenant_id, completion.method, completion.path, completion.key)
+            if at not in self.keys and at not in claimed:
+                claim = completion.claim
+                claimed[at] = KeyRecord(
+                    claim.request_sha256, completion.owner, "in_flight", now + claim.lock_s, now
+                )
         withdrawn: list[ledger.Withdrawn | None] = []
         for index, draft in enumerate(drafts):
             completion = draft.idempotency
-            record = (
-                None
-                if completion is None
-                else self.keys.get((tenant_id, completion.method, completion.path, completion.key))
-            )
+            record = None
+            if completion is not None:
+                key_at = (tenant_id, completion.method, completion.path, completion.key)
+                record = self.keys.get(key_at, claimed.get(key_at))
             if completion is not None and (
                 record is None or record.state != "in_flight" or record.owner != completion.owner
             ):
@@ -270,12 +282,14 @@ class MemLedger:
             if decision.admission is Admission.ACCEPTED
         ]
         if not accepted:
+            self._commit_claims(claimed)
             self.trace.add(f"pg reserve {tenant_id} none accepted")
             return ledger.ReserveBatchResult(decisions, self._budget(tenant))
         total = sum(d.reserved_usd_micros for d in accepted)
         # reserve_on_tenant's guard
         assert tenant.balance - tenant.reserved >= total, "admission decided what the guard refuses"
         await crash_point("reserve.before_commit")  # rolled back: nothing below applies
+        self._commit_claims(claimed)
         tenant.reserved += total
         tenant.version += 1
         assert tenant.reserved == after.reserved_usd_micros
@@ -328,6 +342,12 @@ class MemLedger:
         result = ledger.ReserveBatchResult(decisions, self._budget(tenant))
         self._end("reserve")
         return result
+
+    def _commit_claims(self, claimed: dict[tuple[str, str, str, str], KeyRecord]) -> None:
+        for at, record in claimed.items():
+            assert at not in self.keys, "a claim wins only where no record exists"
+            self.keys[at] = record
+            self.trace.add(f"pg key {at[3]} claimed")
 
     def _check_keys(self) -> None:
         """One Idempotency-Key never holds two runs (issue 9, hole 1)."""
@@ -640,6 +660,10 @@ class MemLedger:
     def _owner(self) -> uuid.UUID:
         self.tokens += 1
         return uuid.UUID(int=self.tokens)
+
+    def new_holder(self, scope: Scope) -> Held:
+        """dpp.runs.idempotency.IdempotencyKeys.new_holder (a deterministic token)."""
+        return Held(scope, self._owner())
 
     async def begin(self, scope: Scope, fingerprint: bytes) -> Begin:
         """dpp.runs.idempotency.IdempotencyKeys.begin, statement by statement."""

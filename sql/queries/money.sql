@@ -5,11 +5,13 @@
 -- caller reads them back with tenant_counters_of.
 
 -- name: lock_reservation
--- A reservation's locks and reads in one round trip (migration 0007): the
--- tenant row, the batch's idempotency keys, its API keys' spend, the open-run
--- count, and the bound of the writes after it (dpp/money/ledger.py).
+-- A reservation's locks and reads in one round trip (migrations 0007, 0008):
+-- the tenant row, the claims of the drafts' idempotency keys, the batch's
+-- keys, its API keys' spend, the open-run count, and the bound of the writes
+-- after it (dpp/money/ledger.py).
 SELECT * FROM dpp_lock_reservation($1, $2::text[], $3::text[], $4::text[], $5::text[],
-                                   $6::double precision[]);
+                                   $6::double precision[], $7::bytea[], $8::uuid[],
+                                   $9::double precision[]);
 
 -- name: write_reservation
 -- The admitted drafts' runs (whose insert writes their reserve entries: the

@@ -140,11 +140,67 @@ async def _owner(pool: Pool, tenant_id: str) -> uuid.UUID | None:
 
 
 async def test_a_reservation_delayed_past_a_takeover_is_refused_and_only_the_retry_is_charged(
+    adapters: Adapters, database_url: str
+) -> None:
+    """Where hole 1 can still open: a request that holds its key through
+    ``begin`` (its key had a record, so its reservation could not claim it)
+    waits for the tenant row past the key's lock, and a retry takes the key
+    over. The late reservation locks the key, finds it no longer its own, and
+    reserves nothing; the retry's reserves once."""
+    pool, queries = adapters.pool, adapters.queries
+    tenant_id = await create_tenant(pool)
+    await ledger.credit(pool, queries, tenant_id, 10_000, "credit:seed")
+    keys = IdempotencyKeys(pool, queries)
+    scope = Scope(tenant_id, "POST", "/v1/runs", "slow-1")
+    first = await keys.begin(scope, b"f" * 32)
+    assert isinstance(first, Proceed)
+
+    def keyed(owner: uuid.UUID, body: bytes) -> RunDraft:
+        completion = ledger.IdempotencyCompletion(
+            "POST", "/v1/runs", "slow-1", owner, 202, {"Content-Type": "x"}, body
+        )
+        return replace(draft(1_000), idempotency=completion)
+
+    late = keyed(first.held.owner, b"first")
+    results: dict[str, Any] = {}
+
+    async def reserve() -> None:
+        results["late"] = await ledger.reserve_batch(pool, queries, tenant_id, [late])
+
+    async with (
+        _holding(database_url, _tenant_lock(tenant_id)) as unlock,
+        anyio.create_task_group() as group,
+    ):
+        group.start_soon(reserve)
+        # the first request's reservation waits for the tenant row...
+        await _until(lambda: _lock_waiters_at_least(pool, 1))
+        # ...past its key's lock, and the client's retry takes the key over
+        await _age_key(pool, tenant_id)
+        retry = await keys.begin(scope, b"f" * 32)
+        assert isinstance(retry, Proceed) and retry.held.owner != first.held.owner
+        await unlock()  # the first reservation goes on: it must not commit
+    assert results["late"].decisions == [KeyNotHeld()]
+    retried = keyed(retry.held.owner, b"retry")
+    assert (await ledger.reserve_batch(pool, queries, tenant_id, [retried])).accepted() == [True]
+    assert await _runs_of(pool, tenant_id) == [retried.run_id]
+    reserves = await pool.fetchval(
+        "SELECT count(*) FROM ledger_entries WHERE tenant_id = $1 AND kind = 'reserve'", tenant_id
+    )
+    assert reserves == 1
+    replay = await keys.begin(scope, b"f" * 32)
+    assert isinstance(replay, Replay) and replay.body == b"retry"
+
+
+async def test_a_retry_sent_while_the_first_reservation_waits_answers_the_first_run(
     http: httpx.AsyncClient, runtime: Any, admin_headers: dict[str, str], database_url: str
 ) -> None:
+    """The same race over HTTP, as it plays now that a first submit's key is
+    recorded by its reservation (migration 0008): no record exists while the
+    reservation waits, so no retry can take it over; the retry's reservation
+    comes after, finds the key recorded, and replays the first run."""
     tenant_id, key = await _tenant(http, admin_headers, 1_000_000)
     pool = runtime.adapters.pool
-    headers = {**key, "Idempotency-Key": "slow-1"}
+    headers = {**key, "Idempotency-Key": "slow-2"}
     answers: dict[str, httpx.Response] = {}
 
     async def submit(name: str) -> None:
@@ -155,34 +211,19 @@ async def test_a_reservation_delayed_past_a_takeover_is_refused_and_only_the_ret
         anyio.create_task_group() as group,
     ):
         group.start_soon(submit, "first")
-        # the first request's reservation waits for the tenant row...
         await _until(lambda: _lock_waiters_at_least(pool, 1))
-        first_owner = await _owner(pool, tenant_id)
-        assert first_owner is not None
-        # ...past its key's lock, and the client's retry takes the key over
-        await _age_key(pool, tenant_id)
+        assert await _owner(pool, tenant_id) is None  # not recorded before its commit
         group.start_soon(submit, "retry")
-
-        async def taken_over() -> bool:
-            return await _owner(pool, tenant_id) not in (None, first_owner)
-
-        await _until(taken_over)
-        await unlock()  # the first reservation goes on: it must not commit
+        await anyio.sleep(0.05)  # the retry's reservation queues behind the first's
+        await unlock()
     first, retry = answers["first"], answers["retry"]
-    assert first.status_code == 409, first.text
-    assert first.json()["type"].endswith("/idempotency-key-in-use")
-    assert "took it over" in first.json()["detail"]
+    assert first.status_code == 202, first.text
     assert retry.status_code == 202, retry.text
-    assert await _runs_of(pool, tenant_id) == [retry.json()["id"]]
-    reserves = await pool.fetchval(
-        "SELECT count(*) FROM ledger_entries WHERE tenant_id = $1 AND kind = 'reserve'", tenant_id
-    )
-    assert reserves == 1
-    again = await http.post("/v1/runs", json=ECHO, headers=headers)
-    assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true"
-    assert again.json()["id"] == retry.json()["id"]
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert retry.json()["id"] == first.json()["id"]
+    assert await _runs_of(pool, tenant_id) == [first.json()["id"]]
     budget = (await http.get("/v1/budget", headers=key)).json()
-    assert budget["reserved_usd_micros"] == retry.json()["reserved_usd_micros"]
+    assert budget["reserved_usd_micros"] == first.json()["reserved_usd_micros"]
 
 
 async def _lock_waiters_at_least(pool: Pool, count: int) -> bool:
@@ -298,35 +339,41 @@ async def test_a_completed_key_admits_nothing_more_even_for_its_owner(adapters: 
     assert await _runs_of(pool, tenant_id) == [first.run_id]
 
 
-async def test_a_402_whose_key_was_taken_over_meanwhile_answers_409_over_http(
+async def test_a_402_whose_key_another_request_recorded_meanwhile_answers_409_over_http(
     http: httpx.AsyncClient,
     runtime: Any,
     admin_headers: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Redis refuses the reservation before Postgres recorded its claimed key;
+    before the 402 is stored, another request with the key records it. The
+    402 is not stored: this request answers 409 (the key is the other's)."""
     tenant_id, key = await _tenant(http, admin_headers, 0)  # Redis refuses: 402
     pool = runtime.adapters.pool
     headers = {**key, "Idempotency-Key": "poor-and-slow"}
     submit = Admission.submit
+    others: list[Held] = []
 
-    async def then_taken_over(self: Admission, *args: Any, **kwargs: Any) -> Any:
+    async def then_recorded(self: Admission, *args: Any, **kwargs: Any) -> Any:
         outcome = await submit(self, *args, **kwargs)
-        assert isinstance(outcome, BudgetShort)
-        # before the 402 is stored, its lock runs out and a retry takes the key
-        await _age_key(pool, tenant_id)
+        assert isinstance(outcome, BudgetShort) and outcome.unrecorded is not None
         scope = Scope(tenant_id, "POST", "/v1/runs", "poor-and-slow")
         keys = IdempotencyKeys(pool, runtime.adapters.queries)
-        retry = await keys.begin(scope, request_fingerprint(ECHO))
-        assert isinstance(retry, Proceed)
+        other = await keys.begin(scope, request_fingerprint(ECHO))
+        assert isinstance(other, Proceed)
+        others.append(other.held)
         return outcome
 
     with monkeypatch.context() as patch:
-        patch.setattr(Admission, "submit", then_taken_over)
+        patch.setattr(Admission, "submit", then_recorded)
         late = await http.post("/v1/runs", json=ECHO, headers=headers)
     assert late.status_code == 409, late.text
-    assert "took it over" in late.json()["detail"]
-    row = await pool.fetchrow("SELECT state FROM idempotency_keys WHERE tenant_id = $1", tenant_id)
-    assert row["state"] == "in_flight"  # nothing stored: the key is the retry's
+    assert late.json()["type"].endswith("/idempotency-key-in-use")
+    row = await pool.fetchrow(
+        "SELECT state, owner_token FROM idempotency_keys WHERE tenant_id = $1", tenant_id
+    )
+    # nothing stored: the key is the other request's
+    assert (row["state"], row["owner_token"]) == ("in_flight", others[0].owner)
 
 
 # ----------------------------------------- deadlines: nothing commits late

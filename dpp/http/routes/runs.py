@@ -190,6 +190,24 @@ async def submit_run(request: Request) -> Response:
     match outcome:
         case Admitted(body=accepted_body, headers=headers):
             return Response(accepted_body, 202, headers=headers, media_type="application/json")
+        case Replayed() | KeyTakenOver() | KeyInFlight() | KeyReused():
+            return _keyed_answer(outcome)
+        case BudgetShort() | KeySpendShort():
+            return await _stored_refusal(context, request, outcome, short_problem(outcome))
+        case ConcurrencyLimit(max_concurrent_runs=limit):
+            raise Problem(
+                429,
+                "concurrency-limit",
+                f"The plan allows {limit} runs queued or in progress at once.",
+                extensions={"max_concurrent_runs": limit},
+                headers={"Retry-After": "1"},
+            )
+    raise AssertionError(f"unexpected admission outcome {outcome!r}")
+
+
+def _keyed_answer(outcome: Replayed | KeyTakenOver | KeyInFlight | KeyReused) -> Response:
+    """The answer decided by the request's Idempotency-Key (SPEC §6)."""
+    match outcome:
         case Replayed(status=status, headers=headers, body=stored, media_type=media_type):
             replay_headers = {**headers, idempotency.REPLAYED_HEADER: "true"}
             return Response(stored, status, headers=replay_headers, media_type=media_type)
@@ -209,17 +227,6 @@ async def submit_run(request: Request) -> Response:
                 "This Idempotency-Key was used with a different request body.",
                 extensions={"field": "Idempotency-Key"},
             )
-        case BudgetShort() | KeySpendShort():
-            return await _stored_refusal(context, request, outcome, short_problem(outcome))
-        case ConcurrencyLimit(max_concurrent_runs=limit):
-            raise Problem(
-                429,
-                "concurrency-limit",
-                f"The plan allows {limit} runs queued or in progress at once.",
-                extensions={"max_concurrent_runs": limit},
-                headers={"Retry-After": "1"},
-            )
-    raise AssertionError(f"unexpected admission outcome {outcome!r}")
 
 
 def short_problem(outcome: BudgetShort | KeySpendShort) -> Problem:
@@ -257,9 +264,10 @@ async def _stored_refusal(
     remembered = await context.admission.remember_refusal(
         outcome, "application/problem+json", bytes(response.body)
     )
-    if isinstance(remembered, KeyTakenOver):
-        raise _key_taken_over()
-    return response
+    if isinstance(remembered, BudgetShort | KeySpendShort):
+        return response
+    # the key was another request's after all: its answer is this one's
+    return _keyed_answer(remembered)
 
 
 async def get_run(request: Request) -> Response:
