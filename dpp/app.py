@@ -269,7 +269,9 @@ def build_context(
         readiness=readiness_checks(adapters),
         actors_tree=actors_tree or no_tree,
         tenancy=Tenancy(pool, queries, redis, settings),
-        rate_limiter=RateLimiter(redis, settings.redis_prefix),
+        rate_limiter=RateLimiter(
+            redis, settings.redis_prefix, on_batch=metrics.batch_observer("rate_limit")
+        ),
         accounts=accounts,
         budgets=budgets,
         admission=Admission(
@@ -278,7 +280,11 @@ def build_context(
             announcer=adapters.queue,
             metrics=metrics,
         ),
-        runs=Runs(RunStore(pool, queries), adapters.blobs, budgets),
+        runs=Runs(
+            RunStore(pool, queries, on_read_batch=metrics.batch_observer("read")),
+            adapters.blobs,
+            budgets,
+        ),
         reconciler=reconciler,
         gauges=OperatorGauges(
             RunStore(pool, queries),

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
+    "BATCH_KINDS",
     "HTTP_METHODS",
     "RECONCILER_ACTIONS",
     "UNMATCHED_ROUTE",
@@ -41,6 +42,17 @@ HTTP_DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 RUN_DURATION_BUCKETS_S = (
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
 )  # fmt: skip
+# Work done once for many requests, one label value per kind of batch: how well
+# group commit and the coalescing of reads and checks are working (issue 11).
+BATCH_KINDS = frozenset(
+    {
+        "reservation",  # a budget actor's group commit of one tenant's reservations
+        "settlement",  # a budget actor's group commit of one tenant's settlements
+        "read",  # GET /v1/runs/{id} reads answered by one Postgres query
+        "rate_limit",  # one tenant's rate-limit checks in one Redis call
+    }
+)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # What the reconciler did, one label value per kind of repair (its report's fields).
 RECONCILER_ACTIONS = frozenset(
     {
@@ -75,6 +87,7 @@ class Metrics:
     settled_charged: Counter  # outcome: USD micros charged at settlement
     settled_refunded: Counter  # outcome: USD micros refunded at settlement
     reconciler_actions: Counter  # action: one of RECONCILER_ACTIONS
+    batch_size: Histogram  # kind: one of BATCH_KINDS
     # the deployment's, from Postgres (dpp.runs.gauges), refreshed when scraped
     queue_depth: Gauge  # pack_type: QUEUED runs
     queue_oldest_age: Gauge  # pack_type: seconds since the oldest QUEUED run was submitted
@@ -94,6 +107,8 @@ class Metrics:
         # every action exported from the start at 0: rate() and alerts see a series
         for action in RECONCILER_ACTIONS:
             metrics.reconciler_actions.labels(action)
+        for kind in BATCH_KINDS:
+            metrics.batch_size.labels(kind)
         return metrics
 
     @classmethod
@@ -227,6 +242,15 @@ class Metrics:
                 "When this replica's periodic audit last completed (unix time; 0: never).",
                 registry=registry,
             ),
+            batch_size=Histogram(
+                "dpp_batch_size",
+                "Requests served by one backend call: a group commit of one tenant's"
+                " reservations or settlements, a burst of run reads, one tenant's"
+                " burst of rate-limit checks.",
+                ("kind",),
+                buckets=BATCH_SIZE_BUCKETS,
+                registry=registry,
+            ),
             dependency_up=Gauge(
                 "dpp_dependency_up",
                 "1 when the dependency answered this replica's last readiness check, else 0.",
@@ -234,6 +258,13 @@ class Metrics:
                 registry=registry,
             ),
         )
+
+    def batch_observer(self, kind: str) -> Callable[[float], None]:
+        """What records one batch of ``kind`` and its size (the child's
+        ``observe``, looked up once: ``labels()`` locks on every call)."""
+        assert kind in BATCH_KINDS, kind
+        observe: Callable[[float], None] = self.batch_size.labels(kind).observe
+        return observe
 
     def observe_http(self, method: str, route: str, status: int, duration_s: float) -> None:
         method_label = method if method in HTTP_METHODS else "other"

@@ -164,6 +164,8 @@ class BudgetBackend:
     mirror: MirrorStore
     # told after a commit which runs were admitted (wakes the dispatcher)
     on_admitted: Callable[[Sequence[str]], None] = lambda run_ids: None
+    # told the size of each group commit: ("reservation" | "settlement", size)
+    on_batch: Callable[[str, int], None] = lambda kind, size: None
 
 
 class BudgetActor(Actor[BudgetMessage]):
@@ -242,10 +244,12 @@ class BudgetActor(Actor[BudgetMessage]):
             await self._settle(settles)
 
     async def _reserve(self, messages: list[Reserve]) -> None:
+        self.backend.on_batch("reservation", len(messages))
         with tracing.batch_span("dpp.budget.reserve_batch", [m.span for m in messages]):
             await self._reserve_batch(messages)
 
     async def _settle(self, messages: list[Settle]) -> None:
+        self.backend.on_batch("settlement", len(messages))
         with tracing.batch_span("dpp.budget.settle_batch", [m.span for m in messages]):
             await self._settle_batch(messages)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import anyio
 
@@ -96,11 +97,15 @@ class Budgets:
         ``is_outage`` tells a dependency's outage from a tenant's own crash loop:
         the composition root wires the adapters' classifier."""
         assert 1 <= batch_max <= BUDGET_BATCH_MAX
-        backend = (
-            BudgetBackend(store, mirror)
-            if on_admitted is None
-            else BudgetBackend(store, mirror, on_admitted)
-        )
+        backend = BudgetBackend(store, mirror)
+        if on_admitted is not None:
+            backend = replace(backend, on_admitted=on_admitted)
+        if metrics is not None:
+            observers = {
+                "reservation": metrics.batch_observer("reservation"),
+                "settlement": metrics.batch_observer("settlement"),
+            }
+            backend = replace(backend, on_batch=lambda kind, size: observers[kind](size))
         self.registry: ActorRegistry[str, BudgetMessage] = ActorRegistry(
             "budget",
             lambda tenant_id: BudgetActor(tenant_id, backend, batch_max=batch_max),

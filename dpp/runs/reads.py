@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -74,8 +74,17 @@ class RunReads:
     """``owned(tenant_id, run_id)`` for concurrent readers, one query at a time per
     replica (see the module's docstring)."""
 
-    def __init__(self, pool: Pool, queries: Queries, *, batch_max: int = BATCH_MAX) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        queries: Queries,
+        *,
+        batch_max: int = BATCH_MAX,
+        on_batch: Callable[[int], None] = lambda size: None,
+    ) -> None:
+        """``on_batch`` is told the number of reads each query answers."""
         assert batch_max >= 1
+        self._on_batch = on_batch
         self._pool = pool
         self._query = queries["owned_runs"]
         self._lone_query = queries["owned_run"]
@@ -114,6 +123,7 @@ class RunReads:
             # alone behind the query that just returned: a batch of one needs no task
         try:
             # a read of its own: the primary-key lookup, no arrays to unnest
+            self._on_batch(1)
             return await self._fetch_one(tenant_id, run_id, deadline)
         finally:
             # whatever became of the query (rows, failure, the client gone), the
@@ -164,6 +174,7 @@ class RunReads:
     async def _answer(self, batch: list[_Read]) -> None:
         """One query for ``batch``, by the earliest deadline of its reads (the first
         queued); each read its own row, a failure each read's."""
+        self._on_batch(len(batch))
         try:
             rows = await self._fetch(
                 [read.tenant_id for read in batch],

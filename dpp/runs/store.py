@@ -8,7 +8,7 @@ transitions go through the ledger (``dpp.money.ledger``) via the budget actors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime
 
 from dpp.adapters.postgres import Pool, Queries, Record
@@ -17,10 +17,17 @@ from dpp.runs.reads import RunReads
 
 
 class RunStore:
-    def __init__(self, pool: Pool, queries: Queries) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        queries: Queries,
+        *,
+        on_read_batch: Callable[[int], None] = lambda size: None,
+    ) -> None:
+        """``on_read_batch`` is told how many reads of ``owned`` each query answered."""
         self._pool = pool
         self._queries = queries
-        self._owned_reads = RunReads(pool, queries)
+        self._owned_reads = RunReads(pool, queries, on_batch=on_read_batch)
 
     # --- the tenant API ----------------------------------------------------------------
 

@@ -166,6 +166,9 @@ async def test_a_run_moves_in_flight_duration_and_the_money_settled(
             value(samples, "dpp_settled_refunded_usd_micros_total", outcome="COMPLETED")
             == RESERVED_USD_MICROS - ECHO_COST_USD_MICROS
         )
+        # the run's reservation and its settlement, each served by a group commit
+        assert value(samples, "dpp_batch_size_sum", kind="reservation") == 1
+        assert value(samples, "dpp_batch_size_sum", kind="settlement") == 1
         # a replayed settlement moves no money and counts nothing
         replay = await h.budgets.settle(
             h.tenant_id,
