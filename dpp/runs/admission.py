@@ -266,7 +266,7 @@ class Admission:
         limit (SPEC §7) is judged with the tenant's budget in the same
         reservation; raises ``ReservationUnavailable``."""
         if idempotency_key is None:
-            outcome = await self._admit_releasing(tenant_id, request, None, trace_id, api_key_id)
+            outcome = await self._admit(tenant_id, request, None, trace_id, api_key_id)
             assert not isinstance(outcome, _KeyRecorded), "no key, no claim"
             return outcome
         scope = Scope(tenant_id, SUBMIT_METHOD, SUBMIT_PATH, idempotency_key)
@@ -275,31 +275,15 @@ class Admission:
         # (one commit, not two); a key that has a record already is withdrawn
         # there, and ``begin`` decides it as before.
         claim = _Claim(self._keys.new_holder(scope), fingerprint)
-        outcome = await self._admit_releasing(tenant_id, request, claim, trace_id, api_key_id)
+        outcome = await self._admit(tenant_id, request, claim, trace_id, api_key_id)
         if not isinstance(outcome, _KeyRecorded):
             return outcome
         begun = await self._keys.begin(scope, fingerprint)
         if not isinstance(begun, Proceed):
             return _existing_key(begun)
-        outcome = await self._admit_releasing(tenant_id, request, begun.held, trace_id, api_key_id)
+        outcome = await self._admit(tenant_id, request, begun.held, trace_id, api_key_id)
         assert not isinstance(outcome, _KeyRecorded), "a held key is not claimed"
         return outcome
-
-    async def _admit_releasing(
-        self,
-        tenant_id: str,
-        request: SubmitRequest,
-        key: Held | _Claim | None,
-        trace_id: str | None,
-        api_key_id: str | None,
-    ) -> SubmitOutcome | _KeyRecorded:
-        try:
-            return await self._admit(tenant_id, request, key, trace_id, api_key_id)
-        except BaseException:
-            # Nothing of this request committed, or its outcome is unknown:
-            # either way its record goes at once (``_release`` says why that is safe).
-            await self._release(key)
-            raise
 
     async def _admit(
         self,
@@ -311,10 +295,16 @@ class Admission:
     ) -> SubmitOutcome | _KeyRecorded:
         """Draft, reserve and announce one run, holding or claiming ``key`` if any."""
         run_id = self._new_run_id()
-        # the run's own span (its reservation commits it QUEUED): every later span
-        # of the run, on any replica, hangs under it
-        with tracing.run_span(trace_id, run_id, {"dpp.pack.type": request.pack.pack_type}):
-            return await self._admit_run(run_id, tenant_id, request, key, trace_id, api_key_id)
+        try:
+            # the run's own span (its reservation commits it QUEUED): every later
+            # span of the run, on any replica, hangs under it
+            with tracing.run_span(trace_id, run_id, {"dpp.pack.type": request.pack.pack_type}):
+                return await self._admit_run(run_id, tenant_id, request, key, trace_id, api_key_id)
+        except BaseException:
+            # Nothing of this request committed, or its outcome is unknown:
+            # either way its record goes at once (``_release`` says why that is safe).
+            await self._release(key)
+            raise
 
     async def _admit_run(
         self,
