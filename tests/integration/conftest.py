@@ -20,11 +20,13 @@ import orjson
 import pytest
 from starlette.applications import Starlette
 
+from dpp.adapters.redis import Redis, open_redis
 from dpp.app import Adapters, Runtime, build_budgets, build_context, open_adapters, open_runtime
 from dpp.config import Settings, load_settings
 from dpp.context import AppContext
 from dpp.http.app import create_app
 from dpp.logs import configure_logging
+from dpp.tenancy.ratelimit import RateLimiter
 from tests.services import TestServices, store_env
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -39,6 +41,22 @@ def settings_env(services: TestServices, database_url: str, redis_prefix: str) -
         "DPP_ADMIN_TOKEN": ADMIN_TOKEN,
         "LOG_LEVEL": "DEBUG",
     }
+
+
+@pytest.fixture
+async def redis(services: TestServices) -> AsyncIterator[Redis]:
+    """A Redis client of the test services' (a cluster client on a cluster)."""
+    client = await open_redis(services.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def limiter(redis: Redis, redis_prefix: str) -> RateLimiter:
+    """The rate limiter over ``redis``, under the test's key prefix."""
+    return RateLimiter(redis, redis_prefix)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import anyio
@@ -10,7 +9,7 @@ import httpx
 import pytest
 from redis.crc import key_slot
 
-from dpp.adapters.redis import Redis, create_redis, open_redis
+from dpp.adapters.redis import Redis, create_redis
 from dpp.app import open_runtime
 from dpp.ids import new_id
 from dpp.tenancy import ratelimit
@@ -20,21 +19,7 @@ from tests.integration.conftest import BASE_URL
 from tests.redis_cluster import single_and_cluster
 
 if TYPE_CHECKING:
-    from tests.services import TestServices
-
-
-@pytest.fixture
-async def redis(services: TestServices) -> AsyncIterator[Redis]:
-    client = await open_redis(services.redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-def limiter(redis: Redis, redis_prefix: str) -> RateLimiter:
-    return RateLimiter(redis, redis_prefix)
+    pass
 
 
 def principal(

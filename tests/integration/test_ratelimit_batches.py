@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from dpp.adapters.redis import Redis, RedisError, create_redis, open_redis
+from dpp.adapters.redis import Redis, RedisError, create_redis
 from dpp.ids import new_id
 from dpp.tenancy import ratelimit
 from dpp.tenancy.principal import Principal
@@ -36,20 +36,6 @@ if TYPE_CHECKING:
 
 POLL_S = 0.001
 IDLE = RateLimiterStatistics(tenants_in_flight=0, checks_queued=0)
-
-
-@pytest.fixture
-async def redis(services: TestServices) -> AsyncIterator[Redis]:
-    client = await open_redis(services.redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-def limiter(redis: Redis, redis_prefix: str) -> RateLimiter:
-    return RateLimiter(redis, redis_prefix)
 
 
 class ScriptCalls:
