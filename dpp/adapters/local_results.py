@@ -30,8 +30,10 @@ import os
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import anyio
 import orjson
@@ -50,6 +52,8 @@ TOKEN_VERSION = "r1"
 TOKEN_CHARS_MAX = 512
 SIGNING_KEY_BYTES_MIN = 32
 DOWNLOAD_PATH = "/v1/results/"
+# A download reads the body in chunks this large (one chunk held at a time).
+DOWNLOAD_CHUNK_BYTES = 256 * 1024
 
 
 class ResultFileCorrupt(Exception):
@@ -128,11 +132,43 @@ class ResultTokens:
 
 @dataclass(frozen=True, slots=True)
 class StoredResult:
-    """A result as a download serves it."""
+    """A result read whole (``LocalResults.get``)."""
 
     body: bytes
     content_type: str
     sha256: str
+
+
+class OpenedResult:
+    """A result file opened for a download, positioned at its body. ``chunks``
+    reads the body piece by piece in worker threads, so a download holds one
+    chunk in memory however large the result, and closes the file when it ends
+    or stops (the client gone); ``close`` is for a download never started. The
+    open file keeps its bytes: retention deleting the result meanwhile does not
+    cut a download short."""
+
+    def __init__(self, file: BinaryIO, size: int, content_type: str, sha256: str) -> None:
+        self._file = file
+        self.size = size
+        self.content_type = content_type
+        self.sha256 = sha256
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            remaining = self.size
+            while remaining > 0:
+                chunk = await anyio.to_thread.run_sync(
+                    self._file.read, min(DOWNLOAD_CHUNK_BYTES, remaining)
+                )
+                if not chunk:
+                    raise ResultFileCorrupt("the result file is shorter than when it was opened")
+                remaining -= len(chunk)
+                yield chunk
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -231,7 +267,7 @@ def remove_stale_temporaries(root: Path, *, older_than_sec: float = TEMP_STALE_S
 
 
 class LocalResults:
-    """``ResultStore`` over a directory; ``read_signed`` serves a download token."""
+    """``ResultStore`` over a directory; ``open_signed`` serves a download token."""
 
     def __init__(self, root: Path, tokens: ResultTokens) -> None:
         assert root.is_absolute(), root
@@ -299,11 +335,28 @@ class LocalResults:
         path = DOWNLOAD_PATH + self.tokens.sign(key)
         return (base_url or "").rstrip("/") + path
 
-    async def read_signed(self, token: str) -> StoredResult | None:
-        """The result a download token names; ``TokenRefused`` / ``TokenExpired``
-        for a bad token, None when the result is gone (retention, or deleted)."""
+    async def open_signed(self, token: str) -> OpenedResult | None:
+        """The result a download token names, opened; ``TokenRefused`` /
+        ``TokenExpired`` for a bad token, None when the result is gone
+        (retention, or deleted)."""
         key = self.tokens.verify(token)
-        return await anyio.to_thread.run_sync(self._read, key)
+        return await anyio.to_thread.run_sync(self._open, key)
+
+    def _open(self, key: str) -> OpenedResult | None:
+        try:
+            file = self._path(key).open("rb")
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(file.fileno()).st_size
+            receipt, offset = _parse_receipt(file.read(RECEIPT_LINE_BYTES_MAX + 1), key)
+            stored = _stored_object(key, receipt, size - offset)
+            file.seek(offset)
+        except BaseException:
+            file.close()
+            raise
+        sha256 = stored.metadata.get("sha256", "")
+        return OpenedResult(file, stored.bytes, stored.content_type, sha256)
 
 
 async def open_local_results(

@@ -11,6 +11,7 @@ token is gone.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from dpp.adapters.local_results import LocalResults, ResultFileCorrupt, TokenExpired, TokenRefused
@@ -36,7 +37,11 @@ class DownloadUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Download:
-    body: bytes
+    """An opened result: ``chunks`` streams its ``size`` bytes, then closes the file
+    (a download never started leaves it to be closed with the response)."""
+
+    chunks: AsyncIterator[bytes]
+    size: int
     content_type: str
     sha256: str
 
@@ -49,7 +54,7 @@ class ResultDownloads:
         if self._store is None:
             raise DownloadGone("results are not served by DPP (S3 store)")
         try:
-            stored = await self._store.read_signed(token)
+            opened = await self._store.open_signed(token)
         except TokenExpired:
             raise DownloadRefused("expired", expired=True) from None
         except TokenRefused as refused:
@@ -61,6 +66,6 @@ class ResultDownloads:
         except OSError as error:
             log.warning("could not read a result file", exc_info=True)
             raise DownloadUnavailable(type(error).__name__) from None
-        if stored is None:
+        if opened is None:
             raise DownloadGone("deleted")
-        return Download(stored.body, stored.content_type, stored.sha256)
+        return Download(opened.chunks(), opened.size, opened.content_type, opened.sha256)

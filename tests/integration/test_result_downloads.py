@@ -14,13 +14,14 @@ import hashlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+import anyio
 import httpx
 import orjson
 
 from dpp.actors.run import result_key
-from dpp.adapters.local_results import LocalResults
+from dpp.adapters.local_results import DOWNLOAD_CHUNK_BYTES, LocalResults
 from dpp.app import build_app
 from tests.conftest import TEST_RESULT_SIGNING_KEY
 from tests.integration.test_execution import Harness, open_harness
@@ -143,6 +144,60 @@ async def test_a_result_deleted_by_retention_is_a_404_problem(
         assert answer.status_code == 404, answer.text
         assert answer.headers["content-type"] == PROBLEM_TYPE
         await h.assert_audit_ok()
+
+
+async def test_a_large_result_is_streamed_with_its_length(
+    services, database_url, redis_prefix, tmp_path
+) -> None:
+    """The download is sent in chunks (one held in memory at a time), with its
+    Content-Length, and arrives byte for byte."""
+    async with local_store(services, database_url, redis_prefix, tmp_path) as (h, client, _key):
+        store = h.adapters.blobs
+        assert isinstance(store, LocalResults)
+        body = hashlib.sha256(b"seed").digest() * (4 * DOWNLOAD_CHUNK_BYTES // 32) + b"!"
+        result = result_key(h.tenant_id, "run_large")
+        receipt = {"sha256": hashlib.sha256(body).hexdigest(), "run-id": "run_large"}
+        await store.put(result, body, "application/octet-stream", receipt)
+        path = urlsplit(await store.presigned_get(result)).path
+        messages: list[dict[str, Any]] = []
+        requests = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if requests:
+                return requests.pop()
+            await anyio.sleep_forever()  # the client stays until the body is sent
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            messages.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"results.test")],
+            "client": ("127.0.0.1", 4000),
+            "server": ("results.test", 80),
+        }
+        await build_app(h.context)(scope, receive, send)
+        start, *bodies = messages
+        assert start["status"] == 200
+        headers = dict(start["headers"])
+        assert headers[b"content-length"] == str(len(body)).encode()
+        assert headers[b"etag"] == f'"{receipt["sha256"]}"'.encode()
+        sent = [m["body"] for m in bodies if m["body"]]
+        assert len(sent) >= 4 and max(len(chunk) for chunk in sent) <= DOWNLOAD_CHUNK_BYTES
+        assert b"".join(sent) == body
+        assert not bodies[-1].get("more_body", False)
+        # the same through a client
+        answer = await client.get(path)
+        assert answer.status_code == 200 and answer.content == body
 
 
 async def test_no_token_reaches_a_file_outside_the_results(

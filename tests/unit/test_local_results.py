@@ -20,6 +20,7 @@ import pytest
 from dpp.adapters import local_results
 from dpp.adapters.blobs import RECEIPT_COST, RECEIPT_RUN, RECEIPT_SHA256
 from dpp.adapters.local_results import (
+    DOWNLOAD_CHUNK_BYTES,
     TEMP_PREFIX,
     LocalResults,
     ResultFileCorrupt,
@@ -223,19 +224,61 @@ def test_even_a_validly_signed_token_cannot_name_a_path_outside_the_results() ->
             signer.verify(forged(f"{expires}:{key}".encode()))
 
 
-async def test_read_signed_serves_the_result_and_says_when_it_is_gone(tmp_path: Path) -> None:
+async def _download(results: LocalResults, token: str) -> tuple[bytes, int, str, str] | None:
+    opened = await results.open_signed(token)
+    if opened is None:
+        return None
+    body = b"".join([chunk async for chunk in opened.chunks()])
+    return body, opened.size, opened.content_type, opened.sha256
+
+
+async def test_open_signed_serves_the_result_and_says_when_it_is_gone(tmp_path: Path) -> None:
     results = await store(tmp_path)
     await results.put(KEY, BODY, "application/json", receipt())
     link = await results.presigned_get(KEY, base_url="http://api.example:8000/")
     assert link.startswith("http://api.example:8000/v1/results/r1.")
     token = link.rsplit("/", 1)[1]
-    stored = await results.read_signed(token)
-    assert stored is not None
-    assert (stored.body, stored.content_type) == (BODY, "application/json")
-    assert stored.sha256 == hashlib.sha256(BODY).hexdigest()
+    assert await _download(results, token) == (
+        BODY,
+        len(BODY),
+        "application/json",
+        hashlib.sha256(BODY).hexdigest(),
+    )
     await results.delete(KEY)
-    assert await results.read_signed(token) is None
+    assert await _download(results, token) is None
     assert (await results.presigned_get(KEY)).startswith("/v1/results/")
+
+
+async def test_a_large_result_streams_in_chunks_and_closes_its_file(tmp_path: Path) -> None:
+    """A download holds one chunk at a time, not the result; its file is closed
+    once the body is sent, and retention deleting the result meanwhile does not
+    cut it short (the open file keeps its bytes)."""
+    results = await store(tmp_path)
+    body = bytes(range(256)) * (3 * DOWNLOAD_CHUNK_BYTES // 256) + b"tail"
+    await results.put(KEY, body, "application/octet-stream", receipt())
+    token = (await results.presigned_get(KEY)).rsplit("/", 1)[1]
+    opened = await results.open_signed(token)
+    assert opened is not None and opened.size == len(body)
+    chunks = opened.chunks()
+    first = await anext(chunks)
+    assert len(first) == DOWNLOAD_CHUNK_BYTES
+    await results.delete(KEY)  # retention, mid-download
+    rest = [chunk async for chunk in chunks]
+    assert [len(chunk) for chunk in rest] == [DOWNLOAD_CHUNK_BYTES] * 2 + [4]
+    assert first + b"".join(rest) == body
+    assert opened._file.closed  # the file must not leak
+
+
+async def test_a_download_stopped_early_closes_its_file(tmp_path: Path) -> None:
+    results = await store(tmp_path)
+    await results.put(KEY, b"x" * (2 * DOWNLOAD_CHUNK_BYTES), "text/plain", receipt())
+    token = (await results.presigned_get(KEY)).rsplit("/", 1)[1]
+    opened = await results.open_signed(token)
+    assert opened is not None
+    chunks = opened.chunks()
+    await anext(chunks)
+    await chunks.aclose()  # the client went away
+    assert opened._file.closed  # the file must not leak
 
 
 # --------------------------------------------------------------- configuration

@@ -8,7 +8,7 @@ retention 404, an unreadable disk 503 — never 500.
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from dpp.context import AppContext
 from dpp.http.endpoints import Endpoint, Parameter, Reply, problem
@@ -39,10 +39,12 @@ async def download_result(request: Request) -> Response:
             "The result could not be read now; retry.",
             headers={"Retry-After": "1"},
         ) from None
-    return Response(
-        download.body,
+    # streamed: one chunk in memory at a time, however large the result
+    return StreamingResponse(
+        download.chunks,
         200,
         headers={
+            "Content-Length": str(download.size),
             "ETag": f'"{download.sha256}"',
             "Cache-Control": "private, no-cache",
             # served from the API's own origin: never sniffed or run as a page
