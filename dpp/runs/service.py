@@ -166,13 +166,18 @@ class Runs:
     # --- operators (the console): any tenant's runs, read only ---------------------------
 
     async def operator_page(
-        self, tenant_id: str | None, statuses: list[RunStatus] | None, limit: int
+        self,
+        tenant_id: str | None,
+        statuses: list[RunStatus] | None,
+        limit: int,
+        after: tuple[datetime, str] | None = None,
     ) -> list[Record]:
-        """Any tenant's runs, or one tenant's, newest first (at most ``limit``)."""
+        """Any tenant's runs, or one tenant's, newest first (at most ``limit``),
+        after the ``(created_at, id)`` of the last row seen (``decode_cursor``)."""
         assert 1 <= limit <= 1000, limit
         if tenant_id is not None and not ids.is_id(tenant_id, "ten"):
             return []
-        return await self._store.operator_page(tenant_id, statuses, limit)
+        return await self._store.operator_page(tenant_id, statuses, limit, after)
 
     async def operator_get(self, run_id: str) -> tuple[Record, list[Record]]:
         """Any tenant's run and its ledger entries; ``RunNotFound``."""

@@ -73,15 +73,23 @@ class RunStore:
         return row
 
     async def operator_page(
-        self, tenant_id: str | None, statuses: Sequence[RunStatus] | None, limit: int
+        self,
+        tenant_id: str | None,
+        statuses: Sequence[RunStatus] | None,
+        limit: int,
+        after: tuple[datetime, str] | None = None,
     ) -> list[Record]:
-        """Any tenant's runs (or one tenant's), newest first: the operator console."""
+        """Any tenant's runs (or one tenant's), newest first, after the
+        ``(created_at, id)`` of the last row seen: the operator console."""
+        created_at, run_id = (None, None) if after is None else after
         return list(
             await self._pool.fetch(
                 self._queries["operator_list_runs"],
                 tenant_id,
                 None if statuses is None else [status.value for status in statuses],
                 limit,
+                created_at,
+                run_id,
             )
         )
 

@@ -102,7 +102,8 @@ WHERE ctid IN (
 );
 
 -- name: operator_list_runs
--- The operator console: any tenant's runs (or one tenant's, $1), newest first.
+-- The operator console: any tenant's runs (or one tenant's, $1), newest first;
+-- a page after the (created_at, id) of the last row seen ($4, $5), if given.
 SELECT r.id, r.tenant_id, r.pack_type, r.status, r.reserved_usd_micros,
        r.charged_usd_micros, r.refunded_usd_micros, r.created_at, r.started_at,
        r.claimed_at, r.finished_at, r.attempts, r.error, r.result_key, r.result_sha256,
@@ -110,6 +111,7 @@ SELECT r.id, r.tenant_id, r.pack_type, r.status, r.reserved_usd_micros,
 FROM runs r
 WHERE ($1::text IS NULL OR r.tenant_id = $1)
   AND ($2::text[] IS NULL OR r.status = ANY($2::text[]))
+  AND ($4::timestamptz IS NULL OR (r.created_at, r.id) < ($4::timestamptz, $5::text))
 ORDER BY r.created_at DESC, r.id DESC
 LIMIT $3;
 

@@ -20,7 +20,9 @@ from dpp.app import Runtime, open_runtime
 from dpp.config import Settings
 from dpp.http.console.pages import SIGN_IN_ATTEMPTS
 from dpp.http.console.session import SESSION_COOKIE, SESSION_TTL_S
+from dpp.money import ledger
 from tests.integration.conftest import ADMIN_TOKEN, BASE_URL, CapturedLogs
+from tests.moneykit import create_plan, create_tenant, draft
 from tests.tcp_proxy import TcpProxy, proxy_to
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -206,3 +208,53 @@ async def test_postgres_down_is_a_503_page(
             if (await http.get("/console/tenants")).status_code == 200:
                 break
             await anyio.sleep(0.2)
+
+
+# ------------------------------------------------------------------ paging
+
+
+RUN_LINK = re.compile(r'href="/console/runs/(run_[A-Za-z0-9]+)"')
+OLDER = re.compile(r'id="older-runs" href="([^"]+)"')
+
+
+async def test_the_runs_list_pages_through_every_run_newest_first(
+    http: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    pool, queries = runtime.adapters.pool, runtime.adapters.queries
+    await create_plan(pool, "roomy", max_concurrent_runs=1_000)
+    tenant_id = await create_tenant(pool, plan_id="roomy")
+    other = await create_tenant(pool, plan_id="roomy")
+    await ledger.credit(pool, queries, tenant_id, 10**9, "seed:a")
+    await ledger.credit(pool, queries, other, 10**9, "seed:b")
+    made: list[str] = []
+    for _ in range(3):  # 150 runs, in batches the ledger takes
+        drafts = [draft(1_000) for _ in range(50)]
+        result = await ledger.reserve_batch(pool, queries, tenant_id, drafts)
+        assert all(result.accepted())
+        made += [d.run_id for d in drafts]
+    await ledger.reserve_batch(pool, queries, other, [draft(1_000)])  # filtered out
+    newest_first = [
+        row["id"]
+        for row in await pool.fetch(
+            "SELECT id FROM runs WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC",
+            tenant_id,
+        )
+    ]
+    assert sorted(newest_first) == sorted(made)
+    await sign_in(http)
+    seen: list[str] = []
+    url: str | None = f"/console/runs?tenant={tenant_id}"
+    pages = 0
+    while url is not None:
+        answer = await http.get(url.replace("&amp;", "&"))
+        assert answer.status_code == 200, answer.text
+        seen += RUN_LINK.findall(answer.text)
+        older = OLDER.search(answer.text)
+        url = older.group(1) if older else None
+        pages += 1
+        if url is not None:
+            assert f"tenant={tenant_id}" in url  # the filter carries over
+    assert pages == 2
+    assert seen == newest_first  # each run once, in order, across the pages
+    broken = await http.get("/console/runs?after=not-a-cursor")
+    assert broken.status_code == 400

@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlencode
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -42,6 +43,7 @@ from dpp.money import ledger
 from dpp.money.accounts import key_budget
 from dpp.money.rules import KeySpend, Outcome, RunStatus
 from dpp.runs import idempotency
+from dpp.runs.documents import decode_cursor, encode_cursor
 from dpp.runs.service import (
     ChargeAboveReservation,
     RunNotAuditRequired,
@@ -56,6 +58,7 @@ SIGN_IN_ATTEMPTS: Final = 5  # per client address per window, across every repli
 SIGN_IN_WINDOW_S: Final = 60
 TOPUP_ID_PREFIX: Final = "console-"
 USAGE_DEFAULT_DAYS: Final = 30
+RUNS_PER_PAGE: Final = 100
 # the console's own assets, read once: (bytes, media type) by file name
 STATIC: Final = {
     name: ((Path(__file__).parent / "static" / name).read_bytes(), media_type)
@@ -341,12 +344,30 @@ def _status_filter(text: str) -> RunStatus | None:
         raise PageError(400, "Unknown run status.") from None
 
 
+def _page_cursor(text: str) -> tuple[datetime, str] | None:
+    if not text:
+        return None
+    after = decode_cursor(text)
+    if after is None:
+        raise PageError(400, "Unknown page of runs.")
+    return after
+
+
 async def runs(call: Call) -> Response:
     tenant_id = call.query("tenant")
     status = _status_filter(call.query("status"))
+    after = _page_cursor(call.query("after"))
+    # one row more than shown says whether an older page exists
     rows = await call.context.runs.operator_page(
-        tenant_id or None, None if status is None else [status], 100
+        tenant_id or None, None if status is None else [status], RUNS_PER_PAGE + 1, after
     )
+    older = None
+    if len(rows) > RUNS_PER_PAGE:
+        rows = rows[:RUNS_PER_PAGE]
+        last = rows[-1]
+        query = {"tenant": tenant_id, "status": status.value if status else ""}
+        query["after"] = encode_cursor(last["created_at"], last["id"])
+        older = f"{PREFIX}/runs?" + urlencode({k: v for k, v in query.items() if v})
     return page(
         "runs.html",
         _base(
@@ -357,6 +378,9 @@ async def runs(call: Call) -> Response:
             tenant_id=tenant_id,
             status=status.value if status else "",
             statuses=[s.value for s in RunStatus],
+            older=older,
+            paged=after is not None,
+            per_page=RUNS_PER_PAGE,
         ),
     )
 
