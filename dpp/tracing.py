@@ -22,7 +22,9 @@ from the row's ``trace_id`` and ``id`` alone, with nothing else stored:
         ├── dpp.run.claim              (recorded by the dispatcher)
         ├── dpp.run.execute            (the pack)
         ├── dpp.run.upload             (the result to the results store)
-        └── dpp.run.settle
+        ├── dpp.run.settle
+        └── dpp.run.reconcile          (a reconciler's repair: reaped, rolled
+                                        forward or back; any replica)
 
 Work done once for many runs (a budget actor's group commit, a batched claim,
 a group-committed settlement) is a root span of its own, linked to the span of

@@ -33,11 +33,12 @@ the items after it; the next pass retries it):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, assert_never
@@ -45,6 +46,7 @@ from typing import Any, assert_never
 import anyio
 from anyio.abc import TaskStatus
 
+from dpp import tracing
 from dpp.actors.kernel import (
     Actor,
     ActorCrashed,
@@ -77,6 +79,8 @@ from dpp.runs.store import RunStore
 from dpp.schemas import COUNT, Schema, all_required
 
 log = logging.getLogger("dpp.reconciler")
+# The reconciler's work on one run, a span of the run's own trace (dpp.tracing).
+RECONCILE_SPAN = "dpp.run.reconcile"
 
 # Per pass limits: a backlog is worked off over several passes, never in one
 # unbounded sweep.
@@ -90,6 +94,20 @@ DRIFT_PAGES_MAX = 10
 UNSENT_AFTER_SEC_DEFAULT = 30
 DRIFT_SETTLE_S_DEFAULT = 0.5
 RECONCILE_ASK_TIMEOUT_S = 120.0
+
+
+@contextlib.contextmanager
+def _in_run_trace(row: Any, action: str) -> Iterator[None]:
+    """A repair of the run ``row`` names (reaped, rolled forward or back, set
+    aside), as a span under the run's enqueue span: its trace shows how it ended
+    even when no worker settled it."""
+    with (
+        tracing.continue_run(row.get("trace_id"), row["id"]),
+        tracing.span(RECONCILE_SPAN, {"dpp.reconciler.action": action}),
+    ):
+        yield
+
+
 SHUTDOWN_S = 5.0
 
 COST_PATTERN = re.compile(r"^[0-9]{1,19}$")
@@ -489,8 +507,9 @@ class Reconciler:
             error=RunFailure.lease_expired().document(),
             expected_version=row["version"],
         )
-        if await self._settle(report, row["tenant_id"], request):
-            report.expired += 1
+        with _in_run_trace(row, "reaped"):
+            if await self._settle(report, row["tenant_id"], request):
+                report.expired += 1
 
     async def _resolve_claimed(self, report: ReconcileReport) -> None:
         rows = await self.runs.stuck_claimed(self.claimed_threshold_sec, CLAIMED_BATCH_MAX)
@@ -555,8 +574,9 @@ class Reconciler:
                     result=receipt,
                     expected_version=version,
                 )
-                if await self._settle(report, tenant_id, request):
-                    report.rolled_forward += 1
+                with _in_run_trace(row, "rolled_forward"):
+                    if await self._settle(report, tenant_id, request):
+                        report.rolled_forward += 1
             case RollBack():
                 request = ledger.SettleRequest(
                     run_id,
@@ -565,8 +585,9 @@ class Reconciler:
                     error=RunFailure.result_missing().document(),
                     expected_version=version,
                 )
-                if await self._settle(report, tenant_id, request):
-                    report.rolled_back += 1
+                with _in_run_trace(row, "rolled_back"):
+                    if await self._settle(report, tenant_id, request):
+                        report.rolled_back += 1
             case NeedsAudit(reason=reason):
                 await self._audit(report, run_id, tenant_id, version, reason)
             case _:

@@ -98,8 +98,9 @@ SELECT id, tenant_id, status, version, reserved_usd_micros FROM runs WHERE id = 
 
 -- name: lapsed_leases
 -- The reaper's candidates. The version observed here guards the settlement, so
--- a heartbeat that renews in between wins.
-SELECT r.id, r.tenant_id, r.version,
+-- a heartbeat that renews in between wins. (trace_id: the reaping is a span of
+-- the run's trace.)
+SELECT r.id, r.tenant_id, r.version, r.trace_id,
        EXISTS (SELECT 1 FROM ledger_entries e WHERE e.run_id = r.id AND e.kind = 'reserve')
            AS has_reserve
 FROM runs r
@@ -109,7 +110,7 @@ LIMIT $1;
 
 -- name: stuck_claimed_runs
 -- Finalize died between its phases: CLAIMED for longer than the threshold.
-SELECT r.id, r.tenant_id, r.version,
+SELECT r.id, r.tenant_id, r.version, r.trace_id,
        EXISTS (SELECT 1 FROM ledger_entries e WHERE e.run_id = r.id AND e.kind = 'reserve')
            AS has_reserve
 FROM runs r

@@ -26,7 +26,8 @@ from dpp.config import load_settings
 from dpp.http.app import create_app
 from dpp.http.front import HttpFront
 from tests.integration.test_end_to_end import _until_terminal
-from tests.integration.test_execution import create_sqs_queues
+from tests.integration.test_execution import create_sqs_queues, open_harness
+from tests.integration.test_reconciler import claimed_run, expired_run
 from tests.integration.test_runs_api import BASE_URL, ECHO, _tenant
 
 # The run's path, in the order its spans start. (The queue's announcement, a
@@ -264,3 +265,37 @@ async def test_the_server_span_is_made_only_when_tracing_is_on(context) -> None:
         assert stacked()
     finally:
         tracing.shutdown_tracing()
+
+
+async def test_the_reconcilers_repairs_are_spans_of_each_runs_trace(
+    spans, services, database_url, redis_prefix
+) -> None:
+    """A run no worker settled still shows how it ended: the reaper's EXPIRED and
+    the roll-back of a stuck CLAIMED run are spans under the run's enqueue span,
+    in the trace its request started."""
+    async with open_harness(services, database_url, redis_prefix) as h:
+        reaped = await expired_run(h)
+        rolled_back = await claimed_run(h, receipt=None)
+        report = await (await h.start_reconciler()).reconcile_once()
+        assert (report["expired"], report["rolled_back"]) == (1, 1)
+        for run_id, action in ((reaped, "reaped"), (rolled_back, "rolled_back")):
+            row = await h.row(run_id)
+            enqueue = tracing.run_span_context(row["trace_id"], run_id)
+            (repair,) = [
+                span
+                for span in spans.get_finished_spans()
+                if span.name == "dpp.run.reconcile"
+                and span.attributes is not None
+                and span.attributes["dpp.reconciler.action"] == action
+            ]
+            assert repair.context is not None and repair.parent is not None
+            assert repair.context.trace_id == enqueue.trace_id
+            assert repair.parent.span_id == enqueue.span_id
+            # the settlement's group commit links to it
+            (batch,) = [
+                span
+                for span in spans.get_finished_spans()
+                if span.name == "dpp.budget.settle_batch"
+                and any(link.context.span_id == repair.context.span_id for link in span.links)
+            ]
+            assert batch.context is not None
