@@ -1,9 +1,11 @@
 """Admission: from a checked submission to a QUEUED run with its money reserved.
 
-One call per ``POST /v1/runs``: take the Idempotency-Key (or answer its replay),
-draft the run, reserve it through the tenant's budget actor (one transaction
-writes the run row, its reserve entry, the tenant's counter and the stored 202
-for the key), then announce it to the queue. The route parses and renders;
+One call per ``POST /v1/runs``: draft the run, reserve it through the tenant's
+budget actor (one transaction records the Idempotency-Key, writes the run row,
+its reserve entry, the tenant's counter and the stored 202 for the key), then
+announce it to the queue. A key that has a record already (a retry, a twin)
+is withdrawn by the reservation and decided by ``IdempotencyKeys.begin``:
+its replay, 409, 422, or a takeover and a second reservation. The route parses and renders;
 this module decides, and never builds an HTTP answer except the 202 body it
 must store with the reservation so that a retry replays the very same bytes.
 
