@@ -10,7 +10,8 @@ Layers, outermost first::
     HttpFront (dpp.http.front: body drain, request context, server span when
       tracing is on, access log, CORS, unhandled errors, the /v1 gate when
       ``api_gate``, the /admin gate — one ASGI layer)
-      → inner_middleware (tests only) → Router
+      → inner_middleware (tests only) → HotRoutes (dpp.http.hot_routes: the
+      hottest few routes straight to their endpoint) → Router
 
 The front is the app's whole middleware stack: Starlette's own
 ServerErrorMiddleware and ExceptionMiddleware are not built, since the front
@@ -38,6 +39,7 @@ from dpp.http.auth import MCP_PATH, ApiGate
 from dpp.http.console import console_routes
 from dpp.http.docs import docs_routes
 from dpp.http.front import HttpFront
+from dpp.http.hot_routes import HotRoutes
 from dpp.http.mcp import McpEndpoint
 from dpp.http.middleware import cors_allowed_origins
 from dpp.metrics import metrics_for
@@ -83,7 +85,7 @@ def create_app(
     # The front is the whole stack: it renders every error (Problem and
     # HTTPException included), so Starlette's ServerErrorMiddleware and
     # ExceptionMiddleware, two more layers of send closures, are not built.
-    inner: ASGIApp = app.router
+    inner: ASGIApp = HotRoutes(app.router, route_table.HOT_PATHS)
     for cls, args, kwargs in reversed(inner_middleware):
         inner = cls(inner, *args, **kwargs)
     app.middleware_stack = HttpFront(

@@ -39,6 +39,9 @@ API_ENDPOINTS: tuple[Endpoint, ...] = (
     *admin_reconcile.ENDPOINTS,
 )
 ENDPOINTS: tuple[Endpoint, ...] = (*FRAME_ENDPOINTS, *API_ENDPOINTS)
+# The paths most requests take, routed without Starlette's scan of every route
+# (``dpp.http.hot_routes``): reading a run, submitting one, the liveness probe.
+HOT_PATHS = ("/v1/runs/{run_id}", "/v1/runs", "/health")
 
 
 def frame_routes() -> list[BaseRoute]:
