@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -148,6 +149,7 @@ def logged_path(path: str) -> str:
 
 LOGGED_ERROR_CHARS_MAX = 200
 STATUS_CLIENT_GONE = 499  # no response was sent: the client went away first
+ACCESS_LOG_FORMAT = "%s %s %s %sms"  # method, path, status, duration
 
 
 def record_access(
@@ -184,7 +186,21 @@ def record_access(
     tenant_id = scope.get("state", {}).get("tenant_id")
     if tenant_id:
         extra["tenant_id"] = tenant_id
-    access_log.log(level, "%s %s %s %sms", method, path, status, duration_ms, extra=extra)
+    # Logger.log would walk the stack to find this frame (findCaller); the record
+    # is the one it makes, handled by the same filters and handlers.
+    frame = sys._getframe()
+    record = access_log.makeRecord(
+        access_log.name,
+        level,
+        frame.f_code.co_filename,
+        frame.f_lineno,
+        ACCESS_LOG_FORMAT,
+        (method, path, status, duration_ms),
+        None,
+        frame.f_code.co_name,
+        extra,
+    )
+    access_log.handle(record)
 
 
 # --- CORS -----------------------------------------------------------------------------

@@ -243,3 +243,64 @@ def test_bind_only_forgets_the_callers_fields() -> None:
         with bind_only(tenant_id="ten_1"):
             assert dict(bound_fields()) == {"tenant_id": "ten_1"}
         assert bound_fields()["request_id"] == "req_1"
+
+
+def test_bind_returns_the_merged_fields_and_restores_them_on_error() -> None:
+    with bind(request_id="req_1") as outer:
+        assert dict(outer) == {"request_id": "req_1"}
+        with pytest.raises(RuntimeError), bind(tenant_id="ten_1") as inner:
+            assert dict(inner) == {"request_id": "req_1", "tenant_id": "ten_1"}
+            raise RuntimeError("boom")
+        assert dict(bound_fields()) == {"request_id": "req_1"}
+    assert dict(bound_fields()) == {}
+
+
+def test_redact_keeps_scalars_and_converts_containers() -> None:
+    class Flag(int):
+        pass
+
+    assert redact(True) is True and redact(3) == 3 and redact(1.5) == 1.5
+    assert redact(None) is None and redact(Flag(2)) == 2
+    assert redact((1, "x", frozenset({2}))) == [1, "x", [2]]
+    assert redact(b"Bearer abc") == f"Bearer {REDACTED}"
+    assert redact(bytearray(API_KEY.encode())) == REDACTED
+    assert redact({"nested": {"api_key": "v", 1: API_KEY}}) == {
+        "nested": {"api_key": REDACTED, "1": REDACTED}
+    }
+
+
+def test_an_access_line_names_its_caller_and_is_scrubbed(capture: Capture) -> None:
+    from starlette.routing import Route
+
+    from dpp.http import middleware
+
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    keep = Keep()
+    logging.getLogger("dpp.access").addHandler(keep)
+    try:
+        scope = {
+            "method": "GET",
+            "path": f"/v1/things/{API_KEY}",
+            "route": Route("/v1/things/{thing}", lambda request: None),
+            "state": {"tenant_id": "ten_1"},
+        }
+        with bind(request_id="req_1"):
+            middleware.record_access(None, scope, 200, 0.0015, 12)
+    finally:
+        logging.getLogger("dpp.access").removeHandler(keep)
+    (line,) = capture.lines()
+    assert API_KEY not in capture.text()
+    assert line["msg"] == f"GET /v1/things/{REDACTED} 200 1.5ms"
+    assert line["path"] == f"/v1/things/{REDACTED}"
+    assert line["route"] == "/v1/things/{thing}" and line["status"] == 200
+    assert line["tenant_id"] == "ten_1" and line["request_id"] == "req_1"
+    assert (line["duration_ms"], line["bytes"], line["level"]) == (1.5, 12, "INFO")
+    # the record findCaller would have made: the caller is record_access
+    (record,) = seen
+    assert record.funcName == "record_access"
+    assert record.pathname == middleware.__file__ and record.lineno > 0
