@@ -31,7 +31,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -54,6 +54,9 @@ SIGNING_KEY_BYTES_MIN = 32
 DOWNLOAD_PATH = "/v1/results/"
 # A download reads the body in chunks this large (one chunk held at a time).
 DOWNLOAD_CHUNK_BYTES = 256 * 1024
+# Tokens kept for reuse: a token is a pure function of (key, expiry second), so a
+# run polled many times a second is signed once per second. Cleared when full.
+SIGNED_TOKENS_CACHED = 1_024
 
 
 class ResultFileCorrupt(Exception):
@@ -92,6 +95,8 @@ class ResultTokens:
 
     signing_key: bytes
     expiry_sec: int
+    # (expiry, key) -> token: what ``sign`` would compute again, byte for byte
+    _signed: dict[tuple[int, str], str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         assert len(self.signing_key) >= SIGNING_KEY_BYTES_MIN, "signing key too short"
@@ -105,8 +110,14 @@ class ResultTokens:
     def sign(self, key: str, *, now: float | None = None) -> str:
         assert KEY_PATTERN.fullmatch(key), key
         expires = int((time.time() if now is None else now) + self.expiry_sec)
-        payload = f"{expires}:{key}".encode("ascii")
-        return f"{TOKEN_VERSION}.{_b64encode(payload)}.{_b64encode(self._mac(payload))}"
+        token = self._signed.get((expires, key))
+        if token is None:
+            payload = f"{expires}:{key}".encode("ascii")
+            token = f"{TOKEN_VERSION}.{_b64encode(payload)}.{_b64encode(self._mac(payload))}"
+            if len(self._signed) >= SIGNED_TOKENS_CACHED:
+                self._signed.clear()  # past seconds' tokens: never asked for again
+            self._signed[(expires, key)] = token
+        return token
 
     def verify(self, token: str, *, now: float | None = None) -> str:
         """The key a genuine, unexpired token names; ``TokenRefused`` (or its

@@ -186,6 +186,24 @@ def test_a_token_names_its_key_until_it_expires() -> None:
     assert "/" not in token and len(token) <= local_results.TOKEN_CHARS_MAX
 
 
+def test_a_reused_token_is_the_one_signing_again_makes() -> None:
+    signer = tokens(expiry_sec=60)
+    first = signer.sign(KEY, now=1_000_000.1)
+    assert signer.sign(KEY, now=1_000_000.9) == first  # the same expiry second
+    assert first == tokens(expiry_sec=60).sign(KEY, now=1_000_000.5)  # a fresh signer agrees
+    later = signer.sign(KEY, now=1_000_001.0)
+    assert later != first and signer.verify(later, now=1_000_060) == KEY
+    with pytest.raises(TokenExpired):
+        signer.verify(first, now=1_000_060)  # a reused token expires as it always did
+    assert signer.sign(KEY + "7", now=1_000_000.1) != first  # per key
+    # bounded: full, it starts over, and still answers the same tokens
+    for second in range(local_results.SIGNED_TOKENS_CACHED + 5):
+        assert signer.sign(KEY, now=2_000_000 + second) == forged(
+            f"{2_000_060 + second}:{KEY}".encode()
+        )
+    assert len(signer._signed) <= local_results.SIGNED_TOKENS_CACHED
+
+
 @pytest.mark.parametrize("expiry_sec", [60, 61, 62])  # payloads of every length mod 3
 def test_every_tampered_token_is_refused(expiry_sec: int) -> None:
     signer = tokens(expiry_sec)
