@@ -12,6 +12,7 @@ by `dpp serve` / `dpp dev`) serves HTTP until SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -418,6 +419,22 @@ async def open_runtime(
                     await supervisor.shutdown()
 
 
+def freeze_startup_heap() -> int:
+    """Move every object alive now (modules, the app, pools, the OpenAPI
+    document: what startup built, kept for the process's life) out of the
+    cyclic collector's reach; returns how many are frozen.
+
+    Without it each full collection under load walked that whole heap again
+    (~85 ms each, ~5 % of a loaded replica's CPU, and as many ms added to the
+    requests in flight). Objects are still freed by reference counting; only
+    a reference cycle among them would no longer be collected, and these live
+    until exit anyway. A collection first, so garbage is not frozen with them.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 async def run_server(settings: Settings) -> None:
     """`dpp serve`: the whole replica, until SIGTERM/SIGINT (SPEC §5, §6 Shutdown)."""
     from dpp.http.server import install_signal_handlers, serve_http
@@ -446,6 +463,7 @@ async def run_server(settings: Settings) -> None:
     undo_signals = install_signal_handlers(shutdown)
     try:
         async with open_runtime(settings, http=http_child) as runtime:
+            freeze_startup_heap()
             log.info("dpp serving", extra={"port": settings.port})
             await shutdown.wait()
             log.info("shutting down")
