@@ -15,10 +15,10 @@ method the route does not allow, so 405 with ``Allow``, a trailing slash, so
 404) goes to the router unchanged, so the answers are the router's.
 
 A route is only taken hot when that cannot change which route answers: it
-must be a plain ``Route`` whose endpoint is an ``async def f(request)``, and no route before it in
-the router's list may match any path it matches (``may_overlap``, a
-conservative segment-by-segment test). Otherwise the path is simply left to
-the router.
+must be a plain ``Route`` whose endpoint is an ``async def f(request)``, and
+no route before it in the router's list may match any path it matches
+(``may_overlap``, a conservative segment-by-segment test). Otherwise the path
+is simply left to the router.
 """
 
 from __future__ import annotations
