@@ -110,26 +110,29 @@ class RunRow(Protocol):
 TIMESTAMPS_CACHED = 4_096
 
 
-def timestamp(value: datetime | None) -> str | None:
+def timestamp(value: datetime | None, *, cached: bool = True) -> str | None:
     """RFC 3339 in UTC with a ``Z``, always with microseconds; ``None`` stays ``None``.
 
-    Postgres hands back ``timestamptz`` values in UTC, which take the cached
-    path (``astimezone`` and ``replace`` were ~3 % of a loaded
-    ``GET /v1/runs/{id}``); any other offset, or a naive value (local time,
-    as ``astimezone`` reads it), is converted first.
+    Postgres hands back ``timestamptz`` values in UTC, which skip ``astimezone``
+    and ``replace`` (~3 % of a loaded ``GET /v1/runs/{id}``) and, unless
+    ``cached=False`` (an instant made now, never rendered again), are kept:
+    a polled run renders the same ones each time. Any other offset, or a
+    naive value (local time, as ``astimezone`` reads it), is converted first.
     """
     if value is None:
         return None
     if value.tzinfo is UTC:
-        return _utc_timestamp(value)
+        return _utc_timestamp(value) if cached else _utc_text(value)
     return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-@functools.lru_cache(maxsize=TIMESTAMPS_CACHED)
-def _utc_timestamp(value: datetime) -> str:
+def _utc_text(value: datetime) -> str:
     text = value.isoformat(timespec="microseconds")
     assert text.endswith("+00:00"), text
     return text[:-6] + "Z"
+
+
+_utc_timestamp = functools.lru_cache(maxsize=TIMESTAMPS_CACHED)(_utc_text)
 
 
 def cost_headers(row: RunRow) -> dict[str, str]:

@@ -230,7 +230,7 @@ class Runs:
         expires_at = datetime.now(UTC) + timedelta(seconds=self._results.presign_expiry_sec)
         return {
             "download_url": await self._results.presigned_get(row["result_key"], base_url=base_url),
-            "expires_at": timestamp(expires_at),
+            "expires_at": timestamp(expires_at, cached=False),
             "sha256": row["result_sha256"],
             "bytes": row["result_bytes"],
             "content_type": row["result_content_type"],

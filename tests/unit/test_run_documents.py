@@ -44,3 +44,8 @@ def test_timestamp_cached_path_matches_the_reference() -> None:
         value = start + timedelta(microseconds=step * 7_919, days=step)
         assert timestamp(value) == reference(value)
         assert timestamp(value) == reference(value)  # the cached answer too
+        assert timestamp(value, cached=False) == reference(value)
+    plus_two = timezone(timedelta(hours=2))
+    local = datetime(2026, 3, 1, 1, 30, tzinfo=plus_two)
+    assert timestamp(local, cached=False) == "2026-02-28T23:30:00.000000Z"
+    assert timestamp(None, cached=False) is None
