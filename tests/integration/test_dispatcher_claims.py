@@ -3,8 +3,9 @@
 A run ending refills its slot only when the last claim may have left runs
 behind; otherwise that claim would find nothing (the queue was drained, and new
 runs wake the dispatcher by NOTIFY). Each test here fails without one part of
-that rule: a short claim is not repeated when a run ends, a full claim is, and
-a run announced while every slot is busy is claimed when one frees. The poll
+that rule: a short claim is not repeated when a run ends, a full claim is, a
+run announced while every slot is busy is claimed when one frees, and so is a
+run whose wake was lost to a full mailbox while a claim was out. The poll
 (the backstop) is an hour in every test, so only those rules can bring a run
 to a worker.
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from dpp.actors.dispatcher import Dispatcher
+from dpp.actors.dispatcher import Dispatcher, RunEnded
 from dpp.actors.run import RunEnding
 from dpp.adapters.queue import PostgresQueue, QueuedRun
 from tests.integration.test_execution import WAIT_S, GatedBlobs, Harness, eventually, open_harness
@@ -142,4 +143,37 @@ async def test_a_run_released_by_another_replica_wakes_an_idle_one(
         await h.wait_status(run_id, "QUEUED")
         row = await h.row(run_id)
         assert row["attempts"] == 2 and row["charged_usd_micros"] is None
+        await h.assert_audit_ok()
+
+
+async def test_a_wake_lost_to_a_full_mailbox_is_claimed_by_the_next_run_ending(
+    services, database_url, redis_prefix
+) -> None:
+    """The NOTIFY of a run arrives while a claim is on the wire and the mailbox
+    is full: the claim comes back short, yet the next run ending claims."""
+    async with open_harness(services, database_url, redis_prefix) as h:
+        claim_batch = h.queue.claim_batch
+        on_the_wire, gate = anyio.Event(), anyio.Event()
+
+        async def gated(n: int) -> Any:
+            claimed = await claim_batch(n)  # finds nothing: the run is not in yet
+            on_the_wire.set()
+            await gate.wait()
+            return claimed
+
+        dispatcher = await h.start_dispatcher(concurrency=1, poll_interval_s=NO_POLL_S)
+        h.queue.claim_batch = gated  # type: ignore[method-assign]
+        dispatcher.wake()
+        with anyio.fail_after(WAIT_S):
+            await on_the_wire.wait()
+        # endings of runs hosted elsewhere, as far as this test cares: a full mailbox
+        while dispatcher.ref.mailbox_depth() < dispatcher.ref.mailbox_capacity():
+            dispatcher.ref.tell_nowait(RunEnded("run_elsewhere", RunEnding.COMPLETED))
+        assert not dispatcher.backlog_possible  # cleared as the claim went out
+        run_id = await h.submit({"payload": 1})  # its wake finds the mailbox full
+        await eventually(lambda: dispatcher.backlog_possible)
+        h.queue.claim_batch = claim_batch  # type: ignore[method-assign]
+        gate.set()  # the claim comes back short (0 of 1)
+        row = await h.wait_status(run_id, "COMPLETED", "FAILED", "EXPIRED")
+        assert row["status"] == "COMPLETED"
         await h.assert_audit_ok()
