@@ -6,6 +6,18 @@ QUEUED for its peers. The dispatcher claims when told work may exist (a
 ``Wake`` from the queue's NOTIFY listener, the poll backstop, or a run ending
 and freeing a slot) — batching at its own pace rather than once per event.
 
+A run ending refills its slot only when work may be left behind
+(``Dispatcher.backlog_possible``): the last claim took as many runs as it asked
+for, or failed, or a wake found no free slot (or could not be queued). A claim
+that came back short found the queue drained as far as it could see, and
+every run committed or released QUEUED after it announces itself (NOTIFY,
+SQS message) and so wakes the dispatcher anyway: claiming again would be a
+round trip that finds nothing (with one run at a time, half of all claims).
+What a short claim cannot see — a QUEUED row another transaction held locked
+(SKIP LOCKED) and then left QUEUED, a NOTIFY lost with the listener's
+connection — waits for the poll, the backstop it always was. SQS claims
+(``claim_waits``) always refill: there the claim is the wait for new work.
+
 Run actors are OTP "temporary" children: never restarted (a crashed worker is
 a dead worker; the reaper or the reconciler recovers its run), reported to
 ``on_run_crash`` (wired to the reconciler's ``trigger``).
@@ -109,6 +121,9 @@ class Dispatcher:
         self.draining = anyio.Event()
         # A Wake is queued (at most one; the mailbox outlives incarnations).
         self.wake_pending = False
+        # Runs may be waiting that no wake will announce again: a run ending
+        # refills its slot only then (see the module's docstring).
+        self.backlog_possible = True
         self._actor: DispatcherActor | None = None
         spec, self.ref = actor_child(
             self._new_incarnation,
@@ -130,6 +145,7 @@ class Dispatcher:
         # A restart may find its Wake discarded with a closed mailbox; one extra
         # Wake is harmless, a missing one would wait for the poll.
         self.wake_pending = False
+        self.backlog_possible = True
         self._actor = DispatcherActor(self)
         return self._actor
 
@@ -145,8 +161,12 @@ class Dispatcher:
             return
         try:
             self.ref.tell_nowait(Wake())
-        except (MailboxFull, ActorStopped):
-            return  # full of RunEnded (each one claims anyway) or stopping
+        except MailboxFull:
+            # Full of RunEnded: the first of them claims in this Wake's stead.
+            self.backlog_possible = True
+            return
+        except ActorStopped:
+            return  # stopping: nothing is claimed any more
         self.wake_pending = True
 
     def stop(self) -> None:
@@ -272,9 +292,13 @@ class DispatcherActor(Actor[DispatcherMessage]):
                 await self._fill()
             case RunEnded(run_id=run_id, ending=ending):
                 log.debug("run actor ended", extra={"run_id": run_id, "ending": ending.value})
+                dispatcher = self.dispatcher
                 # Not a claim per ending: one coalesced Wake refills every slot
                 # freed by a burst of endings (and, with SQS, one long poll).
-                self.dispatcher.wake()
+                # Nor a claim after a short one: that queue was drained, and
+                # whatever arrived since has woken us (or will) by itself.
+                if dispatcher.backlog_possible or dispatcher.services.queue.claim_waits:
+                    dispatcher.wake()
             case _:
                 assert_never(message)
 
@@ -286,18 +310,29 @@ class DispatcherActor(Actor[DispatcherMessage]):
         free = dispatcher.concurrency - len(self.hosted)
         assert free >= 0, "more runs in flight than slots"
         if free == 0:
+            # What woke us is still waiting: the next run to end claims it.
+            dispatcher.backlog_possible = True
             return
         queue = dispatcher.services.queue
         started_ns = time.time_ns()
+        asked = min(free, CLAIM_BATCH_MAX)
+        # Cleared before the claim, so that a wake lost meanwhile (MailboxFull)
+        # still counts after it.
+        dispatcher.backlog_possible = False
         try:
-            claimed = await queue.claim_batch(min(free, CLAIM_BATCH_MAX))
+            claimed = await queue.claim_batch(asked)
         except AssertionError:
             raise  # a broken invariant is a bug: crash and be seen, never retry it
         except Exception:
-            # No self-wake: the next poll tries again (a backoff of poll_interval_s).
+            # No self-wake: the next poll (or run ending) tries again.
+            dispatcher.backlog_possible = True
             log.warning("claiming failed; retrying at the next poll", exc_info=True)
             return
-        assert len(claimed) <= free, (len(claimed), free)
+        assert len(claimed) <= asked, (len(claimed), asked)
+        if len(claimed) == asked:
+            # A full batch may have left runs behind; a short one drained the
+            # queue as far as this claim could see.
+            dispatcher.backlog_possible = True
         tracing.record_claims(started_ns, claimed, waited=queue.claim_waits)
         for run in claimed:
             if dispatcher.draining.is_set():

@@ -297,6 +297,10 @@ class ActorRef(Generic[M]):
     def mailbox_capacity(self) -> int:
         return self._mailbox.capacity
 
+    def messages_handled(self) -> int:
+        """Messages whose handler returned, over every incarnation (tests, statistics)."""
+        return self._mailbox.messages_handled
+
     def tell_nowait(self, message: M) -> None:
         """Queue `message`; raise MailboxFull when full, ActorStopped when closed."""
         self._mailbox.put_nowait(message)
