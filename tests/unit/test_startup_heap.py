@@ -27,7 +27,7 @@ def test_startup_objects_leave_the_collectors_generations(unfrozen: None) -> Non
     kept = Node()
     Node()  # garbage already: collected first, not frozen
     frozen = freeze_startup_heap()
-    # other threads of the test session may allocate meanwhile: at least these
-    assert 0 < frozen <= gc.get_freeze_count()
+    # (the count moves afterwards: frozen objects are still freed by refcounting)
+    assert frozen > 0
     assert not any(obj is kept for obj in gc.get_objects())  # in no generation
     assert kept.me is kept
