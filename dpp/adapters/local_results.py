@@ -141,20 +141,11 @@ class ResultTokens:
         return key
 
 
-@dataclass(frozen=True, slots=True)
-class StoredResult:
-    """A result read whole (``LocalResults.get``)."""
-
-    body: bytes
-    content_type: str
-    sha256: str
-
-
 class OpenedResult:
     """A result file opened for a download, positioned at its body. ``chunks``
     reads the body piece by piece in worker threads, so a download holds one
     chunk in memory however large the result, and closes the file when it ends
-    or stops (the client gone); ``close`` is for a download never started. The
+    or stops (the client gone); ``read_whole`` reads it at once (``get``). The
     open file keeps its bytes: retention deleting the result meanwhile does not
     cut a download short."""
 
@@ -177,6 +168,11 @@ class OpenedResult:
                 yield chunk
         finally:
             self.close()
+
+    def read_whole(self) -> bytes:
+        """The whole body, then the file closed (blocking: call it in a thread)."""
+        with self._file:
+            return self._file.read(self.size)
 
     def close(self) -> None:
         self._file.close()
@@ -316,19 +312,14 @@ class LocalResults:
         return _stored_object(key, receipt, size - offset)
 
     async def get(self, key: str) -> bytes:
-        answer = await anyio.to_thread.run_sync(self._read, key)
-        if answer is None:
+        body = await anyio.to_thread.run_sync(self._read, key)
+        if body is None:
             raise FileNotFoundError(key)
-        return answer.body
+        return body
 
-    def _read(self, key: str) -> StoredResult | None:
-        try:
-            data = self._path(key).read_bytes()
-        except FileNotFoundError:
-            return None
-        receipt, offset = _parse_receipt(data, key)
-        stored = _stored_object(key, receipt, len(data) - offset)
-        return StoredResult(data[offset:], stored.content_type, stored.metadata.get("sha256", ""))
+    def _read(self, key: str) -> bytes | None:
+        opened = self._open(key)
+        return None if opened is None else opened.read_whole()
 
     async def delete(self, key: str) -> None:
         await anyio.to_thread.run_sync(self._delete, key)
