@@ -411,24 +411,25 @@ class Admission:
         if refusal.key is None:
             return refusal
         headers = {"Content-Type": media_type}
-        try:
-            stored = await self._keys.complete(refusal.key, 402, headers, body)
-        except BaseException:
-            await self._release(refusal.key)
-            raise
-        if stored:
+        if await self._store_402(refusal.key, headers, body):
             return refusal
         if refusal.unrecorded is None:
             return KeyTakenOver()
         begun = await self._keys.begin(refusal.key.scope, refusal.unrecorded)
         if not isinstance(begun, Proceed):
             return _existing_key(begun)
+        if await self._store_402(begun.held, headers, body):
+            return replace(refusal, key=begun.held, unrecorded=None)
+        return KeyTakenOver()
+
+    async def _store_402(self, held: Held, headers: dict[str, str], body: bytes) -> bool:
+        """Complete ``held`` with the 402; False when this request no longer owns
+        it. A failure releases it (the outcome is not stored either way)."""
         try:
-            stored = await self._keys.complete(begun.held, 402, headers, body)
+            return await self._keys.complete(held, 402, headers, body)
         except BaseException:
-            await self._release(begun.held)
+            await self._release(held)
             raise
-        return replace(refusal, key=begun.held, unrecorded=None) if stored else KeyTakenOver()
 
     async def _reserve(self, tenant_id: str, draft: RunDraft) -> ReserveOutcome:
         try:
