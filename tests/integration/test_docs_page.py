@@ -8,7 +8,7 @@ import importlib.resources
 import re
 from html.parser import HTMLParser
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 from starlette.types import ASGIApp
@@ -16,6 +16,7 @@ from starlette.types import ASGIApp
 from dpp.app import Runtime
 from dpp.http.docs import ASSETS, CONTENT_SECURITY_POLICY
 from dpp.http.routes import openapi_document
+from tests.asgi import http_scope
 
 SWAGGER_VERSION = "5.35.0"
 
@@ -157,21 +158,7 @@ async def test_assets_are_compressed_and_revalidated(http: httpx.AsyncClient) ->
 async def _raw_get(app: ASGIApp, raw_path: bytes) -> tuple[int, dict[str, str]]:
     """GET exactly ``raw_path`` (an HTTP client would normalise the dot segments away;
     a hostile one sends them as they are): the status and headers."""
-    path = unquote(raw_path.decode("latin-1"))
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": raw_path,
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"testserver")],
-        "client": ("127.0.0.1", 1),
-        "server": ("testserver", 80),
-    }
+    scope = http_scope("GET", raw_path)
     started: dict[str, Any] = {}
 
     async def receive() -> dict[str, Any]:

@@ -29,6 +29,7 @@ from dpp.http.bodies import json_response, read_json_body
 from dpp.http.middleware import BODY_DRAIN_FACTOR
 from dpp.http.problems import PROBLEM_BASE, Problem, field_problem, problem_response
 from dpp.http.routes import ops
+from tests.asgi import http_scope
 from tests.integration.conftest import BASE_URL, CapturedLogs
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -196,25 +197,14 @@ async def test_content_length_past_16x_the_limit_is_413_before_reading(
     async def send(message: dict[str, Any]) -> None:
         messages.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/test/echo",
-        "raw_path": b"/test/echo",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
-            (b"host", b"testserver"),
+    scope = http_scope(
+        "POST",
+        b"/test/echo",
+        [
             (b"content-type", b"application/json"),
             (b"content-length", str(BODY_DRAIN_FACTOR * settings.max_body_bytes + 1).encode()),
         ],
-        "client": ("127.0.0.1", 1234),
-        "server": ("testserver", 80),
-        "state": {},
-    }
+    )
     await app(scope, receive, send)
     assert messages[0]["type"] == "http.response.start"
     assert messages[0]["status"] == 413
@@ -241,25 +231,11 @@ async def test_a_content_length_that_is_not_ascii_digits_is_never_a_500(
     async def send(message: dict[str, Any]) -> None:
         messages.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/test/echo",
-        "raw_path": b"/test/echo",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
-            (b"host", b"testserver"),
-            (b"content-type", b"application/json"),
-            (b"content-length", "\u00b2".encode("latin-1")),
-        ],
-        "client": ("127.0.0.1", 1234),
-        "server": ("testserver", 80),
-        "state": {},
-    }
+    scope = http_scope(
+        "POST",
+        b"/test/echo",
+        [(b"content-type", b"application/json"), (b"content-length", "\u00b2".encode("latin-1"))],
+    )
     await app(scope, receive, send)
     assert messages[0]["type"] == "http.response.start"
     assert messages[0]["status"] == 200

@@ -23,6 +23,7 @@ import orjson
 from dpp.actors.run import result_key
 from dpp.adapters.local_results import DOWNLOAD_CHUNK_BYTES, LocalResults
 from dpp.app import build_app
+from tests.asgi import http_scope
 from tests.conftest import TEST_RESULT_SIGNING_KEY
 from tests.integration.test_execution import Harness, open_harness
 
@@ -171,20 +172,7 @@ async def test_a_large_result_is_streamed_with_its_length(
         async def send(message: dict[str, Any]) -> None:
             messages.append(message)
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"host", b"results.test")],
-            "client": ("127.0.0.1", 4000),
-            "server": ("results.test", 80),
-        }
+        scope = http_scope("GET", path.encode(), host=b"results.test")
         await build_app(h.context)(scope, receive, send)
         start, *bodies = messages
         assert start["status"] == 200
