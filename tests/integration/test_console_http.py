@@ -254,6 +254,8 @@ async def test_the_runs_list_pages_through_every_run_newest_first(
         pages += 1
         if url is not None:
             assert f"tenant={tenant_id}" in url  # the filter carries over
+        if pages > 1:  # an older page links back to the newest, filter kept
+            assert f'<a href="/console/runs?tenant={tenant_id}">Newest</a>' in answer.text
     assert pages == 2
     assert seen == newest_first  # each run once, in order, across the pages
     broken = await http.get("/console/runs?after=not-a-cursor")

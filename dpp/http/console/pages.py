@@ -361,13 +361,17 @@ async def runs(call: Call) -> Response:
     rows = await call.context.runs.operator_page(
         tenant_id or None, None if status is None else [status], RUNS_PER_PAGE + 1, after
     )
+    status_text = status.value if status else ""
+
+    def link(cursor: str = "") -> str:
+        """This list with the same filters, after ``cursor`` (none: the newest)."""
+        query = {"tenant": tenant_id, "status": status_text, "after": cursor}
+        return f"{PREFIX}/runs?" + urlencode({k: v for k, v in query.items() if v})
+
     older = None
     if len(rows) > RUNS_PER_PAGE:
         rows = rows[:RUNS_PER_PAGE]
-        last = rows[-1]
-        query = {"tenant": tenant_id, "status": status.value if status else ""}
-        query["after"] = encode_cursor(last["created_at"], last["id"])
-        older = f"{PREFIX}/runs?" + urlencode({k: v for k, v in query.items() if v})
+        older = link(encode_cursor(rows[-1]["created_at"], rows[-1]["id"]))
     return page(
         "runs.html",
         _base(
@@ -376,10 +380,10 @@ async def runs(call: Call) -> Response:
             "Runs",
             rows=rows,
             tenant_id=tenant_id,
-            status=status.value if status else "",
+            status=status_text,
             statuses=[s.value for s in RunStatus],
             older=older,
-            paged=after is not None,
+            newest=None if after is None else link(),
             per_page=RUNS_PER_PAGE,
         ),
     )
