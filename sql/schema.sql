@@ -253,7 +253,10 @@ CREATE TRIGGER tenants_counters_move_with_ledger
 --            run's charged / refunded (so charge <= R), and only for a run
 --            whose reserve entry exists.
 CREATE FUNCTION ledger_entries_apply() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- (0009) index probes at any table size (migration 0009)
+SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
+AS $$
 DECLARE
     bad RECORD;
 BEGIN
@@ -264,6 +267,10 @@ BEGIN
     SELECT e.kind, e.run_id, e.amount_usd_micros, r.status INTO bad
     FROM inserted_entries e
     LEFT JOIN runs r ON r.id = e.run_id
+    -- (0009) a join, not NOT EXISTS inside the OR: Postgres ran that as a
+    -- hashed subplan reading every reserve entry of the ledger
+    LEFT JOIN ledger_entries h
+        ON h.run_id = e.run_id AND h.run_id IS NOT NULL AND h.kind = 'reserve'
     WHERE e.run_id IS NOT NULL AND (
         r.id IS NULL
         OR r.tenant_id <> e.tenant_id
@@ -275,8 +282,7 @@ BEGIN
         OR (e.kind = 'refund'
             AND (r.status NOT IN ('COMPLETED', 'FAILED', 'EXPIRED', 'CANCELED')
                  OR e.amount_usd_micros IS DISTINCT FROM r.refunded_usd_micros))
-        OR (e.kind IN ('charge', 'refund') AND NOT EXISTS (
-            SELECT 1 FROM ledger_entries h WHERE h.run_id = e.run_id AND h.kind = 'reserve'))
+        OR (e.kind IN ('charge', 'refund') AND h.run_id IS NULL)
     )
     LIMIT 1;
     IF FOUND THEN
@@ -315,7 +321,9 @@ BEGIN
                sum(CASE e.kind WHEN 'reserve' THEN e.amount_usd_micros
                                ELSE -e.amount_usd_micros END)::bigint AS spent_delta
         FROM inserted_entries e
-        JOIN runs r ON r.id = e.run_id
+        -- (0009) each entry's run probed by its id (OFFSET 0 keeps the order)
+        CROSS JOIN LATERAL (
+            SELECT r.api_key_id FROM runs r WHERE r.id = e.run_id OFFSET 0) AS r
         WHERE e.kind IN ('reserve', 'refund') AND r.api_key_id IS NOT NULL
         GROUP BY r.api_key_id
         ORDER BY r.api_key_id
@@ -348,7 +356,10 @@ CREATE TRIGGER runs_born_queued
     EXECUTE FUNCTION runs_born_queued();
 
 CREATE FUNCTION runs_reserve_in_ledger() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- (0009) index probes at any table size (migration 0009)
+SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
+AS $$
 BEGIN
     INSERT INTO ledger_entries (tenant_id, run_id, kind, amount_usd_micros, operation_id)
     SELECT tenant_id, id, 'reserve', reserved_usd_micros, 'reserve:' || id
@@ -434,7 +445,10 @@ CREATE TRIGGER runs_transition_allowed
 -- A run that became terminal carries its charge and refund entries, equal to
 -- its columns, by the end of the transaction that settled it.
 CREATE FUNCTION runs_settled_in_ledger() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- (0009) index probes at any table size (migration 0009)
+SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
+AS $$
 DECLARE
     charged BIGINT;
     refunded BIGINT;
@@ -564,7 +578,10 @@ CREATE FUNCTION dpp_lock_reservation(
     OUT key_states TEXT[], OUT key_owners UUID[],
     OUT spend_key_ids TEXT[], OUT spend_limits BIGINT[], OUT spend_spent BIGINT[],
     OUT open_runs BIGINT, OUT bound_ms BIGINT
-) LANGUAGE plpgsql VOLATILE AS $$
+) LANGUAGE plpgsql VOLATILE
+-- (0009) index probes at any table size (migration 0009)
+SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
+AS $$
 DECLARE
     waited_ms DOUBLE PRECISION;
     earliest_ms DOUBLE PRECISION;
@@ -599,12 +616,16 @@ BEGIN
     SELECT array_agg(locked.method), array_agg(locked.path), array_agg(locked.key),
            array_agg(locked.state), array_agg(locked.owner_token)
     INTO key_methods, key_paths, key_keys, key_states, key_owners
-    FROM (SELECT k.method, k.path, k.key, k.state, k.owner_token
+    -- (0009) each key probed by its primary key, in key order (the lock order)
+    FROM (SELECT wanted.method, wanted.path, wanted.key
+          FROM unnest(p_methods, p_paths, p_keys) AS wanted(method, path, key)
+          GROUP BY wanted.method, wanted.path, wanted.key
+          ORDER BY wanted.method, wanted.path, wanted.key) AS wanted
+    CROSS JOIN LATERAL (
+          SELECT k.method, k.path, k.key, k.state, k.owner_token
           FROM idempotency_keys k
-          WHERE k.tenant_id = p_tenant_id
-            AND (k.method, k.path, k.key) IN (
-                SELECT * FROM unnest(p_methods, p_paths, p_keys))
-          ORDER BY k.method, k.path, k.key
+          WHERE k.tenant_id = p_tenant_id AND k.method = wanted.method
+            AND k.path = wanted.path AND k.key = wanted.key
           FOR UPDATE OF k) AS locked;
 
     SELECT array_agg(locked.id), array_agg(locked.spend_limit_usd_micros),
@@ -667,7 +688,10 @@ CREATE FUNCTION dpp_write_reservation(
     p_key_headers JSONB[], p_key_bodies BYTEA[],
     OUT completed BIGINT,
     OUT balance_usd_micros BIGINT, OUT reserved_usd_micros BIGINT, OUT ledger_version BIGINT
-) LANGUAGE plpgsql VOLATILE AS $$
+) LANGUAGE plpgsql VOLATILE
+-- (0009) index probes at any table size (migration 0009)
+SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
+AS $$
 BEGIN
     INSERT INTO runs (id, tenant_id, pack_type, status, inputs, metadata,
                       reserved_usd_micros, minimum_fee_usd_micros, timebox_sec,
@@ -681,15 +705,24 @@ BEGIN
 
     completed := 0;
     IF cardinality(p_key_keys) > 0 THEN
-        WITH done AS (
-            UPDATE idempotency_keys AS k
-            SET state = 'done', response_status = item.status,
-                response_headers = item.headers, response_body = item.body
+        -- (0009) each key found by its primary key, then written by its row
+        -- (the lock call holds every one of them)
+        WITH found AS MATERIALIZED (
+            SELECT k.row_id, item.status, item.headers, item.body
             FROM unnest(p_key_methods, p_key_paths, p_key_keys, p_key_statuses, p_key_headers,
                         p_key_bodies)
                  AS item(method, path, key, status, headers, body)
-            WHERE k.tenant_id = p_tenant_id AND k.method = item.method
-              AND k.path = item.path AND k.key = item.key
+            CROSS JOIN LATERAL (
+                SELECT k.ctid AS row_id FROM idempotency_keys k
+                WHERE k.tenant_id = p_tenant_id AND k.method = item.method
+                  AND k.path = item.path AND k.key = item.key
+                OFFSET 0) AS k
+        ), done AS (
+            UPDATE idempotency_keys AS k
+            SET state = 'done', response_status = found.status,
+                response_headers = found.headers, response_body = found.body
+            FROM found
+            WHERE k.ctid = found.row_id
             RETURNING k.key
         )
         SELECT count(*) INTO completed FROM done;
@@ -717,7 +750,10 @@ CREATE FUNCTION dpp_write_settlements(
     OUT settled_ids TEXT[], OUT finished_at TIMESTAMPTZ[],
     OUT tenant_ids TEXT[], OUT balances_usd_micros BIGINT[], OUT reserved_usd_micros BIGINT[],
     OUT ledger_versions BIGINT[]
-) LANGUAGE plpgsql VOLATILE AS $$
+) LANGUAGE plpgsql VOLATILE
+-- (0009) index probes at any table size (migration 0009)
+SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
+AS $$
 BEGIN
     WITH settled AS (
         UPDATE runs AS r
@@ -756,5 +792,49 @@ BEGIN
     INTO tenant_ids, balances_usd_micros, reserved_usd_micros, ledger_versions
     FROM tenants t
     WHERE t.id = ANY(p_entry_tenant_ids);
+END
+$$;
+
+-- (0009) A settlement batch's runs, locked in id order (two batches locking
+-- overlapping runs cannot deadlock), with their plan's retention; was the
+-- statement lock_runs.
+CREATE FUNCTION dpp_lock_runs(p_run_ids TEXT[])
+RETURNS TABLE (id TEXT, tenant_id TEXT, status TEXT, version BIGINT, lease_token UUID,
+               reserved_usd_micros BIGINT, minimum_fee_usd_micros BIGINT,
+               charged_usd_micros BIGINT, refunded_usd_micros BIGINT, retention_days INTEGER)
+LANGUAGE plpgsql VOLATILE
+-- (0009) index probes at any table size (migration 0009)
+SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
+AS $$
+BEGIN
+    RETURN QUERY
+    SELECT r.id, r.tenant_id, r.status, r.version, r.lease_token, r.reserved_usd_micros,
+           r.minimum_fee_usd_micros, r.charged_usd_micros, r.refunded_usd_micros,
+           p.retention_days
+    FROM runs r JOIN tenants t ON t.id = r.tenant_id JOIN plans p ON p.id = t.plan_id
+    WHERE r.id = ANY(p_run_ids)
+    ORDER BY r.id
+    FOR UPDATE OF r;
+END
+$$;
+
+-- (0009) GET /v1/runs/{id} for every reader of a burst at once (the statement
+-- owned_runs, dpp.runs.reads): the run of each (tenant, id) pair, only where it
+-- is that tenant's; a pair asked twice is one row.
+CREATE FUNCTION dpp_owned_runs(p_tenant_ids TEXT[], p_run_ids TEXT[])
+RETURNS SETOF runs
+LANGUAGE plpgsql STABLE
+-- (0009) index probes at any table size (migration 0009)
+SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
+AS $$
+BEGIN
+    RETURN QUERY
+    SELECT found.*
+    FROM (SELECT DISTINCT pair.tenant_id, pair.id
+          FROM unnest(p_tenant_ids, p_run_ids) AS pair(tenant_id, id)) AS pair
+    CROSS JOIN LATERAL (
+        SELECT r.* FROM runs r
+        WHERE r.id = pair.id AND r.tenant_id = pair.tenant_id
+        OFFSET 0) AS found;
 END
 $$;

@@ -48,14 +48,10 @@ INSERT INTO credit_receipts (operation_id, balance_usd_micros, reserved_usd_micr
 VALUES ($1, $2, $3, $4);
 
 -- name: lock_runs
--- In id order, so two batches locking overlapping runs cannot deadlock.
-SELECT r.id, r.tenant_id, r.status, r.version, r.lease_token, r.reserved_usd_micros,
-       r.minimum_fee_usd_micros, r.charged_usd_micros, r.refunded_usd_micros,
-       p.retention_days
-FROM runs r JOIN tenants t ON t.id = r.tenant_id JOIN plans p ON p.id = t.plan_id
-WHERE r.id = ANY($1::text[])
-ORDER BY r.id
-FOR UPDATE OF r;
+-- A settlement batch's runs, locked in id order so two batches locking
+-- overlapping runs cannot deadlock; a function (migration 0009) so that its
+-- plan probes runs_pkey at any table size.
+SELECT * FROM dpp_lock_runs($1::text[]);
 
 -- name: write_settlements
 -- A settlement batch's writes in one round trip (migration 0007): the run rows

@@ -4,18 +4,15 @@
 -- GET /v1/runs/{id} for a lone reader (dpp.runs.reads): the run, only where it
 -- is this tenant's (another tenant's run is no row, like an unknown id: SPEC §3).
 -- A primary-key lookup, cheaper than owned_runs' pairs for a single read.
-SELECT r.*, p.retention_days
-FROM runs r JOIN tenants t ON t.id = r.tenant_id JOIN plans p ON p.id = t.plan_id
-WHERE r.id = $1 AND r.tenant_id = $2;
+SELECT r.* FROM runs r WHERE r.id = $1 AND r.tenant_id = $2;
 
 -- name: owned_runs
 -- GET /v1/runs/{id} for every reader of a burst at once (dpp.runs.reads): the run
 -- of each (tenant_id, id) pair of the two arrays, only where the run is that
 -- tenant's — another tenant's run is no row, like an unknown id (SPEC §3). A pair
--- asked twice is one row. Plan: the pairs deduplicated, then runs_pkey per pair.
-SELECT r.*, p.retention_days
-FROM runs r JOIN tenants t ON t.id = r.tenant_id JOIN plans p ON p.id = t.plan_id
-WHERE (r.tenant_id, r.id) IN (SELECT * FROM unnest($1::text[], $2::text[]));
+-- asked twice is one row. A function (migration 0009): runs_pkey per pair,
+-- whatever the statistics said when the plan was made.
+SELECT * FROM dpp_owned_runs($1::text[], $2::text[]);
 
 -- name: list_runs
 -- Newest first; the cursor is the (created_at, id) of the last row seen.

@@ -327,7 +327,7 @@ async def test_a_lone_read_makes_one_query_with_the_rows_columns(
     columns = await runtime.adapters.pool.fetch(
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'runs'"
     )
-    assert set(row.keys()) == {c["column_name"] for c in columns} | {"retention_days"}
+    assert set(row.keys()) == {c["column_name"] for c in columns}
     assert await reads.owned(owner, UNKNOWN_RUN) is None
     assert watch.sizes == [1, 1]
     assert reads.statistics() == IDLE
