@@ -282,7 +282,12 @@ def build_context(
             metrics=metrics,
         ),
         runs=Runs(
-            RunStore(pool, queries, on_read_batch=metrics.batch_observer("read")),
+            RunStore(
+                pool,
+                queries,
+                on_read_batch=metrics.batch_observer("read"),
+                on_settled_read=metrics.settled_run_reads.inc,
+            ),
             adapters.blobs,
             budgets,
         ),

@@ -88,6 +88,7 @@ class Metrics:
     settled_refunded: Counter  # outcome: USD micros refunded at settlement
     reconciler_actions: Counter  # action: one of RECONCILER_ACTIONS
     batch_size: Histogram  # kind: one of BATCH_KINDS
+    settled_run_reads: Counter  # GET /v1/runs/{id} answered from memory (dpp.runs.settled)
     # the deployment's, from Postgres (dpp.runs.gauges), refreshed when scraped
     queue_depth: Gauge  # pack_type: QUEUED runs
     queue_oldest_age: Gauge  # pack_type: seconds since the oldest QUEUED run was submitted
@@ -131,6 +132,11 @@ class Metrics:
                 "dpp_runs_submitted",
                 "Runs accepted (202), by pack type.",
                 ("pack_type",),
+                registry=registry,
+            ),
+            settled_run_reads=Counter(
+                "dpp_settled_run_reads",
+                "Reads of a settled run answered from this replica's memory, not Postgres.",
                 registry=registry,
             ),
             runs_settled=Counter(

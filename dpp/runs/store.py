@@ -14,6 +14,7 @@ from datetime import date, datetime
 from dpp.adapters.postgres import Pool, Queries, Record
 from dpp.money.rules import RunStatus
 from dpp.runs.reads import RunReads
+from dpp.runs.settled import SettledRuns
 
 
 class RunStore:
@@ -23,18 +24,28 @@ class RunStore:
         queries: Queries,
         *,
         on_read_batch: Callable[[int], None] = lambda size: None,
+        on_settled_read: Callable[[], None] = lambda: None,
     ) -> None:
-        """``on_read_batch`` is told how many reads of ``owned`` each query answered."""
+        """``on_read_batch`` is told how many reads of ``owned`` each query
+        answered; ``on_settled_read``, each read a kept settled row answered."""
         self._pool = pool
         self._queries = queries
         self._owned_reads = RunReads(pool, queries, on_batch=on_read_batch)
+        self._settled = SettledRuns(on_hit=on_settled_read)
 
     # --- the tenant API ----------------------------------------------------------------
 
     async def owned(self, tenant_id: str, run_id: str) -> Record | None:
         """The tenant's run, or None when there is none or it is another tenant's.
-        Concurrent reads share one query (``dpp.runs.reads``)."""
-        return await self._owned_reads.owned(tenant_id, run_id)
+        A settled run read before is answered from memory (``dpp.runs.settled``);
+        concurrent reads of the others share one query (``dpp.runs.reads``)."""
+        row = self._settled.get(tenant_id, run_id)
+        if row is not None:
+            return row
+        row = await self._owned_reads.owned(tenant_id, run_id)
+        if row is not None:
+            self._settled.keep(row)
+        return row
 
     async def page(
         self,

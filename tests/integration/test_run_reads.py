@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dpp.adapters.failures import unavailable_dependency
 from dpp.adapters.postgres import Pool
@@ -26,6 +27,7 @@ from dpp.app import Runtime
 from dpp.runs import reads as reads_module
 from dpp.runs import store as store_module
 from dpp.runs.reads import RunReads, RunReadsStatistics
+from dpp.runs.settled import SettledRuns
 from tests.integration.test_runs_api import ECHO, _tenant
 from tests.tcp_proxy import TcpProxy, proxy_to
 
@@ -454,3 +456,69 @@ async def test_a_batch_past_its_deadline_fails_as_postgres_and_the_next_read_wor
     assert reads.statistics() == IDLE
     row = await reads.owned(owner, ids[1])
     assert row is not None and row["id"] == ids[1]
+
+
+# --- settled runs: read from Postgres once, then from memory (dpp.runs.settled) ----------
+
+
+async def _settled_reads(http: httpx.AsyncClient) -> float:
+    answer = await http.get("/metrics")
+    assert answer.status_code == 200
+    for family in text_string_to_metric_families(answer.text):
+        if family.name == "dpp_settled_run_reads":
+            return sum(s.value for s in family.samples if s.name.endswith("_total"))
+    raise AssertionError("dpp_settled_run_reads is not exported")
+
+
+async def test_a_settled_run_is_read_from_postgres_once_then_from_memory(
+    http: httpx.AsyncClient, admin_headers: dict[str, str], watch: ReadQueries, runtime: Runtime
+) -> None:
+    """A QUEUED run is read from Postgres every time (its reader sees each change);
+    once it is settled, its reads cost no query and answer what Postgres answers,
+    byte for byte; another tenant still gets the 404 of an unknown id."""
+    _, key = await _wide_tenant(http, admin_headers)
+    _, stranger = await _wide_tenant(http, admin_headers)
+    (run_id,) = await _runs(http, key, 1)
+    path = f"/v1/runs/{run_id}"
+
+    before = len(watch.sizes)
+    for _ in range(2):
+        queued = await http.get(path, headers=key)
+        assert queued.json()["status"] == "QUEUED"
+    assert len(watch.sizes) == before + 2
+
+    canceled = await http.post(f"{path}/cancel", headers=key)
+    assert canceled.status_code == 200, canceled.text
+    assert canceled.json()["status"] == "CANCELED"  # the cancel's re-read saw it at once
+    hits = await _settled_reads(http)
+    settled = len(watch.sizes)
+    from_memory = [await http.get(path, headers=key) for _ in range(3)]
+    assert len(watch.sizes) == settled, "a settled run's reads went to Postgres"
+    assert await _settled_reads(http) == hits + 3
+    assert {_without_request_id(response) for response in from_memory} == {
+        _without_request_id(from_memory[0])
+    }
+    assert from_memory[0].json()["status"] == "CANCELED"
+
+    # the same read served by Postgres: a replica that never read it (its cache
+    # emptied here) answers the same bytes and headers
+    runtime.context.runs._store._settled = SettledRuns()  # type: ignore[attr-defined]
+    from_postgres = await http.get(path, headers=key)
+    assert len(watch.sizes) == settled + 1
+    assert _without_request_id(from_postgres) == _without_request_id(from_memory[0])
+    assert {
+        name: value
+        for name, value in from_postgres.headers.items()
+        if name.startswith("x-dpp-cost")
+    } == {
+        name: value
+        for name, value in from_memory[0].headers.items()
+        if name.startswith("x-dpp-cost")
+    }
+
+    # another tenant's read of it: not from memory, and a 404 like an unknown id
+    foreign = await http.get(path, headers=stranger)
+    unknown = await http.get(f"/v1/runs/{UNKNOWN_RUN}", headers=stranger)
+    assert foreign.status_code == unknown.status_code == 404
+    assert _without_request_id(foreign) == _without_request_id(unknown)
+    assert len(watch.sizes) == settled + 3
