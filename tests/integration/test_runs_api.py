@@ -9,6 +9,7 @@ from dpp.app import open_runtime
 from dpp.config import Settings
 from dpp.money import ledger
 from dpp.money.ledger import LedgerStore
+from dpp.money.rules import Outcome, RunStatus
 from dpp.runs import idempotency
 from dpp.runs.failures import RunFailure
 from tests.redis_cluster import single_and_cluster
@@ -236,9 +237,18 @@ async def test_stealth_404_for_another_tenants_run(http, admin_headers) -> None:
 
 
 async def test_owner_gets_410_past_retention(http, admin_headers, runtime) -> None:
-    _, key = await _tenant(http, admin_headers, 1_000_000)
+    tenant_id, key = await _tenant(http, admin_headers, 1_000_000)
     run = (await http.post("/v1/runs", json=ECHO, headers=key)).json()
-    await http.post(f"/v1/runs/{run['id']}/cancel", headers=key)
+    # canceled through its budget actor as the cancel route does, but without the
+    # route's re-read: no replica has read the run settled (it would keep the row,
+    # dpp.runs.settled, and only the clock, not this UPDATE, ends that), so the
+    # UPDATE below stands for the days passing
+    await runtime.context.budgets.settle(
+        tenant_id,
+        ledger.SettleRequest(
+            run["id"], Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
+        ),
+    )
     await runtime.adapters.pool.execute(
         "UPDATE runs SET retention_until = now() - interval '1 day' WHERE id = $1", run["id"]
     )
