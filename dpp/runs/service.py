@@ -16,9 +16,10 @@ from dpp import ids
 from dpp.adapters.blobs import ResultStore
 from dpp.adapters.postgres import Record
 from dpp.money.ledger import SettleRefused, SettleRequest, SettleResult
-from dpp.money.rules import TERMINAL_STATUSES, Outcome, RunStatus, Settlement
+from dpp.money.rules import Outcome, RunStatus, Settlement
 from dpp.runs.documents import RunRow, encode_cursor, run_object, timestamp
 from dpp.runs.failures import RunFailure
+from dpp.runs.settled import past_retention
 from dpp.runs.store import RunStore
 
 
@@ -111,12 +112,7 @@ class Runs:
         ``base_url``: the API's address as the client reached it, for result links
         DPP serves itself (a local results store)."""
         row = await self._owned(tenant_id, run_id)
-        retention = row["retention_until"]
-        if (
-            row["status"] in TERMINAL_STATUSES
-            and retention is not None
-            and retention <= datetime.now(UTC)
-        ):
+        if past_retention(row, datetime.now(UTC)):
             raise RunGone(row)
         return RunView(row, run_object(row, await self._result_link(row, base_url)))
 

@@ -51,6 +51,13 @@ def row_weight(row: Record) -> int:
     return weight
 
 
+def past_retention(row: Record, now: datetime) -> bool:
+    """Whether the run is settled and its retention is over (``now`` included):
+    its read answers 410 (SPEC §6), and no replica answers it from memory."""
+    retention: datetime | None = row["retention_until"]
+    return row["status"] in TERMINAL_STATUSES and retention is not None and retention <= now
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -93,8 +100,7 @@ class SettledRuns:
         if kept is None:
             return None
         row, weight = kept
-        retention = row["retention_until"]
-        if retention is None or retention <= self._now():
+        if past_retention(row, self._now()):
             del self._rows[key]
             self._bytes -= weight
             return None
@@ -107,6 +113,8 @@ class SettledRuns:
         is not kept."""
         if row["status"] not in TERMINAL_STATUSES:
             return
+        # the schema's CHECK: a settled run has its retention (past_retention relies on it)
+        assert row["retention_until"] is not None, row["id"]
         weight = row_weight(row)
         if weight > self._row_bytes_max:
             return
