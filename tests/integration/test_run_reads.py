@@ -19,7 +19,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from dpp.adapters.failures import unavailable_dependency
 from dpp.adapters.postgres import Pool
@@ -28,6 +27,7 @@ from dpp.runs import reads as reads_module
 from dpp.runs import store as store_module
 from dpp.runs.reads import RunReads, RunReadsStatistics
 from dpp.runs.settled import SettledRuns
+from tests.integration.test_operator_metrics import scrape, value
 from tests.integration.test_runs_api import ECHO, _tenant
 from tests.tcp_proxy import TcpProxy, proxy_to
 
@@ -461,13 +461,8 @@ async def test_a_batch_past_its_deadline_fails_as_postgres_and_the_next_read_wor
 # --- settled runs: read from Postgres once, then from memory (dpp.runs.settled) ----------
 
 
-async def _settled_reads(http: httpx.AsyncClient) -> float:
-    answer = await http.get("/metrics")
-    assert answer.status_code == 200
-    for family in text_string_to_metric_families(answer.text):
-        if family.name == "dpp_settled_run_reads":
-            return sum(s.value for s in family.samples if s.name.endswith("_total"))
-    raise AssertionError("dpp_settled_run_reads is not exported")
+async def _settled_reads(runtime: Runtime) -> float:
+    return value(await scrape(runtime.context), "dpp_settled_run_reads_total")
 
 
 async def test_a_settled_run_is_read_from_postgres_once_then_from_memory(
@@ -490,11 +485,11 @@ async def test_a_settled_run_is_read_from_postgres_once_then_from_memory(
     canceled = await http.post(f"{path}/cancel", headers=key)
     assert canceled.status_code == 200, canceled.text
     assert canceled.json()["status"] == "CANCELED"  # the cancel's re-read saw it at once
-    hits = await _settled_reads(http)
+    hits = await _settled_reads(runtime)
     settled = len(watch.sizes)
     from_memory = [await http.get(path, headers=key) for _ in range(3)]
     assert len(watch.sizes) == settled, "a settled run's reads went to Postgres"
-    assert await _settled_reads(http) == hits + 3
+    assert await _settled_reads(runtime) == hits + 3
     assert {_without_request_id(response) for response in from_memory} == {
         _without_request_id(from_memory[0])
     }
