@@ -143,21 +143,29 @@ class ResultTokens:
 
 class OpenedResult:
     """A result file opened for a download, positioned at its body. ``chunks``
-    reads the body piece by piece in worker threads, so a download holds one
-    chunk in memory however large the result, and closes the file when it ends
-    or stops (the client gone); ``read_whole`` reads it at once (``get``). The
-    open file keeps its bytes: retention deleting the result meanwhile does not
-    cut a download short."""
+    reads the body (or a part of it: a range request) piece by piece in worker
+    threads, so a download holds one chunk in memory however large the result,
+    and closes the file when it ends or stops (the client gone); ``read_whole``
+    reads it at once (``get``); ``close`` closes a file no body was read from
+    (a refused range). The open file keeps its bytes: retention deleting the
+    result meanwhile does not cut a download short."""
 
     def __init__(self, file: BinaryIO, size: int, content_type: str, sha256: str) -> None:
         self._file = file
+        self._body_offset = file.tell()
         self.size = size
         self.content_type = content_type
         self.sha256 = sha256
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self, first: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes ``first`` .. ``first + length - 1`` of the body (to its end when
+        ``length`` is None)."""
         try:
-            remaining = self.size
+            assert 0 <= first <= self.size, (first, self.size)
+            remaining = self.size - first if length is None else length
+            assert 0 <= remaining <= self.size - first, (first, length, self.size)
+            if first:
+                await anyio.to_thread.run_sync(self._file.seek, self._body_offset + first)
             while remaining > 0:
                 chunk = await anyio.to_thread.run_sync(
                     self._file.read, min(DOWNLOAD_CHUNK_BYTES, remaining)

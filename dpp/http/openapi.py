@@ -61,6 +61,10 @@ HEADERS: dict[str, dict[str, Any]] = {
     "X-DPP-Cost-Actual": _header("Charged USD micros, once settled.", DECIMAL),
     "X-DPP-Cost-Minimum-Fee": _header("Minimum fee in USD micros.", DECIMAL),
     "WWW-Authenticate": _header("The scheme to authenticate with.", {"type": "string"}),
+    "Content-Range": _header(
+        "The part sent (bytes 0-99/1000), or the size when none could be (bytes */1000).",
+        {"type": "string"},
+    ),
 }
 RATE_LIMITED = ("RateLimit", "RateLimit-Policy")
 COMMON_PARAMETERS = (TRACEPARENT, X_REQUEST_ID)

@@ -46,6 +46,7 @@ TITLES = {
     410: "Gone",
     413: "Content Too Large",
     415: "Unsupported Media Type",
+    416: "Range Not Satisfiable",
     422: "Unprocessable Content",
     429: "Too Many Requests",
     500: "Internal Server Error",

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-from dpp.adapters.local_results import LocalResults, ResultFileCorrupt, TokenExpired, TokenRefused
+from dpp.adapters.local_results import (
+    LocalResults,
+    OpenedResult,
+    ResultFileCorrupt,
+    TokenExpired,
+    TokenRefused,
+)
 
 log = logging.getLogger("dpp.results")
 
@@ -35,15 +40,25 @@ class DownloadUnavailable(Exception):
     """The results directory could not be read now; retrying is safe."""
 
 
-@dataclass(frozen=True, slots=True)
 class Download:
-    """An opened result: ``chunks`` streams its ``size`` bytes, then closes the file
-    (a download never started leaves it to be closed with the response)."""
+    """An opened result of ``size`` bytes: ``stream`` sends it (whole, or the part
+    a range request names), then closes the file; ``close`` closes a file
+    whose body is not sent (a range refused). A download never started leaves
+    its file to be closed with the response."""
 
-    chunks: AsyncIterator[bytes]
-    size: int
-    content_type: str
-    sha256: str
+    __slots__ = ("_opened", "content_type", "sha256", "size")
+
+    def __init__(self, opened: OpenedResult) -> None:
+        self._opened = opened
+        self.size = opened.size
+        self.content_type = opened.content_type
+        self.sha256 = opened.sha256
+
+    def stream(self, first: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        return self._opened.chunks(first, length)
+
+    def close(self) -> None:
+        self._opened.close()
 
 
 class ResultDownloads:
@@ -68,4 +83,4 @@ class ResultDownloads:
             raise DownloadUnavailable(type(error).__name__) from None
         if opened is None:
             raise DownloadGone("deleted")
-        return Download(opened.chunks(), opened.size, opened.content_type, opened.sha256)
+        return Download(opened)

@@ -188,6 +188,61 @@ async def test_a_large_result_is_streamed_with_its_length(
         assert answer.status_code == 200 and answer.content == body
 
 
+async def test_an_interrupted_download_resumes_with_a_range(
+    services, database_url, redis_prefix, tmp_path
+) -> None:
+    """A client that lost its connection mid-download asks for the rest (as it
+    would of an S3 presigned link): 206 with the bytes from there on, the same
+    ETag to check it resumes the same result; a range past the end is a 416
+    problem naming the size; If-Range with another copy's tag, or several
+    ranges, get the whole result."""
+    async with local_store(services, database_url, redis_prefix, tmp_path) as (h, client, _key):
+        store = h.adapters.blobs
+        assert isinstance(store, LocalResults)
+        body = hashlib.sha256(b"resume").digest() * (3 * DOWNLOAD_CHUNK_BYTES // 32) + b"end"
+        result = result_key(h.tenant_id, "run_resume")
+        sha256 = hashlib.sha256(body).hexdigest()
+        await store.put(result, body, "application/octet-stream", {"sha256": sha256})
+        path = urlsplit(await store.presigned_get(result)).path
+
+        whole = await client.get(path)
+        assert whole.status_code == 200 and whole.content == body
+        assert whole.headers["accept-ranges"] == "bytes"
+        etag = whole.headers["etag"]
+        assert etag == f'"{sha256}"'
+
+        received = DOWNLOAD_CHUNK_BYTES + 5  # where the connection broke
+        rest = await client.get(path, headers={"Range": f"bytes={received}-", "If-Range": etag})
+        assert rest.status_code == 206, rest.text
+        assert rest.headers["content-range"] == f"bytes {received}-{len(body) - 1}/{len(body)}"
+        assert rest.headers["content-length"] == str(len(body) - received)
+        assert rest.headers["etag"] == etag
+        assert body[:received] + rest.content == body
+
+        tail = await client.get(path, headers={"Range": "bytes=-3"})
+        assert (tail.status_code, tail.content) == (206, b"end")
+        middle = await client.get(path, headers={"Range": "bytes=10-19"})
+        assert (middle.status_code, middle.content) == (206, body[10:20])
+
+        past = await client.get(path, headers={"Range": f"bytes={len(body)}-"})
+        assert past.status_code == 416
+        assert past.headers["content-type"] == PROBLEM_TYPE
+        assert past.headers["content-range"] == f"bytes */{len(body)}"
+        assert past.json()["type"] == "https://dpp.dev/problems/range-not-satisfiable"
+
+        for headers in (
+            {"Range": "bytes=100-", "If-Range": '"another-result"'},
+            {"Range": "bytes=0-9,20-29"},
+            {"Range": "bytes=oops"},
+        ):
+            answer = await client.get(path, headers=headers)
+            assert (answer.status_code, answer.content) == (200, body), headers
+
+        # the range is checked after the token: a bad link is still 403
+        refused = await client.get("/v1/results/r1.e30.e30", headers={"Range": "bytes=0-"})
+        assert refused.status_code == 403
+
+
 async def test_no_token_reaches_a_file_outside_the_results(
     services, database_url, redis_prefix, tmp_path
 ) -> None:

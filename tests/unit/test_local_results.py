@@ -287,6 +287,33 @@ async def test_a_large_result_streams_in_chunks_and_closes_its_file(tmp_path: Pa
     assert opened._file.closed  # the file must not leak
 
 
+async def test_a_range_streams_only_its_bytes_and_closes_its_file(tmp_path: Path) -> None:
+    """A resumed download reads from its first byte (past the receipt line), in
+    chunks, up to its length; a refused range closes the file it opened."""
+    results = await store(tmp_path)
+    body = bytes(range(256)) * (3 * DOWNLOAD_CHUNK_BYTES // 256)
+    await results.put(KEY, body, "application/octet-stream", receipt())
+    token = (await results.presigned_get(KEY)).rsplit("/", 1)[1]
+    for first, length in [
+        (0, 10),
+        (1, None),
+        (DOWNLOAD_CHUNK_BYTES - 3, DOWNLOAD_CHUNK_BYTES + 7),
+        (len(body) - 1, 1),
+        (len(body), 0),
+    ]:
+        opened = await results.open_signed(token)
+        assert opened is not None
+        chunks = [chunk async for chunk in opened.chunks(first, length)]
+        end = len(body) if length is None else first + length
+        assert b"".join(chunks) == body[first:end], (first, length)
+        assert all(len(chunk) <= DOWNLOAD_CHUNK_BYTES for chunk in chunks)
+        assert opened._file.closed
+    opened = await results.open_signed(token)
+    assert opened is not None
+    opened.close()  # a range refused: no body read
+    assert opened._file.closed
+
+
 async def test_a_download_stopped_early_closes_its_file(tmp_path: Path) -> None:
     results = await store(tmp_path)
     await results.put(KEY, b"x" * (2 * DOWNLOAD_CHUNK_BYTES), "text/plain", receipt())

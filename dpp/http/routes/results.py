@@ -2,7 +2,9 @@
 
 No API key: the signed, expiring token is the credential (``ApiGate``
 lets this path through). A bad or expired token is 403, a result deleted by
-retention 404, an unreadable disk 503 — never 500.
+retention 404, an unreadable disk 503 — never 500. One byte range is served
+(206, to resume a download, as S3's presigned links do; ``dpp.http.ranges``),
+a range past the end is 416.
 """
 
 from __future__ import annotations
@@ -13,11 +15,26 @@ from starlette.responses import Response, StreamingResponse
 from dpp.context import AppContext
 from dpp.http.endpoints import Endpoint, Parameter, Reply, problem
 from dpp.http.problems import Problem
+from dpp.http.ranges import Unsatisfiable, requested_range
 from dpp.runs.downloads import DownloadGone, DownloadRefused, DownloadUnavailable
 
 RESULTS_PREFIX = "/v1/results/"
 TOKEN = Parameter(
     "token", "path", {"type": "string"}, "The signed token of a result link.", required=True
+)
+RANGE = Parameter(
+    "Range",
+    "header",
+    {"type": "string", "examples": ["bytes=1048576-"]},
+    "One byte range (RFC 9110 §14.2), e.g. to resume a download: answered 206 with "
+    "that part. Several ranges, another unit or a malformed value get the whole result.",
+)
+IF_RANGE = Parameter(
+    "If-Range",
+    "header",
+    {"type": "string"},
+    "The ETag of the copy being resumed: when the result is another one, the whole "
+    "result is sent (200) instead of the range.",
 )
 
 
@@ -39,17 +56,44 @@ async def download_result(request: Request) -> Response:
             "The result could not be read now; retry.",
             headers={"Retry-After": "1"},
         ) from None
-    # streamed: one chunk in memory at a time, however large the result
+    etag = f'"{download.sha256}"'
+    headers = {
+        "Accept-Ranges": "bytes",
+        "ETag": etag,
+        "Cache-Control": "private, no-cache",
+        # served from the API's own origin: never sniffed or run as a page
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "sandbox",
+    }
+    wanted = requested_range(
+        request.headers.get("range"),
+        request.headers.get("if-range"),
+        download.size,
+        etag if download.sha256 else None,  # no digest, no validator to resume against
+    )
+    if isinstance(wanted, Unsatisfiable):
+        download.close()
+        raise Problem(
+            416,
+            "range-not-satisfiable",
+            f"No byte of this result ({download.size} bytes) is in the requested range.",
+            headers={"Content-Range": wanted.content_range, **headers},
+        )
+    if wanted is None:
+        # streamed: one chunk in memory at a time, however large the result
+        return StreamingResponse(
+            download.stream(),
+            200,
+            headers={"Content-Length": str(download.size), **headers},
+            media_type=download.content_type,
+        )
     return StreamingResponse(
-        download.chunks,
-        200,
+        download.stream(wanted.first, wanted.length),
+        206,
         headers={
-            "Content-Length": str(download.size),
-            "ETag": f'"{download.sha256}"',
-            "Cache-Control": "private, no-cache",
-            # served from the API's own origin: never sniffed or run as a page
-            "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "sandbox",
+            "Content-Length": str(wanted.length),
+            "Content-Range": wanted.content_range,
+            **headers,
         },
         media_type=download.content_type,
     )
@@ -66,11 +110,13 @@ ENDPOINTS = (
         None,
         (
             Reply(200, "The stored result, with its content type.", media_type="*/*"),
+            Reply(206, "The byte range asked for.", None, ("Content-Range",), "*/*"),
             problem(403, "A tampered, malformed or expired link."),
             problem(404, "The result was deleted (retention), or results are kept in S3."),
+            problem(416, "The range starts past the result's end.", "Content-Range"),
             problem(503, "The result could not be read now.", "Retry-After"),
         ),
-        parameters=(TOKEN,),
+        parameters=(TOKEN, RANGE, IF_RANGE),
         description=(
             "The run object's `result.download_url` when results are kept on local disk "
             "(DPP_RESULTS_DIR). The link is signed and expires like a presigned URL; "
