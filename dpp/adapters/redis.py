@@ -6,7 +6,9 @@ that touches several of a tenant's keys stays in one slot.
 
 ``REDIS_URL`` may name a single Redis or any node of a Redis Cluster (SPEC §5):
 ``open_redis`` asks the node (``INFO cluster``) at start and answers redis-py's
-cluster client when ``cluster_enabled:1``. The layers above see one type,
+cluster client when ``cluster_enabled:1``. A node that does not answer yet is
+asked again with backoff (as Postgres is): a Redis started a moment after DPP
+(one compose file, a rollout during an outage) is still detected. The layers above see one type,
 ``Redis``; what differs between the two (readiness over every primary) is a
 function here. Nothing in DPP scans or flushes Redis: the audit and drift
 repair walk tenants from Postgres and read each one's keys by name.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any, TypeAlias
 
+import anyio
 from redis.asyncio import BlockingConnectionPool, RedisCluster
 from redis.asyncio import Redis as SingleRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -45,7 +48,10 @@ CONNECTIONS_MAX = 64
 CLUSTER_CONNECTIONS_PER_NODE_MAX = 128
 # how long a caller waits for a free pooled connection before failing (closed)
 CONNECTION_WAIT_S = 5.0
-DETECT_TIMEOUT_S = 5.0
+# Asking an unanswering node at start again: the first delay, doubling, for this
+# many attempts in all (0.5 + 1 + 2 + 4 + 8 s: Postgres's connect backoff).
+DETECT_ATTEMPTS_MAX = 6
+DETECT_BACKOFF_FIRST_S = 0.5
 
 # Either client: a single Redis or a Redis Cluster (both redis-py asyncio).
 Redis: TypeAlias = SingleRedis | RedisCluster
@@ -122,19 +128,52 @@ async def _cluster_enabled(client: SingleRedis) -> bool:
     return int(info.get("cluster_enabled", 0) or 0) == 1
 
 
-async def open_redis(url: str) -> Redis:
+async def _cluster_mode(
+    single: SingleRedis, attempts: int, first_delay_s: float
+) -> dict[str, Any] | None:
+    """``INFO cluster`` of the node ``single`` names, asked until it answers or
+    ``attempts`` are spent (None: it never answered)."""
+    delay_s = first_delay_s
+    for attempt in range(1, attempts + 1):
+        try:
+            info: dict[str, Any] = await single.info("cluster")
+            return info
+        except (RedisError, OSError) as error:
+            if attempt == attempts:
+                log.warning(
+                    "redis unreachable at start; cluster mode not detected",
+                    extra={"attempts": attempt, "error": type(error).__name__},
+                )
+                return None
+            log.warning(
+                "redis not reachable, asking again",
+                extra={"attempt": attempt, "delay_s": delay_s, "error": type(error).__name__},
+            )
+            await anyio.sleep(delay_s)
+            delay_s *= 2
+    raise AssertionError("unreachable: attempts >= 1")
+
+
+async def open_redis(
+    url: str,
+    *,
+    attempts: int = DETECT_ATTEMPTS_MAX,
+    first_delay_s: float = DETECT_BACKOFF_FIRST_S,
+) -> Redis:
     """The client for ``url``: a cluster client when the node it names has cluster
-    mode on, else the single client. A Redis unreachable at start cannot say
-    which it is: the single client is answered (as before cluster support), and
-    ``ping_all`` reports Redis down while it turns out to be a cluster node."""
+    mode on, else the single client. A node that does not answer is asked again
+    with backoff; one still silent after ``attempts`` cannot say which it is: the
+    single client is answered (the replica starts, and serves 503s until Redis
+    is back), and ``ping_all`` keeps the replica unready should it turn out to
+    be a cluster node (a restart then detects it)."""
+    assert attempts >= 1
     single = create_redis(url)
     try:
-        enabled = await single.info("cluster")
-    except (RedisError, OSError) as error:
-        log.warning(
-            "redis unreachable at start; cluster mode not detected",
-            extra={"error": type(error).__name__},
-        )
+        enabled = await _cluster_mode(single, attempts, first_delay_s)
+    except BaseException:
+        await single.aclose()
+        raise
+    if enabled is None:
         return single
     if int(enabled.get("cluster_enabled", 0) or 0) != 1:
         return single

@@ -23,7 +23,7 @@ import orjson
 from dpp.adapters import migrate
 from dpp.adapters.migrate import MigrationError
 from dpp.adapters.postgres import POSTGRES_ERRORS, Pool, Queries, connect_postgres, create_pool
-from dpp.adapters.redis import Redis, open_redis
+from dpp.adapters.redis import DETECT_ATTEMPTS_MAX, Redis, open_redis
 from dpp.config import Settings, load_settings, require
 from dpp.logs import configure_logging as configure_dpp_logging
 from dpp.money.mirror import BudgetMirror
@@ -113,7 +113,8 @@ async def open_stores(settings: Settings, *, patient: bool = False) -> AsyncIter
     """Open Postgres and Redis for one command; close both however it ends.
 
     ``patient`` retries an unreachable Postgres with backoff (a StartupError
-    after the last attempt) instead of failing at once.
+    after the last attempt) instead of failing at once, and asks a silent Redis
+    again before taking it for a single one.
     """
     database_url = require(settings.database_url, "DATABASE_URL")
     redis_url = require(settings.redis_url, "REDIS_URL")
@@ -122,7 +123,7 @@ async def open_stores(settings: Settings, *, patient: bool = False) -> AsyncIter
     else:
         pool = await create_pool(database_url, max_size=CLI_POOL_SIZE_MAX)
     try:
-        redis = await open_redis(redis_url)
+        redis = await open_redis(redis_url, attempts=DETECT_ATTEMPTS_MAX if patient else 1)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await pool.close()

@@ -8,6 +8,7 @@ same contract; tenants are spread so every primary serves some of them.
 from __future__ import annotations
 
 import time
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.lowlevel
@@ -17,7 +18,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import RedisCluster
 
 from dpp.adapters.failures import unavailable_dependency
-from dpp.adapters.redis import create_redis, open_redis, ping_all
+from dpp.adapters.redis import Redis, create_redis, open_redis, ping_all
 from dpp.app import open_runtime
 from dpp.config import Settings
 from dpp.ids import new_id
@@ -27,7 +28,7 @@ from dpp.runs.admission import ReservationUnavailable
 from dpp.tenancy.principal import Principal
 from dpp.tenancy.ratelimit import RateLimiter
 from tests import services as test_services
-from tests.integration.conftest import BASE_URL
+from tests.integration.conftest import BASE_URL, CapturedLogs
 from tests.moneykit import create_plan, draft, open_replica
 from tests.redis_cluster import (
     MASTERS,
@@ -37,6 +38,7 @@ from tests.redis_cluster import (
     slot_third,
 )
 from tests.services import delete_redis_prefix
+from tests.tcp_proxy import TcpProxy
 
 RESERVATION = 1_000
 on_cluster = pytest.mark.parametrize("redis_topology", ["cluster"])
@@ -91,6 +93,62 @@ async def test_a_single_client_on_a_cluster_node_is_not_ready(
             await ping_all(client)
     finally:
         await client.aclose()
+
+
+async def open_when_it_answers(url: str, proxy: TcpProxy) -> Redis:
+    """``open_redis`` on a node that does not listen yet, and starts to a moment later."""
+    opened: list[Redis] = []
+
+    async def open_it() -> None:
+        opened.append(await open_redis(url, first_delay_s=0.1))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(open_it)
+        await anyio.sleep(0.35)  # refused three times by now
+        assert not opened
+        await proxy.start()
+    return opened[0]
+
+
+@single_and_cluster
+async def test_a_redis_that_answers_after_the_replica_starts_is_still_detected(
+    services: test_services.TestServices, redis_topology: str, captured_logs: CapturedLogs
+) -> None:
+    """A replica started a moment before its Redis (one compose file, a rollout during
+    an outage) asks again: a cluster node is then spoken to as a cluster, not kept
+    unready with a single client until someone restarts the replica."""
+    node = urlsplit(services.redis_url)
+    assert node.hostname and node.port
+    proxy = TcpProxy(node.hostname, node.port)  # not listening yet: refused
+    try:
+        client = await open_when_it_answers(f"redis://{proxy.address}/0", proxy)
+        try:
+            assert isinstance(client, RedisCluster) == (redis_topology == "cluster")
+            await ping_all(client)  # ready
+        finally:
+            await client.aclose()
+    finally:
+        await proxy.close()
+    retries = [
+        line for line in captured_logs.lines() if line["msg"] == "redis not reachable, asking again"
+    ]
+    assert len(retries) >= 2
+
+
+async def test_a_redis_silent_through_every_attempt_starts_on_the_single_client(
+    captured_logs: CapturedLogs,
+) -> None:
+    proxy = TcpProxy("127.0.0.1", 1)  # never listens
+    client = await open_redis(f"redis://{proxy.address}/0", attempts=3, first_delay_s=0.01)
+    try:
+        assert not isinstance(client, RedisCluster)
+        with pytest.raises(redis_errors.ConnectionError):
+            await ping_all(client)  # unready, and no 500: the error is Redis's
+    finally:
+        await client.aclose()
+    messages = [line["msg"] for line in captured_logs.lines()]
+    assert messages.count("redis not reachable, asking again") == 2
+    assert "redis unreachable at start; cluster mode not detected" in messages
 
 
 @single_and_cluster
