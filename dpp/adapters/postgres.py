@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Generator, Iterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -49,6 +48,9 @@ POSTGRES_ERRORS: tuple[type[Exception], ...] = (
 # A statement cancelled by its statement_timeout (or an operator's cancel): the
 # statement did nothing, and the transaction around it rolls back.
 STATEMENT_CANCELED: type[Exception] = asyncpg.QueryCanceledError
+# A lock wait that outlived the lock_timeout a statement set for itself
+# (dpp_reserve: its callers' time left): the statement did nothing.
+LOCK_WAIT_TIMED_OUT: type[Exception] = asyncpg.LockNotAvailableError
 
 # What Postgres refuses about the *data* of one statement, not the connection:
 # SQLSTATE class 22 "data exception" (a NUL in text or jsonb, a number out of
@@ -214,33 +216,6 @@ async def create_pool(dsn: str, *, max_size: int = POOL_SIZE_MAX) -> asyncpg.Poo
     )
     await pool
     return pool
-
-
-def statement_timeout_ms(timeout_s: float) -> int:
-    """``timeout_s`` as a statement_timeout in whole milliseconds (at least 1:
-    0 would mean no limit)."""
-    return max(1, int(timeout_s * 1000))
-
-
-@asynccontextmanager
-async def bounded_transaction(connection: Connection, timeout_s: float) -> AsyncIterator[None]:
-    """A transaction whose every statement (lock waits included) ends within
-    ``timeout_s``: BEGIN and ``SET LOCAL statement_timeout`` travel as one
-    simple query, one round trip instead of two. Commits when the block ends,
-    rolls back when it raises (a failed rollback leaves the connection to the
-    pool's release, which rolls back or terminates it)."""
-    milliseconds = statement_timeout_ms(timeout_s)  # an int: nothing to quote
-    try:
-        await connection.execute(f"BEGIN; SET LOCAL statement_timeout = '{milliseconds}ms'")
-        yield
-    except BaseException:
-        if not connection.is_closed() and connection.is_in_transaction():
-            try:
-                await connection.execute("ROLLBACK")
-            except Exception:
-                log.warning("could not roll back a bounded transaction", exc_info=True)
-        raise
-    await connection.execute("COMMIT")
 
 
 async def ping(pool: asyncpg.Pool, timeout_s: float) -> None:

@@ -15,6 +15,7 @@ other way round.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,12 +25,12 @@ from typing import Any
 import anyio
 
 from dpp.adapters.postgres import (
+    LOCK_WAIT_TIMED_OUT,
     STATEMENT_CANCELED,
     Connection,
     Pool,
     Queries,
     Record,
-    bounded_transaction,
 )
 from dpp.faults import crash_point
 from dpp.limits import LEDGER_BATCH_MAX, TIMEBOX_SEC_MAX, TIMEBOX_SEC_MIN
@@ -296,8 +297,9 @@ async def reserve_batch(
     drafts: Sequence[RunDraft],
     deadlines: Sequence[float] | None = None,
 ) -> ReserveBatchResult:
-    """Admit a batch in one transaction (group commit): run rows, reserve entries,
-    the tenant's reserved counter and any idempotency records, all or nothing.
+    """Admit a batch in one statement, its own transaction (group commit): run
+    rows, reserve entries, the tenant's reserved counter and any idempotency
+    records, all or nothing (``dpp_reserve``, migration 0010).
 
     The tenant row lock serializes admission across replicas; the runs'
     insert writes their reserve entries, whose trigger moves ``reserved``, and
@@ -309,9 +311,9 @@ async def reserve_batch(
     draft whose request no longer owns its key is withdrawn (``KeyNotHeld``):
     a reservation delayed past its key's lock cannot commit after a retry took
     the key over. ``deadlines`` (``anyio.current_time()`` values, one per
-    draft) are when each caller stops waiting: a draft past its deadline once
-    the locks are held is withdrawn (``DeadlinePassed``), and the statements
-    are bounded by the time left, so nothing commits long after its caller
+    draft) are when each caller stops waiting: the lock waits end with the
+    latest of them, and a draft past its own once the locks are held is
+    withdrawn (``DeadlinePassed``), so nothing commits long after its caller
     was told to retry.
     """
     assert 1 <= len(drafts) <= LEDGER_BATCH_MAX
@@ -323,45 +325,133 @@ async def reserve_batch(
         connection = await pool.acquire(timeout=timeout_s)
     except TimeoutError:
         return _all_late(drafts)
-    committing = False
     try:
-        # BEGIN and the statements' bound in one round trip
-        async with (
-            connection.transaction()
-            if timeout_s is None
-            else bounded_transaction(connection, timeout_s)
-        ):
-            result = await _reserve_locked(connection, queries, tenant_id, drafts, deadlines)
-            await crash_point("reserve.before_commit")
-            committing = True
-        return result
-    except STATEMENT_CANCELED:
-        if committing or deadlines is None:
+        # the statement commits itself: a crash before it is sent leaves nothing
+        await crash_point("reserve.before_commit")
+        row = await _reserve(connection, queries, tenant_id, drafts, deadlines)
+    except (STATEMENT_CANCELED, LOCK_WAIT_TIMED_OUT):
+        # refused by Postgres, so certainly rolled back (a timeout of the
+        # driver's own is not: its outcome is unknown, and it propagates)
+        if deadlines is None:
             raise
-        # a statement outlived the deadline; the transaction rolled back
         return _all_late(drafts)
     finally:
         await pool.release(connection)
+    return _checked_result(row, tenant_id, drafts)
+
+
+async def _reserve(
+    connection: Connection,
+    queries: Queries,
+    tenant_id: str,
+    drafts: Sequence[RunDraft],
+    deadlines: Sequence[float] | None,
+) -> Record:
+    """``dpp_reserve``: every array one value per draft (NULL where a draft has
+    no idempotency key, or claims none)."""
+    keys = [d.idempotency for d in drafts]
+    claims = [None if c is None else c.claim for c in keys]
+    row = await connection.fetchrow(
+        queries["reserve"],
+        tenant_id,
+        [d.run_id for d in drafts],
+        [d.pack_type for d in drafts],
+        [d.inputs for d in drafts],
+        [d.metadata for d in drafts],
+        [d.reserved_usd_micros for d in drafts],
+        [d.minimum_fee_usd_micros for d in drafts],
+        [d.timebox_sec for d in drafts],
+        [d.trace_id for d in drafts],
+        [d.created_at for d in drafts],
+        [d.api_key_id for d in drafts],
+        *_time_left(deadlines),
+        [None if c is None else c.method for c in keys],
+        [None if c is None else c.path for c in keys],
+        [None if c is None else c.key for c in keys],
+        [None if c is None else c.owner for c in keys],
+        [None if claim is None else claim.request_sha256 for claim in claims],
+        [None if claim is None else claim.lock_s for claim in claims],
+        [None if c is None else c.status for c in keys],
+        [None if c is None else c.headers for c in keys],
+        [None if c is None else c.body for c in keys],
+    )
+    assert row is not None
+    return row
+
+
+def _checked_result(row: Record, tenant_id: str, drafts: Sequence[RunDraft]) -> ReserveBatchResult:
+    """The batch's outcome, once the decisions ``dpp_reserve`` made are the ones
+    ``rules.decide_batch`` makes on the state it locked (the rule is Python's;
+    the statement applies it without a round trip in between)."""
+    if not row["tenant_found"]:
+        raise TenantNotFound(tenant_id)
+    outcomes: list[str] = row["outcomes"]
+    assert len(outcomes) == len(drafts), outcomes
+    held = _held_keys(row)
+    decisions: list[AdmissionDecision | Withdrawn | None] = []
+    for draft, outcome in zip(drafts, outcomes, strict=True):
+        completion = draft.idempotency
+        owned = completion is None or (
+            held.get((completion.method, completion.path, completion.key)) == completion.owner
+        )
+        # the key's ownership is read from the locked rows, so it is checked too
+        assert (outcome == "key_not_held") == (not owned), (draft.run_id, outcome)
+        if outcome == "key_not_held":
+            decisions.append(KeyNotHeld())
+        elif outcome == "deadline_passed":
+            decisions.append(DeadlinePassed())
+        else:
+            decisions.append(None)
+    eligible = [draft for draft, d in zip(drafts, decisions, strict=True) if d is None]
+    decided, after = rules.decide_batch(
+        Budget(row["locked_balance_usd_micros"], row["locked_reserved_usd_micros"]),
+        [draft.reserved_usd_micros for draft in eligible],
+        open_runs=int(row["open_runs"]),
+        max_concurrent_runs=row["max_concurrent_runs"],
+        key_ids=[draft.api_key_id for draft in eligible],
+        keys=_key_spend(row, drafts),
+    )
+    remaining = iter(decided)
+    results: list[AdmissionDecision | Withdrawn] = []
+    for index, why in enumerate(decisions):
+        if why is not None:
+            results.append(why)
+            continue
+        decision = next(remaining)
+        assert decision.admission.value == outcomes[index], (decision, outcomes[index])
+        assert decision.available_usd_micros == row["available"][index], (decision, row)
+        results.append(decision)
+    accepted = [
+        draft
+        for draft, decision in zip(drafts, results, strict=True)
+        if isinstance(decision, AdmissionDecision) and decision.admission is Admission.ACCEPTED
+    ]
+    # the keys are locked and were checked owned: each admitted one completes
+    assert row["completed"] == sum(d.idempotency is not None for d in accepted), row
+    budget = tenant_budget(row)
+    # the runs' insert wrote their reserve entries, whose trigger moved `reserved`
+    # (the CHECK judged it)
+    assert budget.reserved_usd_micros == after.reserved_usd_micros
+    return ReserveBatchResult(results, budget)
 
 
 def _all_late(drafts: Sequence[RunDraft]) -> ReserveBatchResult:
     return ReserveBatchResult([DeadlinePassed() for _ in drafts], None)
 
 
-def _remaining_ms(deadlines: Sequence[float] | None) -> list[float] | None:
-    """How long each caller still waits, in milliseconds, as the locks are asked."""
+def _time_left(deadlines: Sequence[float] | None) -> tuple[list[float] | None, float | None]:
+    """How long each caller still waits, in milliseconds, and when that was
+    measured (Unix seconds: ``dpp_waited_ms`` counts from it too, so the time
+    before the statement arrives -- a first use's prepare -- is not missed)."""
     if deadlines is None:
-        return None
-    now = anyio.current_time()
-    return [(deadline - now) * 1000 for deadline in deadlines]
+        return None, None
+    now, measured_at = anyio.current_time(), time.time()
+    return [(deadline - now) * 1000 for deadline in deadlines], measured_at
 
 
-def _withdrawn(
-    locked: Record, drafts: Sequence[RunDraft], deadlines: Sequence[float] | None
-) -> list[Withdrawn | None]:
-    """Which drafts may not be admitted, judged with the locks held: a draft whose
-    request no longer owns its idempotency key, or whose caller stopped waiting."""
-    held: dict[tuple[str, str, str], uuid.UUID] = {
+def _held_keys(locked: Record) -> dict[tuple[str, str, str], uuid.UUID]:
+    """The drafts' idempotency keys in flight, and who holds each, as locked."""
+    return {
         (method, path, key): owner
         for method, path, key, state, owner in zip(
             locked["key_methods"] or (),
@@ -373,20 +463,6 @@ def _withdrawn(
         )
         if state == "in_flight"
     }
-    now = anyio.current_time()
-    withdrawn: list[Withdrawn | None] = []
-    for index, draft in enumerate(drafts):
-        completion = draft.idempotency
-        if (
-            completion is not None
-            and held.get((completion.method, completion.path, completion.key)) != completion.owner
-        ):
-            withdrawn.append(KeyNotHeld())
-        elif deadlines is not None and now >= deadlines[index]:
-            withdrawn.append(DeadlinePassed())
-        else:
-            withdrawn.append(None)
-    return withdrawn
 
 
 def _key_spend(locked: Record, drafts: Sequence[RunDraft]) -> dict[str, KeySpend]:
@@ -406,89 +482,6 @@ def _key_spend(locked: Record, drafts: Sequence[RunDraft]) -> dict[str, KeySpend
     wanted = {d.api_key_id for d in drafts if d.api_key_id is not None}
     assert keys.keys() == wanted, "a run's key is not one of its tenant's keys"
     return keys
-
-
-async def _reserve_locked(
-    connection: Connection,
-    queries: Queries,
-    tenant_id: str,
-    drafts: Sequence[RunDraft],
-    deadlines: Sequence[float] | None,
-) -> ReserveBatchResult:
-    """The reservation's transaction body: every lock and read in one round trip
-    (``dpp_lock_reservation``: the tenant row, the claimed keys inserted where
-    no record exists, the drafts' idempotency keys and API keys, the open-run
-    count, the writes' bound), the decision here, the writes and the key
-    completions in another (``dpp_write_reservation``)."""
-    keyed = [d.idempotency for d in drafts if d.idempotency is not None]
-    claims = [c.claim for c in keyed]
-    locked = await connection.fetchrow(
-        queries["lock_reservation"],
-        tenant_id,
-        [c.method for c in keyed],
-        [c.path for c in keyed],
-        [c.key for c in keyed],
-        sorted({d.api_key_id for d in drafts if d.api_key_id is not None}),
-        _remaining_ms(deadlines),
-        [None if claim is None else claim.request_sha256 for claim in claims],
-        [None if claim is None else c.owner for c, claim in zip(keyed, claims, strict=True)],
-        [None if claim is None else claim.lock_s for claim in claims],
-    )
-    assert locked is not None
-    if not locked["tenant_found"]:
-        raise TenantNotFound(tenant_id)
-    withdrawn = _withdrawn(locked, drafts, deadlines)
-    eligible = [draft for draft, why in zip(drafts, withdrawn, strict=True) if why is None]
-    keys = _key_spend(locked, drafts)
-    open_runs = int(locked["open_runs"])
-    decided, after = rules.decide_batch(
-        Budget(locked["balance_usd_micros"], locked["reserved_usd_micros"]),
-        [draft.reserved_usd_micros for draft in eligible],
-        open_runs=open_runs,
-        max_concurrent_runs=locked["max_concurrent_runs"],
-        key_ids=[draft.api_key_id for draft in eligible],
-        keys=keys,
-    )
-    remaining = iter(decided)
-    decisions: list[AdmissionDecision | Withdrawn] = [
-        next(remaining) if why is None else why for why in withdrawn
-    ]
-    accepted = [
-        draft
-        for draft, decision in zip(eligible, decided, strict=True)
-        if decision.admission is Admission.ACCEPTED
-    ]
-    if not accepted:
-        return ReserveBatchResult(decisions, tenant_budget(locked))
-    completions = [d.idempotency for d in accepted if d.idempotency is not None]
-    row = await connection.fetchrow(
-        queries["write_reservation"],
-        tenant_id,
-        [d.run_id for d in accepted],
-        [d.pack_type for d in accepted],
-        [d.inputs for d in accepted],
-        [d.metadata for d in accepted],
-        [d.reserved_usd_micros for d in accepted],
-        [d.minimum_fee_usd_micros for d in accepted],
-        [d.timebox_sec for d in accepted],
-        [d.trace_id for d in accepted],
-        [d.created_at for d in accepted],
-        [d.api_key_id for d in accepted],
-        [c.method for c in completions],
-        [c.path for c in completions],
-        [c.key for c in completions],
-        [c.status for c in completions],
-        [c.headers for c in completions],
-        [c.body for c in completions],
-    )
-    assert row is not None
-    # the keys are locked and were checked owned: each one completes
-    assert row["completed"] == len(completions), "an owned key changed under its lock"
-    budget = tenant_budget(row)
-    # the runs' insert wrote their reserve entries, whose trigger moved `reserved`
-    # (the CHECK judged it)
-    assert budget.reserved_usd_micros == after.reserved_usd_micros
-    return ReserveBatchResult(decisions, budget)
 
 
 # ------------------------------------------------------------ settlement

@@ -22,6 +22,18 @@ SELECT * FROM dpp_write_reservation($1, $2::text[], $3::text[], $4::jsonb[], $5:
                                     $10::timestamptz[], $11::text[], $12::text[], $13::text[],
                                     $14::text[], $15::int[], $16::jsonb[], $17::bytea[]);
 
+-- name: reserve
+-- A reservation batch in one round trip and one transaction (migration 0010):
+-- dpp_reserve locks as lock_reservation does, decides each draft, and writes
+-- the admitted ones as write_reservation does (dpp/money/ledger.py checks the
+-- decisions against dpp.money.rules). Sent outside BEGIN: it commits itself.
+SELECT * FROM dpp_reserve($1, $2::text[], $3::text[], $4::jsonb[], $5::jsonb[],
+                          $6::bigint[], $7::bigint[], $8::int[], $9::text[],
+                          $10::timestamptz[], $11::text[], $12::double precision[],
+                          $13::double precision, $14::text[], $15::text[], $16::text[],
+                          $17::uuid[], $18::bytea[], $19::double precision[], $20::int[],
+                          $21::jsonb[], $22::bytea[]);
+
 -- name: lock_tenant_budget
 SELECT t.balance_usd_micros, t.reserved_usd_micros, t.ledger_version,
        p.max_concurrent_runs, p.retention_days
