@@ -230,7 +230,7 @@ class World:
         supervisor = Supervisor(
             "root",
             SupervisorSpec("one_for_one", intensity=INTENSITY_MAX, period_s=1.0),
-            [budgets.child_spec(), dispatcher.child_spec(), reconciler.child_spec()],
+            [*budgets.child_specs(), dispatcher.child_spec(), reconciler.child_spec()],
             on_child_crash=lambda supervisor, child, error: trigger(),
         )
         await group.start(supervisor.run)
