@@ -205,7 +205,8 @@ def readiness_checks(adapters: Adapters) -> tuple[ReadinessCheck, ...]:
 
 
 def build_budgets(adapters: Adapters) -> Budgets:
-    """The budget actors' handle (its registry runs under the supervisor)."""
+    """The budget and settlement actors' handle (its registries run under the
+    supervisor)."""
     return Budgets(
         LedgerStore(adapters.pool, adapters.queries),
         adapters.mirror,

@@ -48,7 +48,7 @@ RUN_DURATION_BUCKETS_S = (
 BATCH_KINDS = frozenset(
     {
         "reservation",  # a budget actor's group commit of one tenant's reservations
-        "settlement",  # a budget actor's group commit of one tenant's settlements
+        "settlement",  # a settlement actor's group commit of one tenant's settlements
         "read",  # GET /v1/runs/{id} reads answered by one Postgres query
         "rate_limit",  # one tenant's rate-limit checks in one Redis call
     }
