@@ -81,7 +81,7 @@ async def scenario(pool, redis, prefix, tenant_count: int, batch_max: int, n: in
         await money_credit(pool, queries, tenant)
         tenants.append(tenant)
     async with anyio.create_task_group() as group:
-        await group.start(budgets.registry.run)
+        await group.start(budgets.run)
         await measure(budgets, tenants, min(n, 256))  # warm up: actors, mirrors, plans
         rate = await measure(budgets, tenants, n)
         group.cancel_scope.cancel()
@@ -100,7 +100,7 @@ async def actor_memory(pool, redis, prefix: str, count: int) -> tuple[float, flo
     tenants = [await create_tenant(pool, plan_id="bench") for _ in range(count)]
     before = rss_mib()
     async with anyio.create_task_group() as group:
-        await group.start(budgets.registry.run)
+        await group.start(budgets.run)
         limiter = anyio.Semaphore(64)
 
         async def touch(tenant: str) -> None:

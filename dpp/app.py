@@ -205,7 +205,8 @@ def readiness_checks(adapters: Adapters) -> tuple[ReadinessCheck, ...]:
 
 
 def build_budgets(adapters: Adapters) -> Budgets:
-    """The budget actors' handle (its registry runs under the supervisor)."""
+    """The budget and settlement actors' handle (its registries run under the
+    supervisor)."""
     return Budgets(
         LedgerStore(adapters.pool, adapters.queries),
         adapters.mirror,
@@ -334,9 +335,10 @@ def _children(
     http: ChildSpec | None,
 ) -> list[ChildSpec]:
     """The tree in dependency order (started in order, stopped in reverse):
-    the auth listener, budgets (runs in flight settle through them while the
-    dispatcher drains), the dispatcher, the reconciler, the HTTP front last
-    (it starts when everything it calls is up, and stops first)."""
+    the auth listener, the budget and settlement registries (runs in flight
+    settle through them while the dispatcher drains), the dispatcher, the
+    reconciler, the HTTP front last (it starts when everything it calls is
+    up, and stops first)."""
     children = [
         ChildSpec(
             id="auth-invalidation",
@@ -344,7 +346,7 @@ def _children(
             start=context.tenancy.run_invalidation_listener,
             shutdown_s=2.0,
         ),
-        budgets.child_spec(id="budgets"),
+        *budgets.child_specs(),
     ]
     if dispatcher is not None:
         children.append(dispatcher.child_spec())

@@ -49,11 +49,13 @@ PLAN_ID_CHARS_MAX: Final = 63
 
 # --- batches and mailboxes (bounded memory, bounded transactions) -------------------------
 
-# Reservations or settlements one budget actor commits in one transaction.
+# Reservations one budget actor (or settlements one settlement actor) commits in
+# one transaction.
 # Measured: ~40x the throughput of one transaction per reservation.
 BUDGET_BATCH_MAX: Final = 64
 BUDGET_MAILBOX_SIZE: Final = 1_024
-# Budget actors one replica keeps alive at once (idle ones are evicted first).
+# Budget actors one replica keeps alive at once (idle ones are evicted first);
+# settlement actors likewise, in their own registry.
 BUDGET_ACTORS_MAX: Final = 50_000
 # What one ledger transaction may carry, whoever calls it.
 LEDGER_BATCH_MAX: Final = 256

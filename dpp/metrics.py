@@ -8,7 +8,8 @@ pack types are the registry's, outcomes and actions fixed sets.
 To add a metric, add a field and create it in ``Metrics.create``
 (docs/operations.md, "Metrics and alerts", says what each one means).
 
-Two kinds of gauge: this replica's own (``runs_in_flight``, ``budget_actors``)
+Two kinds of gauge: this replica's own (``runs_in_flight``, ``budget_actors``,
+``settlement_actors``)
 and the whole deployment's, read from Postgres (``queue_depth``,
 ``queue_oldest_age``, ``audit_required_runs``, ``audit_violations``): every
 replica reports the same value for those, so dashboards and alerts take their
@@ -47,7 +48,7 @@ RUN_DURATION_BUCKETS_S = (
 BATCH_KINDS = frozenset(
     {
         "reservation",  # a budget actor's group commit of one tenant's reservations
-        "settlement",  # a budget actor's group commit of one tenant's settlements
+        "settlement",  # a settlement actor's group commit of one tenant's settlements
         "read",  # GET /v1/runs/{id} reads answered by one Postgres query
         "rate_limit",  # one tenant's rate-limit checks in one Redis call
     }
@@ -77,8 +78,9 @@ class Metrics:
         Counter  # result: reserved | insufficient | key_spend_limit | rejected | key_not_held
     )
     budget_actors: Gauge  # live budget actors on this replica
+    settlement_actors: Gauge  # live settlement actors on this replica
     mailbox_full_rejections: Counter  # actor kind
-    actor_crashes: Counter  # actor kind: keyed actors (budget) that crashed
+    actor_crashes: Counter  # actor kind: keyed actors (budget, settlement) that crashed
     actor_cooldowns: Counter  # actor kind: keyed actors stopped for crashing too often
     supervisor_restarts: Counter  # child: a supervised child crashed and was restarted
     runs_in_flight: Gauge  # runs this replica's dispatcher hosts now
@@ -154,6 +156,11 @@ class Metrics:
             budget_actors=Gauge(
                 "dpp_budget_actors",
                 "Budget actors alive on this replica.",
+                registry=registry,
+            ),
+            settlement_actors=Gauge(
+                "dpp_settlement_actors",
+                "Settlement actors alive on this replica.",
                 registry=registry,
             ),
             mailbox_full_rejections=Counter(

@@ -26,8 +26,8 @@ from the row's ``trace_id`` and ``id`` alone, with nothing else stored:
         └── dpp.run.reconcile          (a reconciler's repair: reaped, rolled
                                         forward or back; any replica)
 
-Work done once for many runs (a budget actor's group commit, a batched claim,
-a group-committed settlement) is a root span of its own, linked to the span of
+Work done once for many runs (a budget or settlement actor's group commit, a
+batched claim) is a root span of its own, linked to the span of
 every run it served. Attributes never carry a tenant id, a key or a secret;
 a failed span records the exception's type only (its text may hold data).
 """

@@ -44,7 +44,7 @@ async def open_replica(
     budgets = Budgets(LedgerStore(pool, queries), mirror, idle_timeout_s=idle_timeout_s)
     try:
         async with anyio.create_task_group() as group:
-            await group.start(budgets.registry.run)
+            await group.start(budgets.run)
             try:
                 yield Replica(
                     pool, redis, queries, mirror, budgets, Accounts(pool, queries, mirror)

@@ -1,10 +1,12 @@
-"""Budget actors: one per active tenant per replica, serializing its money.
+"""Budget actors: one per active tenant per replica, admitting its runs.
 
 A budget actor drains its mailbox and commits consecutive reservations as one
 batch: one Redis round trip (hold what fits in the mirror) and one Postgres
-transaction (the truth), answering each caller individually. Settlements and
-credits go through the same actor so this replica applies a tenant's money
-movements in one order.
+transaction (the truth), answering each caller individually. Credits go
+through the same actor, in their place between reservation batches. A
+tenant's settlements have an actor of their own (``dpp.actors.settlement``),
+so admission never waits behind a settle batch; why their order against the
+reservations does not matter is said there.
 
 Write order for a reservation (docs/money.md has the crash table):
   1. Redis hold (script, keyed by ``reserve:<run_id>``, recorded pending)
@@ -74,20 +76,13 @@ class Reserve:
 
 
 @dataclass(frozen=True, slots=True)
-class Settle:
-    request: ledger.SettleRequest
-    reply: Reply[ledger.SettleResult]
-    span: tracing.SpanContext | None = field(default_factory=tracing.current_span_context)  # ditto
-
-
-@dataclass(frozen=True, slots=True)
 class Credit:
     amount_usd_micros: int
     operation_id: str
     reply: Reply[ledger.CreditResult]
 
 
-BudgetMessage = Reserve | Settle | Credit
+BudgetMessage = Reserve | Credit
 
 
 class ReservationRejected(Exception):
@@ -111,7 +106,8 @@ class _CommitProgress:
 
 
 class BudgetStore(Protocol):
-    """The durable truth (Postgres: ``dpp.money.ledger.LedgerStore``)."""
+    """The durable truth (Postgres: ``dpp.money.ledger.LedgerStore``); the budget
+    actor reserves and credits, the settlement actor settles."""
 
     async def budget(self, tenant_id: str) -> ledger.StoredBudget: ...
 
@@ -132,7 +128,8 @@ class BudgetStore(Protocol):
 
 
 class MirrorStore(Protocol):
-    """The fast path (Redis: ``dpp.money.mirror.BudgetMirror``)."""
+    """The fast path (Redis: ``dpp.money.mirror.BudgetMirror``); ``settle_many`` is
+    the settlement actor's."""
 
     async def reserve(
         self, tenant_id: str, items: Sequence[tuple[str, int]], resolved: Sequence[str] = ()
@@ -157,8 +154,9 @@ class MirrorStore(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class BudgetBackend:
-    """What a budget actor touches, as two small ports: its logic runs unchanged
-    on recording fakes (tests/unit, asyncio and trio) and on the real stores."""
+    """What a tenant's budget and settlement actors touch, as two small ports:
+    their logic runs unchanged on recording fakes (tests/unit, asyncio and trio)
+    and on the real stores."""
 
     store: BudgetStore
     mirror: MirrorStore
@@ -212,46 +210,24 @@ class BudgetActor(Actor[BudgetMessage]):
         await self.handle_batch([message])
 
     async def handle_batch(self, messages: list[BudgetMessage]) -> None:
-        """Between credits (kept in place, in order), commit the reservations as
-        one batch, then the settlements as one.
-
-        Under load with runs executing, reservations and settlements arrive
-        interleaved; committing each consecutive run of one kind on its own
-        cost a transaction per switch and starved admission. Grouping them is
-        one order the messages could have arrived in: each caller has one
-        message in flight at a time (an ask), so no message drained here waits
-        on another one drained here, except a settlement of a run reserved in
-        this very drain (not reachable through the services, whose settlements
-        follow an answered reservation), and reservations go first, so that
-        one still follows its reservation."""
+        """Commit each run of consecutive reservations as one batch; a credit
+        keeps its place between them (it splits the drain)."""
         reserves: list[Reserve] = []
-        settles: list[Settle] = []
         for message in messages:
             if isinstance(message, Reserve):
                 reserves.append(message)
-            elif isinstance(message, Settle):
-                settles.append(message)
             else:
-                await self._flush(reserves, settles)
-                reserves, settles = [], []
+                await self._flush(reserves)
+                reserves = []
                 await self._handle_one(message)
-        await self._flush(reserves, settles)
+        await self._flush(reserves)
 
-    async def _flush(self, reserves: list[Reserve], settles: list[Settle]) -> None:
-        if reserves:
-            await self._reserve(reserves)
-        if settles:
-            await self._settle(settles)
-
-    async def _reserve(self, messages: list[Reserve]) -> None:
-        self.backend.on_batch("reservation", len(messages))
-        with tracing.batch_span("dpp.budget.reserve_batch", [m.span for m in messages]):
-            await self._reserve_batch(messages)
-
-    async def _settle(self, messages: list[Settle]) -> None:
-        self.backend.on_batch("settlement", len(messages))
-        with tracing.batch_span("dpp.budget.settle_batch", [m.span for m in messages]):
-            await self._settle_batch(messages)
+    async def _flush(self, reserves: list[Reserve]) -> None:
+        if not reserves:
+            return
+        self.backend.on_batch("reservation", len(reserves))
+        with tracing.batch_span("dpp.budget.reserve_batch", [m.span for m in reserves]):
+            await self._reserve_batch(reserves)
 
     async def _handle_one(self, message: Credit) -> None:
         match message:
@@ -423,68 +399,6 @@ class BudgetActor(Actor[BudgetMessage]):
             # until drift repair finds them committed or abandoned.
             log.warning(
                 "could not resolve redis holds", extra={"tenant_id": self.tenant_id}, exc_info=True
-            )
-
-    # ------------------------------------------------------------- settle
-
-    async def _settle_batch(self, messages: list[Settle]) -> None:
-        try:
-            outcomes = await self.backend.store.settle_batch(
-                [message.request for message in messages]
-            )
-        except POSTGRES_DATA_ERRORS as error:
-            # One request's data (its error document, say) fails it alone.
-            if len(messages) > 1:
-                middle = len(messages) // 2
-                await self._settle_batch(messages[:middle])
-                await self._settle_batch(messages[middle:])
-            else:
-                messages[0].reply.fail(error)
-            return
-        except Exception as error:
-            for message in messages:
-                message.reply.fail(error)
-            return
-        await crash_point("settle.after_commit")
-        results = [o for o in outcomes if isinstance(o, ledger.SettleResult)]
-        assert all(r.tenant_id == self.tenant_id for r in results), "settled another tenant"
-        if results:
-            await self._mirror_settle(results)
-        for message, outcome in zip(messages, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                message.reply.fail(outcome)
-            else:
-                message.reply.set(outcome)
-
-    async def _mirror_settle(self, results: list[ledger.SettleResult]) -> None:
-        """Mirror what Postgres applied *this time*, never a replay: a replay moved
-        nothing in Postgres, and its operation marker may be gone (expired, flushed,
-        evicted), so re-applying it would count it twice. A settlement whose mirror
-        write is lost (a crash between the two writes) leaves the mirror over-holding
-        — conservative — until drift repair."""
-        applied = [result for result in results if result.applied]
-        if not applied:
-            return
-        versions = {result.budget.ledger_version for result in applied if result.budget}
-        assert len(versions) == 1 and all(r.budget for r in applied), "one commit, one version"
-        try:
-            await self.backend.mirror.settle_many(
-                self.tenant_id,
-                [
-                    (
-                        f"settle:{result.run_id}",
-                        result.settlement.reserved_usd_micros,
-                        result.settlement.charged_usd_micros,
-                    )
-                    for result in applied
-                ],
-                versions.pop(),
-            )
-        except Exception:
-            log.warning(
-                "could not mirror settlements; drift repair will",
-                extra={"tenant_id": self.tenant_id},
-                exc_info=True,
             )
 
     # ------------------------------------------------------------- credit

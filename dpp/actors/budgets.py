@@ -1,9 +1,12 @@
 """Budgets: the one door through which money moves.
 
 Admission, the runs service, the run actors, the reconciler and the credits
-route call these methods; each forwards to the tenant's budget actor (started
-on demand by the registry), so one replica applies a tenant's movements in one
-order and batches its reservations. Postgres decides.
+route call these methods. Reservations and credits go to the tenant's budget
+actor, settlements to its settlement actor (each started on demand by its own
+registry), so one replica batches a tenant's reservations and, apart from
+them, its settlements, and a submit never queues behind a settle batch.
+Postgres decides (``dpp.actors.settlement`` says why the two actors need no
+common order).
 
 ``Budgets`` is what the layers below name as ``dpp.runs.admission.Reserver``
 and ``dpp.runs.service.Settler``: it turns the kernel's failures (a full
@@ -17,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import anyio
+from anyio.abc import TaskStatus
 
 from dpp.actors.budget import (
     BudgetActor,
@@ -27,10 +31,10 @@ from dpp.actors.budget import (
     MirrorStore,
     ReservationRejected,
     Reserve,
-    Settle,
 )
 from dpp.actors.kernel import ActorCrashed, ActorStopped, AskTimeout, MailboxFull
 from dpp.actors.registry import ActorRegistry, KeyCoolingDown, RegistryFull
+from dpp.actors.settlement import Settle, SettlementActor, SettlementMessage
 from dpp.actors.supervisor import ChildSpec
 from dpp.limits import BUDGET_ACTORS_MAX, BUDGET_BATCH_MAX
 from dpp.metrics import Metrics
@@ -47,9 +51,10 @@ from dpp.runs.service import SettlementUnavailable
 
 ASK_TIMEOUT_S = 15.0
 BUDGET_ACTOR_IDLE_S = 60.0
-# A tenant whose budget actor crashes more than this often within the period
-# (its input, or a bug its data trips) is stopped for the cooldown: its
-# requests answer 503 with Retry-After; no other tenant notices.
+# A tenant whose budget (or settlement) actor crashes more than this often
+# within the period (its input, or a bug its data trips) is stopped for the
+# cooldown: the requests that actor serves answer 503 with Retry-After; no
+# other tenant, and not the tenant's other actor, notices.
 BUDGET_ACTOR_CRASHES_MAX = 5
 BUDGET_ACTOR_CRASH_PERIOD_S = 10.0
 BUDGET_ACTOR_COOLDOWN_S = 30.0
@@ -79,7 +84,7 @@ class CreditUnavailable(Exception):
 
 
 class Budgets:
-    """The budget actors of one replica, and the asks that reach them."""
+    """The budget and settlement actors of one replica, and the asks that reach them."""
 
     def __init__(
         self,
@@ -114,27 +119,55 @@ class Budgets:
             intensity=BUDGET_ACTOR_CRASHES_MAX,
             period_s=BUDGET_ACTOR_CRASH_PERIOD_S,
             cooldown_s=cooldown_s,
-            on_crash=self._count_crash,
-            on_cooldown=self._count_cooldown,
+            on_crash=lambda tenant_id, error: self._count_crash("budget"),
+            on_cooldown=lambda tenant_id, error: self._count_cooldown("budget"),
+            is_outage=is_outage,
+        )
+        # The same limits: a tenant's settlements cool down apart from its
+        # reservations, and the other way round.
+        self.settlements: ActorRegistry[str, SettlementMessage] = ActorRegistry(
+            "settlement",
+            lambda tenant_id: SettlementActor(tenant_id, backend, batch_max=batch_max),
+            idle_timeout_s=idle_timeout_s,
+            max_actors=BUDGET_ACTORS_MAX,
+            intensity=BUDGET_ACTOR_CRASHES_MAX,
+            period_s=BUDGET_ACTOR_CRASH_PERIOD_S,
+            cooldown_s=cooldown_s,
+            on_crash=lambda tenant_id, error: self._count_crash("settlement"),
+            on_cooldown=lambda tenant_id, error: self._count_cooldown("settlement"),
             is_outage=is_outage,
         )
         self._store = store
         self._metrics = metrics
         if metrics is not None:
-            registry = self.registry
+            registry, settlements = self.registry, self.settlements
             metrics.budget_actors.set_function(lambda: len(registry))
+            metrics.settlement_actors.set_function(lambda: len(settlements))
 
-    def _count_crash(self, tenant_id: str, error: BaseException) -> None:
+    def _count_crash(self, kind: str) -> None:
         if self._metrics is not None:
-            self._metrics.actor_crashes.labels("budget").inc()
+            self._metrics.actor_crashes.labels(kind).inc()
 
-    def _count_cooldown(self, tenant_id: str, error: BaseException) -> None:
+    def _count_cooldown(self, kind: str) -> None:
         if self._metrics is not None:
-            self._metrics.actor_cooldowns.labels("budget").inc()
+            self._metrics.actor_cooldowns.labels(kind).inc()
 
-    def child_spec(self, id: str = "budgets") -> ChildSpec:
-        """The registry, for the replica's supervisor (it hosts every budget actor)."""
-        return self.registry.child_spec(id=id)
+    def child_specs(self) -> list[ChildSpec]:
+        """The two registries, for the replica's supervisor (they host every
+        budget and settlement actor)."""
+        return [
+            self.registry.child_spec(id="budgets"),
+            self.settlements.child_spec(id="settlements"),
+        ]
+
+    async def run(self, *, task_status: TaskStatus[Budgets] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Host both registries without a supervisor (a CLI command, a test, the
+        benchmark), until cancelled."""
+        async with anyio.create_task_group() as group:
+            await group.start(self.registry.run)
+            await group.start(self.settlements.run)
+            task_status.started(self)
+            await anyio.sleep_forever()
 
     async def reserve(self, tenant_id: str, draft: ledger.RunDraft) -> ledger.ReserveOutcome:
         """``dpp.runs.admission.Reserver``: the kernel's failures as admission's.
@@ -166,10 +199,11 @@ class Budgets:
             raise ReservationBusy(str(error)) from error
 
     async def settle(self, tenant_id: str, request: ledger.SettleRequest) -> ledger.SettleResult:
-        """``dpp.runs.service.Settler``: settle once; raises ``ledger.SettleRefused``,
-        or ``SettlementUnavailable`` when the actor cannot take or answer it now."""
+        """``dpp.runs.service.Settler``: settle once, through the tenant's
+        settlement actor; raises ``ledger.SettleRefused``, or
+        ``SettlementUnavailable`` when the actor cannot take or answer it now."""
         try:
-            result: ledger.SettleResult = await self.registry.ask(
+            result: ledger.SettleResult = await self.settlements.ask(
                 tenant_id, lambda reply: Settle(request, reply), timeout_s=ASK_TIMEOUT_S
             )
         except _UNAVAILABLE as error:

@@ -8,7 +8,7 @@ finalize can never race each other over the row's version.
 
 Finalize is two-phase (SPEC §2): (1) CLAIM, PROCESSING -> CLAIMED guarded by
 lease token and version; (2) put the result with its receipt in the object's
-metadata; (3) settle COMPLETED through the tenant's budget actor. A pack error
+metadata; (3) settle COMPLETED through the tenant's settlement actor. A pack error
 or an overrun timebox settles FAILED (minimum fee) straight from PROCESSING.
 Crash points, in order: ``run.after_claim``, ``run.after_finalize_claim``,
 ``run.after_result_put``, then the settlement's own (docs/crash-points.md says

@@ -36,7 +36,7 @@ async def add_credits(tenant_id: str, amount_usd_micros: int, key: str) -> dict[
         budgets = Budgets(LedgerStore(stores.pool, stores.queries), stores.mirror)
         outcome: ledger.CreditResult | Exception
         async with anyio.create_task_group() as group:
-            await group.start(budgets.registry.run)
+            await group.start(budgets.run)
             try:
                 outcome = await budgets.credit(
                     tenant_id, amount_usd_micros, f"credit:{tenant_id}:{key}"

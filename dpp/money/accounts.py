@@ -1,6 +1,7 @@
 """What the API reads about money: a tenant's budget, both stores, the audit.
 
-Reads only; money moves through the budget actors (``dpp.actors.budgets``).
+Reads only; money moves through the budget and settlement actors
+(``dpp.actors.budgets``).
 """
 
 from __future__ import annotations

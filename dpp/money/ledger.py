@@ -587,8 +587,8 @@ async def settle_batch(
     (a stale worker or reaper is refused). The ledger's unique operation ids
     make a replayed settlement impossible to double-apply even if those guards
     were bypassed. A refused request is answered with its reason and does not
-    hold back the others. Group commit: a budget actor settles what queued up
-    while the previous transaction ran.
+    hold back the others. Group commit: a settlement actor settles what queued
+    up while the previous transaction ran.
     """
     assert 1 <= len(requests) <= LEDGER_BATCH_MAX
     run_ids = [request.run_id for request in requests]
@@ -718,8 +718,9 @@ class StoredBudget:
 
 @dataclass(frozen=True, slots=True)
 class LedgerStore:
-    """The ledger over one pool: the Postgres side of a budget actor
-    (``dpp.actors.budget.BudgetStore``), and the reconciler's audit mark."""
+    """The ledger over one pool: the Postgres side of a tenant's budget and
+    settlement actors (``dpp.actors.budget.BudgetStore``), and the reconciler's
+    audit mark."""
 
     pool: Pool
     queries: Queries

@@ -24,7 +24,7 @@ from dpp.runs.store import RunStore
 
 
 class Settler(Protocol):
-    """Settle one run through its tenant's budget actor (``dpp.actors.budgets``).
+    """Settle one run through its tenant's settlement actor (``dpp.actors.budgets``).
 
     Raises ``SettleRefused`` when the run is not in a state the request may
     move it from, and ``SettlementUnavailable`` when it cannot settle now.
@@ -37,7 +37,7 @@ class Settler(Protocol):
 
 
 class SettlementUnavailable(Exception):
-    """The budget actor could not take or answer the settlement now (503 with
+    """The settlement actor could not take or answer the settlement now (503 with
     ``retry_after_s``). A settlement is idempotent: retrying it is safe."""
 
     def __init__(self, detail: str, retry_after_s: int) -> None:

@@ -83,6 +83,10 @@ class MemLedger:
     # settlements and credits answered as replays (applied=False): a mirror that
     # applies one of these twice shows hole 3, not a drift-repair race
     replayed: set[str] = field(default_factory=set)
+    # settlements and credits ("settle:<run>", "credit:<op>") -> the tenant and
+    # the ledger_version their commit produced: a mirror loaded from version v
+    # includes exactly those committed at or below v
+    committed_at: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     # ------------------------------------------------------------ helpers
 
@@ -200,6 +204,7 @@ class MemLedger:
             return ledger.CreditResult(receipt, replayed=True)
         tenant.balance += amount_usd_micros
         tenant.version += 1
+        self.committed_at[f"credit:{operation_id}"] = (tenant_id, tenant.version)
         self._entry(
             Entry(tenant_id, None, "credit", amount_usd_micros, operation_id, self._budget(tenant))
         )
@@ -438,6 +443,10 @@ class MemLedger:
                 tenant.version += 1
                 budgets[tenant_id] = self._budget(tenant)
             for index, _, run, settlement in writes:
+                self.committed_at[f"settle:{run['id']}"] = (
+                    run["tenant_id"],
+                    budgets[run["tenant_id"]].ledger_version,
+                )
                 outcomes[index] = ledger.SettleResult(
                     run["id"],
                     run["tenant_id"],
@@ -535,20 +544,15 @@ class MemLedger:
         await self._begin("reserved_run_ids")
         return [r for r in run_ids if f"reserve:{r}" in self.operation_ids]
 
-    def committed_operations(self, tenant_id: str) -> set[str]:
-        """The settlements and credits Postgres holds for a tenant (what a mirror
-        loaded from it now includes)."""
-        done = {
-            f"settle:{run['id']}"
-            for run in self.runs.values()
-            if run["tenant_id"] == tenant_id and run["status"] in rules.TERMINAL_STATUSES
+    def committed_operations(self, tenant_id: str, version: int | None = None) -> set[str]:
+        """The settlements and credits Postgres holds for a tenant: all of them
+        now, or those committed at or below ledger_version ``version`` (what a
+        mirror loaded from counters read at that version includes)."""
+        return {
+            operation_id
+            for operation_id, (tenant, committed) in self.committed_at.items()
+            if tenant == tenant_id and (version is None or committed <= version)
         }
-        done |= {
-            f"credit:{e.operation_id}"
-            for e in self.entries
-            if e.tenant_id == tenant_id and e.kind == "credit"
-        }
-        return done
 
     # --------------------------------------------------------- leases
 

@@ -44,8 +44,13 @@ class Hash:
 class MemMirror:
     trace: Trace
     violations: Violations
-    # what Postgres has committed for a tenant right now (for ``included``)
-    committed: Callable[[str], set[str]]
+    # what Postgres had committed for a tenant at or below a ledger_version: a
+    # hash loaded from counters read at that version includes exactly that
+    # (``MemLedger.committed_operations``). Not what it has committed at the
+    # load: a settlement may commit between the counters' read and the load
+    # (the budget actor rebuilds while the settlement actor settles), and the
+    # loaded values do not count it
+    committed: Callable[[str, int], set[str]]
     faults: Faults | None = None
     # was this operation answered as a replay by Postgres (MemLedger.replayed)?
     replayed: Callable[[str], bool] = lambda operation_id: False
@@ -179,7 +184,9 @@ class MemMirror:
         if tenant_id in self.hashes:
             return False
         self.pending.pop(tenant_id, None)  # holds pending on a lost mirror were lost with it
-        self.hashes[tenant_id] = Hash(balance, reserved, version, self.committed(tenant_id))
+        self.hashes[tenant_id] = Hash(
+            balance, reserved, version, self.committed(tenant_id, version)
+        )
         self.trace.add(f"redis load {tenant_id} {balance} {reserved} v{version}")
         self._end("mirror.load")
         return True

@@ -229,7 +229,9 @@ class MemCounters:
         rows = []
         for tenant_id, tenant in self.ledger.tenants.items():
             if tenant_id in tenant_ids:
-                self.committed_at_look[tenant_id] = self.ledger.committed_operations(tenant_id)
+                self.committed_at_look[tenant_id] = self.ledger.committed_operations(
+                    tenant_id, tenant.version
+                )
                 rows.append(
                     TenantCounters(tenant_id, tenant.balance, tenant.reserved, tenant.version)
                 )

@@ -8,9 +8,10 @@ the hook its Hypothesis plugin uses, covered by trio's own
 runnable tasks with a ``random.Random`` we seed. The seed therefore chooses
 every interleaving; a second ``Random`` seeded from it chooses every fault.
 
-What runs for real: the budget actors (``Budgets``, its registry), the
-dispatcher and run actors, the reconciler, the supervisor above them, the
-admission logic with its idempotency keys, and the runs service's cancel.
+What runs for real: the budget and settlement actors (``Budgets``, its
+registries), the dispatcher and run actors, the reconciler, the supervisor
+above them, the admission logic with its idempotency keys, and the runs
+service's cancel.
 What is simulated: Postgres, Redis, SQS and S3 (``dpp/sim/ledger.py``,
 ``mirror.py``, ``services.py``), the pack, and the clients.
 """
@@ -230,7 +231,7 @@ class World:
         supervisor = Supervisor(
             "root",
             SupervisorSpec("one_for_one", intensity=INTENSITY_MAX, period_s=1.0),
-            [budgets.child_spec(), dispatcher.child_spec(), reconciler.child_spec()],
+            [*budgets.child_specs(), dispatcher.child_spec(), reconciler.child_spec()],
             on_child_crash=lambda supervisor, child, error: trigger(),
         )
         await group.start(supervisor.run)

@@ -257,7 +257,7 @@ async def open_harness(
             )
         group = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(group.cancel_scope.cancel)
-        await group.start(budgets.registry.run)
+        await group.start(budgets.run)
         tenant_id = await create_tenant(adapters.pool)
         await budgets.credit(tenant_id, CREDIT_USD_MICROS, "credit:seed")
         yield Harness(

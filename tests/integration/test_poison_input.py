@@ -262,9 +262,10 @@ async def test_a_crash_looping_budget_actor_cools_its_tenant_down_alone(
     http: httpx.AsyncClient, admin_headers: dict[str, str], runtime: Runtime
 ) -> None:
     """Six crashes in a row (an injected crash in the reservation path) stop that
-    tenant's budget actor: its submissions and cancels answer 503 with Retry-After
-    for the cooldown, counted in /metrics; another tenant is untouched, and the
-    registry and the root never restart."""
+    tenant's budget actor: its submissions answer 503 with Retry-After for the
+    cooldown, counted in /metrics; its cancels still settle (its settlement actor
+    is another actor), another tenant is untouched, and the registries and the
+    root never restart."""
     _, victim = await _tenant(http, admin_headers, 1_000_000)
     _, other = await _tenant(http, admin_headers, 1_000_000)
     queued = await http.post(
@@ -280,9 +281,6 @@ async def test_a_crash_looping_budget_actor_cools_its_tenant_down_alone(
     assert cooling.status_code == 503, cooling.text
     assert 1 <= int(cooling.headers["retry-after"]) <= 30
     assert "paused" in cooling.json()["detail"]
-    cancel = await http.post(f"/v1/runs/{queued.json()['id']}/cancel", headers=victim)
-    assert cancel.status_code == 503, cancel.text
-    assert 1 <= int(cancel.headers["retry-after"]) <= 30
     assert (await http.post("/v1/runs", json=echo, headers=other)).status_code == 202
     root = runtime.supervisor.statistics()
     assert root["state"] == "running" and root["restarts"] == 0
@@ -291,10 +289,17 @@ async def test_a_crash_looping_budget_actor_cools_its_tenant_down_alone(
     metrics = (await http.get("/metrics")).text
     assert 'dpp_actor_cooldowns_total{actor_kind="budget"} 1.0' in metrics
     assert 'dpp_actor_crashes_total{actor_kind="budget"} 6.0' in metrics
-    # the run stays QUEUED and reserved: nothing was half-done
+    assert 'dpp_actor_cooldowns_total{actor_kind="settlement"}' not in metrics
+    # the queued run was left whole, and its cancel refunds it in full meanwhile
     run = (await http.get(f"/v1/runs/{queued.json()['id']}", headers=victim)).json()
     assert run["status"] == "QUEUED"
-    assert orjson.loads(cancel.content)["status"] == 503
+    cancel = await http.post(f"/v1/runs/{queued.json()['id']}/cancel", headers=victim)
+    assert cancel.status_code == 200, cancel.text
+    canceled = orjson.loads(cancel.content)
+    assert canceled["status"] == "CANCELED" and canceled["charged_usd_micros"] == 0
+    assert canceled["refunded_usd_micros"] == run["reserved_usd_micros"]
+    (settlements,) = [c for c in root["children"] if c["name"] == "settlements"]
+    assert (settlements["state"], settlements["cooldowns"]) == ("running", 0)
 
 
 # --- the sweep: query, header and path values that reached a 500 -----------------

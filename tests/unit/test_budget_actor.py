@@ -1,8 +1,8 @@
-"""The budget actor's logic on recording fakes, on asyncio and trio.
+"""The budget and settlement actors' logic on recording fakes, on asyncio and trio.
 
 The real stores are proven in tests/integration/test_money.py; here the
-actor's own decisions are pinned down: what it batches, in which order it
-talks to the stores, and what each caller hears.
+actors' own decisions are pinned down: what they batch, in which order they
+talk to the stores, and what each caller hears.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from dpp.actors.budget import (
     Credit,
     ReservationRejected,
     Reserve,
-    Settle,
 )
 from dpp.actors.kernel import ActorCrashed, Reply
+from dpp.actors.settlement import Settle, SettlementActor
 from dpp.money import ledger
 from dpp.money.ledger import ConcurrencyLimited, DeadlinePassed, InsufficientBudget, Reserved
 from dpp.money.mirror import MirrorBudget, MirrorMissing, MirrorReserve, hold_id
@@ -57,6 +57,10 @@ class FakeStore:
     # run ids whose data Postgres refuses (a NUL in their inputs, say)
     poison: set[str] = field(default_factory=set)
     settle_poison: set[str] = field(default_factory=set)
+    # when set, a reserve call waits for it (a reservation's transaction in
+    # progress), having set ``reserve_entered``
+    reserve_gate: anyio.Event | None = None
+    reserve_entered: anyio.Event | None = None
 
     def _budget(self) -> ledger.TenantBudget:
         return ledger.TenantBudget(self.balance, self.reserved, self.version)
@@ -73,6 +77,10 @@ class FakeStore:
         deadlines: Sequence[float] | None = None,
     ):
         self.calls.append(("reserve", len(drafts)))
+        if self.reserve_gate is not None:
+            assert self.reserve_entered is not None
+            self.reserve_entered.set()
+            await self.reserve_gate.wait()
         reserve_calls = sum(kind == "reserve" for kind, _ in self.calls)
         if self.fail_next_reserve or reserve_calls == self.fail_reserve_call:
             self.fail_next_reserve = False
@@ -208,8 +216,15 @@ def draft(amount: int = 1_000) -> ledger.RunDraft:
 
 
 async def run_actor(store: FakeStore, mirror: FakeMirror, messages: list) -> None:
-    """Queue every message first, then let the actor drain them (so it may batch)."""
-    actor = BudgetActor(TENANT, BudgetBackend(store, mirror))
+    """Queue every message first, then let the actor drain them (so it may batch):
+    the tenant's settlement actor for settlements, its budget actor otherwise."""
+    backend = BudgetBackend(store, mirror)
+    actor: BudgetActor | SettlementActor
+    if messages and all(isinstance(message, Settle) for message in messages):
+        actor = SettlementActor(TENANT, backend)
+    else:
+        assert not any(isinstance(message, Settle) for message in messages)
+        actor = BudgetActor(TENANT, backend)
     for message in messages:
         actor.ref.tell_nowait(message)
     async with anyio.create_task_group() as group:
@@ -227,23 +242,76 @@ async def test_queued_reservations_commit_as_one_batch() -> None:
     assert all(isinstance(o, Reserved) for o in outcomes)
 
 
-async def test_order_is_kept_and_each_kind_is_grouped() -> None:
+async def test_a_credit_keeps_its_place_between_reservation_batches() -> None:
     store, mirror = FakeStore(), FakeMirror()
-    first, second = draft(), draft()
     messages = [
-        Reserve(first, Reply(), LATER),
-        Reserve(second, Reply(), LATER),
-        Settle(ledger.SettleRequest(first.run_id, Outcome.COMPLETED, 300), Reply()),
-        Settle(ledger.SettleRequest(second.run_id, Outcome.FAILED), Reply()),
+        Reserve(draft(), Reply(), LATER),
+        Reserve(draft(), Reply(), LATER),
         Credit(5_000, "credit:x", Reply()),
         Reserve(draft(), Reply(), LATER),
     ]
     await run_actor(store, mirror, messages)
-    assert store.calls == [("reserve", 2), ("settle", 2), ("credit", 1), ("reserve", 1)]
+    assert store.calls == [("reserve", 2), ("credit", 1), ("reserve", 1)]
     # the first batch's commit rides on the next reserve call; the last one is
     # reported when the actor stops
-    assert mirror.calls == ["load", "reserve", "settle:2", "credit", "reserve", "resolve"]
-    assert store.balance == 10_000 - 300 - 100 + 5_000
+    assert mirror.calls == ["load", "reserve", "credit", "reserve", "resolve"]
+    assert store.balance == 10_000 + 5_000
+    assert store.reserved == 3 * 1_000
+
+
+async def test_queued_settlements_commit_as_one_batch_mirrored_once() -> None:
+    store = FakeStore(reserved=3_000)
+    mirror = FakeMirror(budget=MirrorBudget(10_000, 3_000, 0))
+    runs = [draft() for _ in range(3)]
+    replies = [Reply() for _ in runs]
+    outcomes = [Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELED]
+    await run_actor(
+        store,
+        mirror,
+        [
+            Settle(ledger.SettleRequest(run.run_id, outcome, 300), reply)
+            for run, outcome, reply in zip(runs, outcomes, replies, strict=True)
+        ],
+    )
+    assert store.calls == [("settle", 3)]
+    assert mirror.calls == ["settle:3"]  # no rebuild: a missing mirror skips settlements
+    results = [await reply.wait() for reply in replies]
+    assert all(result.applied for result in results)
+    assert store.balance == 10_000 - 300 - 100 - 0
+    assert store.reserved == 0
+
+
+async def test_a_settlement_never_waits_behind_its_tenants_reservation() -> None:
+    """A reservation's transaction in progress holds up its budget actor only: the
+    tenant's settlement actor commits and answers meanwhile (they meet only on the
+    tenant row in Postgres, which orders them whichever comes first)."""
+    gate, entered = anyio.Event(), anyio.Event()
+    store = FakeStore(reserved=1_000, reserve_gate=gate, reserve_entered=entered)
+    mirror = FakeMirror(budget=MirrorBudget(10_000, 1_000, 0))
+    backend = BudgetBackend(store, mirror)
+    budget, settlement = BudgetActor(TENANT, backend), SettlementActor(TENANT, backend)
+    settled = draft()
+    async with anyio.create_task_group() as group:
+        await group.start(budget.run)
+        await group.start(settlement.run)
+        reserving: Reply = Reply()
+        budget.ref.tell_nowait(Reserve(draft(), reserving, LATER))
+        with anyio.fail_after(5):
+            await entered.wait()  # the reservation is in its transaction
+            result = await settlement.ref.ask(
+                lambda reply: Settle(ledger.SettleRequest(settled.run_id, Outcome.FAILED), reply),
+                timeout_s=5,
+            )
+        assert result.applied
+        assert store.calls == [("reserve", 1), ("settle", 1)]
+        assert not reserving.done
+        gate.set()
+        with anyio.fail_after(5):
+            assert isinstance(await reserving.wait(), Reserved)
+        budget.stop()
+        settlement.stop()
+    assert store.reserved == 1_000  # one reserved, one released
+    assert store.balance == 10_000 - 100
 
 
 async def test_committed_holds_are_reported_with_the_next_reserve_call() -> None:
@@ -330,18 +398,14 @@ async def test_replayed_settlements_and_credits_never_reach_the_mirror() -> None
     )
     first, again = Reply(), Reply()
     await run_actor(
-        store,
-        mirror,
-        [
-            Reserve(run, Reply(), LATER),
-            Settle(cancel, first),
-            Credit(5_000, "credit:y", Reply()),
-        ],
+        store, mirror, [Reserve(run, Reply(), LATER), Credit(5_000, "credit:y", Reply())]
     )
-    await run_actor(store, mirror, [Settle(cancel, again), Credit(5_000, "credit:y", Reply())])
+    await run_actor(store, mirror, [Settle(cancel, first)])
+    await run_actor(store, mirror, [Settle(cancel, again)])
+    await run_actor(store, mirror, [Credit(5_000, "credit:y", Reply())])
     assert (await first.wait()).applied and not (await again.wait()).applied
     # the reservation's commit is reported when the first actor stops
-    assert mirror.calls == ["load", "reserve", "settle:1", "credit", "resolve", "load"]
+    assert mirror.calls == ["load", "reserve", "credit", "resolve", "settle:1", "load"]
     assert store.calls[-2:] == [("settle", 1), ("credit", 1)]  # Postgres did see the replays
 
 

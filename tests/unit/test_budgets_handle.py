@@ -35,6 +35,7 @@ def _failing(budgets: Budgets, error: Exception) -> None:
         raise error
 
     budgets.registry.ask = ask  # type: ignore[method-assign]
+    budgets.settlements.ask = ask  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,10 @@ async def test_the_mirror_check_sees_a_settlement_applied_twice(replayed: bool, 
     violations = Violations(known=frozenset())
     tenant = "ten_" + "A" * 26
     mirror = MemMirror(
-        Trace(), violations, lambda tenant_id: {"settle:run_1"}, replayed=lambda op: replayed
+        Trace(),
+        violations,
+        lambda tenant_id, version: {"settle:run_1"},
+        replayed=lambda op: replayed,
     )
     await mirror.load(tenant, 10_000, 1_000, 1)  # Postgres had settled run_1 already
     await mirror.settle_many(tenant, [("settle:run_1", 1_000, 100)], 2)  # above the baseline
