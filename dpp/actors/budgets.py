@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 import anyio
 from anyio.abc import TaskStatus
@@ -32,7 +33,7 @@ from dpp.actors.budget import (
     ReservationRejected,
     Reserve,
 )
-from dpp.actors.kernel import ActorCrashed, ActorStopped, AskTimeout, MailboxFull
+from dpp.actors.kernel import Actor, ActorCrashed, ActorStopped, AskTimeout, MailboxFull
 from dpp.actors.registry import ActorRegistry, KeyCoolingDown, RegistryFull
 from dpp.actors.settlement import Settle, SettlementActor, SettlementMessage
 from dpp.actors.supervisor import ChildSpec
@@ -48,6 +49,9 @@ from dpp.runs.admission import (
     ReservationTimedOut,
 )
 from dpp.runs.service import SettlementUnavailable
+
+# a registry's message type
+M = TypeVar("M")
 
 ASK_TIMEOUT_S = 15.0
 BUDGET_ACTOR_IDLE_S = 60.0
@@ -111,31 +115,29 @@ class Budgets:
                 "settlement": metrics.batch_observer("settlement"),
             }
             backend = replace(backend, on_batch=lambda kind, size: observers[kind](size))
-        self.registry: ActorRegistry[str, BudgetMessage] = ActorRegistry(
-            "budget",
-            lambda tenant_id: BudgetActor(tenant_id, backend, batch_max=batch_max),
-            idle_timeout_s=idle_timeout_s,
-            max_actors=BUDGET_ACTORS_MAX,
-            intensity=BUDGET_ACTOR_CRASHES_MAX,
-            period_s=BUDGET_ACTOR_CRASH_PERIOD_S,
-            cooldown_s=cooldown_s,
-            on_crash=lambda tenant_id, error: self._count_crash("budget"),
-            on_cooldown=lambda tenant_id, error: self._count_cooldown("budget"),
-            is_outage=is_outage,
+
+        def tenant_registry(kind: str, actor: Callable[[str], Actor[M]]) -> ActorRegistry[str, M]:
+            # The same limits for both kinds: a tenant's settlements cool down
+            # apart from its reservations, and the other way round.
+            return ActorRegistry(
+                kind,
+                actor,
+                idle_timeout_s=idle_timeout_s,
+                max_actors=BUDGET_ACTORS_MAX,
+                intensity=BUDGET_ACTOR_CRASHES_MAX,
+                period_s=BUDGET_ACTOR_CRASH_PERIOD_S,
+                cooldown_s=cooldown_s,
+                on_crash=lambda tenant_id, error: self._count_crash(kind),
+                on_cooldown=lambda tenant_id, error: self._count_cooldown(kind),
+                is_outage=is_outage,
+            )
+
+        self.registry: ActorRegistry[str, BudgetMessage] = tenant_registry(
+            "budget", lambda tenant_id: BudgetActor(tenant_id, backend, batch_max=batch_max)
         )
-        # The same limits: a tenant's settlements cool down apart from its
-        # reservations, and the other way round.
-        self.settlements: ActorRegistry[str, SettlementMessage] = ActorRegistry(
+        self.settlements: ActorRegistry[str, SettlementMessage] = tenant_registry(
             "settlement",
             lambda tenant_id: SettlementActor(tenant_id, backend, batch_max=batch_max),
-            idle_timeout_s=idle_timeout_s,
-            max_actors=BUDGET_ACTORS_MAX,
-            intensity=BUDGET_ACTOR_CRASHES_MAX,
-            period_s=BUDGET_ACTOR_CRASH_PERIOD_S,
-            cooldown_s=cooldown_s,
-            on_crash=lambda tenant_id, error: self._count_crash("settlement"),
-            on_cooldown=lambda tenant_id, error: self._count_cooldown("settlement"),
-            is_outage=is_outage,
         )
         self._store = store
         self._metrics = metrics
