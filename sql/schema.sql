@@ -774,7 +774,6 @@ CREATE FUNCTION dpp_reserve(
     OUT outcomes TEXT[], OUT available BIGINT[],
     -- the locked state the decisions were made on
     OUT locked_balance_usd_micros BIGINT, OUT locked_reserved_usd_micros BIGINT,
-    OUT locked_ledger_version BIGINT,
     OUT max_concurrent_runs INTEGER, OUT open_runs BIGINT,
     OUT key_methods TEXT[], OUT key_paths TEXT[], OUT key_keys TEXT[],
     OUT key_states TEXT[], OUT key_owners UUID[],
@@ -835,7 +834,6 @@ BEGIN
     END IF;
     locked_balance_usd_micros := locked.balance_usd_micros;
     locked_reserved_usd_micros := locked.reserved_usd_micros;
-    locked_ledger_version := locked.ledger_version;
     max_concurrent_runs := locked.max_concurrent_runs;
     open_runs := locked.open_runs;
     key_methods := locked.key_methods;

@@ -5,27 +5,19 @@
 -- caller reads them back with tenant_counters_of.
 
 -- name: lock_reservation
--- A reservation's locks and reads in one round trip (migrations 0007, 0008):
--- the tenant row, the claims of the drafts' idempotency keys, the batch's
--- keys, its API keys' spend, the open-run count, and the bound of the writes
--- after it (dpp/money/ledger.py).
+-- A reservation's locks and reads alone (migrations 0007, 0008): the tenant
+-- row, the claims of the drafts' idempotency keys, the batch's keys, its API
+-- keys' spend, the open-run count. Since 0010 the ledger reserves with
+-- `reserve`, which calls the same function; tests use this one to hold a
+-- reservation's locks open inside a transaction of their own.
 SELECT * FROM dpp_lock_reservation($1, $2::text[], $3::text[], $4::text[], $5::text[],
                                    $6::double precision[], $7::bytea[], $8::uuid[],
                                    $9::double precision[]);
 
--- name: write_reservation
--- The admitted drafts' runs (whose insert writes their reserve entries: the
--- CHECK and the key's limit judge them), their keys' completions, and the
--- counters the ledger trigger wrote, in one round trip (migration 0007).
-SELECT * FROM dpp_write_reservation($1, $2::text[], $3::text[], $4::jsonb[], $5::jsonb[],
-                                    $6::bigint[], $7::bigint[], $8::int[], $9::text[],
-                                    $10::timestamptz[], $11::text[], $12::text[], $13::text[],
-                                    $14::text[], $15::int[], $16::jsonb[], $17::bytea[]);
-
 -- name: reserve
 -- A reservation batch in one round trip and one transaction (migration 0010):
 -- dpp_reserve locks as lock_reservation does, decides each draft, and writes
--- the admitted ones as write_reservation does (dpp/money/ledger.py checks the
+-- the admitted ones with dpp_write_reservation (dpp/money/ledger.py checks the
 -- decisions against dpp.money.rules). Sent outside BEGIN: it commits itself.
 SELECT * FROM dpp_reserve($1, $2::text[], $3::text[], $4::jsonb[], $5::jsonb[],
                           $6::bigint[], $7::bigint[], $8::int[], $9::text[],
