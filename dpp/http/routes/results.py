@@ -80,21 +80,15 @@ async def download_result(request: Request) -> Response:
             headers={"Content-Range": wanted.content_range, **headers},
         )
     if wanted is None:
-        # streamed: one chunk in memory at a time, however large the result
-        return StreamingResponse(
-            download.stream(),
-            200,
-            headers={"Content-Length": str(download.size), **headers},
-            media_type=download.content_type,
-        )
+        status, first, length = 200, 0, download.size
+    else:
+        status, first, length = 206, wanted.first, wanted.length
+        headers["Content-Range"] = wanted.content_range
+    # streamed: one chunk in memory at a time, however large the result
     return StreamingResponse(
-        download.stream(wanted.first, wanted.length),
-        206,
-        headers={
-            "Content-Length": str(wanted.length),
-            "Content-Range": wanted.content_range,
-            **headers,
-        },
+        download.stream(first, length),
+        status,
+        headers={"Content-Length": str(length), **headers},
         media_type=download.content_type,
     )
 
