@@ -38,7 +38,7 @@ from dpp.adapters.local_results import LocalResults, open_local_results
 from dpp.adapters.postgres import Pool, Queries, connect_postgres
 from dpp.adapters.queue import open_queue
 from dpp.adapters.queue.base import LeaseStore, RunQueue
-from dpp.adapters.redis import Redis, open_redis, ping_all
+from dpp.adapters.redis import Redis, open_redis, ping_all, watch_cluster_mode
 from dpp.config import Settings, StartupError, require
 from dpp.context import AppContext, ReadinessCheck
 from dpp.http.app import build_app
@@ -467,12 +467,18 @@ async def run_server(settings: Settings) -> None:
             "tracing on: spans exported with OTLP",
             extra={"endpoint": tracing.tracing_endpoint(os.environ)},
         )
+    late_cluster: list[bool] = []
     undo_signals = install_signal_handlers(shutdown)
     try:
         async with open_runtime(settings, http=http_child) as runtime:
             freeze_startup_heap()
             log.info("dpp serving", extra={"port": settings.port})
-            await shutdown.wait()
+            async with anyio.create_task_group() as watchers:
+                watchers.start_soon(
+                    _restart_on_late_cluster, runtime.adapters.redis, shutdown, late_cluster
+                )
+                await shutdown.wait()
+                watchers.cancel_scope.cancel()
             log.info("shutting down")
             await runtime.supervisor.shutdown()
     finally:
@@ -480,3 +486,22 @@ async def run_server(settings: Settings) -> None:
         with anyio.CancelScope(shield=True):
             # flushes the spans still batched (bounded by the exporter's timeout)
             await anyio.to_thread.run_sync(tracing.shutdown_tracing)
+    if late_cluster:
+        # exit 1: `dpp serve --processes N`, systemd or Kubernetes start it afresh
+        raise StartupError(
+            "REDIS_URL: names a Redis Cluster node that did not answer when this "
+            "replica started; it drained and exits so that a restart detects the cluster"
+        )
+
+
+async def _restart_on_late_cluster(redis: Redis, shutdown: anyio.Event, found: list[bool]) -> None:
+    """Drain the replica when its Redis, silent at start, answers as a cluster
+    node: the single client it started on would meet MOVED on most slots, and
+    only a fresh start speaks the cluster protocol (``watch_cluster_mode``)."""
+    if await watch_cluster_mode(redis):
+        log.error(
+            "redis answered as a cluster node after this replica started on the "
+            "single client; draining to restart"
+        )
+        found.append(True)
+        shutdown.set()

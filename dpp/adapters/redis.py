@@ -37,6 +37,7 @@ __all__ = [
     "open_redis",
     "ping_all",
     "tenant_key",
+    "watch_cluster_mode",
 ]
 
 log = logging.getLogger("dpp.adapters.redis")
@@ -52,6 +53,9 @@ CONNECTION_WAIT_S = 5.0
 # many attempts in all (0.5 + 1 + 2 + 4 + 8 s: Postgres's connect backoff).
 DETECT_ATTEMPTS_MAX = 6
 DETECT_BACKOFF_FIRST_S = 0.5
+# After that, a replica on the single client asks the node this often until it
+# answers (watch_cluster_mode): a late cluster node makes the replica restart.
+CLUSTER_WATCH_INTERVAL_S = 5.0
 
 # Either client: a single Redis or a Redis Cluster (both redis-py asyncio).
 Redis: TypeAlias = SingleRedis | RedisCluster
@@ -164,8 +168,9 @@ async def open_redis(
     mode on, else the single client. A node that does not answer is asked again
     with backoff; one still silent after ``attempts`` cannot say which it is: the
     single client is answered (the replica starts, and serves 503s until Redis
-    is back), and ``ping_all`` keeps the replica unready should it turn out to
-    be a cluster node (a restart then detects it)."""
+    is back); should the node turn out to be a cluster node, ``ping_all`` keeps
+    the replica unready and ``watch_cluster_mode`` tells it to restart (the
+    fresh start detects it)."""
     assert attempts >= 1
     single = create_redis(url)
     try:
@@ -209,6 +214,27 @@ async def ping_all(redis: Redis) -> None:
         return
     if await _cluster_enabled(redis):
         raise ClusterNotSpoken("REDIS_URL names a cluster node; restart to detect it")
+
+
+async def watch_cluster_mode(redis: Redis, *, interval_s: float = CLUSTER_WATCH_INTERVAL_S) -> bool:
+    """Whether ``redis`` speaks the single protocol to a cluster node, asked until
+    the node answers (every ``interval_s`` while it does not).
+
+    ``open_redis`` answers the single client when the node stayed silent through
+    every attempt at start; were that node a cluster node, the single client
+    would meet MOVED on two slots in three for as long as the process lives. The
+    replica watches with this and, on True, exits to be restarted (a fresh start
+    detects the cluster). A cluster client, or a node that answers as a single
+    Redis, ends the watch with False at once: after a normal start it costs one
+    ``INFO cluster``."""
+    assert interval_s > 0
+    if isinstance(redis, RedisCluster):
+        return False
+    while True:
+        try:
+            return await _cluster_enabled(redis)
+        except REDIS_ERRORS:
+            await anyio.sleep(interval_s)
 
 
 def tenant_key(prefix: str, area: str, tenant_id: str, *rest: str) -> str:

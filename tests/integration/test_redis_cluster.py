@@ -18,7 +18,13 @@ from redis import exceptions as redis_errors
 from redis.asyncio import RedisCluster
 
 from dpp.adapters.failures import unavailable_dependency
-from dpp.adapters.redis import Redis, create_redis, open_redis, ping_all
+from dpp.adapters.redis import (
+    Redis,
+    create_redis,
+    open_redis,
+    ping_all,
+    watch_cluster_mode,
+)
 from dpp.app import open_runtime
 from dpp.config import Settings
 from dpp.ids import new_id
@@ -133,6 +139,45 @@ async def test_a_redis_that_answers_after_the_replica_starts_is_still_detected(
         line for line in captured_logs.lines() if line["msg"] == "redis not reachable, asking again"
     ]
     assert len(retries) >= 2
+
+
+@single_and_cluster
+async def test_a_node_silent_at_start_is_watched_until_it_says_what_it_is(
+    services: test_services.TestServices, redis_topology: str
+) -> None:
+    """The replica's watch (it restarts on True): asked again while the node is
+    silent, True once it answers as a cluster node, False as a single Redis."""
+    node = urlsplit(services.redis_url)
+    assert node.hostname and node.port
+    proxy = TcpProxy(node.hostname, node.port)  # not listening yet: refused
+    client = create_redis(f"redis://{proxy.address}/0")
+    answers: list[bool] = []
+
+    async def watch() -> None:
+        answers.append(await watch_cluster_mode(client, interval_s=0.05))
+
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch)
+            await anyio.sleep(0.3)  # refused several times by now
+            assert not answers
+            await proxy.start()
+        assert answers == [redis_topology == "cluster"]
+    finally:
+        await client.aclose()
+        await proxy.close()
+
+
+@single_and_cluster
+async def test_a_client_that_detected_its_redis_ends_the_watch_at_once(
+    services: test_services.TestServices,
+) -> None:
+    client = await open_redis(services.redis_url)
+    try:
+        with anyio.fail_after(5):
+            assert await watch_cluster_mode(client, interval_s=60) is False
+    finally:
+        await client.aclose()
 
 
 async def test_a_redis_silent_through_every_attempt_starts_on_the_single_client(
