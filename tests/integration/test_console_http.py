@@ -18,9 +18,10 @@ import pytest
 
 from dpp.app import Runtime, open_runtime
 from dpp.config import Settings
-from dpp.http.console.pages import SIGN_IN_ATTEMPTS
+from dpp.http.console.pages import AUDIT_ITEMS_PER_PAGE, SIGN_IN_ATTEMPTS
 from dpp.http.console.session import SESSION_COOKIE, SESSION_TTL_S
 from dpp.money import ledger
+from dpp.runs.failures import RunFailure
 from tests.integration.conftest import ADMIN_TOKEN, BASE_URL, CapturedLogs
 from tests.moneykit import create_plan, create_tenant, draft
 from tests.tcp_proxy import TcpProxy, proxy_to
@@ -259,4 +260,51 @@ async def test_the_runs_list_pages_through_every_run_newest_first(
     assert pages == 2
     assert seen == newest_first  # each run once, in order, across the pages
     broken = await http.get("/console/runs?after=not-a-cursor")
+    assert broken.status_code == 400
+
+
+AUDIT_ITEM = re.compile(r'<h2><a href="/console/runs/(run_[A-Za-z0-9]+)">')
+OLDER_AUDIT = re.compile(r'id="older-audit" href="([^"]+)"')
+
+
+@pytest.mark.audit_exempt  # the runs are left AUDIT_REQUIRED on purpose
+async def test_the_audit_queue_pages_through_every_run_waiting(
+    http: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    """More runs set aside than one page shows: every one is reachable, once."""
+    pool, queries = runtime.adapters.pool, runtime.adapters.queries
+    await create_plan(pool, "roomy", max_concurrent_runs=1_000)
+    tenant_id = await create_tenant(pool, plan_id="roomy")
+    await ledger.credit(pool, queries, tenant_id, 10**9, "seed:a")
+    drafts = [draft(1_000) for _ in range(AUDIT_ITEMS_PER_PAGE + 10)]
+    assert all((await ledger.reserve_batch(pool, queries, tenant_id, drafts)).accepted())
+    failure = RunFailure.audit_required("test: the receipt contradicts the ledger")
+    for made in drafts:
+        version = await pool.fetchval("SELECT version FROM runs WHERE id = $1", made.run_id)
+        assert await ledger.mark_audit_required(
+            pool, queries, made.run_id, version, failure.document()
+        )
+    newest_first = [
+        row["id"]
+        for row in await pool.fetch(
+            "SELECT id FROM runs WHERE status = 'AUDIT_REQUIRED' ORDER BY created_at DESC, id DESC"
+        )
+    ]
+    assert len(newest_first) == AUDIT_ITEMS_PER_PAGE + 10
+    await sign_in(http)
+    seen: list[str] = []
+    url: str | None = "/console/audit-required"
+    pages = 0
+    while url is not None:
+        answer = await http.get(url.replace("&amp;", "&"))
+        assert answer.status_code == 200, answer.text
+        seen += AUDIT_ITEM.findall(answer.text)
+        older = OLDER_AUDIT.search(answer.text)
+        url = older.group(1) if older else None
+        pages += 1
+        if pages > 1:
+            assert '<a href="/console/audit-required">Newest</a>' in answer.text
+    assert pages == 2
+    assert seen == newest_first  # each once, newest first, across the pages
+    broken = await http.get("/console/audit-required?after=not-a-cursor")
     assert broken.status_code == 400

@@ -59,6 +59,8 @@ SIGN_IN_WINDOW_S: Final = 60
 TOPUP_ID_PREFIX: Final = "console-"
 USAGE_DEFAULT_DAYS: Final = 30
 RUNS_PER_PAGE: Final = 100
+# each carries its ledger entries (a query) and a resolve form
+AUDIT_ITEMS_PER_PAGE: Final = 50
 # the console's own assets, read once: (bytes, media type) by file name
 STATIC: Final = {
     name: ((Path(__file__).parent / "static" / name).read_bytes(), media_type)
@@ -438,12 +440,34 @@ def _held(entries: list[Any]) -> int:
 
 
 async def audit_queue(call: Call) -> Response:
-    rows = await call.context.runs.operator_page(None, [RunStatus.AUDIT_REQUIRED], 100)
+    """The runs waiting for an operator, newest first, a page at a time (each
+    with its ledger entries and its resolve form): none is out of reach."""
+    after = _page_cursor(call.query("after"))
+    rows = await call.context.runs.operator_page(
+        None, [RunStatus.AUDIT_REQUIRED], AUDIT_ITEMS_PER_PAGE + 1, after
+    )
+    path = f"{PREFIX}/audit-required"
+    older = None
+    if len(rows) > AUDIT_ITEMS_PER_PAGE:
+        rows = rows[:AUDIT_ITEMS_PER_PAGE]
+        cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"])
+        older = f"{path}?" + urlencode({"after": cursor})
     items = []
     for row in rows:
         _, entries = await call.context.runs.operator_get(row["id"])
         items.append({"run": row, "entries": entries, "held": _held(entries)})
-    return page("audit.html", _base(call, "audit", "AUDIT_REQUIRED", items=items))
+    return page(
+        "audit.html",
+        _base(
+            call,
+            "audit",
+            "AUDIT_REQUIRED",
+            items=items,
+            older=older,
+            newest=None if after is None else path,
+            per_page=AUDIT_ITEMS_PER_PAGE,
+        ),
+    )
 
 
 async def resolve(call: Call) -> Response:
