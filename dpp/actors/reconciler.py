@@ -470,12 +470,16 @@ class Reconciler:
             report.lost_races += 1  # settled the same way by someone else first
         return result.applied
 
-    async def _audit(
-        self, report: ReconcileReport, run_id: str, tenant_id: str, version: int, reason: str
-    ) -> None:
-        """Set a run aside for an operator, and raise the alarm (SPEC §1, §6)."""
+    async def _audit(self, report: ReconcileReport, row: Any, reason: str) -> None:
+        """Set the run ``row`` names aside for an operator, and raise the alarm
+        (SPEC §1, §6); a span of the run's trace, like the other repairs."""
+        run_id, tenant_id = row["id"], row["tenant_id"]
         failure = RunFailure.audit_required(reason)
-        if not await self.ledger.mark_audit_required(run_id, version, failure.document()):
+        with _in_run_trace(row, "audit_required"):
+            marked = await self.ledger.mark_audit_required(
+                run_id, row["version"], failure.document()
+            )
+        if not marked:
             report.lost_races += 1
             return
         report.audit_required += 1
@@ -496,9 +500,7 @@ class Reconciler:
 
     async def _reap_one(self, report: ReconcileReport, row: Any) -> None:
         if not row["has_reserve"]:
-            await self._audit(
-                report, row["id"], row["tenant_id"], row["version"], "reserve entry missing"
-            )
+            await self._audit(report, row, "reserve entry missing")
             return
         request = ledger.SettleRequest(
             row["id"],
@@ -546,7 +548,7 @@ class Reconciler:
     async def _resolve_one(self, report: ReconcileReport, row: Any) -> None:
         run_id, tenant_id, version = row["id"], row["tenant_id"], row["version"]
         if not row["has_reserve"]:
-            await self._audit(report, run_id, tenant_id, version, "reserve entry missing")
+            await self._audit(report, row, "reserve entry missing")
             return
         key = result_key(tenant_id, run_id)
         evidence = await self._read_evidence(report, run_id, key)
@@ -555,9 +557,7 @@ class Reconciler:
                 # Missing evidence is never guessed (SPEC §1): set aside for an operator.
                 await self._audit(
                     report,
-                    run_id,
-                    tenant_id,
-                    version,
+                    row,
                     f"result object unreadable in {evidence.failures} consecutive passes"
                     f" ({evidence.error})",
                 )
@@ -589,7 +589,7 @@ class Reconciler:
                     if await self._settle(report, tenant_id, request):
                         report.rolled_back += 1
             case NeedsAudit(reason=reason):
-                await self._audit(report, run_id, tenant_id, version, reason)
+                await self._audit(report, row, reason)
             case _:
                 assert_never(verdict)
 
@@ -619,9 +619,7 @@ class Reconciler:
             before = report.audit_required
             await self._audit(
                 report,
-                row["id"],
-                row["tenant_id"],
-                row["version"],
+                row,
                 "its queue message failed delivery repeatedly (dead-lettered); it never started",
             )
             if report.audit_required > before:

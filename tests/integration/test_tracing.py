@@ -21,10 +21,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from dpp import tracing
+from dpp.adapters.blobs import RECEIPT_RUN
 from dpp.app import Runtime, open_runtime
 from dpp.config import load_settings
 from dpp.http.app import create_app
 from dpp.http.front import HttpFront
+from dpp.money import ledger
+from dpp.money.rules import Outcome, RunStatus
 from tests.integration.test_end_to_end import _until_terminal
 from tests.integration.test_execution import create_sqs_queues, open_harness
 from tests.integration.test_reconciler import claimed_run, expired_run
@@ -270,15 +273,17 @@ async def test_the_server_span_is_made_only_when_tracing_is_on(context) -> None:
 async def test_the_reconcilers_repairs_are_spans_of_each_runs_trace(
     spans, services, database_url, redis_prefix
 ) -> None:
-    """A run no worker settled still shows how it ended: the reaper's EXPIRED and
-    the roll-back of a stuck CLAIMED run are spans under the run's enqueue span,
-    in the trace its request started."""
+    """A run no worker settled still shows how it ended: the reaper's EXPIRED, the
+    roll-back of a stuck CLAIMED run and a run set aside for an operator are
+    spans under the run's enqueue span, in the trace its request started."""
     async with open_harness(services, database_url, redis_prefix) as h:
         reaped = await expired_run(h)
         rolled_back = await claimed_run(h, receipt=None)
+        set_aside = await claimed_run(h, receipt={RECEIPT_RUN: "run_" + "z" * 26})
         report = await (await h.start_reconciler()).reconcile_once()
-        assert (report["expired"], report["rolled_back"]) == (1, 1)
-        for run_id, action in ((reaped, "reaped"), (rolled_back, "rolled_back")):
+        assert (report["expired"], report["rolled_back"], report["audit_required"]) == (1, 1, 1)
+        actions = ((reaped, "reaped"), (rolled_back, "rolled_back"), (set_aside, "audit_required"))
+        for run_id, action in actions:
             row = await h.row(run_id)
             enqueue = tracing.run_span_context(row["trace_id"], run_id)
             (repair,) = [
@@ -291,6 +296,8 @@ async def test_the_reconcilers_repairs_are_spans_of_each_runs_trace(
             assert repair.context is not None and repair.parent is not None
             assert repair.context.trace_id == enqueue.trace_id
             assert repair.parent.span_id == enqueue.span_id
+            if action == "audit_required":
+                continue  # nothing settled: the operator does, below
             # the settlement's group commit links to it
             (batch,) = [
                 span
@@ -299,3 +306,14 @@ async def test_the_reconcilers_repairs_are_spans_of_each_runs_trace(
                 and any(link.context.span_id == repair.context.span_id for link in span.links)
             ]
             assert batch.context is not None
+        # the operator resolves the run set aside (the audit after the test is clean)
+        resolved = await h.budgets.settle(
+            h.tenant_id,
+            ledger.SettleRequest(
+                set_aside,
+                Outcome.FAILED,
+                from_statuses=frozenset({RunStatus.AUDIT_REQUIRED}),
+                charged_override_usd_micros=0,
+            ),
+        )
+        assert resolved.applied
