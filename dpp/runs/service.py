@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
-from dpp import ids
+from dpp import ids, tracing
 from dpp.adapters.blobs import ResultStore
 from dpp.adapters.postgres import Record
 from dpp.money.ledger import SettleRefused, SettleRequest, SettleResult
@@ -21,6 +21,9 @@ from dpp.runs.documents import RunRow, encode_cursor, run_object, timestamp
 from dpp.runs.failures import RunFailure
 from dpp.runs.settled import past_retention
 from dpp.runs.store import RunStore
+
+# An operator's resolve of an AUDIT_REQUIRED run, a span of the run's trace.
+RESOLVE_SPAN = "dpp.run.resolve"
 
 
 class Settler(Protocol):
@@ -206,10 +209,15 @@ class Runs:
             charged_override_usd_micros=charged_usd_micros,
             error=None if failure is None else failure.document(),
         )
-        try:
-            result = await self._settler.settle(row["tenant_id"], request)
-        except SettleRefused as refused:
-            raise RunNotAuditRequired(refused.status) from None
+        # a span of the run's own trace, as the reconciler's set-aside was
+        with (
+            tracing.continue_run(row["trace_id"], run_id),
+            tracing.span(RESOLVE_SPAN, {"dpp.run.outcome": outcome.value}),
+        ):
+            try:
+                result = await self._settler.settle(row["tenant_id"], request)
+            except SettleRefused as refused:
+                raise RunNotAuditRequired(refused.status) from None
         return result.settlement
 
     async def _owned(self, tenant_id: str, run_id: str) -> Record:

@@ -79,7 +79,7 @@ class RunStore:
         return list(await self._pool.fetch(self._queries["waiting_by_pack"]))
 
     async def by_id(self, run_id: str) -> Record | None:
-        """Any tenant's run: id, tenant, status, version, reservation."""
+        """Any tenant's run: id, tenant, status, version, reservation, trace id."""
         row: Record | None = await self._pool.fetchrow(self._queries["run_by_id"], run_id)
         return row
 

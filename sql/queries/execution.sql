@@ -94,7 +94,7 @@ LIMIT $2;
 
 -- name: run_by_id
 -- Any tenant's run (operator and reconciler paths; the tenant API uses get_run).
-SELECT id, tenant_id, status, version, reserved_usd_micros FROM runs WHERE id = $1;
+SELECT id, tenant_id, status, version, reserved_usd_micros, trace_id FROM runs WHERE id = $1;
 
 -- name: lapsed_leases
 -- The reaper's candidates. The version observed here guards the settlement, so

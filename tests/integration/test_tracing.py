@@ -26,8 +26,7 @@ from dpp.app import Runtime, open_runtime
 from dpp.config import load_settings
 from dpp.http.app import create_app
 from dpp.http.front import HttpFront
-from dpp.money import ledger
-from dpp.money.rules import Outcome, RunStatus
+from dpp.money.rules import Outcome
 from tests.integration.test_end_to_end import _until_terminal
 from tests.integration.test_execution import create_sqs_queues, open_harness
 from tests.integration.test_reconciler import claimed_run, expired_run
@@ -306,14 +305,11 @@ async def test_the_reconcilers_repairs_are_spans_of_each_runs_trace(
                 and any(link.context.span_id == repair.context.span_id for link in span.links)
             ]
             assert batch.context is not None
-        # the operator resolves the run set aside (the audit after the test is clean)
-        resolved = await h.budgets.settle(
-            h.tenant_id,
-            ledger.SettleRequest(
-                set_aside,
-                Outcome.FAILED,
-                from_statuses=frozenset({RunStatus.AUDIT_REQUIRED}),
-                charged_override_usd_micros=0,
-            ),
-        )
-        assert resolved.applied
+        # the operator's resolve of the run set aside is in its trace too
+        await h.context.runs.resolve(set_aside, Outcome.FAILED, 0)
+        row = await h.row(set_aside)
+        enqueue = tracing.run_span_context(row["trace_id"], set_aside)
+        (resolve,) = [span for span in spans.get_finished_spans() if span.name == "dpp.run.resolve"]
+        assert resolve.context is not None and resolve.parent is not None
+        assert resolve.context.trace_id == enqueue.trace_id
+        assert resolve.parent.span_id == enqueue.span_id
