@@ -313,3 +313,35 @@ async def test_the_reconcilers_repairs_are_spans_of_each_runs_trace(
         assert resolve.context is not None and resolve.parent is not None
         assert resolve.context.trace_id == enqueue.trace_id
         assert resolve.parent.span_id == enqueue.span_id
+
+
+async def test_a_dead_lettered_run_set_aside_is_a_span_of_its_requests_trace(
+    spans, services, database_url, redis_prefix
+) -> None:
+    """The reconciler reads a dead-lettered run by its id alone; its set-aside still
+    lands in the trace the run's request started, not in one made up from the id."""
+    async with open_harness(services, database_url, redis_prefix, queue_backend="sqs") as h:
+        assert h.sqs is not None
+        run_id = await h.submit({"payload": 1})
+        for _ in range(2):  # a consumer that keeps dying after receiving (maxReceiveCount 2)
+            received = await h.sqs.receive_message(
+                QueueUrl=h.settings.sqs_queue_url, VisibilityTimeout=0, WaitTimeSeconds=1
+            )
+            assert len(received["Messages"]) == 1
+        assert await h.queue.claim_batch(1) == []  # moved to the dead-letter queue
+        report = await (await h.start_reconciler()).reconcile_once()
+        assert (report["dead_lettered"], report["audit_required"]) == (1, 1)
+        row = await h.row(run_id)
+        enqueue = tracing.run_span_context(row["trace_id"], run_id)
+        assert enqueue.trace_id != tracing.run_span_context(None, run_id).trace_id
+        (set_aside,) = [
+            span
+            for span in spans.get_finished_spans()
+            if span.name == "dpp.run.reconcile"
+            and span.attributes is not None
+            and span.attributes["dpp.reconciler.action"] == "audit_required"
+        ]
+        assert set_aside.context is not None and set_aside.parent is not None
+        assert set_aside.context.trace_id == enqueue.trace_id
+        assert set_aside.parent.span_id == enqueue.span_id
+        await h.context.runs.resolve(run_id, Outcome.FAILED, 0)  # the audit after is clean
