@@ -467,16 +467,28 @@ async def run_server(settings: Settings) -> None:
             "tracing on: spans exported with OTLP",
             extra={"endpoint": tracing.tracing_endpoint(os.environ)},
         )
-    late_cluster: list[bool] = []
+    late_cluster = False
+
+    async def restart_on_late_cluster(redis: Redis) -> None:
+        """Drain the replica when its Redis, silent at start, answers as a cluster
+        node: the single client it started on would meet MOVED on most slots, and
+        only a fresh start speaks the cluster protocol (``watch_cluster_mode``)."""
+        nonlocal late_cluster
+        if await watch_cluster_mode(redis):
+            log.error(
+                "redis answered as a cluster node after this replica started on the "
+                "single client; draining to restart"
+            )
+            late_cluster = True
+            shutdown.set()
+
     undo_signals = install_signal_handlers(shutdown)
     try:
         async with open_runtime(settings, http=http_child) as runtime:
             freeze_startup_heap()
             log.info("dpp serving", extra={"port": settings.port})
             async with anyio.create_task_group() as watchers:
-                watchers.start_soon(
-                    _restart_on_late_cluster, runtime.adapters.redis, shutdown, late_cluster
-                )
+                watchers.start_soon(restart_on_late_cluster, runtime.adapters.redis)
                 await shutdown.wait()
                 watchers.cancel_scope.cancel()
             log.info("shutting down")
@@ -492,16 +504,3 @@ async def run_server(settings: Settings) -> None:
             "REDIS_URL: names a Redis Cluster node that did not answer when this "
             "replica started; it drained and exits so that a restart detects the cluster"
         )
-
-
-async def _restart_on_late_cluster(redis: Redis, shutdown: anyio.Event, found: list[bool]) -> None:
-    """Drain the replica when its Redis, silent at start, answers as a cluster
-    node: the single client it started on would meet MOVED on most slots, and
-    only a fresh start speaks the cluster protocol (``watch_cluster_mode``)."""
-    if await watch_cluster_mode(redis):
-        log.error(
-            "redis answered as a cluster node after this replica started on the "
-            "single client; draining to restart"
-        )
-        found.append(True)
-        shutdown.set()
