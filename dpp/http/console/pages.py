@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -346,6 +347,18 @@ def _status_filter(text: str) -> RunStatus | None:
         raise PageError(400, "Unknown run status.") from None
 
 
+def _older_page(
+    rows: list[Any], per_page: int, link: Callable[[str], str]
+) -> tuple[list[Any], str | None]:
+    """A page of ``rows`` read one row past ``per_page`` (newest first): the rows
+    to show, and the link to the older page (``link`` of its cursor), or None
+    when this page is the last."""
+    if len(rows) <= per_page:
+        return rows, None
+    shown = rows[:per_page]
+    return shown, link(encode_cursor(shown[-1]["created_at"], shown[-1]["id"]))
+
+
 def _page_cursor(text: str) -> tuple[datetime, str] | None:
     if not text:
         return None
@@ -370,10 +383,7 @@ async def runs(call: Call) -> Response:
         query = {"tenant": tenant_id, "status": status_text, "after": cursor}
         return f"{PREFIX}/runs?" + urlencode({k: v for k, v in query.items() if v})
 
-    older = None
-    if len(rows) > RUNS_PER_PAGE:
-        rows = rows[:RUNS_PER_PAGE]
-        older = link(encode_cursor(rows[-1]["created_at"], rows[-1]["id"]))
+    rows, older = _older_page(rows, RUNS_PER_PAGE, link)
     return page(
         "runs.html",
         _base(
@@ -447,11 +457,9 @@ async def audit_queue(call: Call) -> Response:
         None, [RunStatus.AUDIT_REQUIRED], AUDIT_ITEMS_PER_PAGE + 1, after
     )
     path = f"{PREFIX}/audit-required"
-    older = None
-    if len(rows) > AUDIT_ITEMS_PER_PAGE:
-        rows = rows[:AUDIT_ITEMS_PER_PAGE]
-        cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"])
-        older = f"{path}?" + urlencode({"after": cursor})
+    rows, older = _older_page(
+        rows, AUDIT_ITEMS_PER_PAGE, lambda cursor: f"{path}?" + urlencode({"after": cursor})
+    )
     items = []
     for row in rows:
         _, entries = await call.context.runs.operator_get(row["id"])
