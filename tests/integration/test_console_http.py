@@ -216,6 +216,24 @@ async def test_postgres_down_is_a_503_page(
 
 RUN_LINK = re.compile(r'href="/console/runs/(run_[A-Za-z0-9]+)"')
 OLDER = re.compile(r'id="older-runs" href="([^"]+)"')
+PAGES_MAX = 10  # a cursor that does not move would page forever
+
+
+async def walk_pages(
+    http: httpx.AsyncClient, url: str, older: re.Pattern[str]
+) -> list[tuple[str, str | None]]:
+    """Each page from ``url`` on, following the link ``older`` finds: its HTML and
+    that link (None on the last page)."""
+    pages: list[tuple[str, str | None]] = []
+    next_url: str | None = url
+    while next_url is not None:
+        assert len(pages) < PAGES_MAX, f"still paging after {PAGES_MAX} pages: {next_url}"
+        answer = await http.get(next_url.replace("&amp;", "&"))
+        assert answer.status_code == 200, answer.text
+        found = older.search(answer.text)
+        next_url = found.group(1) if found else None
+        pages.append((answer.text, next_url))
+    return pages
 
 
 async def test_the_runs_list_pages_through_every_run_newest_first(
@@ -243,21 +261,14 @@ async def test_the_runs_list_pages_through_every_run_newest_first(
     ]
     assert sorted(newest_first) == sorted(made)
     await sign_in(http)
-    seen: list[str] = []
-    url: str | None = f"/console/runs?tenant={tenant_id}"
-    pages = 0
-    while url is not None:
-        answer = await http.get(url.replace("&amp;", "&"))
-        assert answer.status_code == 200, answer.text
-        seen += RUN_LINK.findall(answer.text)
-        older = OLDER.search(answer.text)
-        url = older.group(1) if older else None
-        pages += 1
-        if url is not None:
-            assert f"tenant={tenant_id}" in url  # the filter carries over
-        if pages > 1:  # an older page links back to the newest, filter kept
-            assert f'<a href="/console/runs?tenant={tenant_id}">Newest</a>' in answer.text
-    assert pages == 2
+    pages = await walk_pages(http, f"/console/runs?tenant={tenant_id}", OLDER)
+    assert len(pages) == 2
+    for _, older in pages:
+        if older is not None:
+            assert f"tenant={tenant_id}" in older  # the filter carries over
+    for html, _ in pages[1:]:  # an older page links back to the newest, filter kept
+        assert f'<a href="/console/runs?tenant={tenant_id}">Newest</a>' in html
+    seen = [run_id for html, _ in pages for run_id in RUN_LINK.findall(html)]
     assert seen == newest_first  # each run once, in order, across the pages
     broken = await http.get("/console/runs?after=not-a-cursor")
     assert broken.status_code == 400
@@ -292,19 +303,11 @@ async def test_the_audit_queue_pages_through_every_run_waiting(
     ]
     assert len(newest_first) == AUDIT_ITEMS_PER_PAGE + 10
     await sign_in(http)
-    seen: list[str] = []
-    url: str | None = "/console/audit-required"
-    pages = 0
-    while url is not None:
-        answer = await http.get(url.replace("&amp;", "&"))
-        assert answer.status_code == 200, answer.text
-        seen += AUDIT_ITEM.findall(answer.text)
-        older = OLDER_AUDIT.search(answer.text)
-        url = older.group(1) if older else None
-        pages += 1
-        if pages > 1:
-            assert '<a href="/console/audit-required">Newest</a>' in answer.text
-    assert pages == 2
+    pages = await walk_pages(http, "/console/audit-required", OLDER_AUDIT)
+    assert len(pages) == 2
+    for html, _ in pages[1:]:
+        assert '<a href="/console/audit-required">Newest</a>' in html
+    seen = [run_id for html, _ in pages for run_id in AUDIT_ITEM.findall(html)]
     assert seen == newest_first  # each once, newest first, across the pages
     broken = await http.get("/console/audit-required?after=not-a-cursor")
     assert broken.status_code == 400
