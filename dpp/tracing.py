@@ -71,6 +71,7 @@ __all__ = [
     "record_claims",
     "run_span",
     "run_span_context",
+    "run_step",
     "server_span",
     "shutdown_tracing",
     "span",
@@ -368,6 +369,17 @@ def continue_run(trace_id: str | None, run_id: str) -> contextlib.AbstractContex
     if _tracer is None:
         return _NOTHING
     return trace.use_span(NonRecordingSpan(_run_parent(trace_id, run_id)))
+
+
+@contextlib.contextmanager
+def run_step(
+    trace_id: str | None, run_id: str, name: str, attributes: Mapping[str, Any] | None = None
+) -> Iterator[Span | None]:
+    """A span ``name`` under the run's enqueue span, for work on the run done
+    away from its worker (the reconciler's repairs, an operator's resolve): the
+    run's trace shows how it ended whoever ended it."""
+    with continue_run(trace_id, run_id), span(name, attributes) as step:
+        yield step
 
 
 def _run_parent(trace_id: str | None, run_id: str) -> SpanContext:

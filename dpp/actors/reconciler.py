@@ -101,9 +101,8 @@ def _in_run_trace(row: Any, action: str) -> Iterator[None]:
     """A repair of the run ``row`` names (reaped, rolled forward or back, set
     aside), as a span under the run's enqueue span: its trace shows how it ended
     even when no worker settled it."""
-    with (
-        tracing.continue_run(row.get("trace_id"), row["id"]),
-        tracing.span(RECONCILE_SPAN, {"dpp.reconciler.action": action}),
+    with tracing.run_step(
+        row.get("trace_id"), row["id"], RECONCILE_SPAN, {"dpp.reconciler.action": action}
     ):
         yield
 

@@ -210,9 +210,8 @@ class Runs:
             error=None if failure is None else failure.document(),
         )
         # a span of the run's own trace, as the reconciler's set-aside was
-        with (
-            tracing.continue_run(row["trace_id"], run_id),
-            tracing.span(RESOLVE_SPAN, {"dpp.run.outcome": outcome.value}),
+        with tracing.run_step(
+            row["trace_id"], run_id, RESOLVE_SPAN, {"dpp.run.outcome": outcome.value}
         ):
             try:
                 result = await self._settler.settle(row["tenant_id"], request)
