@@ -185,6 +185,12 @@ class Runs:
             raise RunNotFound(run_id)
         return row, await self._store.ledger_entries(run_id)
 
+    async def operator_entries(self, run_ids: list[str]) -> dict[str, list[Record]]:
+        """The ledger entries of each of these runs (any tenant's), in one read;
+        a run with none maps to an empty list."""
+        found = await self._store.ledger_entries_of(run_ids) if run_ids else {}
+        return {run_id: found.get(run_id, []) for run_id in run_ids}
+
     async def usage_all(self, first: date, last: date) -> list[Record]:
         """Runs, charged and refunded per UTC creation date and pack, every tenant."""
         return await self._store.usage_all(first, last)

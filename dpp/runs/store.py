@@ -113,6 +113,14 @@ class RunStore:
         """The run's ledger entries, in the order they were written (read only)."""
         return list(await self._pool.fetch(self._queries["run_ledger_entries"], run_id))
 
+    async def ledger_entries_of(self, run_ids: list[str]) -> dict[str, list[Record]]:
+        """Each run's ledger entries, in the order written, in one query (read
+        only); a run without entries is absent."""
+        entries: dict[str, list[Record]] = {}
+        for row in await self._pool.fetch(self._queries["runs_ledger_entries"], run_ids):
+            entries.setdefault(row["run_id"], []).append(row)
+        return entries
+
     async def usage_all(self, first: date, last: date) -> list[Record]:
         """``usage`` over every tenant."""
         return list(await self._pool.fetch(self._queries["usage_by_day_all"], first, last))

@@ -123,6 +123,15 @@ FROM ledger_entries
 WHERE run_id = $1
 ORDER BY id;
 
+-- name: runs_ledger_entries
+-- The operator console's AUDIT_REQUIRED page: the ledger entries of a page of
+-- runs in one query (ledger_one_entry_per_run_kind probes each run), each
+-- run's in the order written.
+SELECT run_id, id, kind, amount_usd_micros, operation_id, created_at
+FROM ledger_entries
+WHERE run_id = ANY($1::text[])
+ORDER BY run_id, id;
+
 -- name: usage_by_day_all
 -- usage_by_day over every tenant (the operator console's usage page).
 SELECT (r.created_at AT TIME ZONE 'UTC')::date AS day,

@@ -19,6 +19,7 @@ import pytest
 from dpp.app import Runtime, open_runtime
 from dpp.config import Settings
 from dpp.http.console.pages import AUDIT_ITEMS_PER_PAGE, SIGN_IN_ATTEMPTS
+from dpp.http.console.render import usd
 from dpp.http.console.session import SESSION_COOKIE, SESSION_TTL_S
 from dpp.money import ledger
 from dpp.runs.failures import RunFailure
@@ -287,8 +288,11 @@ async def test_the_audit_queue_pages_through_every_run_waiting(
     await create_plan(pool, "roomy", max_concurrent_runs=1_000)
     tenant_id = await create_tenant(pool, plan_id="roomy")
     await ledger.credit(pool, queries, tenant_id, 10**9, "seed:a")
-    drafts = [draft(1_000) for _ in range(AUDIT_ITEMS_PER_PAGE + 10)]
+    # each its own amount: an item showing another run's entries would show
+    # another amount
+    drafts = [draft(1_000 + index) for index in range(AUDIT_ITEMS_PER_PAGE + 10)]
     assert all((await ledger.reserve_batch(pool, queries, tenant_id, drafts)).accepted())
+    reserved = {made.run_id: made.reserved_usd_micros for made in drafts}
     failure = RunFailure.audit_required("test: the receipt contradicts the ledger")
     for made in drafts:
         version = await pool.fetchval("SELECT version FROM runs WHERE id = $1", made.run_id)
@@ -309,5 +313,11 @@ async def test_the_audit_queue_pages_through_every_run_waiting(
         assert '<a href="/console/audit-required">Newest</a>' in html
     seen = [run_id for html, _ in pages for run_id in AUDIT_ITEM.findall(html)]
     assert seen == newest_first  # each once, newest first, across the pages
+    # each item shows its own run's ledger: its reserve entry, and that much held
+    for html, _ in pages:
+        for item in html.split('<h2><a href="/console/runs/')[1:]:
+            amount = usd(reserved[item.split('"', 1)[0]])
+            assert f"held by the ledger {amount}" in item
+            assert f'<td>reserve</td><td class="num">{amount}</td>' in item
     broken = await http.get("/console/audit-required?after=not-a-cursor")
     assert broken.status_code == 400

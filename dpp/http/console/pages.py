@@ -460,10 +460,12 @@ async def audit_queue(call: Call) -> Response:
     rows, older = _older_page(
         rows, AUDIT_ITEMS_PER_PAGE, lambda cursor: f"{path}?" + urlencode({"after": cursor})
     )
-    items = []
-    for row in rows:
-        _, entries = await call.context.runs.operator_get(row["id"])
-        items.append({"run": row, "entries": entries, "held": _held(entries)})
+    # one read for the whole page's entries, not one per run
+    entries = await call.context.runs.operator_entries([row["id"] for row in rows])
+    items = [
+        {"run": row, "entries": entries[row["id"]], "held": _held(entries[row["id"]])}
+        for row in rows
+    ]
     return page(
         "audit.html",
         _base(
