@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -79,3 +80,77 @@ async def ready_replica(
             yield replica, admin
     finally:
         replica.close()
+
+
+# --- setting a replica up through its admin API ------------------------------------------
+
+PLAN_RETENTION_DAYS = 30
+
+
+@dataclass(frozen=True)
+class FundedTenant:
+    """A tenant made through the admin API, with its API key when one was issued."""
+
+    tenant_id: str
+    api_key: str | None
+    key_id: str | None
+
+    @property
+    def bearer(self) -> dict[str, str]:
+        assert self.api_key is not None, "no key was issued for this tenant"
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+async def admin_plan(
+    client: httpx.AsyncClient,
+    url: str,
+    admin: dict[str, str],
+    plan_id: str,
+    *,
+    requests_per_minute: int,
+    max_concurrent_runs: int,
+) -> None:
+    """``POST /admin/plans``, asserting it was created."""
+    created = await client.post(
+        f"{url}/admin/plans",
+        json={
+            "id": plan_id,
+            "requests_per_minute": requests_per_minute,
+            "max_concurrent_runs": max_concurrent_runs,
+            "retention_days": PLAN_RETENTION_DAYS,
+        },
+        headers=admin,
+    )
+    assert created.status_code == 201, created.text
+
+
+async def admin_funded_tenant(
+    client: httpx.AsyncClient,
+    url: str,
+    admin: dict[str, str],
+    amount_usd_micros: int,
+    *,
+    name: str = "t",
+    plan_id: str | None = None,
+    key: bool = True,
+) -> FundedTenant:
+    """A tenant (on ``plan_id``, or the default plan), an API key for it unless
+    ``key`` is False, and a credit of ``amount_usd_micros``; each step asserted."""
+    body = {"name": name} if plan_id is None else {"name": name, "plan_id": plan_id}
+    tenant = await client.post(f"{url}/admin/tenants", json=body, headers=admin)
+    assert tenant.status_code == 201, tenant.text
+    tenant_id = str(tenant.json()["id"])
+    api_key = key_id = None
+    if key:
+        issued = await client.post(
+            f"{url}/admin/tenants/{tenant_id}/api-keys", json={}, headers=admin
+        )
+        assert issued.status_code == 201, issued.text
+        api_key, key_id = str(issued.json()["api_key"]), str(issued.json()["id"])
+    credited = await client.post(
+        f"{url}/admin/tenants/{tenant_id}/credits",
+        json={"amount_usd_micros": amount_usd_micros},
+        headers={**admin, "Idempotency-Key": f"seed-{tenant_id}"},
+    )
+    assert credited.status_code == 201, credited.text
+    return FundedTenant(tenant_id, api_key, key_id)

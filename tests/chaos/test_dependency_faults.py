@@ -40,7 +40,7 @@ import orjson
 import pytest
 
 from tests import services as test_services
-from tests.replica import Replica
+from tests.replica import Replica, admin_funded_tenant, admin_plan
 from tests.services import delete_redis_prefix, store_env
 from tests.tcp_proxy import TcpProxy
 
@@ -312,31 +312,14 @@ def _fault(rig: Rig, kind: str) -> Callable[[], Awaitable[None]]:
 
 async def _setup_tenant(client: httpx.AsyncClient, url: str, funded_usd_micros: int) -> str:
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    plan = await client.post(
-        f"{url}/admin/plans",
-        json={
-            "id": "storm",
-            "requests_per_minute": 1_000_000,
-            "max_concurrent_runs": 10_000,
-            "retention_days": 30,
-        },
-        headers=admin,
+    await admin_plan(
+        client, url, admin, "storm", requests_per_minute=1_000_000, max_concurrent_runs=10_000
     )
-    assert plan.status_code == 201, plan.text
-    tenant = await client.post(
-        f"{url}/admin/tenants", json={"name": "storm", "plan_id": "storm"}, headers=admin
+    tenant = await admin_funded_tenant(
+        client, url, admin, funded_usd_micros, name="storm", plan_id="storm"
     )
-    assert tenant.status_code == 201, tenant.text
-    tenant_id = tenant.json()["id"]
-    key = await client.post(f"{url}/admin/tenants/{tenant_id}/api-keys", json={}, headers=admin)
-    assert key.status_code == 201, key.text
-    credited = await client.post(
-        f"{url}/admin/tenants/{tenant_id}/credits",
-        json={"amount_usd_micros": funded_usd_micros},
-        headers={**admin, "Idempotency-Key": "funding"},
-    )
-    assert credited.status_code == 201, credited.text
-    return str(key.json()["api_key"])
+    assert tenant.api_key is not None
+    return tenant.api_key
 
 
 async def _wait_ready(rig: Rig, client: httpx.AsyncClient) -> None:

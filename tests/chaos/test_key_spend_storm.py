@@ -13,7 +13,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.replica import Replica
+from tests.replica import Replica, admin_plan
 from tests.services import store_env
 
 pytestmark = pytest.mark.slow
@@ -42,15 +42,14 @@ async def test_a_storm_through_one_key_on_two_replicas_admits_exactly_its_limit(
             for replica in replicas:
                 await replica.wait_ready(client)
             first, second = (replica.url for replica in replicas)
-            plan = {
-                "id": "wide",
-                "requests_per_minute": 100_000,
-                "max_concurrent_runs": 10_000,
-                "retention_days": 30,
-            }
-            assert (
-                await client.post(f"{first}/admin/plans", json=plan, headers=admin)
-            ).status_code == 201
+            await admin_plan(
+                client,
+                first,
+                admin,
+                "wide",
+                requests_per_minute=100_000,
+                max_concurrent_runs=10_000,
+            )
             tenant = (
                 await client.post(
                     f"{second}/admin/tenants", json={"name": "t", "plan_id": "wide"}, headers=admin

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests import services as test_services
-from tests.replica import Replica
+from tests.replica import Replica, admin_funded_tenant, admin_plan
 from tests.services import store_env
 from tests.tcp_proxy import TcpProxy
 
@@ -79,24 +79,12 @@ async def test_a_replica_started_before_its_redis_cluster_restarts_to_speak_it(
         async with httpx.AsyncClient(timeout=30.0) as client:
             await second.wait_ready(client)  # every primary answers
             assert "redis cluster detected" in second.output()
-            plan = {
-                "id": "late",
-                "requests_per_minute": 600,
-                "max_concurrent_runs": 10,
-                "retention_days": 30,
-            }
-            created = await client.post(f"{second.url}/admin/plans", json=plan, headers=ADMIN)
-            assert created.status_code == 201, created.text
-            tenant = await client.post(
-                f"{second.url}/admin/tenants", json={"name": "t", "plan_id": "late"}, headers=ADMIN
+            await admin_plan(
+                client, second.url, ADMIN, "late", requests_per_minute=600, max_concurrent_runs=10
             )
-            assert tenant.status_code == 201, tenant.text
-            credited = await client.post(
-                f"{second.url}/admin/tenants/{tenant.json()['id']}/credits",
-                json={"amount_usd_micros": 5_000_000},
-                headers={**ADMIN, "Idempotency-Key": "late-cluster-seed"},
+            await admin_funded_tenant(
+                client, second.url, ADMIN, 5_000_000, plan_id="late", key=False
             )
-            assert credited.status_code == 201, credited.text
     finally:
         first.close()
         if second is not None:

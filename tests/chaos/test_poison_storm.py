@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.chaos.test_sigkill import EXIT_TIMEOUT_S, SETTLE_TIMEOUT_S, Replica
+from tests.replica import admin_funded_tenant, admin_plan
 from tests.services import store_env
 
 pytestmark = pytest.mark.slow
@@ -24,24 +25,6 @@ ADMIN_TOKEN = "poison-admin-token-0123456789"
 BURSTS = 8
 BURST_SIZE = 40
 POISON = b'{"pack_type": "echo", "inputs": {"payload": "a\\u0000b"}, "metadata": {"k": "\\u0000"}}'
-
-
-async def _tenant(client: httpx.AsyncClient, url: str, admin: dict[str, str]) -> dict[str, str]:
-    tenant = (
-        await client.post(
-            f"{url}/admin/tenants", json={"name": "t", "plan_id": "wide"}, headers=admin
-        )
-    ).json()["id"]
-    key = (
-        await client.post(f"{url}/admin/tenants/{tenant}/api-keys", json={}, headers=admin)
-    ).json()["api_key"]
-    credited = await client.post(
-        f"{url}/admin/tenants/{tenant}/credits",
-        json={"amount_usd_micros": 100_000_000},
-        headers={**admin, "Idempotency-Key": f"seed-{tenant}"},
-    )
-    assert credited.status_code == 201, credited.text
-    return {"Authorization": f"Bearer {key}"}
 
 
 async def test_poison_bursts_against_a_real_replica_change_nothing(
@@ -59,16 +42,22 @@ async def test_poison_bursts_against_a_real_replica_change_nothing(
         limits = httpx.Limits(max_connections=BURST_SIZE * 2)
         async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
             await replica.wait_ready(client)
-            plan = {
-                "id": "wide",
-                "requests_per_minute": 100_000,
-                "max_concurrent_runs": 10_000,
-                "retention_days": 30,
-            }
-            created = await client.post(f"{replica.url}/admin/plans", json=plan, headers=admin)
-            assert created.status_code == 201, created.text
-            poisoner = await _tenant(client, replica.url, admin)
-            neighbour = await _tenant(client, replica.url, admin)
+            await admin_plan(
+                client,
+                replica.url,
+                admin,
+                "wide",
+                requests_per_minute=100_000,
+                max_concurrent_runs=10_000,
+            )
+            poisoner, neighbour = [
+                (
+                    await admin_funded_tenant(
+                        client, replica.url, admin, 100_000_000, plan_id="wide"
+                    )
+                ).bearer
+                for _ in range(2)
+            ]
             poison_statuses: list[int] = []
             normal_statuses: list[int] = []
 

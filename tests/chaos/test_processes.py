@@ -19,7 +19,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.replica import Replica, free_port
+from tests.replica import Replica, admin_funded_tenant, free_port
 from tests.services import store_env
 
 pytestmark = pytest.mark.slow
@@ -84,23 +84,9 @@ async def test_replicas_share_the_port_a_dead_one_is_replaced_and_sigterm_drains
             await parent.wait_ready(client)
             first = await wait_for_children(parent.process.pid, PROCESSES)
 
-            tenant = (
-                await client.post(
-                    f"{parent.url}/admin/tenants", json={"name": "multi"}, headers=admin
-                )
-            ).json()["id"]
-            key = (
-                await client.post(
-                    f"{parent.url}/admin/tenants/{tenant}/api-keys", json={}, headers=admin
-                )
-            ).json()["api_key"]
-            credited = await client.post(
-                f"{parent.url}/admin/tenants/{tenant}/credits",
-                json={"amount_usd_micros": 10_000_000},
-                headers={**admin, "Idempotency-Key": "seed"},
-            )
-            assert credited.status_code == 201, credited.text
-            bearer = {"Authorization": f"Bearer {key}"}
+            bearer = (
+                await admin_funded_tenant(client, parent.url, admin, 10_000_000, name="multi")
+            ).bearer
             run_ids = []
             for n in range(RUNS):
                 accepted = await client.post(

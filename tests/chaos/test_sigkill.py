@@ -21,7 +21,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.replica import Replica
+from tests.replica import Replica, admin_funded_tenant
 from tests.services import store_env
 
 pytestmark = pytest.mark.slow
@@ -75,23 +75,9 @@ async def test_sigkill_mid_work_then_a_fresh_replica_settles_everything_once(
             if "dispatcher" not in set(_kinds(tree)):
                 pytest.skip("dpp serve does not host the dispatcher yet (dpp/app.py wiring)")
 
-            tenant = (
-                await client.post(
-                    f"{first.url}/admin/tenants", json={"name": "chaos"}, headers=admin
-                )
-            ).json()["id"]
-            key = (
-                await client.post(
-                    f"{first.url}/admin/tenants/{tenant}/api-keys", json={}, headers=admin
-                )
-            ).json()["api_key"]
-            credited = await client.post(
-                f"{first.url}/admin/tenants/{tenant}/credits",
-                json={"amount_usd_micros": 10_000_000},
-                headers={**admin, "Idempotency-Key": "seed"},
-            )
-            assert credited.status_code == 201, credited.text
-            bearer = {"Authorization": f"Bearer {key}"}
+            bearer = (
+                await admin_funded_tenant(client, first.url, admin, 10_000_000, name="chaos")
+            ).bearer
             for n in range(RUNS):
                 accepted = await client.post(
                     f"{first.url}/v1/runs",
@@ -180,23 +166,9 @@ async def test_sigkill_during_finalize_or_settle_is_repaired_exactly_once(
     try:
         async with httpx.AsyncClient(timeout=10.0) as client:
             await first.wait_ready(client)
-            tenant = (
-                await client.post(
-                    f"{first.url}/admin/tenants", json={"name": "chaos"}, headers=admin
-                )
-            ).json()["id"]
-            key = (
-                await client.post(
-                    f"{first.url}/admin/tenants/{tenant}/api-keys", json={}, headers=admin
-                )
-            ).json()["api_key"]
-            credited = await client.post(
-                f"{first.url}/admin/tenants/{tenant}/credits",
-                json={"amount_usd_micros": 10_000_000},
-                headers={**admin, "Idempotency-Key": "seed"},
-            )
-            assert credited.status_code == 201, credited.text
-            bearer = {"Authorization": f"Bearer {key}"}
+            bearer = (
+                await admin_funded_tenant(client, first.url, admin, 10_000_000, name="chaos")
+            ).bearer
             for n in range(3):
                 accepted = await client.post(
                     f"{first.url}/v1/runs",
