@@ -7,6 +7,7 @@ the environment given; its output goes to a log file the test can quote.
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +52,11 @@ class Replica:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
 
+    def drain(self, timeout_s: float = EXIT_TIMEOUT_S) -> None:
+        """SIGTERM: the replica must drain and exit 0 within ``timeout_s``."""
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(timeout=timeout_s) == 0, self.output()
+
     async def wait_ready(self, client: httpx.AsyncClient) -> None:
         with anyio.fail_after(START_TIMEOUT_S):
             while True:
@@ -80,6 +86,23 @@ async def ready_replica(
             yield replica, admin
     finally:
         replica.close()
+
+
+AUDIT_POLL_S = 0.5
+
+
+async def wait_audit_ok(
+    client: httpx.AsyncClient, url: str, admin: dict[str, str], timeout_s: float
+) -> None:
+    """Poll ``GET /admin/audit`` until it reports the invariants hold: a
+    settlement a replica died in the middle of may leave the mirror behind
+    until drift repair runs, so the first reports may not."""
+    with anyio.fail_after(timeout_s):
+        while True:
+            answer = await client.get(f"{url}/admin/audit", headers=admin)
+            if answer.status_code == 200 and answer.json()["ok"]:
+                return
+            await anyio.sleep(AUDIT_POLL_S)
 
 
 # --- setting a replica up through its admin API ------------------------------------------

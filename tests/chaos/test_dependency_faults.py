@@ -40,7 +40,7 @@ import orjson
 import pytest
 
 from tests import services as test_services
-from tests.replica import Replica, admin_funded_tenant, admin_plan
+from tests.replica import Replica, admin_funded_tenant, admin_plan, wait_audit_ok
 from tests.services import delete_redis_prefix, store_env
 from tests.tcp_proxy import TcpProxy
 
@@ -433,15 +433,12 @@ async def test_a_dependency_fault_mid_storm_answers_503_and_loses_nothing(
         await _check_results(storm, completed)
 
         # The audit: through the API (the mirror may lag until drift repair), and the CLI.
-        with anyio.fail_after(SETTLE_TIMEOUT_S):
-            while True:
-                audit = await client.get(
-                    f"{rig.replica.url}/admin/audit",
-                    headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-                )
-                if audit.status_code == 200 and audit.json()["ok"]:
-                    break
-                await anyio.sleep(0.5)
+        await wait_audit_ok(
+            client,
+            rig.replica.url,
+            {"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            SETTLE_TIMEOUT_S,
+        )
     cli = await anyio.to_thread.run_sync(
         lambda: subprocess.run(
             [sys.executable, "-m", "dpp.cli", "audit"],

@@ -9,14 +9,13 @@ and the replica still stops cleanly on SIGTERM.
 from __future__ import annotations
 
 import os
-import signal
 
 import anyio
 import httpx
 import pytest
 
 from tests.chaos.test_sigkill import EXIT_TIMEOUT_S, SETTLE_TIMEOUT_S, Replica
-from tests.replica import admin_funded_tenant, admin_plan
+from tests.replica import admin_funded_tenant, admin_plan, wait_audit_ok
 from tests.services import store_env
 
 pytestmark = pytest.mark.slow
@@ -96,13 +95,7 @@ async def test_poison_bursts_against_a_real_replica_change_nothing(
                 0,
             )
             # the neighbour's runs execute meanwhile: the mirror agrees once they settle
-            with anyio.fail_after(SETTLE_TIMEOUT_S):
-                while True:
-                    audit = (await client.get(f"{replica.url}/admin/audit", headers=admin)).json()
-                    if audit["ok"]:
-                        break
-                    await anyio.sleep(0.5)
-            replica.process.send_signal(signal.SIGTERM)
-            assert replica.process.wait(timeout=EXIT_TIMEOUT_S) == 0, replica.output()
+            await wait_audit_ok(client, replica.url, admin, SETTLE_TIMEOUT_S)
+            replica.drain(EXIT_TIMEOUT_S)
     finally:
         replica.close()

@@ -19,7 +19,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.replica import Replica, admin_funded_tenant, free_port
+from tests.replica import Replica, admin_funded_tenant, free_port, wait_audit_ok
 from tests.services import store_env
 
 pytestmark = pytest.mark.slow
@@ -135,15 +135,9 @@ async def test_replicas_share_the_port_a_dead_one_is_replaced_and_sigterm_drains
                 headers={**bearer, "Idempotency-Key": "run-0"},
             )
             assert again.json()["id"] == run_ids[0]
-            with anyio.fail_after(TIMEOUT_S):
-                while True:
-                    audit = await client.get(f"{parent.url}/admin/audit", headers=admin)
-                    if audit.json()["ok"]:
-                        break
-                    await anyio.sleep(0.5)
+            await wait_audit_ok(client, parent.url, admin, TIMEOUT_S)
 
-        parent.process.send_signal(signal.SIGTERM)
-        assert parent.process.wait(timeout=EXIT_TIMEOUT_S) == 0, parent.output()
+        parent.drain(EXIT_TIMEOUT_S)
         assert not any(alive(pid) for pid in survivors)
     finally:
         parent.close()

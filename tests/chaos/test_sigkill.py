@@ -21,7 +21,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.replica import Replica, admin_funded_tenant
+from tests.replica import Replica, admin_funded_tenant, wait_audit_ok
 from tests.services import store_env
 
 pytestmark = pytest.mark.slow
@@ -108,15 +108,9 @@ async def test_sigkill_mid_work_then_a_fresh_replica_settles_everything_once(
             # Killed work expires (minimum fee); the rest completes. Never anything else.
             assert set(statuses.values()) <= {"COMPLETED", "EXPIRED"}, statuses
             # The mirror may lag a killed settlement until drift repair runs.
-            with anyio.fail_after(SETTLE_TIMEOUT_S):
-                while True:
-                    audit = (await client.get(f"{second.url}/admin/audit", headers=admin)).json()
-                    if audit["ok"]:
-                        break
-                    await anyio.sleep(0.5)
+            await wait_audit_ok(client, second.url, admin, SETTLE_TIMEOUT_S)
 
-            second.process.send_signal(signal.SIGTERM)
-            assert second.process.wait(timeout=EXIT_TIMEOUT_S) == 0, second.output()
+            second.drain(EXIT_TIMEOUT_S)
     finally:
         first.close()
         if second is not None:
@@ -201,14 +195,8 @@ async def test_sigkill_during_finalize_or_settle_is_repaired_exactly_once(
                     assert statuses[run_id] in KILLED_IN_FINALIZE[point], (run_id, statuses)
                 elif status == "QUEUED":
                     assert statuses[run_id] == "COMPLETED", (run_id, statuses)
-            with anyio.fail_after(SETTLE_TIMEOUT_S):
-                while True:
-                    audit = (await client.get(f"{second.url}/admin/audit", headers=admin)).json()
-                    if audit["ok"]:
-                        break
-                    await anyio.sleep(0.5)
-            second.process.send_signal(signal.SIGTERM)
-            assert second.process.wait(timeout=EXIT_TIMEOUT_S) == 0, second.output()
+            await wait_audit_ok(client, second.url, admin, SETTLE_TIMEOUT_S)
+            second.drain(EXIT_TIMEOUT_S)
     finally:
         first.close()
         if second is not None:
