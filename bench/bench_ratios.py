@@ -15,7 +15,9 @@ each one starts from an idle server (the runs submitted execute: echo packs,
 results written to the local store).
 
 It also reports the RSS of the ``dpp serve`` process tree idle and its peak
-under the POST load, and (unless ``--no-echo``) echo runs submit → settled
+under the POST load; the CPU seconds the tree spends per run under POST c=64,
+from the load's start until its runs are settled (admission and execution
+both: what bounds every row here); and (unless ``--no-echo``) echo runs submit → settled
 per second (16 clients) beside procrastinate's no-op jobs per second on the
 same Postgres (16 clients deferring, one worker process with concurrency 16;
 ``pip install -e '.[bench]'``, a bench-only tool).
@@ -109,6 +111,23 @@ def tree_rss_kib(pid: int) -> int:
         except (OSError, AttributeError):
             continue
     return total
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live descendants."""
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+            # the fields after the command name, which may hold spaces or parentheses
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def wrk(
@@ -349,12 +368,17 @@ async def main(arguments: argparse.Namespace) -> None:
         if arguments.only:
             cases = [case for case in cases if arguments.only in case[0]]
         measured: dict[tuple[str, str], list[Load]] = {}
+        cpu_per_run_ms: list[float] = []  # the POST c=64 loads, each with its drain
         for _ in range(arguments.rounds):
             for label, mode, path, connections in cases:
                 for target, base in (("bare", bare), ("dpp", dpp)):
                     token = "-"
                     if target == "dpp":
                         token = keys_file if mode == "post" and len(keys) > 1 else keys[0]
+                    costed = target == "dpp" and mode == "post" and connections > 1
+                    if costed:
+                        cpu_before = tree_cpu_s(server.pid)
+                        runs_before = await database.fetchval("SELECT count(*) FROM runs")
                     load_task = asyncio.create_task(
                         wrk(base, mode, path, token, connections, arguments.seconds)
                     )
@@ -365,6 +389,10 @@ async def main(arguments: argparse.Namespace) -> None:
                     measured.setdefault((label, target), []).append(load_task.result())
                     if target == "dpp" and mode == "post":
                         await drain(database)
+                    if costed:
+                        runs = await database.fetchval("SELECT count(*) FROM runs") - runs_before
+                        cpu_s = tree_cpu_s(server.pid) - cpu_before
+                        cpu_per_run_ms.append(1000 * cpu_s / max(runs, 1))
 
         print(
             f"wrk -t1, {arguments.seconds:g} s per measurement, median of {arguments.rounds}; "
@@ -387,6 +415,11 @@ async def main(arguments: argparse.Namespace) -> None:
             f"dpp serve RSS (process tree): idle {idle_rss / 1024:.0f} MiB, "
             f"peak under load {peak_rss / 1024:.0f} MiB"
         )
+        if cpu_per_run_ms:
+            print(
+                "dpp serve CPU (process tree) per run admitted and executed, POST c=64 "
+                f"and its drain: {statistics.median(cpu_per_run_ms):.2f} ms"
+            )
 
         if not arguments.no_echo:
             echo = statistics.median(
