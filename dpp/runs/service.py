@@ -183,7 +183,8 @@ class Runs:
         row = await self._store.operator_get(run_id) if ids.is_id(run_id, "run") else None
         if row is None:
             raise RunNotFound(run_id)
-        return row, await self._store.ledger_entries(run_id)
+        entries = await self._store.ledger_entries_of([run_id])
+        return row, entries.get(run_id, [])
 
     async def operator_entries(self, run_ids: list[str]) -> dict[str, list[Record]]:
         """The ledger entries of each of these runs (any tenant's), in one read;

@@ -109,10 +109,6 @@ class RunStore:
         row: Record | None = await self._pool.fetchrow(self._queries["operator_get_run"], run_id)
         return row
 
-    async def ledger_entries(self, run_id: str) -> list[Record]:
-        """The run's ledger entries, in the order they were written (read only)."""
-        return list(await self._pool.fetch(self._queries["run_ledger_entries"], run_id))
-
     async def ledger_entries_of(self, run_ids: list[str]) -> dict[str, list[Record]]:
         """Each run's ledger entries, in the order written, in one query (read
         only); a run without entries is absent."""

@@ -116,17 +116,10 @@ LIMIT $3;
 -- The operator console: any tenant's run, every column.
 SELECT r.* FROM runs r WHERE r.id = $1;
 
--- name: run_ledger_entries
--- The operator console: the ledger entries of one run, in the order written.
-SELECT id, kind, amount_usd_micros, operation_id, created_at
-FROM ledger_entries
-WHERE run_id = $1
-ORDER BY id;
-
 -- name: runs_ledger_entries
--- The operator console's AUDIT_REQUIRED page: the ledger entries of a page of
--- runs in one query (ledger_one_entry_per_run_kind probes each run), each
--- run's in the order written.
+-- The operator console: the ledger entries of a run (its page) or of a page of
+-- runs (AUDIT_REQUIRED) in one query (ledger_one_entry_per_run_kind probes
+-- each run), each run's in the order written.
 SELECT run_id, id, kind, amount_usd_micros, operation_id, created_at
 FROM ledger_entries
 WHERE run_id = ANY($1::text[])
