@@ -98,16 +98,28 @@ async def wait_http(url: str, timeout_s: float = 60.0) -> None:
     raise TimeoutError(url)
 
 
-def tree_rss_kib(pid: int) -> int:
-    """RSS of ``pid`` and all its descendants, KiB."""
-    total, stack = 0, [pid]
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its live descendants."""
+    found: list[int] = []
+    stack = [pid]
     while stack:
         current = stack.pop()
+        found.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def tree_rss_kib(pid: int) -> int:
+    """RSS of ``pid`` and all its descendants, KiB."""
+    total = 0
+    for current in tree_pids(pid):
         try:
             status = Path(f"/proc/{current}/status").read_text()
             total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
-            for task in Path(f"/proc/{current}/task").iterdir():
-                stack += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, AttributeError):
             continue
     return total
@@ -115,18 +127,15 @@ def tree_rss_kib(pid: int) -> int:
 
 def tree_cpu_s(pid: int) -> float:
     """User + system CPU seconds of ``pid`` and its live descendants."""
-    total, stack = 0, [pid]
-    while stack:
-        current = stack.pop()
+    total = 0
+    for current in tree_pids(pid):
         try:
             stat = Path(f"/proc/{current}/stat").read_text()
-            # the fields after the command name, which may hold spaces or parentheses
-            fields = stat[stat.rindex(")") + 2 :].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-            for task in Path(f"/proc/{current}/task").iterdir():
-                stack += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, ValueError):
+        except OSError:
             continue
+        # the fields after the command name, which may hold spaces or parentheses
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
     return total / os.sysconf("SC_CLK_TCK")
 
 
