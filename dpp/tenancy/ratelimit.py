@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 WINDOW_S: Final = 60  # every DPP quota is "per minute"
 WINDOW_US: Final = WINDOW_S * 1_000_000
-REPLY_FIELDS: Final = 6  # integers per check in the script's (flat) reply
+REPLY_FIELDS: Final = 6  # integers per check in the script's reply
 CHECK_TIMEOUT_S: Final = 2.0  # a request waits no longer than this for a decision
 BATCH_MAX: Final = 64  # checks per script call: bounds the call's size and Redis's time in it
 POLICY_TENANT: Final = "tenant"
@@ -133,7 +133,7 @@ class _Check:
     answer: asyncio.Future[RateLimitDecision | None]  # None: "lead your own call"
 
 
-def _decision(reply: Sequence[int], key_quota: int) -> RateLimitDecision:
+def _decision(reply: Sequence[bytes], key_quota: int) -> RateLimitDecision:
     allowed, tightest, quota, remaining, reset_us, retry_after_us = (int(v) for v in reply)
     assert allowed in (0, 1) and tightest in (1, 2), reply
     assert tightest == 1 or key_quota > 0
@@ -309,16 +309,17 @@ class RateLimiter:
             except Exception as error:  # a malformed reply: that request fails, not the rest
                 check.answer.set_exception(error)
 
-    async def _call(self, keys: Sequence[str], arguments: Sequence[int]) -> list[int]:
+    async def _call(self, keys: Sequence[str], arguments: Sequence[int]) -> list[bytes]:
         """The script over ``keys`` (two per check, all of one tenant) and
-        ``arguments`` (the window, then two per check), cached by its SHA1."""
+        ``arguments`` (the window, then two per check), cached by its SHA1: its
+        integers, six per check, as the digits it sent them in."""
         try:
             replies = await self._redis.evalsha(SCRIPT_SHA1, len(keys), *keys, *arguments)
         except NoScriptError:
             # first call on this server (or after SCRIPT FLUSH): EVAL caches it
             replies = await self._redis.eval(SCRIPT, len(keys), *keys, *arguments)
-        assert isinstance(replies, list), replies
-        return replies
+        assert isinstance(replies, bytes), replies
+        return replies.split()
 
     async def attempt(self, name: str, quota: int, window_s: int) -> int | None:
         """Count one attempt at ``name`` (e.g. a sign-in from one address) in Redis,
