@@ -24,6 +24,7 @@ Every call into DPP's services is in ``LocalBackend`` below (one small place).
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -70,6 +71,8 @@ __all__ = ["LocalBackend", "McpEndpoint"]
 SESSION_HEADER = b"mcp-session-id"
 IDEMPOTENCY_HEADER = b"idempotency-key"
 SESSION_ID_CHARS_MAX = 128
+
+log = logging.getLogger("dpp.mcp")
 
 
 def _problem(
@@ -158,7 +161,12 @@ class LocalBackend:
     async def _answer(self, outcome: SubmitOutcome) -> dict[str, Any] | Refused:
         admission = self._context.admission
         match outcome:
-            case Admitted(body=accepted):
+            case Admitted(run_id=run_id, body=accepted):
+                # a tool call's access line is the session's POST: name the run here
+                log.info(
+                    "run admitted",
+                    extra={"run_id": run_id, "tenant_id": self._principal.tenant_id, "via": "mcp"},
+                )
                 document: dict[str, Any] = orjson.loads(accepted)
                 return document
             case Replayed(status=status, body=stored):

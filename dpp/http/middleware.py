@@ -183,9 +183,13 @@ def record_access(
         "duration_ms": duration_ms,
         "bytes": bytes_sent,
     }
-    tenant_id = scope.get("state", {}).get("tenant_id")
+    state = scope.get("state", {})
+    tenant_id = state.get("tenant_id")
     if tenant_id:
         extra["tenant_id"] = tenant_id
+    run_id = state.get("run_id")  # the run this request admitted (POST /v1/runs)
+    if run_id:
+        extra["run_id"] = run_id
     # Logger.log would walk the stack to find this frame (findCaller); the record
     # is the one it makes, handled by the same filters and handlers.
     frame = sys._getframe()

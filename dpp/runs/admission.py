@@ -370,7 +370,9 @@ class Admission:
                 await self._announce(
                     QueuedRun(run_id, tenant_id, request.pack.pack_type, trace_id, created_at)
                 )
-                log.info("run admitted", extra={"run_id": run_id, "tenant_id": tenant_id})
+                # DEBUG: the caller logs the admission (the REST access line names
+                # the run; MCP logs it), one line per run instead of two
+                log.debug("run admitted", extra={"run_id": run_id, "tenant_id": tenant_id})
                 return Admitted(run_id, accepted_body, accepted_headers)
             case InsufficientBudget(available_usd_micros=available, required_usd_micros=required):
                 self._metrics.reservations.labels("insufficient").inc()

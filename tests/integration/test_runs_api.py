@@ -12,6 +12,7 @@ from dpp.money.ledger import LedgerStore
 from dpp.money.rules import Outcome, RunStatus
 from dpp.runs import idempotency
 from dpp.runs.failures import RunFailure
+from tests.integration.conftest import CapturedLogs
 from tests.redis_cluster import single_and_cluster
 
 BASE_URL = "http://testserver"
@@ -95,6 +96,31 @@ async def test_submit_get_list_and_budget(http, admin_headers) -> None:
         "retention_days",
     }
     await _audit_ok(http, admin_headers)
+
+
+async def test_a_submit_logs_one_line_naming_its_run(
+    http, admin_headers, captured_logs: CapturedLogs
+) -> None:
+    """The access line of an admitting POST is the run's "admitted" line: it
+    names the run and its tenant, and no second INFO line repeats it."""
+    _, key = await _tenant(http, admin_headers, 1_000_000)
+    submitted = await http.post("/v1/runs", json=ECHO, headers={**key, "X-Request-ID": "req-admit"})
+    assert submitted.status_code == 202, submitted.text
+    run = submitted.json()
+    lines = [line for line in captured_logs.lines() if line.get("request_id") == "req-admit"]
+    [access] = [line for line in lines if line["logger"] == "dpp.access"]
+    assert access["status"] == 202 and access["run_id"] == run["id"]
+    assert access["tenant_id"].startswith("ten_")
+    named = [line for line in lines if line.get("run_id") == run["id"]]
+    assert [line["logger"] for line in named if line["level"] != "DEBUG"] == ["dpp.access"]
+    refused = await http.post("/v1/runs", json={"pack_type": "nope"}, headers=key)
+    assert refused.status_code == 422
+    [refused_access] = [
+        line
+        for line in captured_logs.lines()
+        if line["logger"] == "dpp.access" and line["status"] == 422
+    ]
+    assert "run_id" not in refused_access
 
 
 async def test_insufficient_budget_is_402_and_reserves_nothing(http, admin_headers) -> None:

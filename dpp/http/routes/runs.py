@@ -188,7 +188,9 @@ async def submit_run(request: Request) -> Response:
         keyed = raw_key is not None
         raise _unknown_outcome("The reservation's outcome is unknown", keyed) from None
     match outcome:
-        case Admitted(body=accepted_body, headers=headers):
+        case Admitted(run_id=run_id, body=accepted_body, headers=headers):
+            # the request's access line names the run: it is the run's "admitted" line
+            request.state.run_id = run_id
             return Response(accepted_body, 202, headers=headers, media_type="application/json")
         case Replayed() | KeyTakenOver() | KeyInFlight() | KeyReused():
             return _keyed_answer(outcome)
