@@ -94,6 +94,7 @@ _RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", None, None)._
     "asctime",
     "taskName",
     "dpp_fields",
+    "dpp_extras",
     "dpp_redacted",
 }
 
@@ -228,7 +229,8 @@ class RedactingFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "dpp_redacted", False):
+        attributes = record.__dict__
+        if attributes.get("dpp_redacted", False):
             return True
         try:
             message = record.getMessage()
@@ -236,33 +238,67 @@ class RedactingFilter(logging.Filter):
             message = f"{record.msg!r} (unformattable: {type(error).__name__})"
         record.msg = redact_text(message)[:TEXT_CHARS_MAX]
         record.args = None
-        for name in _extra_names(record):
-            value = record.__dict__[name]
-            record.__dict__[name] = REDACTED if is_sensitive_name(name) else redact(value)
+        extras = [name for name in attributes if name not in _RECORD_ATTRIBUTES]
+        for name in extras:
+            attributes[name] = _redacted_field(name, attributes[name])
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = redact_text(record.exc_text)
         if record.stack_info:
             record.stack_info = redact_text(record.stack_info)
-        record.dpp_fields = redact(dict(bound_fields()))
-        record.dpp_redacted = True
+        attributes["dpp_fields"] = {
+            name: _redacted_field(name, value) for name, value in bound_fields().items()
+        }
+        attributes["dpp_extras"] = extras  # the formatter's, without a second walk
+        attributes["dpp_redacted"] = True
         return True
 
 
 _redactor = RedactingFilter()
+# Values with nothing to scrub: every line carries a few (status, sizes, amounts).
+_PLAIN_TYPES = frozenset({int, float, bool, type(None)})
+
+
+def _redacted_field(name: str, value: Any) -> Any:
+    """A log field as it may be printed: a sensitive name hides its value; a
+    plain number or flag is printed as it is (no call into ``redact``)."""
+    if is_sensitive_name(name):
+        return REDACTED
+    if type(value) in _PLAIN_TYPES:
+        return value
+    return redact(value)
 
 
 def _extra_names(record: logging.LogRecord) -> list[str]:
+    extras: list[str] | None = record.__dict__.get("dpp_extras")
+    if extras is not None:
+        return extras
     return [name for name in record.__dict__ if name not in _RECORD_ATTRIBUTES]
 
 
 # --- formatting ------------------------------------------------------------------------
 
 
+# (second, its ISO 8601 text): lines of one second share the formatting (one
+# tuple, swapped whole, so a line logged from another thread reads a pair)
+_second_text: tuple[int, str] = (-1, "")
+
+
 def _timestamp(record: logging.LogRecord) -> str:
-    moment = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """``2026-12-03T17:25:57.556Z``: UTC, milliseconds."""
+    global _second_text
+    second = int(record.created)
+    # whole microseconds first, rounded as datetime.fromtimestamp rounds them
+    micros = round((record.created - second) * 1_000_000)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    cached_second, text = _second_text
+    if second != cached_second:
+        moment = datetime.datetime.fromtimestamp(second, tz=datetime.UTC)
+        text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+        _second_text = (second, text)
+    return f"{text}.{micros // 1000:03d}Z"
 
 
 def _document(record: logging.LogRecord) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import logging
 import re
@@ -71,6 +72,29 @@ def text_capture() -> Iterator[Capture]:
 
 
 log = logging.getLogger("dpp.unit")
+
+
+@pytest.mark.parametrize(
+    "created",
+    [
+        1796322357.0,
+        1796322357.5566,  # truncated to milliseconds
+        1796322357.9999,  # never .1000
+        1796322357.9999999,  # rounds up into the next second, as datetime does
+        1796322358.001,  # not 0.000999... seconds: .001
+        1796322357.25,  # an earlier second after a later one
+    ],
+)
+def test_timestamps_are_utc_milliseconds(
+    capture: Capture, monkeypatch: pytest.MonkeyPatch, created: float
+) -> None:
+    monkeypatch.setattr("time.time", lambda: created)
+    monkeypatch.setattr("time.time_ns", lambda: int(created * 1_000_000_000))
+    log.info("tick")
+    [line] = capture.lines()
+    moment = datetime.datetime.fromtimestamp(created, tz=datetime.UTC)
+    assert line["ts"] == moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert re.fullmatch(r"2026-12-03T18:2[56]:\d\d\.\d{3}Z", line["ts"])
 
 
 def test_one_json_object_per_line(capture: Capture) -> None:
