@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from dpp.adapters import local_results
@@ -112,6 +113,109 @@ async def test_a_write_that_fails_before_the_rename_leaves_nothing_visible(
     monkeypatch.undo()
     assert await results.head(KEY) is None
     assert temporaries(results.root) == []
+
+
+async def test_puts_at_once_are_each_durable_and_fail_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Puts that arrive together are written together (group commit), yet each
+    answers for its own result: every good one is readable with its own
+    receipt, across tenants' directories; the one whose rename fails raises
+    alone and leaves nothing behind."""
+    results = await store(tmp_path)
+    keys = [f"results/ten_t{index % 3}/run_r{index}" for index in range(40)]
+    doomed = keys[17]
+    replace = os.replace
+
+    def replace_unless_doomed(source: str | Path, target: str | Path) -> None:
+        if str(target).endswith(doomed):
+            raise OSError("disk full")
+        replace(source, target)
+
+    monkeypatch.setattr(local_results.os, "replace", replace_unless_doomed)
+    batches: list[int] = []
+    write_batch = local_results._write_batch
+
+    def counted(root: Path, entries: list[local_results._QueuedWrite]) -> None:
+        batches.append(len(entries))
+        write_batch(root, entries)
+
+    monkeypatch.setattr(local_results, "_write_batch", counted)
+    outcomes: dict[str, BaseException | None] = {}
+
+    async def put(key: str) -> None:
+        body = key.encode()
+        try:
+            await results.put(key, body, "text/plain", receipt(key.rsplit("/", 1)[1], body))
+        except OSError as error:
+            outcomes[key] = error
+        else:
+            outcomes[key] = None
+
+    async with anyio.create_task_group() as tasks:
+        for key in keys:
+            tasks.start_soon(put, key)
+    monkeypatch.undo()
+    assert str(outcomes.pop(doomed)) == "disk full"
+    assert set(outcomes.values()) == {None}
+    assert sum(batches) == len(keys) and len(batches) < len(keys)  # they went together
+    for key in outcomes:
+        stored = await results.head(key)
+        assert stored is not None and stored.metadata[RECEIPT_RUN] == key.rsplit("/", 1)[1]
+        assert await results.get(key) == key.encode()
+    assert await results.head(doomed) is None
+    assert temporaries(results.root) == []
+
+
+async def test_a_directory_that_cannot_be_synced_fails_only_its_own_puts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename is durable only once its directory is fsynced: when that fails,
+    every put into that directory raises (the run actor leaves the run to the
+    reconciler), while the same batch's puts elsewhere succeed."""
+    results = await store(tmp_path)
+    fsync_directory = local_results._fsync_directory
+
+    def failing_for_one_tenant(directory: Path) -> None:
+        if directory.name == "ten_bad":
+            raise OSError("I/O error")
+        fsync_directory(directory)
+
+    monkeypatch.setattr(local_results, "_fsync_directory", failing_for_one_tenant)
+    keys = [f"results/ten_{tenant}/run_r{index}" for index in range(6) for tenant in ("ok", "bad")]
+    failures: dict[str, str] = {}
+
+    async def put(key: str) -> None:
+        try:
+            await results.put(key, BODY, "application/json", receipt())
+        except OSError as error:
+            failures[key] = str(error)
+
+    async with anyio.create_task_group() as tasks:
+        for key in keys:
+            tasks.start_soon(put, key)
+    assert failures == {key: "I/O error" for key in keys if "ten_bad" in key}
+
+
+async def test_a_put_through_a_symlinked_directory_is_refused(tmp_path: Path) -> None:
+    """A tenant directory that is a link out of the store is never written
+    through; a link planted as the result file itself is replaced, not followed."""
+    results = await store(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (results.root / "results").mkdir()
+    (results.root / "results" / "ten_evil").symlink_to(outside)
+    with pytest.raises(AssertionError):
+        await results.put("results/ten_evil/run_x", BODY, "application/json", receipt())
+    assert list(outside.iterdir()) == []
+    target = outside / "passwd"
+    target.write_bytes(b"untouched")
+    planted = results.root / KEY
+    planted.parent.mkdir(parents=True)
+    planted.symlink_to(target)
+    await results.put(KEY, BODY, "application/json", receipt())
+    assert target.read_bytes() == b"untouched"
+    assert not planted.is_symlink() and await results.get(KEY) == BODY
 
 
 async def test_a_dead_writers_temporary_file_is_invisible_and_swept_at_start(
