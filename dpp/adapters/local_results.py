@@ -243,9 +243,10 @@ class _QueuedWrite:
 
     key: str
     chunks: tuple[bytes, ...]
-    # set when the entry is written (or failed), or told to lead the next batch
+    # set when the entry is written (or failed), or handed a batch to write
     woken: anyio.Event = field(default_factory=anyio.Event)
-    leads: bool = False
+    # the batch this entry writes (itself first), when it is handed one
+    batch: list[_QueuedWrite] | None = None
     durable: bool = False  # its file and its directory are fsynced
     error: BaseException | None = None
 
@@ -302,10 +303,13 @@ def _write_batch(root: Path, entries: list[_QueuedWrite]) -> None:
 class _GroupWriter:
     """Group commit for result files. Up to ``batches_max`` batches are written
     at once (each in its own worker thread: their fsyncs overlap); a put that
-    finds them all busy queues, and when a batch is done the first queued put
-    leads the next, taking up to ``batch_max`` of the queue with it (``_lead``).
-    Waiting is shielded: a put, like the single thread call it replaces, is
-    never abandoned half-way (the run actor bounds its whole finalize)."""
+    finds every slot busy queues, and a slot whose batch is done takes up to
+    ``batch_max`` of the queue at once and hands them, as the next batch, to the
+    first of them to write (``_write``). Taking them out of the queue in the
+    same step is what keeps one slot one batch: two slots freed before the
+    first handed-over put runs hand over two different batches. Waiting is
+    shielded: a put, like the single thread call it replaces, is never
+    abandoned half-way (the run actor bounds its whole finalize)."""
 
     def __init__(
         self,
@@ -318,32 +322,30 @@ class _GroupWriter:
         self._root = root
         self._batch_max = batch_max
         self._batches_max = batches_max
-        # puts waiting for a batch; only while every batch is busy
+        # puts waiting for a batch; only while every slot is busy
         self._queue: list[_QueuedWrite] = []
-        self._writing = 0  # batches being written, or about to be
+        self._writing = 0  # slots whose batch is being written, or handed over
 
     async def write(self, key: str, chunks: tuple[bytes, ...]) -> None:
         """Put ``key`` durably; raises what writing it raised."""
         entry = _QueuedWrite(key, chunks)
-        self._queue.append(entry)
         with anyio.CancelScope(shield=True):
             if self._writing < self._batches_max:
-                assert len(self._queue) == 1, "puts queue only while every batch is busy"
+                assert not self._queue, "puts queue only while every slot is busy"
                 self._writing += 1
-                entry.leads = True
+                entry.batch = [entry]
             else:
+                self._queue.append(entry)
                 await entry.woken.wait()
-            if entry.leads and not (entry.durable or entry.error):
-                await self._lead()
+            if entry.batch is not None:
+                await self._write(entry.batch)
         if entry.error is not None:
             raise entry.error
         assert entry.durable, "a put returns once its result is durable"
 
-    async def _lead(self) -> None:
-        """Write the queue's head (this leader's own entry first), answer its
-        entries, and hand this batch's turn to the first entry still queued."""
-        batch = self._queue[: self._batch_max]
-        del self._queue[: len(batch)]
+    async def _write(self, batch: list[_QueuedWrite]) -> None:
+        """Write ``batch`` in one worker-thread call, answer its entries, then
+        hand this slot the next batch from the queue, or free it."""
         try:
             await anyio.to_thread.run_sync(_write_batch, self._root, batch)
         finally:
@@ -352,9 +354,10 @@ class _GroupWriter:
                     entry.error = OSError("the result batch did not finish writing")
                 entry.woken.set()
             if self._queue:
-                successor = self._queue[0]
-                successor.leads = True
-                successor.woken.set()
+                following = self._queue[: self._batch_max]
+                del self._queue[: len(following)]
+                following[0].batch = following
+                following[0].woken.set()
             else:
                 self._writing -= 1
 

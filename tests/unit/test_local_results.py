@@ -167,6 +167,23 @@ async def test_puts_at_once_are_each_durable_and_fail_alone(
     assert temporaries(results.root) == []
 
 
+async def test_every_write_slot_comes_back_after_a_storm(tmp_path: Path) -> None:
+    """Slots freed together hand over different batches: after each storm of
+    puts the writer is idle again, every slot free, so the next puts never wait
+    for a batch nobody will write (a slot handed the same queued put twice was
+    lost, and with all of them lost every later put waited forever)."""
+    root = (await store(tmp_path)).root
+    writer = local_results._GroupWriter(root, batch_max=1, batches_max=2)
+    for storm in range(20):
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tasks:
+                for index in range(30):
+                    key = f"results/ten_storm/run_s{storm}x{index}"
+                    tasks.start_soon(writer.write, key, (b"{}\n", key.encode()))
+        assert (writer._writing, writer._queue) == (0, []), storm
+    assert len(list((root / "results" / "ten_storm").iterdir())) == 20 * 30
+
+
 async def test_a_directory_that_cannot_be_synced_fails_only_its_own_puts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
