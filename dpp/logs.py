@@ -194,10 +194,15 @@ def is_sensitive_name(name: str) -> bool:
 _SCALAR_TYPES = (bool, int, float)
 _SEQUENCE_TYPES = (list, tuple, set, frozenset)
 _BYTES_TYPES = (bytes, bytearray)
+# Exactly these types have nothing to scrub, and every line carries a few
+# (status, sizes, amounts): one set lookup answers them before any isinstance.
+_PLAIN_TYPES = frozenset({int, float, bool, type(None)})
 
 
 def redact(value: Any, depth: int = 0) -> Any:
     """A copy of ``value`` safe to log: sensitive keys and secret-shaped text scrubbed."""
+    if type(value) in _PLAIN_TYPES:
+        return value
     if isinstance(value, str):
         return redact_text(value)[:TEXT_CHARS_MAX]
     if value is None or isinstance(value, _SCALAR_TYPES):
@@ -238,36 +243,23 @@ class RedactingFilter(logging.Filter):
             message = f"{record.msg!r} (unformattable: {type(error).__name__})"
         record.msg = redact_text(message)[:TEXT_CHARS_MAX]
         record.args = None
-        extras = [name for name in attributes if name not in _RECORD_ATTRIBUTES]
+        extras = _extra_names(record)
         for name in extras:
-            attributes[name] = _redacted_field(name, attributes[name])
+            value = attributes[name]
+            attributes[name] = REDACTED if is_sensitive_name(name) else redact(value)
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = redact_text(record.exc_text)
         if record.stack_info:
             record.stack_info = redact_text(record.stack_info)
-        attributes["dpp_fields"] = {
-            name: _redacted_field(name, value) for name, value in bound_fields().items()
-        }
+        attributes["dpp_fields"] = _redact_mapping(bound_fields(), 0)
         attributes["dpp_extras"] = extras  # the formatter's, without a second walk
         attributes["dpp_redacted"] = True
         return True
 
 
 _redactor = RedactingFilter()
-# Values with nothing to scrub: every line carries a few (status, sizes, amounts).
-_PLAIN_TYPES = frozenset({int, float, bool, type(None)})
-
-
-def _redacted_field(name: str, value: Any) -> Any:
-    """A log field as it may be printed: a sensitive name hides its value; a
-    plain number or flag is printed as it is (no call into ``redact``)."""
-    if is_sensitive_name(name):
-        return REDACTED
-    if type(value) in _PLAIN_TYPES:
-        return value
-    return redact(value)
 
 
 def _extra_names(record: logging.LogRecord) -> list[str]:
