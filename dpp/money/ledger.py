@@ -534,7 +534,7 @@ SettleOutcome = SettleResult | SettleRefused | RunNotFound
 
 
 def _decide_settlement(
-    request: SettleRequest, run: Record | None, has_reserve: bool
+    request: SettleRequest, run: Mapping[str, Any] | None, has_reserve: bool
 ) -> Settlement | SettleResult | SettleRefused | RunNotFound:
     """What one request does to its run, judged under the run's row lock (pure)."""
     if run is None:
@@ -579,7 +579,8 @@ def _decide_settlement(
 async def settle_batch(
     pool: Pool, queries: Queries, requests: Sequence[SettleRequest]
 ) -> list[SettleOutcome]:
-    """Apply SPEC §1's table to each run exactly once, all in one transaction.
+    """Apply SPEC §1's table to each run exactly once, in one statement that is
+    its own transaction (``dpp_settle``, migration 0011).
 
     Guarded three ways per run: its row lock and version (concurrent settlers
     serialize; the later one sees a terminal run), its status (only from
@@ -588,105 +589,147 @@ async def settle_batch(
     make a replayed settlement impossible to double-apply even if those guards
     were bypassed. A refused request is answered with its reason and does not
     hold back the others. Group commit: a settlement actor settles what queued
-    up while the previous transaction ran.
+    up while the previous statement ran.
+
+    The statement decides each request under the row locks; the decision is
+    checked here against ``_decide_settlement`` on the locked state it returns
+    (the rule is Python's; the statement applies it without a round trip in
+    between, so the tenants' rows are held from the ledger insert to the
+    commit and no longer).
     """
     assert 1 <= len(requests) <= LEDGER_BATCH_MAX
-    run_ids = [request.run_id for request in requests]
-    async with pool.acquire() as connection, connection.transaction():
-        runs = {row["id"]: row for row in await connection.fetch(queries["lock_runs"], run_ids)}
-        outcomes: list[SettleOutcome | None] = [None] * len(requests)
-        writes: list[tuple[int, SettleRequest, Record, Settlement]] = []
-        decided: dict[str, Settlement] = {}  # two requests for one run in one batch
-        for index, request in enumerate(requests):
-            run = runs.get(request.run_id)
-            earlier = decided.get(request.run_id)
-            if earlier is not None:
-                assert run is not None, "a decided run was locked"
-                outcomes[index] = (
-                    SettleResult(request.run_id, run["tenant_id"], earlier, False, None)
-                    if earlier.outcome is request.outcome
-                    else SettleRefused(request.run_id, earlier.outcome.value, "already settled")
-                )
-                continue
-            has_reserve = (
-                run is not None
-                and run["status"] == RunStatus.AUDIT_REQUIRED
-                and bool(await connection.fetchval(queries["run_has_reserve_entry"], run["id"]))
-            )
-            decision = _decide_settlement(request, run, has_reserve)
-            if isinstance(decision, Settlement):
-                assert run is not None, "only a locked run is settled"
-                decided[request.run_id] = decision
-                writes.append((index, request, run, decision))
-            else:
-                outcomes[index] = decision
-        if writes:
-            finished, budgets = await _write_settlements(connection, queries, writes)
-            for index, _, run, settlement in writes:
-                outcomes[index] = SettleResult(
-                    run["id"],
-                    run["tenant_id"],
-                    settlement,
-                    True,
-                    budgets[run["tenant_id"]],
-                    finished[run["id"]],
-                )
+    async with pool.acquire() as connection:
+        # the statement commits itself: a crash before it is sent leaves nothing
         await crash_point("settle.before_commit")
-    assert all(outcome is not None for outcome in outcomes)
-    return outcomes  # type: ignore[return-value]
+        row = await _settle(connection, queries, requests)
+    return _checked_settlements(row, requests)
 
 
-async def _write_settlements(
-    connection: Connection,
-    queries: Queries,
-    writes: list[tuple[int, SettleRequest, Record, Settlement]],
-) -> tuple[dict[str, datetime], dict[str, TenantBudget]]:
-    """The run rows, the charge and refund entries, and the counters their
-    trigger wrote (it released the reservations), in one round trip: when each
-    run finished, and each tenant's budget after."""
-    results = [request.result for _, request, _, _ in writes]
-    entries = [
-        (run["tenant_id"], run["id"], kind, amount)
-        for _, _, run, settlement in writes
-        for kind, amount in (
-            ("charge", settlement.charged_usd_micros),
-            ("refund", settlement.refunded_usd_micros),
-        )
-    ]
+async def _settle(
+    connection: Connection, queries: Queries, requests: Sequence[SettleRequest]
+) -> Record:
+    """``dpp_settle``: every array one value per request (NULL where a request
+    brings no such guard, result or override)."""
+    results = [request.result for request in requests]
     row = await connection.fetchrow(
-        queries["write_settlements"],
-        [run["id"] for _, _, run, _ in writes],
-        [settlement.outcome.value for _, _, _, settlement in writes],
-        [settlement.charged_usd_micros for _, _, _, settlement in writes],
-        [settlement.refunded_usd_micros for _, _, _, settlement in writes],
-        [run["retention_days"] for _, _, run, _ in writes],
-        [request.error for _, request, _, _ in writes],
+        queries["settle"],
+        [request.run_id for request in requests],
+        [request.outcome.value for request in requests],
+        [request.actual_cost_usd_micros for request in requests],
+        [",".join(sorted(request.from_statuses)) for request in requests],
+        [request.lease_token for request in requests],
+        [request.expected_version for request in requests],
+        [request.charged_override_usd_micros for request in requests],
+        [request.error for request in requests],
         [result.key if result else None for result in results],
         [result.sha256 if result else None for result in results],
         [result.bytes if result else None for result in results],
         [result.content_type if result else None for result in results],
-        [run["version"] for _, _, run, _ in writes],
-        [entry[0] for entry in entries],
-        [entry[1] for entry in entries],
-        [entry[2] for entry in entries],
-        [entry[3] for entry in entries],
     )
     assert row is not None
-    settled = list(zip(row["settled_ids"] or (), row["finished_at"] or (), strict=True))
-    assert len(settled) == len(writes), "a run changed under its row lock"
+    return row
+
+
+# what dpp_settle answers for each kind of outcome _decide_settlement reaches
+_VERDICTS: dict[type, str] = {
+    Settlement: "settled",
+    SettleResult: "replayed",
+    SettleRefused: "refused",
+    RunNotFound: "not_found",
+}
+
+
+def _checked_settlements(row: Record, requests: Sequence[SettleRequest]) -> list[SettleOutcome]:
+    """Each request's outcome, once the decisions ``dpp_settle`` made are the
+    ones ``_decide_settlement`` makes on the state it locked."""
+    verdicts: list[str] = row["verdicts"]
+    assert len(verdicts) == len(requests), verdicts
+    finished = dict(zip(row["settled_ids"] or (), row["finished_at"] or (), strict=True))
     budgets = {
         tenant_id: checked_budget(balance, reserved, version)
         for tenant_id, balance, reserved, version in zip(
-            row["tenant_ids"],
-            row["balances_usd_micros"],
-            row["reserved_usd_micros"],
-            row["ledger_versions"],
+            row["tenant_ids"] or (),
+            row["balances_usd_micros"] or (),
+            row["reserved_usd_micros"] or (),
+            row["ledger_versions"] or (),
             strict=True,
         )
     }
-    # a tenant row vanished under its lock?
-    assert budgets.keys() == {run["tenant_id"] for _, _, run, _ in writes}
-    return dict(settled), budgets
+    outcomes: list[SettleOutcome] = []
+    decided: dict[str, Settlement] = {}  # two requests for one run in one batch
+    for index, request in enumerate(requests):
+        run = _locked_run(row, index, request.run_id)
+        earlier = decided.get(request.run_id)
+        decision: Settlement | SettleOutcome
+        if earlier is not None:
+            assert run is not None, "a decided run was locked"
+            decision = (
+                SettleResult(request.run_id, run["tenant_id"], earlier, False, None)
+                if earlier.outcome is request.outcome
+                else SettleRefused(request.run_id, earlier.outcome.value, "already settled")
+            )
+        else:
+            decision = _decide_settlement(request, run, bool(row["run_has_reserve"][index]))
+        verdict = verdicts[index]
+        assert _VERDICTS[type(decision)] == verdict, (request, decision, verdict)
+        match decision:
+            case Settlement():
+                assert run is not None, "only a locked run is settled"
+                assert (decision.charged_usd_micros, decision.refunded_usd_micros) == (
+                    row["charged"][index],
+                    row["refunded"][index],
+                ), (request, decision, row)
+                decided[request.run_id] = decision
+                # written, or the statement would have failed: the row count is checked
+                assert request.run_id in finished, "a run changed under its row lock"
+                outcomes.append(
+                    SettleResult(
+                        request.run_id,
+                        run["tenant_id"],
+                        decision,
+                        True,
+                        budgets[run["tenant_id"]],
+                        finished[request.run_id],
+                    )
+                )
+            case SettleResult():
+                settlement = decision.settlement
+                assert (settlement.charged_usd_micros, settlement.refunded_usd_micros) == (
+                    row["charged"][index],
+                    row["refunded"][index],
+                ), (request, decision, row)
+                outcomes.append(decision)
+            case SettleRefused():
+                assert decision.reason == row["reasons"][index], (decision, row)
+                outcomes.append(decision)
+            case RunNotFound():
+                outcomes.append(decision)
+    assert len(finished) == len(decided), "every settled run was written once"
+    # each tenant's counters, read after its entries (a tenant row vanished?)
+    assert budgets.keys() == {
+        outcome.tenant_id
+        for outcome in outcomes
+        if isinstance(outcome, SettleResult) and outcome.applied
+    }
+    return outcomes
+
+
+def _locked_run(row: Record, index: int, run_id: str) -> dict[str, Any] | None:
+    """The request's run as ``dpp_settle`` locked it, in ``_decide_settlement``'s terms."""
+    status = row["run_statuses"][index]
+    if status is None:
+        return None
+    return {
+        "id": run_id,
+        "tenant_id": row["run_tenant_ids"][index],
+        "status": status,
+        "version": row["run_versions"][index],
+        "lease_token": row["run_lease_tokens"][index],
+        "reserved_usd_micros": row["run_reserved"][index],
+        "minimum_fee_usd_micros": row["run_minimum"][index],
+        "charged_usd_micros": row["run_charged"][index],
+        "refunded_usd_micros": row["run_refunded"][index],
+    }
 
 
 async def settle(pool: Pool, queries: Queries, request: SettleRequest) -> SettleResult:

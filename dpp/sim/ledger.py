@@ -395,7 +395,7 @@ class MemLedger:
                 and run["status"] == RunStatus.AUDIT_REQUIRED
                 and f"reserve:{run['id']}" in self.operation_ids
             )
-            decision = _decide_settlement(request, run, has_reserve)  # type: ignore[arg-type]
+            decision = _decide_settlement(request, run, has_reserve)
             if isinstance(decision, rules.Settlement):
                 assert run is not None
                 decided[request.run_id] = decision

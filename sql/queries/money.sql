@@ -51,23 +51,14 @@ INSERT INTO credit_receipts (operation_id, balance_usd_micros, reserved_usd_micr
                              ledger_version)
 VALUES ($1, $2, $3, $4);
 
--- name: lock_runs
--- A settlement batch's runs, locked in id order so two batches locking
--- overlapping runs cannot deadlock; a function (migration 0009) so that its
--- plan probes runs_pkey at any table size.
-SELECT * FROM dpp_lock_runs($1::text[]);
-
--- name: write_settlements
--- A settlement batch's writes in one round trip (migration 0007): the run rows
--- guarded by the versions read under their locks (the caller checks the
--- count), the charge and refund entries, and the counters their trigger wrote.
-SELECT * FROM dpp_write_settlements($1::text[], $2::text[], $3::bigint[], $4::bigint[],
-                                    $5::int[], $6::jsonb[], $7::text[], $8::text[],
-                                    $9::bigint[], $10::text[], $11::bigint[], $12::text[],
-                                    $13::text[], $14::text[], $15::bigint[]);
-
--- name: run_has_reserve_entry
-SELECT EXISTS (SELECT 1 FROM ledger_entries WHERE run_id = $1 AND kind = 'reserve');
+-- name: settle
+-- A settlement batch in one round trip and one transaction (migration 0011):
+-- dpp_settle locks the runs in id order, decides each request, and writes the
+-- settled ones with dpp_write_settlements (dpp/money/ledger.py checks the
+-- decisions against _decide_settlement). Sent outside BEGIN: it commits itself.
+SELECT * FROM dpp_settle($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                         $6::bigint[], $7::bigint[], $8::jsonb[], $9::text[], $10::text[],
+                         $11::bigint[], $12::text[]);
 
 -- name: mark_audit_required
 UPDATE runs

@@ -162,6 +162,34 @@ async def test_stale_lease_token_cannot_settle(database_url, services, redis_pre
         assert status == "CLAIMED"
 
 
+async def test_a_cancel_of_a_run_a_worker_claimed_is_refused_and_moves_nothing(
+    database_url, services, redis_prefix
+) -> None:
+    """The cancel read QUEUED, then a worker claimed the run: the settlement,
+    allowed from QUEUED only, refuses it under the row lock (SPEC §2: a cancel
+    moves a QUEUED run only), whatever the caller read before."""
+    async with open_replica(database_url, services.redis_url, redis_prefix) as replica:
+        tenant = await create_tenant(replica.pool)
+        await replica.budgets.credit(tenant, 10_000, "credit:seed")
+        run = draft(3_000, minimum_fee_usd_micros=300)
+        await replica.budgets.reserve(tenant, run)
+        await replica.pool.execute(
+            "UPDATE runs SET status = 'PROCESSING', lease_token = gen_random_uuid(),"
+            " lease_expires_at = now() + interval '1 minute', started_at = now(),"
+            " attempts = attempts + 1, version = version + 1 WHERE id = $1",
+            run.run_id,
+        )
+        cancel = ledger.SettleRequest(
+            run.run_id, Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
+        )
+        with pytest.raises(ledger.SettleRefused, match="not settleable from this state"):
+            await replica.budgets.settle(tenant, cancel)
+        row = await replica.pool.fetchrow("SELECT * FROM runs WHERE id = $1", run.run_id)
+        assert (row["status"], row["charged_usd_micros"]) == ("PROCESSING", None)
+        budget = await replica.accounts.budget(tenant)
+        assert (budget["balance_usd_micros"], budget["reserved_usd_micros"]) == (10_000, 3_000)
+
+
 async def test_cancel_refunds_everything_and_is_idempotent(
     database_url, services, redis_prefix
 ) -> None:

@@ -189,6 +189,21 @@ async def test_a_run_without_its_reserve_entry_is_never_settled(
         assert await h.entries(run_id) == {}
         audit = await h.context.accounts.audit()
         assert audit.violations == [] and len(audit.audit_required_runs) == 1
+        # An operator's resolve is refused: settling would release money never reserved.
+        budget_before = await h.context.accounts.budget(h.tenant_id)
+        with pytest.raises(ledger.SettleRefused, match="holds no reservation"):
+            await h.budgets.settle(
+                h.tenant_id,
+                ledger.SettleRequest(
+                    run_id,
+                    Outcome.FAILED,
+                    from_statuses=frozenset({RunStatus.AUDIT_REQUIRED}),
+                    charged_override_usd_micros=0,
+                ),
+            )
+        assert (await h.row(run_id))["status"] == "AUDIT_REQUIRED"
+        assert await h.entries(run_id) == {}
+        assert await h.context.accounts.budget(h.tenant_id) == budget_before
 
 
 async def test_two_reconcilers_racing_settle_each_run_exactly_once(
