@@ -254,11 +254,13 @@ class _QueuedWrite:
 def _write_batch(root: Path, entries: list[_QueuedWrite]) -> None:
     """Write each entry's file durably, in worker-thread phases: every file
     written to a temporary; each temporary fsynced, then renamed over its key;
-    each directory fsynced once. (Writing all before the first fsync lets the
-    file system commit them together: on ext4 the first fsync's journal commit
-    carries the others' data, so theirs find little left to do.) A failure is
-    recorded on its entry, whose temporary is removed, and the others go on; a
-    directory whose fsync fails fails its entries."""
+    each directory fsynced once. What a batch saves is worker-thread calls
+    and directory fsyncs; the files' own fsyncs are not shared (measured on
+    this workplace's ext4 on virtio, 2026-12-03: eight 300-byte files ~9 ms,
+    eight times one file's ~1.1 ms; ~7 ms with the fsyncs spread over
+    threads, and 16 slots instead of 4 moved echo runs within noise). A
+    failure is recorded on its entry, whose temporary is removed, and the
+    others go on; a directory whose fsync fails fails its entries."""
     checked: set[Path] = set()  # directories created, resolved and checked
     opened: list[tuple[_QueuedWrite, Path, BinaryIO]] = []
     for entry in entries:
