@@ -108,13 +108,16 @@ class Accounts:
         """Balance, reserved and the plan's limits; raises ``ledger.TenantNotFound``."""
         return await ledger.read_budget(self._pool, self._queries, tenant_id)
 
-    async def key_spend(self, tenant_id: str, key_id: str) -> KeySpend:
-        """The key's limit and spent; raises ``ledger.TenantNotFound`` when the key
-        is not one of the tenant's (it authenticated the request: it is)."""
-        row = await self._pool.fetchrow(self._queries["api_key_spend"], key_id, tenant_id)
-        if row is None:
+    async def key_budget(self, tenant_id: str, key_id: str) -> tuple[Record, KeySpend]:
+        """The tenant's budget and plan (as ``budget``) and the key's limit and
+        spent, read in one statement (one snapshot); raises
+        ``ledger.TenantNotFound`` when the tenant is gone or the key is not one
+        of its (it authenticated the request: it is)."""
+        row = await self._pool.fetchrow(self._queries["key_budget"], tenant_id, key_id)
+        if row is None or row["key_id"] is None:
             raise ledger.TenantNotFound(tenant_id)
-        return KeySpend(row["spend_limit_usd_micros"], row["spent_usd_micros"])
+        ledger.tenant_budget(row)  # its counters are checked as every read's are
+        return row, KeySpend(row["spend_limit_usd_micros"], row["spent_usd_micros"])
 
     async def both_stores(self, tenant_id: str) -> BothStores:
         """Raises ``ledger.TenantNotFound``."""

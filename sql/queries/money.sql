@@ -178,10 +178,18 @@ WHERE ($1::text IS NULL OR k.tenant_id = $1)
 ORDER BY k.id
 LIMIT 1000;
 
--- name: api_key_spend
--- The calling key's limit and spent (GET /v1/budget).
-SELECT spend_limit_usd_micros, spent_usd_micros
-FROM api_keys WHERE id = $1 AND tenant_id = $2;
+-- name: key_budget
+-- GET /v1/budget in one round trip and one snapshot: the tenant's counters and
+-- plan (as tenant_budget), and the calling key's limit and spent, NULL when the
+-- key is not the tenant's. One snapshot: the key's room is judged against the
+-- available it is shown beside, never against a reservation's other half.
+SELECT t.balance_usd_micros, t.reserved_usd_micros, t.ledger_version,
+       p.id AS plan_id, p.requests_per_minute, p.max_concurrent_runs, p.retention_days,
+       k.id AS key_id, k.spend_limit_usd_micros, k.spent_usd_micros
+FROM tenants t
+JOIN plans p ON p.id = t.plan_id
+LEFT JOIN api_keys k ON k.id = $2 AND k.tenant_id = t.id
+WHERE t.id = $1;
 
 -- name: tenant_ids_page
 SELECT id FROM tenants WHERE id > $1 ORDER BY id LIMIT $2;

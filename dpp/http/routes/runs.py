@@ -392,7 +392,7 @@ async def get_budget(request: Request) -> Response:
 
 async def budget_document(context: AppContext, principal: Principal) -> dict[str, Any]:
     """``GET /v1/budget``'s document for the calling key (the MCP get_budget tool too)."""
-    row = await context.accounts.budget(principal.tenant_id)
+    row, spend = await context.accounts.key_budget(principal.tenant_id, principal.key_id)
     plan = plan_limits(
         row["plan_id"],
         row["requests_per_minute"],
@@ -400,7 +400,6 @@ async def budget_document(context: AppContext, principal: Principal) -> dict[str
         row["retention_days"],
     )
     view = budget_view(row["balance_usd_micros"], row["reserved_usd_micros"])
-    spend = await context.accounts.key_spend(principal.tenant_id, principal.key_id)
     document = {
         **view,
         "plan": plan,
