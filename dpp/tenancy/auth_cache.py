@@ -231,7 +231,7 @@ class AuthCache:
         finally:
             self._on_unsubscribed()
             with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py's own
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # untyped before redis-py 8.2
 
     def _on_subscribed(self, now: float) -> None:
         # Anything may have been published while we were not subscribed
