@@ -3,7 +3,8 @@
 1. balance == sum(credits) - sum(charges), per tenant;
 2. reserved == sum(R) over the tenant's open runs (AUDIT_REQUIRED runs count
    with what their ledger entries hold), and == the ledger's reserves minus
-   its charges and refunds;
+   its charges and refunds; and the open-run count on the tenant's row (what
+   the concurrency limit decides on) == its runs QUEUED, PROCESSING or CLAIMED;
 3. available >= 0;
 4. every terminal run has exactly one settlement (one charge and one refund
    entry) with charged + refunded == R, and every run exactly one reserve;
@@ -123,6 +124,12 @@ async def run_audit(
                     reserved_usd_micros=reserved,
                     open_runs_usd_micros=row["open_reserved"],
                     ledger_usd_micros=row["reserves"] - row["released"],
+                )
+            if row["open_runs"] != row["open_count"]:
+                # the open runs the concurrency limit decides on (the tenant's
+                # row, migration 0012) against the runs themselves
+                report.add(
+                    2, tenant_id=tenant, open_runs=row["open_runs"], runs_open=row["open_count"]
                 )
             if balance - reserved < 0:
                 report.add(3, tenant_id=tenant, available_usd_micros=balance - reserved)

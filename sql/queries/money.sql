@@ -79,12 +79,14 @@ FROM tenants t JOIN plans p ON p.id = t.plan_id
 WHERE t.id = $1;
 
 -- name: audit_tenant_sums
--- Invariants 1-3 per tenant, from the ledger and the runs.
+-- Invariants 1-3 per tenant, from the ledger and the runs; and the open runs
+-- the tenant's row counts (0012) against the runs.
 SELECT t.id AS tenant_id,
-       t.balance_usd_micros, t.reserved_usd_micros,
+       t.balance_usd_micros, t.reserved_usd_micros, t.open_runs,
        COALESCE(l.credits, 0)::bigint AS credits, COALESCE(l.charges, 0)::bigint AS charges,
        COALESCE(l.reserves, 0)::bigint AS reserves, COALESCE(l.released, 0)::bigint AS released,
-       COALESCE(r.open_reserved, 0)::bigint AS open_reserved
+       COALESCE(r.open_reserved, 0)::bigint AS open_reserved,
+       COALESCE(r.open_count, 0)::bigint AS open_count
 FROM tenants t
 LEFT JOIN (
     SELECT tenant_id,
@@ -98,7 +100,8 @@ LEFT JOIN (
     -- open runs hold R; an AUDIT_REQUIRED run holds what its ledger entries show
     SELECT r.tenant_id,
            sum(CASE WHEN r.status = 'AUDIT_REQUIRED' THEN COALESCE(h.held, 0)
-                    ELSE r.reserved_usd_micros END) AS open_reserved
+                    ELSE r.reserved_usd_micros END) AS open_reserved,
+           count(*) FILTER (WHERE r.status <> 'AUDIT_REQUIRED') AS open_count
     FROM runs r
     LEFT JOIN (
         SELECT run_id, sum(CASE WHEN kind = 'reserve' THEN amount_usd_micros

@@ -17,6 +17,7 @@ import pytest
 
 from dpp.adapters.postgres import Queries, create_pool
 from dpp.money import ledger
+from dpp.money.audit import run_audit
 from dpp.money.rules import Outcome, RunStatus
 from tests.moneykit import claim_for_test, create_plan, create_tenant, draft
 
@@ -552,3 +553,161 @@ async def test_deleting_a_run_or_tenant_with_money_is_refused(world: World) -> N
         ("DELETE FROM api_keys WHERE tenant_id = $1", world.tenant),
         ("DELETE FROM tenants WHERE id = $1", world.tenant),
     )
+
+
+# ------------------------------- the concurrency limit's count (migration 0012)
+
+
+async def open_runs(pool: asyncpg.Pool, tenant: str) -> int:
+    """What the tenant's row counts (what a reservation decides on)."""
+    return int(await pool.fetchval("SELECT open_runs FROM tenants WHERE id = $1", tenant))
+
+
+async def runs_open(pool: asyncpg.Pool, tenant: str) -> int:
+    """What the runs themselves say."""
+    return int(
+        await pool.fetchval(
+            "SELECT count(*) FROM runs WHERE tenant_id = $1 AND status = ANY($2::text[])",
+            tenant,
+            list(OPEN),
+        )
+    )
+
+
+async def test_the_open_run_count_follows_every_move_of_a_run(world: World) -> None:
+    pool, queries, tenant = world.pool, world.queries, world.tenant
+
+    async def count_is(expected: int) -> None:
+        assert (await open_runs(pool, tenant), await runs_open(pool, tenant)) == (
+            expected,
+            expected,
+        )
+
+    # the fixture reached every status by the legal paths: three of them are open
+    await count_is(3)
+    assert await open_runs(pool, world.other_tenant) == 0
+    fresh = [draft(R, minimum_fee_usd_micros=M) for _ in range(4)]
+    await ledger.reserve_batch(pool, queries, tenant, fresh)  # one statement, four runs
+    await count_is(7)
+    # a claim, a lease renewal and a release move no run in or out
+    claimed = await pool.fetchrow(queries["claim_run_by_id"], fresh[0].run_id, 60)
+    assert claimed is not None
+    assert await pool.fetchval(
+        queries["renew_lease"], fresh[0].run_id, claimed["lease_token"], claimed["version"], 60
+    )
+    assert await pool.fetchval(queries["release_run"], fresh[0].run_id, claimed["lease_token"])
+    token = await claim_for_test(pool, fresh[1].run_id)  # PROCESSING, then CLAIMED
+    await count_is(7)
+    await ledger.settle(
+        pool,
+        queries,
+        ledger.SettleRequest(
+            fresh[1].run_id, Outcome.COMPLETED, actual_cost_usd_micros=M, lease_token=token
+        ),
+    )
+    await count_is(6)
+    queued = frozenset({RunStatus.QUEUED})
+    await ledger.settle(
+        pool, queries, ledger.SettleRequest(fresh[2].run_id, Outcome.CANCELED, from_statuses=queued)
+    )
+    await count_is(5)
+    version = await pool.fetchval("SELECT version FROM runs WHERE id = $1", fresh[3].run_id)
+    assert await ledger.mark_audit_required(
+        pool, queries, fresh[3].run_id, version, {"title": "test"}
+    )
+    await count_is(4)  # AUDIT_REQUIRED does not count toward the limit (SPEC §6)
+    await ledger.settle(
+        pool,
+        queries,
+        ledger.SettleRequest(
+            fresh[3].run_id,
+            Outcome.FAILED,
+            from_statuses=frozenset({RunStatus.AUDIT_REQUIRED}),
+            charged_override_usd_micros=0,
+        ),
+    )
+    await count_is(4)
+    await ledger.settle(
+        pool, queries, ledger.SettleRequest(fresh[0].run_id, Outcome.CANCELED, from_statuses=queued)
+    )
+    await count_is(3)
+    assert await open_runs(pool, world.other_tenant) == 0
+
+
+async def test_one_statement_moving_runs_of_two_tenants_counts_each(world: World) -> None:
+    theirs = draft(R, minimum_fee_usd_micros=M)
+    await ledger.reserve_batch(world.pool, world.queries, world.other_tenant, [theirs])
+    assert await open_runs(world.pool, world.other_tenant) == 1
+    moved = [world.runs["QUEUED"], world.runs["PROCESSING"], theirs.run_id]
+    async with rolled_back(world.pool) as connection:
+        await connection.execute(
+            "UPDATE runs SET status = 'AUDIT_REQUIRED', lease_token = NULL,"
+            " lease_expires_at = NULL, version = version + 1 WHERE id = ANY($1::text[])",
+            moved,
+        )
+        rows = await connection.fetch(
+            "SELECT id, open_runs FROM tenants WHERE id = ANY($1::text[])",
+            [world.tenant, world.other_tenant],
+        )
+        assert {row["id"]: row["open_runs"] for row in rows} == {
+            world.tenant: 1,
+            world.other_tenant: 0,
+        }
+    await ledger.settle(
+        world.pool,
+        world.queries,
+        ledger.SettleRequest(
+            theirs.run_id, Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "assignment", ["open_runs = 0", "open_runs = open_runs + 1", "open_runs = 100000"]
+)
+async def test_the_open_run_count_never_moves_by_hand(world: World, assignment: str) -> None:
+    await refused(
+        world.pool,
+        "dpp rule open_runs_from_runs",
+        (f"UPDATE tenants SET {assignment} WHERE id = $1", world.tenant),
+    )
+
+
+async def test_a_tenant_is_born_with_no_open_runs(world: World) -> None:
+    insert = (
+        "INSERT INTO tenants (id, name, plan_id, open_runs)"
+        " VALUES ('ten_" + "c" * 24 + "', 'busy', 'default', 5)"
+    )
+    await refused(world.pool, "dpp rule open_runs_from_runs", (insert,))
+
+
+async def test_the_open_run_count_is_never_negative_even_with_the_triggers_off(
+    world: World,
+) -> None:
+    await refused(
+        world.pool,
+        "tenants_open_runs_nonnegative",
+        ("SET LOCAL session_replication_role = replica",),
+        ("UPDATE tenants SET open_runs = -1 WHERE id = $1", world.tenant),
+    )
+
+
+async def test_the_audit_reports_an_open_run_count_out_of_step(world: World) -> None:
+    async def set_by_restore(value: int) -> None:
+        # as a partial restore with the triggers off would leave it
+        async with world.pool.acquire() as connection, connection.transaction():
+            await connection.execute("SET LOCAL session_replication_role = replica")
+            await connection.execute(
+                "UPDATE tenants SET open_runs = $2 WHERE id = $1", world.tenant, value
+            )
+
+    before = await run_audit(world.pool, world.queries, None, tenant_id=world.tenant)
+    assert before.violations == []
+    await set_by_restore(9)
+    try:
+        report = await run_audit(world.pool, world.queries, None, tenant_id=world.tenant)
+        assert report.violations == [
+            {"invariant": 2, "tenant_id": world.tenant, "open_runs": 9, "runs_open": 3}
+        ]
+    finally:
+        await set_by_restore(3)

@@ -16,6 +16,10 @@ import asyncpg
 import pytest
 
 from dpp.adapters import migrate
+from dpp.adapters.postgres import Queries, create_pool
+from dpp.money import ledger
+from dpp.money.rules import Outcome, RunStatus
+from tests.moneykit import claim_for_test, create_plan, create_tenant, draft
 
 if TYPE_CHECKING:  # imported plainly, pytest would try to collect the class
     from tests.services import TestServices
@@ -178,3 +182,42 @@ def test_compare_schemas_reports_column_order_once() -> None:
     assert migrate.compare_schemas(live, expected) == [
         "columns of public.t: database order b, a; migrations give a, b"
     ]
+
+
+async def test_0012_counts_the_open_runs_a_database_already_has(
+    services: TestServices, tmp_path: Path
+) -> None:
+    """A database migrated while tenants have runs open starts the count on each
+    tenant's row at what its runs say (the concurrency limit holds across the
+    upgrade), and the count moves on from there."""
+    before_0012 = tmp_path / "migrations"
+    before_0012.mkdir()
+    for migration in sorted(migrate.MIGRATIONS_DIRECTORY.glob("*.sql")):
+        if migration.name < "0012":
+            shutil.copy(migration, before_0012)
+    async with migrate.scratch_database(services.admin_database_url) as url:
+        await migrate.apply_migrations(url, before_0012)
+        pool = await create_pool(url, max_size=2)
+        try:
+            queries = Queries.load()
+            await create_plan(pool, "wide", max_concurrent_runs=100)
+            busy = await create_tenant(pool, plan_id="wide")
+            idle = await create_tenant(pool, plan_id="wide")
+            await ledger.credit(pool, queries, busy, 1_000_000, "credit:seed")
+            drafts = [draft() for _ in range(5)]
+            await ledger.reserve_batch(pool, queries, busy, drafts)
+            await claim_for_test(pool, drafts[0].run_id)  # CLAIMED: still open
+            await ledger.settle(
+                pool,
+                queries,
+                ledger.SettleRequest(
+                    drafts[1].run_id, Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
+                ),
+            )
+            assert await migrate.apply_migrations(url) == ["0012_open_runs_on_the_tenant"]
+            count = "SELECT open_runs FROM tenants WHERE id = $1"
+            assert (await pool.fetchval(count, busy), await pool.fetchval(count, idle)) == (4, 0)
+            await ledger.reserve_batch(pool, queries, busy, [draft()])
+            assert await pool.fetchval(count, busy) == 5
+        finally:
+            await pool.close()
