@@ -26,6 +26,19 @@ same Postgres (16 clients deferring, one worker process with concurrency 16;
 spreads the POST load over T tenants (the requests cycle through their keys)
 instead of one.
 
+``--floor`` adds a third server to every measurement, in the same rounds:
+``bench/floor_app.py``, what DPP's design must do per run on the same stack
+with none of its guarantees (a rate-limit script call, the run's row group
+committed, executed in-process with its result file written durably; no auth,
+validation, budget, idempotency, ledger or leases), in its own database, Redis
+prefix and results directory, its queue drained before each measurement like
+DPP's. The table gains floor, floor/bare and DPP/floor; the floor's CPU per run
+under POST c=64 is measured like DPP's, and its echo rate (submit → COMPLETED,
+the same 16 clients) beside DPP's. For submits and echo runs the ratio DPP
+can reach against bare is bounded by the floor's: the floor says how much of
+the gap is the stack and durable work, and how much DPP's guarantees (not for
+reads: DPP answers a burst of reads with one query, the floor per request).
+
 The load generator shares the machine's cores with both servers, so absolute
 numbers understate a real deployment; compare the ratios.
 
@@ -34,7 +47,7 @@ numbers understate a real deployment; compare the ratios.
 table); ``DPP_BENCH_PAUSE=S`` prints the server's pid and waits S seconds
 before the load, to attach py-spy.
 
-    .venv/bin/python bench/bench_ratios.py [--seconds 5] [--rounds 3]
+    .venv/bin/python bench/bench_ratios.py [--seconds 5] [--rounds 3] [--floor]
 """
 
 from __future__ import annotations
@@ -68,6 +81,9 @@ ADMIN_TOKEN = "bench-admin-token-0123456789"
 LUA = ROOT / "bench" / "wrk_runs.lua"
 ECHO = {"pack_type": "echo", "inputs": {"payload": {"n": 1}}}
 PENDING = "SELECT count(*) FROM runs WHERE status IN ('QUEUED', 'PROCESSING', 'CLAIMED')"
+RUNS = "SELECT count(*) FROM runs"
+FLOOR_PENDING = "SELECT count(*) FROM floor_runs WHERE status <> 'COMPLETED'"
+FLOOR_RUNS = "SELECT count(*) FROM floor_runs"
 
 
 @dataclass
@@ -76,6 +92,17 @@ class Load:
     p50_ms: float
     p99_ms: float
     bad: int  # non-2xx/3xx answers and socket errors
+
+
+@dataclass
+class Watched:
+    """A server whose runs execute: drained before each measurement, its CPU per
+    run costed under POST c=64 (DPP, and the floor with ``--floor``)."""
+
+    process: subprocess.Popen[bytes]
+    database: asyncpg.Connection
+    pending: str  # counts its runs not yet done
+    count: str  # counts all its runs
 
 
 def free_port() -> int:
@@ -200,33 +227,44 @@ async def setup_tenants(base: str, count: int) -> list[str]:
         return [await create_tenant(session, f"t{index}") for index in range(count)]
 
 
-async def drain(database: asyncpg.Connection, timeout_s: float = 300.0) -> None:
+async def drain(
+    database: asyncpg.Connection, timeout_s: float = 300.0, pending: str = PENDING
+) -> None:
     deadline = time.monotonic() + timeout_s
-    while await database.fetchval(PENDING) and time.monotonic() < deadline:  # noqa: ASYNC110 - polling Postgres
+    while await database.fetchval(pending) and time.monotonic() < deadline:  # noqa: ASYNC110 - polling Postgres
         await asyncio.sleep(0.2)
 
 
-async def echo_settled(base: str, key: str, database: asyncpg.Connection, runs: int) -> float:
-    """Echo runs per second, from the first submit until every run is settled."""
+async def echo_settled(
+    base: str,
+    key: str | None,
+    database: asyncpg.Connection,
+    runs: int,
+    *,
+    pending: str = PENDING,
+    count: str = RUNS,
+) -> float:
+    """Echo runs per second, from the first submit until every run is settled
+    (``pending`` counts the runs not yet done; the floor: no key, no headers)."""
     remaining = runs
     auth = {"Authorization": f"Bearer {key}"}
-    before = await database.fetchval("SELECT count(*) FROM runs")
+    before = await database.fetchval(count)
 
     async def client(session: aiohttp.ClientSession) -> None:
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            headers = {**auth, "Idempotency-Key": secrets.token_hex(8)}
+            headers = {**auth, "Idempotency-Key": secrets.token_hex(8)} if key else None
             async with session.post("/v1/runs", json=ECHO, headers=headers) as answer:
                 assert answer.status == 202, await answer.text()
 
     started = time.perf_counter()
     async with aiohttp.ClientSession(base) as session:
         await asyncio.gather(*(client(session) for _ in range(16)))
-    while await database.fetchval(PENDING):  # noqa: ASYNC110 - polling Postgres
+    while await database.fetchval(pending):  # noqa: ASYNC110 - polling Postgres
         await asyncio.sleep(0.02)
     elapsed = time.perf_counter() - started
-    assert await database.fetchval("SELECT count(*) FROM runs") - before == runs
+    assert await database.fetchval(count) - before == runs
     return runs / elapsed
 
 
@@ -309,12 +347,15 @@ async def main(arguments: argparse.Namespace) -> None:
         sys.exit("wrk not found: apt-get install wrk")
     name, prefix = f"dpp_bench_{secrets.token_hex(4)}", f"dppbench{secrets.token_hex(4)}"
     procrastinate_db = f"dpp_bench_pq_{secrets.token_hex(4)}"
+    floor_name = f"dpp_bench_floor_{secrets.token_hex(4)}"
+    floor_prefix = f"dppbenchfloor{secrets.token_hex(4)}"
     admin = await asyncpg.connect(admin_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
     database_url = with_database(admin_url, name)
     results_dir = tempfile.mkdtemp(prefix="dpp-bench-results-")
     keys_dir = tempfile.mkdtemp(prefix="dpp-bench-keys-")  # API keys for wrk's Lua script
     bare_port, dpp_port = free_port(), free_port()
+    floor_results_dir = tempfile.mkdtemp(prefix="dpp-bench-floor-") if arguments.floor else ""
     processes: list[subprocess.Popen[bytes]] = []
     try:
         await apply_migrations(database_url)
@@ -344,6 +385,20 @@ async def main(arguments: argparse.Namespace) -> None:
         server = start(dpp_command, env)
         processes.append(server)
         bare, dpp = f"http://127.0.0.1:{bare_port}", f"http://127.0.0.1:{dpp_port}"
+        targets = [("bare", bare), ("dpp", dpp)]
+        if arguments.floor:
+            await admin.execute(f'CREATE DATABASE "{floor_name}"')
+            floor_url = with_database(admin_url, floor_name)
+            floor_port = free_port()
+            floor = f"http://127.0.0.1:{floor_port}"
+            floor_command = [
+                *(sys.executable, str(ROOT / "bench" / "floor_app.py"), "--port", str(floor_port)),
+                *("--database-url", floor_url, "--redis-url", redis_url),
+                *("--redis-prefix", floor_prefix, "--results-dir", floor_results_dir),
+            ]
+            floor_server = start(floor_command, dict(os.environ))
+            processes.append(floor_server)
+            targets.append(("floor", floor))
         await wait_http(bare + "/v1/runs/x")
         await wait_http(dpp + "/health")
         if arguments.processes > 1:
@@ -360,11 +415,25 @@ async def main(arguments: argparse.Namespace) -> None:
         ):
             run_id = (await answer.json())["id"]
         await drain(database)
+        watched = {"dpp": Watched(server, database, PENDING, RUNS)}
+        floor_run_path = ""
+        if arguments.floor:
+            await wait_http(floor + "/v1/runs/x")  # up once its table exists
+            floor_database = await asyncpg.connect(floor_url)
+            watched["floor"] = Watched(floor_server, floor_database, FLOOR_PENDING, FLOOR_RUNS)
+            async with (
+                aiohttp.ClientSession(floor) as session,
+                session.post("/v1/runs", json=ECHO) as answer,
+            ):
+                floor_run_path = f"/v1/runs/{(await answer.json())['id']}"
+            await drain(floor_database, pending=FLOOR_PENDING)
         await asyncio.sleep(1)
         idle_rss = tree_rss_kib(server.pid)
         peak_rss = idle_rss
         if os.environ.get("DPP_BENCH_PAUSE"):  # attach a profiler to the server now
             print(f"server pid {server.pid}", flush=True)
+            if arguments.floor:
+                print(f"floor pid {floor_server.pid}", flush=True)
             await asyncio.sleep(float(os.environ["DPP_BENCH_PAUSE"]))
 
         run_path = f"/v1/runs/{run_id}"
@@ -377,41 +446,50 @@ async def main(arguments: argparse.Namespace) -> None:
         if arguments.only:
             cases = [case for case in cases if arguments.only in case[0]]
         measured: dict[tuple[str, str], list[Load]] = {}
-        cpu_per_run_ms: list[float] = []  # the POST c=64 loads, each with its drain
+        # the POST c=64 loads, each with its drain, per watched server
+        cpu_per_run_ms: dict[str, list[float]] = {target: [] for target in watched}
         for _ in range(arguments.rounds):
             for label, mode, path, connections in cases:
-                for target, base in (("bare", bare), ("dpp", dpp)):
+                for target, base in targets:
                     token = "-"
                     if target == "dpp":
                         token = keys_file if mode == "post" and len(keys) > 1 else keys[0]
-                    costed = target == "dpp" and mode == "post" and connections > 1
-                    if costed:
-                        cpu_before = tree_cpu_s(server.pid)
-                        runs_before = await database.fetchval("SELECT count(*) FROM runs")
+                    target_path = floor_run_path if target == "floor" and mode == "get" else path
+                    watch = watched.get(target)
+                    costed = watch is not None and mode == "post" and connections > 1
+                    if watch is not None and costed:
+                        cpu_before = tree_cpu_s(watch.process.pid)
+                        runs_before = await watch.database.fetchval(watch.count)
                     load_task = asyncio.create_task(
-                        wrk(base, mode, path, token, connections, arguments.seconds)
+                        wrk(base, mode, target_path, token, connections, arguments.seconds)
                     )
                     while not load_task.done():
                         if target == "dpp":
                             peak_rss = max(peak_rss, tree_rss_kib(server.pid))
                         await asyncio.sleep(0.5)
                     measured.setdefault((label, target), []).append(load_task.result())
-                    if target == "dpp" and mode == "post":
-                        await drain(database)
-                    if costed:
-                        runs = await database.fetchval("SELECT count(*) FROM runs") - runs_before
-                        cpu_s = tree_cpu_s(server.pid) - cpu_before
-                        cpu_per_run_ms.append(1000 * cpu_s / max(runs, 1))
+                    if watch is not None and mode == "post":
+                        await drain(watch.database, pending=watch.pending)
+                    if watch is not None and costed:
+                        runs = await watch.database.fetchval(watch.count) - runs_before
+                        cpu_s = tree_cpu_s(watch.process.pid) - cpu_before
+                        cpu_per_run_ms[target].append(1000 * cpu_s / max(runs, 1))
 
         print(
             f"wrk -t1, {arguments.seconds:g} s per measurement, median of {arguments.rounds}; "
             f"dpp serve --processes {arguments.processes}, {arguments.tenants} tenant(s), "
             f"LOG_LEVEL={arguments.log_level}, results on the local store"
+            + ("; floor: bench/floor_app.py" if arguments.floor else "")
         )
-        print(f"{'':26s} {'bare':>12s} {'DPP':>12s} {'DPP/bare':>9s}  bad answers (bare/DPP)")
+        header = f"{'':26s} {'bare':>12s} {'DPP':>12s} {'DPP/bare':>9s}"
+        if arguments.floor:
+            header += f" {'floor':>12s} {'floor/bare':>10s} {'DPP/floor':>9s}"
+            print(f"{header}  bad answers (bare/DPP/floor)")
+        else:
+            print(f"{header}  bad answers (bare/DPP)")
         for label, _, _, connections in cases:
             bare_loads, dpp_loads = measured[(label, "bare")], measured[(label, "dpp")]
-            bad = f"{sum(x.bad for x in bare_loads)}/{sum(x.bad for x in dpp_loads)}"
+            bad = "/".join(str(sum(x.bad for x in measured[(label, t)])) for t, _ in targets)
             rows = [("req/s", lambda load: load.rate)]
             if connections == 1:
                 rows = [("p50 ms", lambda load: load.p50_ms)]
@@ -419,24 +497,44 @@ async def main(arguments: argparse.Namespace) -> None:
                     rows.append(("p99 ms", lambda load: load.p99_ms))
             for unit, field in rows:
                 b, d = median_of(bare_loads, field), median_of(dpp_loads, field)
-                print(f"{label + ' ' + unit:26s} {b:12.2f} {d:12.2f} {d / b:8.2f}x  {bad}")
+                line = f"{label + ' ' + unit:26s} {b:12.2f} {d:12.2f} {d / b:8.2f}x"
+                if arguments.floor:
+                    f = median_of(measured[(label, "floor")], field)
+                    line += f" {f:12.2f} {f / b:9.2f}x {d / f:8.2f}x"
+                print(f"{line}  {bad}")
         print(
             f"dpp serve RSS (process tree): idle {idle_rss / 1024:.0f} MiB, "
             f"peak under load {peak_rss / 1024:.0f} MiB"
         )
-        if cpu_per_run_ms:
+        if cpu_per_run_ms["dpp"]:
             print(
                 "dpp serve CPU (process tree) per run admitted and executed, POST c=64 "
-                f"and its drain: {statistics.median(cpu_per_run_ms):.2f} ms"
+                f"and its drain: {statistics.median(cpu_per_run_ms['dpp']):.2f} ms"
+            )
+        if cpu_per_run_ms.get("floor"):
+            dpp_cpu, floor_cpu = (statistics.median(cpu_per_run_ms[t]) for t in ("dpp", "floor"))
+            print(
+                "floor_app CPU (process tree) per run admitted and executed, POST c=64 "
+                f"and its drain: {floor_cpu:.2f} ms; DPP/floor {dpp_cpu / floor_cpu:.2f}x"
             )
 
         if not arguments.no_echo:
-            echo = statistics.median(
-                [
-                    await echo_settled(dpp, keys[0], database, arguments.echo_runs)
-                    for _ in range(arguments.rounds)
-                ]
-            )
+            echoes: list[float] = []
+            floor_echoes: list[float] = []  # alternating with DPP's, round by round
+            for _ in range(arguments.rounds):
+                echoes.append(await echo_settled(dpp, keys[0], database, arguments.echo_runs))
+                if arguments.floor:
+                    floor_echoes.append(
+                        await echo_settled(
+                            floor,
+                            None,
+                            floor_database,
+                            arguments.echo_runs,
+                            pending=FLOOR_PENDING,
+                            count=FLOOR_RUNS,
+                        )
+                    )
+            echo = statistics.median(echoes)
             await admin.execute(f'CREATE DATABASE "{procrastinate_db}"')
             pq_url = with_database(admin_url, procrastinate_db)
             rates = [
@@ -444,13 +542,25 @@ async def main(arguments: argparse.Namespace) -> None:
                 for index in range(arguments.rounds)
             ]
             line = f"echo runs submit->settled (16 clients): {echo:.0f} runs/s"
+            pq = None
             if None in rates:
                 line += "; procrastinate not installed (pip install -e '.[bench]')"
             else:
                 pq = statistics.median(r for r in rates if r is not None)
                 line += f"; procrastinate no-op jobs: {pq:.0f}/s; ratio {echo / pq:.2f}x"
             print(line)
+            if floor_echoes:
+                floor_echo = statistics.median(floor_echoes)
+                line = (
+                    f"floor echo runs submit->COMPLETED (16 clients): {floor_echo:.0f} runs/s; "
+                    f"DPP/floor {echo / floor_echo:.2f}x"
+                )
+                if pq is not None:
+                    line += f"; floor/procrastinate {floor_echo / pq:.2f}x"
+                print(line)
         await database.close()
+        if arguments.floor:
+            await floor_database.close()
     finally:
         for process in reversed(processes):
             process.terminate()
@@ -461,6 +571,10 @@ async def main(arguments: argparse.Namespace) -> None:
         delete_redis_prefix(redis_url, prefix)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.execute(f'DROP DATABASE IF EXISTS "{procrastinate_db}" WITH (FORCE)')
+        if arguments.floor:
+            delete_redis_prefix(redis_url, floor_prefix)
+            await admin.execute(f'DROP DATABASE IF EXISTS "{floor_name}" WITH (FORCE)')
+            shutil.rmtree(floor_results_dir, ignore_errors=True)
         await admin.close()
         shutil.rmtree(results_dir, ignore_errors=True)
         shutil.rmtree(keys_dir, ignore_errors=True)
@@ -476,4 +590,7 @@ if __name__ == "__main__":
     parser.add_argument("--log-level", default="INFO", help="DPP's LOG_LEVEL (default INFO)")
     parser.add_argument("--no-echo", action="store_true", help="skip echo vs procrastinate")
     parser.add_argument("--echo-runs", type=int, default=1000)
+    parser.add_argument(
+        "--floor", action="store_true", help="add bench/floor_app.py as a third server"
+    )
     asyncio.run(main(parser.parse_args()))
