@@ -52,18 +52,23 @@ app = Starlette(
 )
 
 
+def hypercorn_config(host: str, port: int) -> Config:
+    """hypercorn as ``dpp serve`` configures it (also ``floor_app.py``'s)."""
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.keep_alive_timeout = 75
+    config.backlog = 1024
+    config.include_server_header = False
+    config.accesslog = None
+    return config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     arguments = parser.parse_args()
-    config = Config()
-    config.bind = [f"{arguments.host}:{arguments.port}"]
-    config.keep_alive_timeout = 75
-    config.backlog = 1024
-    config.include_server_header = False
-    config.accesslog = None
-    asyncio.run(serve(app, config))  # type: ignore[arg-type]
+    asyncio.run(serve(app, hypercorn_config(arguments.host, arguments.port)))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

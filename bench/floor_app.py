@@ -62,8 +62,8 @@ from typing import Any
 
 import asyncpg
 import orjson
+from bare_app import hypercorn_config  # bench/, beside this script
 from hypercorn.asyncio import serve
-from hypercorn.config import Config
 from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -289,12 +289,7 @@ def main() -> None:
     floor = Floor(
         arguments.database_url, arguments.redis_url, arguments.redis_prefix, arguments.results_dir
     )
-    config = Config()
-    config.bind = [f"{arguments.host}:{arguments.port}"]
-    config.keep_alive_timeout = 75
-    config.backlog = 1024
-    config.include_server_header = False
-    config.accesslog = None
+    config = hypercorn_config(arguments.host, arguments.port)
     asyncio.run(serve(floor.app(), config))  # type: ignore[arg-type]
 
 
