@@ -425,14 +425,22 @@ BEGIN
         -- reports the count out of step; docs/money.md says how to recount)
         UPDATE tenants AS t
         SET open_runs = greatest(0, t.open_runs + d.opened)
+        -- An AUDIT_REQUIRED run's tenant is written too (+0): a run leaves
+        -- the open set or AUDIT_REQUIRED exactly when it is settled or set
+        -- aside, so every tenant the settlement's ledger insert locks next is
+        -- locked here first, all in tenant id order, and two settlements
+        -- cannot each hold a tenant the other waits for.
         FROM (SELECT moved.tenant_id, sum(moved.opened)::integer AS opened
-              FROM (SELECT tenant_id, 1 AS opened FROM runs_after
+              FROM (SELECT tenant_id, 1 AS opened, false AS resolved FROM runs_after
                     WHERE status IN ('QUEUED', 'PROCESSING', 'CLAIMED')
                     UNION ALL
-                    SELECT tenant_id, -1 FROM runs_before
-                    WHERE status IN ('QUEUED', 'PROCESSING', 'CLAIMED')) AS moved
+                    SELECT tenant_id, -1, false FROM runs_before
+                    WHERE status IN ('QUEUED', 'PROCESSING', 'CLAIMED')
+                    UNION ALL
+                    SELECT tenant_id, 0, true FROM runs_before
+                    WHERE status = 'AUDIT_REQUIRED') AS moved
               GROUP BY moved.tenant_id
-              HAVING sum(moved.opened) <> 0
+              HAVING sum(moved.opened) <> 0 OR bool_or(moved.resolved)
               ORDER BY moved.tenant_id) AS d
         WHERE t.id = d.tenant_id;
     ELSE

@@ -22,11 +22,12 @@
 -- keeps working beside this one during a rolling deploy (its runs are counted
 -- by the same triggers).
 --
--- The lock order stays runs, then tenants: a settlement's UPDATE of its runs
--- now locks their tenants at its end instead of at its ledger insert; a
--- reservation locks its tenant first and only inserts runs; a claim, a lease
--- renewal or a release moves no run in or out of the open set and locks no
--- tenant.
+-- The lock order stays runs, then tenants, each statement's tenants in id
+-- order: a settlement's UPDATE of its runs now locks all its tenants at its
+-- end (an AUDIT_REQUIRED run's too, though its count does not move) instead
+-- of at its ledger insert, which then finds them held; a reservation locks
+-- its tenant first and only inserts runs; a claim, a lease renewal or a
+-- release moves no run in or out of the open set and locks no tenant.
 
 -- No run opens or closes while the count is taken and the triggers created.
 LOCK TABLE runs IN SHARE ROW EXCLUSIVE MODE;
@@ -65,14 +66,22 @@ BEGIN
         -- reports the count out of step; docs/money.md says how to recount)
         UPDATE tenants AS t
         SET open_runs = greatest(0, t.open_runs + d.opened)
+        -- An AUDIT_REQUIRED run's tenant is written too (+0): a run leaves
+        -- the open set or AUDIT_REQUIRED exactly when it is settled or set
+        -- aside, so every tenant the settlement's ledger insert locks next is
+        -- locked here first, all in tenant id order, and two settlements
+        -- cannot each hold a tenant the other waits for.
         FROM (SELECT moved.tenant_id, sum(moved.opened)::integer AS opened
-              FROM (SELECT tenant_id, 1 AS opened FROM runs_after
+              FROM (SELECT tenant_id, 1 AS opened, false AS resolved FROM runs_after
                     WHERE status IN ('QUEUED', 'PROCESSING', 'CLAIMED')
                     UNION ALL
-                    SELECT tenant_id, -1 FROM runs_before
-                    WHERE status IN ('QUEUED', 'PROCESSING', 'CLAIMED')) AS moved
+                    SELECT tenant_id, -1, false FROM runs_before
+                    WHERE status IN ('QUEUED', 'PROCESSING', 'CLAIMED')
+                    UNION ALL
+                    SELECT tenant_id, 0, true FROM runs_before
+                    WHERE status = 'AUDIT_REQUIRED') AS moved
               GROUP BY moved.tenant_id
-              HAVING sum(moved.opened) <> 0
+              HAVING sum(moved.opened) <> 0 OR bool_or(moved.resolved)
               ORDER BY moved.tenant_id) AS d
         WHERE t.id = d.tenant_id;
     ELSE

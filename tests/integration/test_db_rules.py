@@ -662,6 +662,45 @@ async def test_one_statement_moving_runs_of_two_tenants_counts_each(world: World
     )
 
 
+async def test_a_settling_statement_holds_every_tenant_it_settles_from_its_update_on(
+    world: World,
+) -> None:
+    """Two settlements never each hold a tenant the other waits for: the runs'
+    UPDATE locks, in tenant id order, every tenant whose ledger entries the
+    settlement inserts next, an AUDIT_REQUIRED run's tenant included although
+    its open-run count does not move."""
+    theirs = draft(R, minimum_fee_usd_micros=M)
+    await ledger.reserve_batch(world.pool, world.queries, world.other_tenant, [theirs])
+    resolved = world.runs["AUDIT_REQUIRED"]
+    async with rolled_back(world.pool) as connection:
+        # an operator's resolve (charging M) and a cancel, in one statement
+        await connection.execute(
+            "UPDATE runs SET status = CASE id WHEN $1 THEN 'FAILED' ELSE 'CANCELED' END,"
+            " charged_usd_micros = CASE id WHEN $1 THEN $3::bigint ELSE 0 END,"
+            " refunded_usd_micros = CASE id WHEN $1 THEN $4::bigint ELSE $5::bigint END,"
+            " finished_at = now(), retention_until = now() + interval '30 days',"
+            " version = version + 1 WHERE id = ANY(ARRAY[$1, $2])",
+            resolved,
+            theirs.run_id,
+            M,
+            R - M,
+            R,
+        )
+        async with world.pool.acquire() as other:
+            for tenant in (world.tenant, world.other_tenant):
+                with pytest.raises(asyncpg.LockNotAvailableError):
+                    await other.fetchval(
+                        "SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE NOWAIT", tenant
+                    )
+    await ledger.settle(
+        world.pool,
+        world.queries,
+        ledger.SettleRequest(
+            theirs.run_id, Outcome.CANCELED, from_statuses=frozenset({RunStatus.QUEUED})
+        ),
+    )
+
+
 @pytest.mark.parametrize(
     "assignment", ["open_runs = 0", "open_runs = open_runs + 1", "open_runs = 100000"]
 )
