@@ -10,8 +10,8 @@
 -- function's own time under POST c=64 (a plan may allow 100,000 open runs).
 --
 -- tenants.open_runs holds the count instead. Only the statement triggers on
--- runs below move it, by the runs each INSERT, UPDATE or DELETE statement
--- opened or closed, one UPDATE of each tenant touched per statement (in
+-- runs below move it, by the runs each INSERT or UPDATE statement opened or
+-- closed, one UPDATE of each tenant touched per statement (in
 -- tenant id order, as the ledger trigger locks them); a statement that opens
 -- or closes nothing writes no tenant. A client statement cannot set it
 -- (tenants_open_runs_from_runs_only, as the money counters are kept), the
@@ -44,8 +44,11 @@ FROM (SELECT tenant_id, count(*)::integer AS open_runs
       GROUP BY tenant_id) AS c
 WHERE t.id = c.tenant_id;
 
--- One function for the three statements: the runs a statement opened count +1
--- to their tenant, the runs it closed -1.
+-- One function for both statements: the runs a statement opened count +1 to
+-- their tenant, the runs it closed -1. No DELETE trigger: a run is born with
+-- its reserve entry, whose foreign key refuses the run's delete, so only a
+-- run written with the triggers off (never counted) can be deleted, and
+-- counting its delete would take the count below the truth.
 CREATE FUNCTION runs_count_open() RETURNS trigger
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
@@ -84,15 +87,6 @@ BEGIN
               HAVING sum(moved.opened) <> 0 OR bool_or(moved.resolved)
               ORDER BY moved.tenant_id) AS d
         WHERE t.id = d.tenant_id;
-    ELSE
-        UPDATE tenants AS t
-        SET open_runs = greatest(0, t.open_runs - d.closed)
-        FROM (SELECT tenant_id, count(*)::integer AS closed
-              FROM runs_before
-              WHERE status IN ('QUEUED', 'PROCESSING', 'CLAIMED')
-              GROUP BY tenant_id
-              ORDER BY tenant_id) AS d
-        WHERE t.id = d.tenant_id;
     END IF;
     RETURN NULL;
 END;
@@ -106,11 +100,6 @@ CREATE TRIGGER runs_count_open_inserted
 CREATE TRIGGER runs_count_open_updated
     AFTER UPDATE ON runs
     REFERENCING OLD TABLE AS runs_before NEW TABLE AS runs_after
-    FOR EACH STATEMENT EXECUTE FUNCTION runs_count_open();
-
-CREATE TRIGGER runs_count_open_deleted
-    AFTER DELETE ON runs
-    REFERENCING OLD TABLE AS runs_before
     FOR EACH STATEMENT EXECUTE FUNCTION runs_count_open();
 
 -- open_runs starts at 0 and moves only from inside runs_count_open (trigger

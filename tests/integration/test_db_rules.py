@@ -701,6 +701,29 @@ async def test_a_settling_statement_holds_every_tenant_it_settles_from_its_updat
     )
 
 
+async def test_deleting_a_run_the_count_never_held_leaves_the_count_alone(world: World) -> None:
+    """Only a run written with the triggers off (no reserve entry, so no foreign
+    key holds it; never counted) can be deleted: its delete must not take the
+    tenant's count below its real open runs."""
+    stray = "run_" + "d" * 26
+    async with world.pool.acquire() as connection, connection.transaction():
+        await connection.execute("SET LOCAL session_replication_role = replica")
+        await connection.execute(
+            "INSERT INTO runs (id, tenant_id, pack_type, status, inputs, reserved_usd_micros,"
+            " minimum_fee_usd_micros, timebox_sec)"
+            " VALUES ($1, $2, 'echo', 'QUEUED', '{}', $3, $4, 30)",
+            stray,
+            world.tenant,
+            R,
+            M,
+        )
+    assert await open_runs(world.pool, world.tenant) == 3
+    await world.pool.execute("DELETE FROM runs WHERE id = $1", stray)
+    assert (
+        await open_runs(world.pool, world.tenant) == await runs_open(world.pool, world.tenant) == 3
+    )
+
+
 @pytest.mark.parametrize(
     "assignment", ["open_runs = 0", "open_runs = open_runs + 1", "open_runs = 100000"]
 )
