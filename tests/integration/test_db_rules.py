@@ -574,6 +574,14 @@ async def runs_open(pool: asyncpg.Pool, tenant: str) -> int:
     )
 
 
+async def as_a_restore(pool: asyncpg.Pool, statement: str, *args: object) -> None:
+    """``statement`` committed as a restore writes, with the triggers off
+    (session_replication_role = replica; the CHECKs still apply)."""
+    async with pool.acquire() as connection, connection.transaction():
+        await connection.execute("SET LOCAL session_replication_role = replica")
+        await connection.execute(statement, *args)
+
+
 async def test_the_open_run_count_follows_every_move_of_a_run(world: World) -> None:
     pool, queries, tenant = world.pool, world.queries, world.tenant
 
@@ -706,17 +714,16 @@ async def test_deleting_a_run_the_count_never_held_leaves_the_count_alone(world:
     key holds it; never counted) can be deleted: its delete must not take the
     tenant's count below its real open runs."""
     stray = "run_" + "d" * 26
-    async with world.pool.acquire() as connection, connection.transaction():
-        await connection.execute("SET LOCAL session_replication_role = replica")
-        await connection.execute(
-            "INSERT INTO runs (id, tenant_id, pack_type, status, inputs, reserved_usd_micros,"
-            " minimum_fee_usd_micros, timebox_sec)"
-            " VALUES ($1, $2, 'echo', 'QUEUED', '{}', $3, $4, 30)",
-            stray,
-            world.tenant,
-            R,
-            M,
-        )
+    await as_a_restore(
+        world.pool,
+        "INSERT INTO runs (id, tenant_id, pack_type, status, inputs, reserved_usd_micros,"
+        " minimum_fee_usd_micros, timebox_sec)"
+        " VALUES ($1, $2, 'echo', 'QUEUED', '{}', $3, $4, 30)",
+        stray,
+        world.tenant,
+        R,
+        M,
+    )
     assert await open_runs(world.pool, world.tenant) == 3
     await world.pool.execute("DELETE FROM runs WHERE id = $1", stray)
     assert (
@@ -757,11 +764,9 @@ async def test_the_open_run_count_is_never_negative_even_with_the_triggers_off(
 async def test_the_audit_reports_an_open_run_count_out_of_step(world: World) -> None:
     async def set_by_restore(value: int) -> None:
         # as a partial restore with the triggers off would leave it
-        async with world.pool.acquire() as connection, connection.transaction():
-            await connection.execute("SET LOCAL session_replication_role = replica")
-            await connection.execute(
-                "UPDATE tenants SET open_runs = $2 WHERE id = $1", world.tenant, value
-            )
+        await as_a_restore(
+            world.pool, "UPDATE tenants SET open_runs = $2 WHERE id = $1", world.tenant, value
+        )
 
     before = await run_audit(world.pool, world.queries, None, tenant_id=world.tenant)
     assert before.violations == []
