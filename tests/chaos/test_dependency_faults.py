@@ -422,6 +422,15 @@ async def test_a_dependency_fault_mid_storm_answers_503_and_loses_nothing(
         assert not strays, strays
 
         # Exactly funded: what is left admits exactly what it holds, no more.
+        # First the mirror catches up: a hold the fault kept Redis from giving
+        # back is repaired by drift repair (the audit's invariant 5), and until
+        # then the fast path refuses as if it were still held.
+        await wait_audit_ok(
+            client,
+            rig.replica.url,
+            {"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            SETTLE_TIMEOUT_S,
+        )
         charged = sum(row["charged_usd_micros"] or 0 for row in runs.values())
         drained, available = await _drain_budget(storm)
         assert available == funded - charged, (available, funded, charged)
